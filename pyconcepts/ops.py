@@ -1,0 +1,336 @@
+"""Tensor ops: the only caller of the native modules.
+
+Every op validates its arguments (type, dtype, shape, device, contiguity, emptiness) and
+raises a ``TypeError``/``ValueError`` that names the argument, then dispatches to
+``pyconcepts._C`` (CPU) or ``pyconcepts._C_cuda`` (CUDA). Non-finite input is detected by the
+kernels themselves while they read the data (no extra pass) and raised here.
+
+Each op is also registered with ``torch.library`` (``torch.ops.pyconcepts.*``) with a fake
+implementation, so it can be used inside ``torch.compile``d code.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+from . import _C
+from .reference import Moments
+
+try:  # The CUDA module exists only when the package was built with a CUDA compiler.
+    from . import _C_cuda  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the build
+    _C_cuda = None
+
+__all__ = [
+    "cosine_assign",
+    "spherical_update",
+    "masked_moments",
+    "Moments",
+    "CopyWarning",
+    "cuda_available",
+    "simd_level",
+]
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+class CopyWarning(UserWarning):
+    """An input had a layout the kernels cannot read in place and was copied."""
+
+
+def cuda_available() -> bool:
+    """True when the CUDA module was built and a CUDA device is visible."""
+    return _C_cuda is not None and torch.cuda.is_available()
+
+
+def simd_level() -> str:
+    """The CPU code path the native module selected at run time (e.g. 'avx2+fma')."""
+    return _C.simd_level()
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_tensor(t, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _check_activations(x, name: str = "x") -> torch.Tensor:
+    """A 2-D float32/float16/bfloat16 matrix whose rows the kernels can read in place."""
+    x = _check_tensor(x, name)
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPE_CODES:
+        raise TypeError(
+            f"{name} must be float32, float16 or bfloat16, got {x.dtype}"
+        )
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has D = 0 columns")
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} is on unsupported device {x.device}")
+    if x.device.type == "cuda" and _C_cuda is None:
+        raise ValueError(
+            f"{name} is on {x.device} but pyconcepts was built without CUDA "
+            "(no CUDA compiler at install time, or PYCONCEPTS_CUDA=OFF)"
+        )
+    if x.shape[0] > 0 and (x.stride(1) != 1 or x.stride(0) < x.shape[1]):
+        warnings.warn(
+            f"{name} with strides {x.stride()} is not row-contiguous; copying it",
+            CopyWarning,
+            stacklevel=3,
+        )
+        x = x.contiguous()
+    return x
+
+
+def _check_param_matrix(t, name: str, d: int, device: torch.device) -> torch.Tensor:
+    """A small (K, D) parameter matrix, converted to contiguous float32 on x's device."""
+    t = _check_tensor(t, name)
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (K, D), got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} has K = 0 rows; at least one is needed")
+    if t.shape[1] != d:
+        raise ValueError(f"{name} has D = {t.shape[1]} columns but x has D = {d}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return t.to(torch.float32).contiguous()
+
+
+def _check_vector(t, name: str, n: int, device: torch.device) -> torch.Tensor:
+    t = _check_tensor(t, name)
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return t.to(torch.float32).contiguous()
+
+
+def _raise_bad(bad: torch.Tensor, name: str = "x") -> None:
+    nonfinite, out_of_range = (int(v) for v in bad.tolist())
+    if nonfinite:
+        raise ValueError(f"{name} contains NaN or Inf in {nonfinite} row(s)")
+    if out_of_range:
+        raise ValueError(f"index has {out_of_range} value(s) outside [0, n_clusters)")
+
+
+def _threads(num_threads: Optional[int]) -> int:
+    if num_threads is None:
+        return torch.get_num_threads()
+    if not isinstance(num_threads, int) or num_threads < 1:
+        raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
+    return num_threads
+
+
+def _backend_args(x: torch.Tensor, num_threads: int):
+    """The native module for x's device and its last argument (threads or stream)."""
+    if x.device.type == "cuda":
+        return _C_cuda, torch.cuda.current_stream(x.device).cuda_stream
+    return _C, num_threads
+
+
+def _matrix_args(x: torch.Tensor):
+    return (x.data_ptr(), _DTYPE_CODES[x.dtype], x.shape[0], x.shape[1], x.stride(0))
+
+
+# ------------------------------------------------------------------------- cosine_assign
+@torch.library.custom_op("pyconcepts::cosine_assign", mutates_args=())
+def _cosine_assign_op(
+    x: torch.Tensor, centroids: torch.Tensor, return_second: bool, num_threads: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, k = x.shape[0], centroids.shape[0]
+    index = torch.empty(n, dtype=torch.int64, device=x.device)
+    best = torch.empty(n, dtype=torch.float32, device=x.device)
+    second = torch.empty(n if return_second else 0, dtype=torch.float32, device=x.device)
+    bad = torch.zeros(2, dtype=torch.int64, device=x.device)
+    if n > 0:
+        module, last = _backend_args(x, num_threads)
+        with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():
+            module.cosine_assign(
+                *_matrix_args(x), centroids.data_ptr(), k, index.data_ptr(), best.data_ptr(),
+                second.data_ptr() if return_second else 0, bad.data_ptr(), last,
+            )
+    return index, best, second, bad
+
+
+@_cosine_assign_op.register_fake
+def _(x, centroids, return_second, num_threads):
+    n = x.shape[0]
+    return (
+        x.new_empty(n, dtype=torch.int64),
+        x.new_empty(n, dtype=torch.float32),
+        x.new_empty(n if return_second else 0, dtype=torch.float32),
+        x.new_empty(2, dtype=torch.int64),
+    )
+
+
+def cosine_assign(
+    x: torch.Tensor,
+    centroids: torch.Tensor,
+    *,
+    return_second: bool = False,
+    num_threads: Optional[int] = None,
+) -> Tuple[torch.Tensor, ...]:
+    """Assign every row of ``x`` (N, D) to the unit centroid (K, D) of largest cosine.
+
+    Rows of ``x`` need not be normalised; ``centroids`` must hold unit rows (they are used as
+    given). ``x`` may be float32, float16 or bfloat16; products accumulate in float32.
+    Returns ``(index int64 (N,), cosine float32 (N,))``, plus the second-best cosine when
+    ``return_second`` (``-inf`` if K == 1). Ties go to the lowest index. The N x K similarity
+    matrix is never materialised.
+    """
+    x = _check_activations(x)
+    centroids = _check_param_matrix(centroids, "centroids", x.shape[1], x.device)
+    norms = centroids.norm(dim=1)
+    if not bool(((norms - 1).abs() < 1e-3).all()):
+        raise ValueError("centroids must have unit-norm rows (normalise them first)")
+    index, best, second, bad = torch.ops.pyconcepts.cosine_assign(
+        x, centroids, bool(return_second), _threads(num_threads)
+    )
+    _raise_bad(bad)
+    return (index, best, second) if return_second else (index, best)
+
+
+# ---------------------------------------------------------------------- spherical_update
+@torch.library.custom_op("pyconcepts::spherical_update", mutates_args=())
+def _spherical_update_op(
+    x: torch.Tensor, index: torch.Tensor, n_clusters: int, num_threads: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    sums = torch.zeros(n_clusters, x.shape[1], dtype=torch.float64, device=x.device)
+    counts = torch.zeros(n_clusters, dtype=torch.int64, device=x.device)
+    bad = torch.zeros(2, dtype=torch.int64, device=x.device)
+    if x.shape[0] > 0:
+        module, last = _backend_args(x, num_threads)
+        with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():
+            module.spherical_update(
+                *_matrix_args(x), index.data_ptr(), n_clusters, sums.data_ptr(),
+                counts.data_ptr(), bad.data_ptr(), last,
+            )
+    return sums, counts, bad
+
+
+@_spherical_update_op.register_fake
+def _(x, index, n_clusters, num_threads):
+    return (
+        x.new_empty(n_clusters, x.shape[1], dtype=torch.float64),
+        x.new_empty(n_clusters, dtype=torch.int64),
+        x.new_empty(2, dtype=torch.int64),
+    )
+
+
+def spherical_update(
+    x: torch.Tensor,
+    index: torch.Tensor,
+    n_clusters: int,
+    *,
+    num_threads: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-cluster sums of the rows of ``x`` (float64, (K, D)) and member counts (int64, (K,)).
+
+    ``index`` (N,) holds each row's cluster in ``[0, n_clusters)``. The spherical k-means
+    centroid of a cluster is its normalised sum; empty clusters are left to the caller.
+    The result is identical for any thread count.
+    """
+    x = _check_activations(x)
+    index = _check_tensor(index, "index")
+    if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
+        raise ValueError(f"n_clusters must be a positive int, got {n_clusters!r}")
+    if index.dim() != 1 or index.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"index must have shape ({x.shape[0]},) to match x, got {tuple(index.shape)}"
+        )
+    if index.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"index must be int64 or int32, got {index.dtype}")
+    if index.device != x.device:
+        raise ValueError(f"index is on {index.device} but x is on {x.device}")
+    index = index.to(torch.int64).contiguous()
+    sums, counts, bad = torch.ops.pyconcepts.spherical_update(
+        x, index, n_clusters, _threads(num_threads)
+    )
+    _raise_bad(bad)
+    return sums, counts
+
+
+# ------------------------------------------------------------------------ masked_moments
+@torch.library.custom_op("pyconcepts::masked_moments", mutates_args=())
+def _masked_moments_op(
+    x: torch.Tensor,
+    decoding: torch.Tensor,
+    bias: torch.Tensor,
+    center: Optional[torch.Tensor],
+    num_threads: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    k, d = decoding.shape
+    f64 = dict(dtype=torch.float64, device=x.device)
+    count = torch.zeros(k, dtype=torch.int64, device=x.device)
+    sum_z, sum_z2 = torch.zeros(k, **f64), torch.zeros(k, **f64)
+    sum_x, sum_xz = torch.zeros(k, d, **f64), torch.zeros(k, d, **f64)
+    bad = torch.zeros(2, dtype=torch.int64, device=x.device)
+    if x.shape[0] > 0:
+        module, last = _backend_args(x, num_threads)
+        with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():
+            module.masked_moments(
+                *_matrix_args(x), decoding.data_ptr(), bias.data_ptr(),
+                center.data_ptr() if center is not None else 0, k,
+                count.data_ptr(), sum_z.data_ptr(), sum_z2.data_ptr(), sum_x.data_ptr(),
+                sum_xz.data_ptr(), bad.data_ptr(), last,
+            )
+    return count, sum_z, sum_z2, sum_x, sum_xz, bad
+
+
+@_masked_moments_op.register_fake
+def _(x, decoding, bias, center, num_threads):
+    k, d = decoding.shape
+    return (
+        x.new_empty(k, dtype=torch.int64),
+        x.new_empty(k, dtype=torch.float64),
+        x.new_empty(k, dtype=torch.float64),
+        x.new_empty(k, d, dtype=torch.float64),
+        x.new_empty(k, d, dtype=torch.float64),
+        x.new_empty(2, dtype=torch.int64),
+    )
+
+
+def masked_moments(
+    x: torch.Tensor,
+    decoding: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    center: Optional[torch.Tensor] = None,
+    num_threads: Optional[int] = None,
+) -> Moments:
+    """Signal-vector statistics of all K concepts in one read of ``x`` (see ``Moments``).
+
+    ``decoding`` (K, D) and ``bias`` (K,) define the detectors; a row counts for concept i
+    when ``decoding[i] @ x > bias[i]`` on the raw row. Moments are of ``x - center`` (and
+    ``z - decoding @ center``) when ``center`` (D,) is given, which keeps Cov = E[xz]-E[x]E[z]
+    free of cancellation. Products are fp32 within blocks of rows, merged in float64.
+    """
+    x = _check_activations(x)
+    decoding = _check_param_matrix(decoding, "decoding", x.shape[1], x.device)
+    bias = _check_vector(bias, "bias", decoding.shape[0], x.device)
+    if center is not None:
+        center = _check_vector(center, "center", x.shape[1], x.device)
+    *stats, bad = torch.ops.pyconcepts.masked_moments(
+        x, decoding, bias, center, _threads(num_threads)
+    )
+    _raise_bad(bad)
+    return Moments(*stats)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

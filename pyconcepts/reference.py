@@ -1,0 +1,94 @@
+"""Plain-torch implementations of every native op.
+
+These are the oracles the tests compare the native kernels against. Nothing in the package
+calls them as a fallback: a missing or failing native op is an error, not a slow path.
+They take the same arguments as the ops in ``pyconcepts.ops`` and return the same types,
+computed in float64 so that they are the more accurate side of every comparison.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+_EPS = 1e-12
+
+
+class Moments(NamedTuple):
+    """Per-concept sufficient statistics of the signal vectors (METHOD.md section 3).
+
+    With z = W x and the mask m_i = [z_i > b_i], on shifted values xc = x - center and
+    zc_i = w_i . xc: ``count`` = sum m_i, ``sum_z`` = sum m_i zc_i, ``sum_z2`` = sum m_i zc_i^2,
+    ``sum_x`` = sum m_i xc (K, D), ``sum_xz`` = sum m_i zc_i xc (K, D).
+    """
+
+    count: torch.Tensor   # (K,) int64
+    sum_z: torch.Tensor   # (K,) float64
+    sum_z2: torch.Tensor  # (K,) float64
+    sum_x: torch.Tensor   # (K, D) float64
+    sum_xz: torch.Tensor  # (K, D) float64
+
+
+def cosine_similarities(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """(N, K) float64 cosines of the rows of x to unit centroids; zero rows give 0."""
+    x64 = x.double()
+    norms = x64.norm(dim=1, keepdim=True).clamp_min(_EPS)
+    return (x64 / norms) @ centroids.double().T
+
+
+def cosine_assign(
+    x: torch.Tensor, centroids: torch.Tensor, *, return_second: bool = False
+) -> Tuple[torch.Tensor, ...]:
+    """Best centroid by cosine per row (ties to the lowest index), its cosine, optionally the
+    second best cosine (-inf when K == 1)."""
+    n, k = x.shape[0], centroids.shape[0]
+    if n == 0:
+        empty = torch.empty(0, dtype=torch.float32)
+        out = (torch.empty(0, dtype=torch.int64), empty)
+        return out + (empty.clone(),) if return_second else out
+    sims = cosine_similarities(x, centroids)
+    best, index = sims.max(dim=1)
+    out = (index, best.float())
+    if return_second:
+        if k == 1:
+            second = torch.full((n,), float("-inf"))
+        else:
+            second = sims.topk(2, dim=1).values[:, 1].float()
+        out = out + (second,)
+    return out
+
+
+def spherical_update(
+    x: torch.Tensor, index: torch.Tensor, n_clusters: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-cluster float64 sums of member rows (K, D) and int64 counts (K,)."""
+    d = x.shape[1]
+    sums = torch.zeros(n_clusters, d, dtype=torch.float64)
+    sums.index_add_(0, index.long(), x.double())
+    counts = torch.bincount(index.long(), minlength=n_clusters)[:n_clusters]
+    return sums, counts.long()
+
+
+def masked_moments(
+    x: torch.Tensor,
+    decoding: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    center: Optional[torch.Tensor] = None,
+) -> Moments:
+    """Signal-vector statistics for all K concepts, in float64."""
+    x64 = x.double()
+    w64 = decoding.double()
+    z = x64 @ w64.T
+    mask = (z > bias.double()).double()
+    if center is not None:
+        x64 = x64 - center.double()
+        z = x64 @ w64.T
+    mz = mask * z
+    return Moments(
+        count=mask.sum(0).round().long(),
+        sum_z=mz.sum(0),
+        sum_z2=(mz * z).sum(0),
+        sum_x=mask.T @ x64,
+        sum_xz=mz.T @ x64,
+    )
