@@ -1,0 +1,248 @@
+"""``ConceptBasis``: the artifact of an extraction (METHOD.md sections 1-3).
+
+One concept i is a pair of directions in a layer's activation space plus a threshold:
+
+- ``decoding[i]`` (w_i) and ``bias[i]`` (b_i): the detector, concept present where
+  ``w_i . x > b_i`` on the raw (uncentred) activation x;
+- ``encoding[i]`` (s_i): the signal vector, the direction along which the concept moves x;
+- ``mean`` (D,): the mean activation, the origin of the latent factors
+  ``a_hat_i = (w_i . x - w_i . mean) / (w_i . s_i)``.
+
+Saved as safetensors: the four tensors plus string metadata (format marker, version, layer,
+model identity, method, creation settings as JSON). Writes are atomic (temp file + rename).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Dict, Optional, Union
+
+import torch
+
+__all__ = ["ConceptBasis", "FORMAT_NAME", "FORMAT_VERSION"]
+
+FORMAT_NAME = "pyconcepts.ConceptBasis"
+FORMAT_VERSION = 1
+_TENSOR_NAMES = ("decoding", "bias", "encoding", "mean")
+
+
+def _as_float_tensor(value, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return value.detach().to(torch.float32)
+
+
+class ConceptBasis:
+    """Decoding directions W (K, D), biases b (K,), encoding directions S (K, D), mean (D,).
+
+    ``layer`` and ``model_id`` say where the activations came from; ``metadata`` is a
+    JSON-serialisable dict (method, creation settings, anything else worth keeping).
+    """
+
+    def __init__(
+        self,
+        decoding: torch.Tensor,
+        bias: torch.Tensor,
+        encoding: torch.Tensor,
+        mean: torch.Tensor,
+        *,
+        layer: Optional[str] = None,
+        model_id: Optional[str] = None,
+        metadata: Optional[Dict[str, Any]] = None,
+    ):
+        decoding = _as_float_tensor(decoding, "decoding")
+        bias = _as_float_tensor(bias, "bias")
+        encoding = _as_float_tensor(encoding, "encoding")
+        mean = _as_float_tensor(mean, "mean")
+        if decoding.dim() != 2 or decoding.shape[0] < 1 or decoding.shape[1] < 1:
+            raise ValueError(f"decoding must be (K, D) with K, D >= 1, got {tuple(decoding.shape)}")
+        k, d = decoding.shape
+        if tuple(bias.shape) != (k,):
+            raise ValueError(f"bias must have shape ({k},), got {tuple(bias.shape)}")
+        if tuple(encoding.shape) != (k, d):
+            raise ValueError(f"encoding must have shape ({k}, {d}), got {tuple(encoding.shape)}")
+        if tuple(mean.shape) != (d,):
+            raise ValueError(f"mean must have shape ({d},), got {tuple(mean.shape)}")
+        devices = {t.device for t in (decoding, bias, encoding, mean)}
+        if len(devices) != 1:
+            raise ValueError(f"decoding, bias, encoding and mean are on different devices: {devices}")
+        if layer is not None and not isinstance(layer, str):
+            raise TypeError(f"layer must be a str or None, got {type(layer).__name__}")
+        if model_id is not None and not isinstance(model_id, str):
+            raise TypeError(f"model_id must be a str or None, got {type(model_id).__name__}")
+        metadata = dict(metadata or {})
+        try:
+            json.dumps(metadata)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"metadata must be JSON-serialisable: {exc}") from None
+        self.decoding = decoding.contiguous()
+        self.bias = bias.contiguous()
+        self.encoding = encoding.contiguous()
+        self.mean = mean.contiguous()
+        self.layer = layer
+        self.model_id = model_id
+        self.metadata = metadata
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n_concepts(self) -> int:
+        return self.decoding.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.decoding.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoding.device
+
+    @property
+    def margin(self) -> torch.Tensor:
+        """1 / ||w_i||: each detector's margin (METHOD.md section 1)."""
+        return 1.0 / self.decoding.norm(dim=1)
+
+    def to(self, device: Union[str, torch.device]) -> "ConceptBasis":
+        """A copy with every tensor on ``device``."""
+        return ConceptBasis(
+            self.decoding.to(device), self.bias.to(device), self.encoding.to(device),
+            self.mean.to(device), layer=self.layer, model_id=self.model_id,
+            metadata=self.metadata,
+        )
+
+    def __repr__(self) -> str:
+        where = f", layer={self.layer!r}" if self.layer else ""
+        model = f", model_id={self.model_id!r}" if self.model_id else ""
+        return f"ConceptBasis(n_concepts={self.n_concepts}, dim={self.dim}{where}{model})"
+
+    # ------------------------------------------------------------------ use
+    def _check_x(self, x) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"x must have last dimension D = {self.dim}, got shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        return x
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., K) detector pre-activations ``w_i . x - b_i`` on raw activations."""
+        x = self._check_x(x)
+        w = self.decoding.to(device=x.device, dtype=x.dtype)
+        return x @ w.T - self.bias.to(device=x.device, dtype=x.dtype)
+
+    def detect(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., K) bool: concept i detected where ``decoding[i] @ x > bias[i]`` (raw x)."""
+        return self.scores(x) > 0
+
+    def membership(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., K) soft detector output ``sigmoid(w_i . x - b_i)``."""
+        return torch.sigmoid(self.scores(x))
+
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., K) latent factors ``(w_i . x - w_i . mean) / (w_i . s_i)`` (METHOD.md s. 3)."""
+        x = self._check_x(x)
+        w = self.decoding.to(device=x.device, dtype=x.dtype)
+        offset = (self.decoding @ self.mean).to(device=x.device, dtype=x.dtype)
+        gain = (self.decoding * self.encoding).sum(dim=1).to(device=x.device, dtype=x.dtype)
+        return (x @ w.T - offset) / gain
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write the basis to ``path`` as safetensors, atomically (temp file + rename)."""
+        from safetensors.torch import save_file
+
+        path = os.fspath(path)
+        tensors = {name: getattr(self, name).detach().cpu().contiguous().clone() for name in _TENSOR_NAMES}
+        header = {
+            "format": FORMAT_NAME,
+            "format_version": str(FORMAT_VERSION),
+            "pyconcepts_version": _package_version(),
+            "layer": json.dumps(self.layer),
+            "model_id": json.dumps(self.model_id),
+            "method": json.dumps(self.metadata.get("method")),
+            "settings": json.dumps(self.metadata.get("settings")),
+            "metadata": json.dumps(self.metadata),
+        }
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=header)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(
+        cls, path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "cpu"
+    ) -> "ConceptBasis":
+        """Read a basis written by ``save``. A missing, corrupt or foreign file raises
+        ``FileNotFoundError`` / ``ValueError`` saying which."""
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no ConceptBasis file at {path!r}")
+        try:
+            with safe_open(path, framework="pt", device="cpu") as handle:
+                header = handle.metadata() or {}
+                names = set(handle.keys())
+                if header.get("format") != FORMAT_NAME:
+                    raise _Foreign(
+                        f"{path!r} is a safetensors file but not a pyconcepts ConceptBasis "
+                        f"(format marker {header.get('format')!r})"
+                    )
+                missing = [n for n in _TENSOR_NAMES if n not in names]
+                if missing:
+                    raise _Foreign(f"{path!r} lacks the tensor(s) {missing}")
+                tensors = {n: handle.get_tensor(n) for n in _TENSOR_NAMES}
+        except _Foreign as exc:
+            raise ValueError(str(exc)) from None
+        except Exception as exc:  # safetensors raises its own error types for bad bytes
+            raise ValueError(
+                f"{path!r} is not a readable safetensors file (corrupt or truncated?): {exc}"
+            ) from None
+        try:
+            version = int(header.get("format_version", "0"))
+        except ValueError:
+            version = 0
+        if version < 1 or version > FORMAT_VERSION:
+            raise ValueError(
+                f"{path!r} has ConceptBasis format version {header.get('format_version')!r}; "
+                f"this pyconcepts reads versions 1..{FORMAT_VERSION}"
+            )
+        try:
+            layer = json.loads(header.get("layer", "null"))
+            model_id = json.loads(header.get("model_id", "null"))
+            metadata = json.loads(header.get("metadata", "{}"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path!r} has corrupt metadata: {exc}") from None
+        try:
+            basis = cls(
+                tensors["decoding"], tensors["bias"], tensors["encoding"], tensors["mean"],
+                layer=layer, model_id=model_id, metadata=metadata,
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path!r} holds an inconsistent ConceptBasis: {exc}") from None
+        return basis.to(device) if torch.device(device).type != "cpu" else basis
+
+
+class _Foreign(Exception):
+    pass
+
+
+def _package_version() -> str:
+    try:
+        from . import __version__
+    except ImportError:  # pragma: no cover
+        return "unknown"
+    return __version__

@@ -1,0 +1,105 @@
+"""ConceptBasis: detection, latent factors, save/load round trip, bad files."""
+import os
+
+import pytest
+import torch
+
+from pyconcepts.basis import ConceptBasis
+
+
+def _basis(k=3, d=5, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(k, d, generator=g)
+    s = torch.randn(k, d, generator=g)
+    return ConceptBasis(w, torch.randn(k, generator=g), s, torch.randn(d, generator=g), **kw)
+
+
+def test_detect_and_latent_follow_the_definitions():
+    b = _basis()
+    x = torch.randn(7, 5)
+    det = b.detect(x)
+    assert det.dtype == torch.bool and det.shape == (7, 3)
+    assert torch.equal(det, (x @ b.decoding.T) > b.bias)
+    lat = b.latent(x)
+    expect = (x @ b.decoding.T - b.decoding @ b.mean) / (b.decoding * b.encoding).sum(1)
+    torch.testing.assert_close(lat, expect)
+    # leading dimensions (e.g. a token map) pass through
+    assert b.detect(torch.randn(2, 4, 5)).shape == (2, 4, 3)
+    assert b.n_concepts == 3 and b.dim == 5
+
+
+def test_latent_of_signal_vector_step_is_one():
+    b = _basis()
+    x = torch.randn(4, 5)
+    # moving x by s_i raises concept i's latent factor by exactly 1 (w_i . s_i normalisation)
+    step = b.latent(x + b.encoding[1]) - b.latent(x)
+    torch.testing.assert_close(step[:, 1], torch.ones(4), rtol=1e-4, atol=1e-4)
+
+
+def test_save_load_round_trip(tmp_path):
+    b = _basis(layer="layer4", model_id="resnet18@abc", metadata={"method": "test", "settings": {"k": 3}})
+    path = tmp_path / "basis.safetensors"
+    b.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["basis.safetensors"]  # no temp file left
+    c = ConceptBasis.load(path)
+    for name in ("decoding", "bias", "encoding", "mean"):
+        assert torch.equal(getattr(b, name), getattr(c, name))
+    assert c.layer == "layer4" and c.model_id == "resnet18@abc"
+    assert c.metadata == {"method": "test", "settings": {"k": 3}}
+    # overwriting in place works and stays atomic
+    _basis(seed=1).save(str(path))
+    assert not torch.equal(ConceptBasis.load(str(path)).decoding, b.decoding)
+
+
+def test_load_rejects_corrupt_and_foreign_files(tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(FileNotFoundError):
+        ConceptBasis.load(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00\x01not a safetensors file at all")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        ConceptBasis.load(junk)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(2, 2)}, str(foreign), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="not a pyconcepts ConceptBasis"):
+        ConceptBasis.load(foreign)
+    good = tmp_path / "good.safetensors"
+    _basis().save(good)
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) - 16])
+    with pytest.raises(ValueError):
+        ConceptBasis.load(truncated)
+
+
+def test_failed_save_leaves_no_temp_and_keeps_old(tmp_path, monkeypatch):
+    path = tmp_path / "b.safetensors"
+    _basis().save(path)
+    before = path.read_bytes()
+    import safetensors.torch as st
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(st, "save_file", boom)
+    with pytest.raises(RuntimeError):
+        _basis(seed=2).save(path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["b.safetensors"]
+
+
+def test_constructor_validates_shapes():
+    w = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="bias"):
+        ConceptBasis(w, torch.zeros(2), w, torch.zeros(4))
+    with pytest.raises(ValueError, match="encoding"):
+        ConceptBasis(w, torch.zeros(3), torch.zeros(3, 5), torch.zeros(4))
+    with pytest.raises(ValueError, match="mean"):
+        ConceptBasis(w, torch.zeros(3), w, torch.zeros(5))
+    with pytest.raises(ValueError, match="NaN"):
+        ConceptBasis(w * float("nan"), torch.zeros(3), w, torch.zeros(4))
+    with pytest.raises(TypeError, match="metadata"):
+        ConceptBasis(w, torch.zeros(3), w, torch.zeros(4), metadata={"x": object()})
+    with pytest.raises(ValueError, match="last dimension"):
+        ConceptBasis(w, torch.zeros(3), w, torch.zeros(4)).detect(torch.zeros(2, 5))
