@@ -1,0 +1,252 @@
+// The CPU building blocks shared by all ops: the MR x NR GEMM register tile, row conversion
+// (fp16/bf16 -> fp32 with a finiteness check) and the running top-2 epilogue. Each exists
+// twice: AVX2/FMA/F16C intrinsics (compiled with a target attribute, used only when the CPU
+// has them) and portable C++.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#include "cpu/simd.h"
+
+namespace pyconcepts {
+namespace cpu {
+namespace {
+
+// ------------------------------------------------------------------ portable versions
+void gemm_tile_generic(int64_t p, const float* a, int64_t lda, const float* b, int64_t ldb,
+                       float* c, int64_t ldc, bool accumulate) {
+  float acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = accumulate ? c[i * ldc + j] : 0.0f;
+  for (int64_t q = 0; q < p; ++q) {
+    const float* brow = b + q * ldb;
+    for (int i = 0; i < MR; ++i) {
+      const float av = a[i * lda + q];
+      for (int j = 0; j < NR; ++j) acc[i][j] += av * brow[j];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) c[i * ldc + j] = acc[i][j];
+}
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t man = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalise
+      int e = -1;
+      uint32_t m = man;
+      do {
+        ++e;
+        m <<= 1;
+      } while ((m & 0x400u) == 0);
+      bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((m & 0x3ffu) << 13);
+    }
+  } else if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = (uint32_t)h << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+bool convert_row_generic(const void* src, DType dtype, int64_t n, const float* center,
+                         float* dst, float* sumsq) {
+  float ss = 0.0f, poison = 0.0f;  // poison stays 0 unless some value is NaN or Inf
+  for (int64_t j = 0; j < n; ++j) {
+    float v;
+    if (dtype == DType::F32) {
+      v = static_cast<const float*>(src)[j];
+    } else if (dtype == DType::F16) {
+      v = half_to_float(static_cast<const uint16_t*>(src)[j]);
+    } else {
+      v = bf16_to_float(static_cast<const uint16_t*>(src)[j]);
+    }
+    ss += v * v;
+    poison += v * 0.0f;
+    dst[j] = center ? v - center[j] : v;
+  }
+  if (sumsq) *sumsq = ss;
+  return poison == 0.0f;
+}
+
+void top2_update_generic(const float* tile, int32_t col0, int valid, float* best,
+                         float* second, int32_t* index) {
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < valid; ++j) {
+      const float v = tile[i * NR + j];
+      const int s = i * NR + j;
+      if (v > best[s]) {
+        second[s] = best[s];
+        best[s] = v;
+        index[s] = col0 + j;
+      } else if (v > second[s]) {
+        second[s] = v;
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ AVX2 + FMA + F16C
+#define PC_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+PC_AVX2 void gemm_tile_avx2(int64_t p, const float* a, int64_t lda, const float* b,
+                            int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+  if (accumulate) {
+    c00 = _mm256_loadu_ps(c + 0 * ldc), c01 = _mm256_loadu_ps(c + 0 * ldc + 8);
+    c10 = _mm256_loadu_ps(c + 1 * ldc), c11 = _mm256_loadu_ps(c + 1 * ldc + 8);
+    c20 = _mm256_loadu_ps(c + 2 * ldc), c21 = _mm256_loadu_ps(c + 2 * ldc + 8);
+    c30 = _mm256_loadu_ps(c + 3 * ldc), c31 = _mm256_loadu_ps(c + 3 * ldc + 8);
+    c40 = _mm256_loadu_ps(c + 4 * ldc), c41 = _mm256_loadu_ps(c + 4 * ldc + 8);
+    c50 = _mm256_loadu_ps(c + 5 * ldc), c51 = _mm256_loadu_ps(c + 5 * ldc + 8);
+  } else {
+    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 =
+        _mm256_setzero_ps();
+  }
+  const float* a0 = a;
+  const float* a1 = a + lda;
+  const float* a2 = a + 2 * lda;
+  const float* a3 = a + 3 * lda;
+  const float* a4 = a + 4 * lda;
+  const float* a5 = a + 5 * lda;
+#define PC_STEP(q)                                              \
+  {                                                             \
+    const __m256 b0 = _mm256_loadu_ps(b + (q) * ldb);           \
+    const __m256 b1 = _mm256_loadu_ps(b + (q) * ldb + 8);       \
+    __m256 av = _mm256_broadcast_ss(a0 + (q));                  \
+    c00 = _mm256_fmadd_ps(av, b0, c00);                         \
+    c01 = _mm256_fmadd_ps(av, b1, c01);                         \
+    av = _mm256_broadcast_ss(a1 + (q));                         \
+    c10 = _mm256_fmadd_ps(av, b0, c10);                         \
+    c11 = _mm256_fmadd_ps(av, b1, c11);                         \
+    av = _mm256_broadcast_ss(a2 + (q));                         \
+    c20 = _mm256_fmadd_ps(av, b0, c20);                         \
+    c21 = _mm256_fmadd_ps(av, b1, c21);                         \
+    av = _mm256_broadcast_ss(a3 + (q));                         \
+    c30 = _mm256_fmadd_ps(av, b0, c30);                         \
+    c31 = _mm256_fmadd_ps(av, b1, c31);                         \
+    av = _mm256_broadcast_ss(a4 + (q));                         \
+    c40 = _mm256_fmadd_ps(av, b0, c40);                         \
+    c41 = _mm256_fmadd_ps(av, b1, c41);                         \
+    av = _mm256_broadcast_ss(a5 + (q));                         \
+    c50 = _mm256_fmadd_ps(av, b0, c50);                         \
+    c51 = _mm256_fmadd_ps(av, b1, c51);                         \
+  }
+  int64_t q = 0;
+  for (; q + 4 <= p; q += 4) {
+    PC_STEP(q) PC_STEP(q + 1) PC_STEP(q + 2) PC_STEP(q + 3)
+  }
+  for (; q < p; ++q) PC_STEP(q)
+#undef PC_STEP
+  _mm256_storeu_ps(c + 0 * ldc, c00), _mm256_storeu_ps(c + 0 * ldc + 8, c01);
+  _mm256_storeu_ps(c + 1 * ldc, c10), _mm256_storeu_ps(c + 1 * ldc + 8, c11);
+  _mm256_storeu_ps(c + 2 * ldc, c20), _mm256_storeu_ps(c + 2 * ldc + 8, c21);
+  _mm256_storeu_ps(c + 3 * ldc, c30), _mm256_storeu_ps(c + 3 * ldc + 8, c31);
+  _mm256_storeu_ps(c + 4 * ldc, c40), _mm256_storeu_ps(c + 4 * ldc + 8, c41);
+  _mm256_storeu_ps(c + 5 * ldc, c50), _mm256_storeu_ps(c + 5 * ldc + 8, c51);
+}
+
+PC_AVX2 inline __m256 load8_as_float(const void* src, DType dtype, int64_t j) {
+  if (dtype == DType::F32) return _mm256_loadu_ps(static_cast<const float*>(src) + j);
+  const __m128i h =
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(src) + j));
+  if (dtype == DType::F16) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+PC_AVX2 bool convert_row_avx2(const void* src, DType dtype, int64_t n, const float* center,
+                              float* dst, float* sumsq) {
+  __m256 ss = _mm256_setzero_ps(), poison = _mm256_setzero_ps();
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = load8_as_float(src, dtype, j);
+    ss = _mm256_fmadd_ps(v, v, ss);
+    poison = _mm256_add_ps(poison, _mm256_mul_ps(v, zero));
+    _mm256_storeu_ps(dst + j, center ? _mm256_sub_ps(v, _mm256_loadu_ps(center + j)) : v);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, ss);
+  float total = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
+                ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+  _mm256_store_ps(lanes, poison);
+  float bad = 0.0f;
+  for (int l = 0; l < 8; ++l) bad += lanes[l];
+  if (j < n) {
+    float tail_ss = 0.0f;
+    const bool ok = convert_row_generic(
+        dtype == DType::F32 ? static_cast<const void*>(static_cast<const float*>(src) + j)
+                            : static_cast<const void*>(static_cast<const uint16_t*>(src) + j),
+        dtype, n - j, center ? center + j : nullptr, dst + j, &tail_ss);
+    total += tail_ss;
+    if (!ok) bad = std::numeric_limits<float>::quiet_NaN();
+  }
+  if (sumsq) *sumsq = total;
+  return bad == 0.0f;
+}
+
+PC_AVX2 void top2_update_avx2(const float* tile, int32_t col0, int valid, float* best,
+                              float* second, int32_t* index) {
+  if (valid < NR) {  // only the last, partial strip of centroids takes this path
+    top2_update_generic(tile, col0, valid, best, second, index);
+    return;
+  }
+  const __m256i cols0 = _mm256_add_epi32(_mm256_set1_epi32(col0),
+                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256i cols1 = _mm256_add_epi32(cols0, _mm256_set1_epi32(8));
+  for (int s = 0; s < MR * NR; s += 8) {
+    const __m256 v = _mm256_loadu_ps(tile + s);
+    const __m256 b = _mm256_loadu_ps(best + s);
+    const __m256 sec = _mm256_loadu_ps(second + s);
+    const __m256 gt = _mm256_cmp_ps(v, b, _CMP_GT_OQ);
+    // not a new best: second = max(second, v); new best: second = old best
+    const __m256 sec_new = _mm256_blendv_ps(_mm256_max_ps(v, sec), b, gt);
+    _mm256_storeu_ps(second + s, sec_new);
+    _mm256_storeu_ps(best + s, _mm256_blendv_ps(b, v, gt));
+    const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(index + s));
+    const __m256i cols = (s % NR == 0) ? cols0 : cols1;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(index + s),
+                        _mm256_blendv_epi8(idx, cols, _mm256_castps_si256(gt)));
+  }
+}
+
+#undef PC_AVX2
+
+Kernels select_kernels() {
+  __builtin_cpu_init();
+  // PYCONCEPTS_SIMD=generic forces the portable path (tests cover both paths this way).
+  const char* forced = std::getenv("PYCONCEPTS_SIMD");
+  const bool allow_simd = !(forced && std::strcmp(forced, "generic") == 0);
+  if (allow_simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c")) {
+    return Kernels{"avx2+fma", gemm_tile_avx2, convert_row_avx2, top2_update_avx2};
+  }
+  return Kernels{"generic", gemm_tile_generic, convert_row_generic, top2_update_generic};
+}
+
+}  // namespace
+
+const Kernels& kernels() {
+  static const Kernels table = select_kernels();
+  return table;
+}
+
+}  // namespace cpu
+}  // namespace pyconcepts

@@ -1,0 +1,35 @@
+// CPU kernel table, selected once at run time from the processor's features, so the module
+// is built without -march flags and runs on any x86-64 (AVX2+FMA+F16C when present).
+#pragma once
+#include <cstdint>
+
+#include "common.h"
+
+namespace pyconcepts {
+namespace cpu {
+
+// Register tile of the GEMM micro-kernel: MR rows of A times NR columns of B.
+constexpr int MR = 6;
+constexpr int NR = 16;
+
+struct Kernels {
+  const char* name;
+  // c[i*ldc + j] = (accumulate ? c : 0) + sum_p a[i*lda + p] * b[p*ldb + j], i < MR, j < NR.
+  void (*gemm_tile)(int64_t p, const float* a, int64_t lda, const float* b, int64_t ldb,
+                    float* c, int64_t ldc, bool accumulate);
+  // Converts n elements of one row to fp32; returns false when the row holds NaN or Inf.
+  // When center is non-null it is subtracted. sumsq (may be null) receives sum of squares
+  // of the converted (uncentred) values.
+  bool (*convert_row)(const void* src, DType dtype, int64_t n, const float* center, float* dst,
+                      float* sumsq);
+  // Lane-wise running top-2 over one MR x NR tile of scores: for every row i and lane j,
+  // tile[i][j] (column col0 + j) enters best/second/index arrays of shape [MR][NR].
+  // Lanes j >= valid are ignored. Strictly greater wins, so earlier columns win ties.
+  void (*top2_update)(const float* tile, int32_t col0, int valid, float* best, float* second,
+                      int32_t* index);
+};
+
+const Kernels& kernels();
+
+}  // namespace cpu
+}  // namespace pyconcepts
