@@ -1,0 +1,352 @@
+"""Native ops against the plain-torch reference: random and edge-case shapes, dtypes,
+layouts, thread counts, both SIMD paths, torch.library registration."""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import pyconcepts as pc
+from pyconcepts import reference as ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def unit_rows(k, d, gen=None):
+    return F.normalize(torch.randn(k, d, generator=gen), dim=1)
+
+
+def check_assign(x, c, index, best, second=None):
+    """Kernel picks must be optimal up to fp32 rounding; cosines must match the reference."""
+    sims = ref.cosine_similarities(x, c)  # float64, on the same (possibly rounded) values
+    if x.shape[0] == 0:
+        assert index.shape == (0,) and best.shape == (0,)
+        return
+    rbest, rindex = sims.max(dim=1)
+    tol = 2e-5 * max(1.0, x.shape[1] ** 0.5 / 8)
+    picked = sims.gather(1, index.view(-1, 1)).squeeze(1)
+    assert index.dtype == torch.int64 and best.dtype == torch.float32
+    assert ((index >= 0) & (index < c.shape[0])).all()
+    assert (rbest - picked).max().item() <= tol, "kernel picked a clearly worse centroid"
+    torch.testing.assert_close(best.double(), rbest, atol=tol, rtol=0)
+    # Where the reference's best is clear of the runner-up, indices must agree exactly.
+    if c.shape[0] > 1:
+        top2 = sims.topk(2, dim=1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 4 * tol
+        assert torch.equal(index[clear], rindex[clear])
+        if second is not None:
+            torch.testing.assert_close(second.double(), top2[:, 1], atol=tol, rtol=0)
+    elif second is not None:
+        assert torch.isneginf(second).all()
+
+
+# ------------------------------------------------------------------------- cosine_assign
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(0, 300),
+    d=st.integers(1, 80),
+    k=st.integers(1, 70),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_cosine_assign_random_shapes(n, d, k, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen).to(dtype)
+    c = unit_rows(k, d, gen)
+    index, best, second = pc.ops.cosine_assign(x, c, return_second=True)
+    check_assign(x, c, index, best, second)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d,k", [(1, 1, 1), (1, 7, 3), (241, 257, 33), (1000, 256, 256),
+                                   (37, 3, 200), (600, 1024, 17)])
+def test_cosine_assign_edge_shapes(n, d, k, dtype):
+    x = torch.randn(n, d).to(dtype)
+    c = unit_rows(k, d)
+    index, best, second = pc.ops.cosine_assign(x, c, return_second=True)
+    check_assign(x, c, index, best, second)
+
+
+def test_cosine_assign_empty_input():
+    index, best = pc.ops.cosine_assign(torch.empty(0, 5), unit_rows(3, 5))
+    assert index.shape == (0,) and best.shape == (0,)
+
+
+def test_cosine_assign_ties_go_to_lowest_index():
+    d = 24
+    base = unit_rows(4, d)
+    c = torch.cat([base, base, base])  # every centroid appears three times (K = 12)
+    x = torch.randn(500, d)
+    index, best, second = pc.ops.cosine_assign(x, c, return_second=True)
+    assert (index < 4).all(), "an exact tie must resolve to the first occurrence"
+    torch.testing.assert_close(second, best)  # the duplicate ties with the best
+
+
+def test_cosine_assign_zero_row_and_scale_invariance():
+    c = unit_rows(20, 9)
+    x = torch.randn(50, 9)
+    x[3] = 0
+    i1, s1 = pc.ops.cosine_assign(x, c)
+    i2, s2 = pc.ops.cosine_assign(x * 1000.0, c)
+    assert s1[3] == 0 and i1[3] == 0
+    assert torch.equal(i1, i2)
+    torch.testing.assert_close(s1, s2)
+
+
+def test_cosine_assign_strided_rows_read_in_place():
+    big = torch.randn(300, 70)
+    x = big[::3, 5:60]  # row stride 210, unit column stride: no copy needed
+    assert x.stride(1) == 1
+    c = unit_rows(13, 55)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pc.ops.CopyWarning)
+        index, best = pc.ops.cosine_assign(x, c)
+    check_assign(x, c, index, best)
+
+
+def test_cosine_assign_transposed_input_is_copied_with_a_warning():
+    xt = torch.randn(40, 300)
+    x = xt.T  # (300, 40), column-major
+    c = unit_rows(9, 40)
+    with pytest.warns(pc.ops.CopyWarning, match="not row-contiguous"):
+        index, best = pc.ops.cosine_assign(x, c)
+    check_assign(x, c, index, best)
+
+
+# ---------------------------------------------------------------------- spherical_update
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(0, 400),
+    d=st.integers(1, 70),
+    k=st.integers(1, 40),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_spherical_update_random_shapes(n, d, k, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen).to(dtype)
+    index = torch.randint(0, k, (n,), generator=gen)
+    sums, counts = pc.ops.spherical_update(x, index, k)
+    rsums, rcounts = ref.spherical_update(x, index, k)
+    assert sums.dtype == torch.float64 and counts.dtype == torch.int64
+    assert torch.equal(counts, rcounts)
+    torch.testing.assert_close(sums, rsums, atol=1e-9, rtol=1e-12)
+
+
+def test_spherical_update_int32_index_empty_clusters_and_strides():
+    x = torch.randn(200, 90)[:, 3:80]
+    index = torch.randint(0, 5, (200,), dtype=torch.int32)
+    sums, counts = pc.ops.spherical_update(x, index, 9)
+    rsums, rcounts = ref.spherical_update(x, index.long(), 9)
+    assert torch.equal(counts, rcounts) and (counts[5:] == 0).all()
+    torch.testing.assert_close(sums, rsums, atol=1e-9, rtol=1e-12)
+
+
+# ------------------------------------------------------------------------ masked_moments
+def check_moments(x, w, b, center=None):
+    got = pc.ops.masked_moments(x, w, b, center=center)
+    want = ref.masked_moments(x, w, b, center=center)
+    assert got.count.dtype == torch.int64 and got.sum_x.dtype == torch.float64
+    assert torch.equal(got.count, want.count)
+    scale = float(x.float().abs().max()) if x.numel() else 1.0
+    atol = 1e-5 * scale * scale * max(1, x.shape[0]) ** 0.5 * max(1, x.shape[1]) ** 0.5
+    for name in ("sum_z", "sum_z2", "sum_x", "sum_xz"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=atol,
+                                   rtol=1e-5, msg=name)
+
+
+def margin_bias(x, w, quantile=0.6):
+    """Thresholds placed between values of w.x, so fp32 rounding cannot flip any mask bit."""
+    z = ref.masked_moments  # noqa: F841 (keeps the import explicit)
+    zz = x.double() @ w.double().T
+    if x.shape[0] == 0:
+        return torch.zeros(w.shape[0])
+    srt = zz.sort(dim=0).values
+    pos = min(int(quantile * x.shape[0]), x.shape[0] - 1)
+    lo = srt[max(pos - 1, 0)]
+    hi = srt[pos]
+    return ((lo + hi) / 2).float()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(0, 300),
+    d=st.integers(1, 60),
+    k=st.integers(1, 40),
+    dtype=st.sampled_from(DTYPES),
+    centred=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_masked_moments_random_shapes(n, d, k, dtype, centred, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, d, generator=gen) + 2.0).to(dtype)
+    w = torch.randn(k, d, generator=gen)
+    b = margin_bias(x.float(), w)
+    center = x.float().mean(0) if (centred and n > 0) else None
+    if n > 0:
+        # skip draws where a row sits within rounding distance of a threshold
+        z = x.double() @ w.double().T
+        if ((z - b.double()).abs() < 1e-4 * (1 + z.abs())).any():
+            return
+    check_moments(x, w, b, center)
+
+
+@pytest.mark.parametrize("n,d,k", [(1, 1, 1), (95, 17, 16), (97, 17, 17), (500, 256, 40),
+                                   (193, 1, 3), (250, 300, 1)])
+def test_masked_moments_edge_shapes(n, d, k):
+    x = torch.randn(n, d) + 1.0
+    w = torch.randn(k, d)
+    b = margin_bias(x, w, 0.5)
+    check_moments(x, w, b, center=x.mean(0))
+    check_moments(x, w, b)
+
+
+def test_masked_moments_centre_removes_cancellation():
+    # Offset 1e4 with unit spread: raw second moments lose the covariance in fp32 products,
+    # the shifted ones keep it.
+    n, d = 4000, 8
+    x = torch.randn(n, d) + 1e4
+    w = F.normalize(torch.randn(3, d), dim=1)
+    b = (x.double() @ w.double().T).median(0).values.float()
+    m = pc.ops.masked_moments(x, w, b, center=x.mean(0))
+    r = ref.masked_moments(x, w, b, center=x.mean(0))
+    cov = m.sum_xz / m.count[:, None] - (m.sum_x / m.count[:, None]) * (m.sum_z / m.count)[:, None]
+    rcov = r.sum_xz / r.count[:, None] - (r.sum_x / r.count[:, None]) * (r.sum_z / r.count)[:, None]
+    torch.testing.assert_close(cov, rcov, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- layout and threading
+def test_results_identical_for_one_and_two_threads():
+    x = torch.randn(3001, 130)
+    c = unit_rows(70, 130)
+    a1 = pc.ops.cosine_assign(x, c, return_second=True, num_threads=1)
+    a2 = pc.ops.cosine_assign(x, c, return_second=True, num_threads=2)
+    assert all(torch.equal(p, q) for p, q in zip(a1, a2))
+    idx = a1[0]
+    u1 = pc.ops.spherical_update(x, idx, 70, num_threads=1)
+    u2 = pc.ops.spherical_update(x, idx, 70, num_threads=2)
+    assert all(torch.equal(p, q) for p, q in zip(u1, u2))
+    b = torch.full((70,), 0.1)
+    m1 = pc.ops.masked_moments(x, c, b, center=x.mean(0), num_threads=1)
+    m2 = pc.ops.masked_moments(x, c, b, center=x.mean(0), num_threads=2)
+    assert all(torch.equal(p, q) for p, q in zip(m1, m2))
+
+
+def test_generic_simd_path_matches_reference():
+    """The portable kernels (used on CPUs without AVX2) run in a subprocess."""
+    code = (
+        "import torch, torch.nn.functional as F, pyconcepts as pc\n"
+        "from pyconcepts import reference as ref\n"
+        "assert pc.ops.simd_level() == 'generic', pc.ops.simd_level()\n"
+        "torch.manual_seed(1)\n"
+        "for dt in (torch.float32, torch.float16, torch.bfloat16):\n"
+        "    x = torch.randn(257, 45).to(dt); c = F.normalize(torch.randn(19, 45), dim=1)\n"
+        "    i, s = pc.ops.cosine_assign(x, c)\n"
+        "    ri, rs = ref.cosine_assign(x, c)\n"
+        "    assert (s.double() - rs.double()).abs().max() < 1e-5\n"
+        "    su, cu = pc.ops.spherical_update(x, ri, 19)\n"
+        "    rsu, rcu = ref.spherical_update(x, ri, 19)\n"
+        "    assert torch.equal(cu, rcu) and (su - rsu).abs().max() < 1e-9\n"
+        "    m = pc.ops.masked_moments(x, c, torch.full((19,), 0.3))\n"
+        "    r = ref.masked_moments(x, c, torch.full((19,), 0.3))\n"
+        "    assert (m.sum_xz - r.sum_xz).abs().max() < 1e-3\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, PYCONCEPTS_SIMD="generic")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_ops_are_registered_with_torch_library():
+    x = torch.randn(33, 10)
+    c = unit_rows(5, 10)
+    torch.library.opcheck(torch.ops.pyconcepts.cosine_assign.default, (x, c, True, 1),
+                          test_utils=("test_schema", "test_faketensor"))
+    idx = torch.randint(0, 5, (33,))
+    torch.library.opcheck(torch.ops.pyconcepts.spherical_update.default, (x, idx, 5, 1),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.pyconcepts.masked_moments.default,
+                          (x, c, torch.zeros(5), None, 1),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_ops_work_under_torch_compile():
+    x = torch.randn(64, 12)
+    c = unit_rows(6, 12)
+
+    def step(x, c):
+        index, best = pc.ops.cosine_assign(x, c)
+        return index, best * 2
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=False)
+    i1, b1 = compiled(x, c)
+    i0, b0 = step(x, c)
+    assert torch.equal(i0, i1) and torch.equal(b0, b1)
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(10, 4)
+    c = unit_rows(3, 4)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        pc.ops.cosine_assign(x.numpy(), c)
+    with pytest.raises(TypeError, match="x must be float32"):
+        pc.ops.cosine_assign(x.double(), c)
+    with pytest.raises(TypeError, match="x must be float32"):
+        pc.ops.cosine_assign(x.long(), c)
+    with pytest.raises(ValueError, match=r"x must be 2-D"):
+        pc.ops.cosine_assign(x[0], c)
+    with pytest.raises(ValueError, match="D = 0"):
+        pc.ops.cosine_assign(torch.empty(3, 0), c[:, :0])
+    with pytest.raises(ValueError, match="centroids has D = 5"):
+        pc.ops.cosine_assign(x, unit_rows(3, 5))
+    with pytest.raises(ValueError, match="K = 0"):
+        pc.ops.cosine_assign(x, torch.empty(0, 4))
+    with pytest.raises(ValueError, match="unit-norm"):
+        pc.ops.cosine_assign(x, c * 2)
+    with pytest.raises(ValueError, match="centroids contains NaN"):
+        pc.ops.cosine_assign(x, torch.full((3, 4), float("nan")))
+    for bad_value in (float("nan"), float("inf"), float("-inf")):
+        xb = x.clone()
+        xb[7, 2] = bad_value
+        with pytest.raises(ValueError, match="x contains NaN or Inf"):
+            pc.ops.cosine_assign(xb, c)
+        with pytest.raises(ValueError, match="x contains NaN or Inf"):
+            pc.ops.spherical_update(xb, torch.zeros(10, dtype=torch.long), 3)
+        with pytest.raises(ValueError, match="x contains NaN or Inf"):
+            pc.ops.masked_moments(xb, c, torch.zeros(3))
+    xh = x.half()
+    xh[2, 1] = float("inf")
+    with pytest.raises(ValueError, match="x contains NaN or Inf"):
+        pc.ops.cosine_assign(xh, c)
+
+
+def test_bad_update_and_moment_arguments():
+    x = torch.randn(10, 4)
+    with pytest.raises(ValueError, match="outside"):
+        pc.ops.spherical_update(x, torch.full((10,), 3), 3)
+    with pytest.raises(ValueError, match="outside"):
+        pc.ops.spherical_update(x, torch.full((10,), -1), 3)
+    with pytest.raises(ValueError, match="index must have shape"):
+        pc.ops.spherical_update(x, torch.zeros(9, dtype=torch.long), 3)
+    with pytest.raises(TypeError, match="index must be int64"):
+        pc.ops.spherical_update(x, torch.zeros(10), 3)
+    with pytest.raises(ValueError, match="n_clusters"):
+        pc.ops.spherical_update(x, torch.zeros(10, dtype=torch.long), 0)
+    w = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        pc.ops.masked_moments(x, w, torch.zeros(4))
+    with pytest.raises(ValueError, match="center must have shape"):
+        pc.ops.masked_moments(x, w, torch.zeros(3), center=torch.zeros(5))
+    with pytest.raises(ValueError, match="decoding has D = 5"):
+        pc.ops.masked_moments(x, torch.randn(3, 5), torch.zeros(3))
+    with pytest.raises(ValueError, match="bias contains NaN"):
+        pc.ops.masked_moments(x, w, torch.tensor([0.0, float("nan"), 0.0]))
+    with pytest.raises(ValueError, match="num_threads"):
+        pc.ops.masked_moments(x, w, torch.zeros(3), num_threads=0)
