@@ -11,6 +11,7 @@ implementation, so it can be used inside ``torch.compile``d code.
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from typing import Optional, Tuple
 
 import torch
@@ -27,6 +28,7 @@ __all__ = [
     "cosine_assign",
     "spherical_update",
     "masked_moments",
+    "assign_update",
     "Moments",
     "CopyWarning",
     "cuda_available",
@@ -155,7 +157,7 @@ def _cosine_assign_op(
     bad = torch.zeros(2, dtype=torch.int64, device=x.device)
     if n > 0:
         module, last = _backend_args(x, num_threads)
-        with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():
+        with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
             module.cosine_assign(
                 *_matrix_args(x), centroids.data_ptr(), k, index.data_ptr(), best.data_ptr(),
                 second.data_ptr() if return_second else 0, bad.data_ptr(), last,
@@ -211,7 +213,7 @@ def _spherical_update_op(
     bad = torch.zeros(2, dtype=torch.int64, device=x.device)
     if x.shape[0] > 0:
         module, last = _backend_args(x, num_threads)
-        with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():
+        with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
             module.spherical_update(
                 *_matrix_args(x), index.data_ptr(), n_clusters, sums.data_ptr(),
                 counts.data_ptr(), bad.data_ptr(), last,
@@ -278,7 +280,7 @@ def _masked_moments_op(
     bad = torch.zeros(2, dtype=torch.int64, device=x.device)
     if x.shape[0] > 0:
         module, last = _backend_args(x, num_threads)
-        with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():
+        with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
             module.masked_moments(
                 *_matrix_args(x), decoding.data_ptr(), bias.data_ptr(),
                 center.data_ptr() if center is not None else 0, k,
@@ -328,9 +330,68 @@ def masked_moments(
     return Moments(*stats)
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
+# ------------------------------------------------------------------------- assign_update
+@torch.library.custom_op("pyconcepts::assign_update", mutates_args=())
+def _assign_update_op(
+    x: torch.Tensor, centroids: torch.Tensor, return_second: bool, num_threads: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, d = x.shape
+    k = centroids.shape[0]
+    index = torch.empty(n, dtype=torch.int64, device=x.device)
+    best = torch.empty(n, dtype=torch.float32, device=x.device)
+    second = torch.empty(n if return_second else 0, dtype=torch.float32, device=x.device)
+    sums = torch.zeros(k, d, dtype=torch.float64, device=x.device)
+    counts = torch.zeros(k, dtype=torch.int64, device=x.device)
+    bad = torch.zeros(2, dtype=torch.int64, device=x.device)
+    if n > 0:
+        _C.assign_update(
+            *_matrix_args(x), centroids.data_ptr(), k, index.data_ptr(), best.data_ptr(),
+            second.data_ptr() if return_second else 0, sums.data_ptr(), counts.data_ptr(),
+            bad.data_ptr(), num_threads,
+        )
+    return index, best, second, sums, counts, bad
 
-    def __exit__(self, *exc):
-        return False
+
+@_assign_update_op.register_fake
+def _(x, centroids, return_second, num_threads):
+    n, d = x.shape
+    k = centroids.shape[0]
+    return (
+        x.new_empty(n, dtype=torch.int64),
+        x.new_empty(n, dtype=torch.float32),
+        x.new_empty(n if return_second else 0, dtype=torch.float32),
+        x.new_empty(k, d, dtype=torch.float64),
+        x.new_empty(k, dtype=torch.int64),
+        x.new_empty(2, dtype=torch.int64),
+    )
+
+
+def assign_update(
+    x: torch.Tensor,
+    centroids: torch.Tensor,
+    *,
+    return_second: bool = False,
+    num_threads: Optional[int] = None,
+) -> Tuple[torch.Tensor, ...]:
+    """One Lloyd pass in one read of ``x``: ``cosine_assign`` fused with ``spherical_update``.
+
+    Returns ``(index, cosine[, second], sums float64 (K, D), counts int64 (K,))`` where the sums
+    and counts are by the new assignment. On CPU the fused kernel converts each block of rows
+    once and adds it to its clusters while it is still in cache; the float64 sums are
+    identical for any thread count. On CUDA it runs the two ops back to back.
+    """
+    x = _check_activations(x)
+    centroids = _check_param_matrix(centroids, "centroids", x.shape[1], x.device)
+    norms = centroids.norm(dim=1)
+    if not bool(((norms - 1).abs() < 1e-3).all()):
+        raise ValueError("centroids must have unit-norm rows (normalise them first)")
+    if x.is_cuda:
+        assigned = cosine_assign(x, centroids, return_second=return_second)
+        sums, counts = spherical_update(x, assigned[0], centroids.shape[0])
+        return (*assigned, sums, counts)
+    index, best, second, sums, counts, bad = torch.ops.pyconcepts.assign_update(
+        x, centroids, bool(return_second), _threads(num_threads)
+    )
+    _raise_bad(bad)
+    head = (index, best, second) if return_second else (index, best)
+    return (*head, sums, counts)

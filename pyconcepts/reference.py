@@ -92,3 +92,12 @@ def masked_moments(
         sum_x=mask.T @ x64,
         sum_xz=mz.T @ x64,
     )
+
+
+def assign_update(
+    x: torch.Tensor, centroids: torch.Tensor, *, return_second: bool = False
+) -> Tuple[torch.Tensor, ...]:
+    """cosine_assign, then spherical_update of x by the new assignment."""
+    assigned = cosine_assign(x, centroids, return_second=return_second)
+    sums, counts = spherical_update(x, assigned[0], centroids.shape[0])
+    return (*assigned, sums, counts)

@@ -350,3 +350,33 @@ def test_bad_update_and_moment_arguments():
         pc.ops.masked_moments(x, w, torch.tensor([0.0, float("nan"), 0.0]))
     with pytest.raises(ValueError, match="num_threads"):
         pc.ops.masked_moments(x, w, torch.zeros(3), num_threads=0)
+
+
+# ------------------------------------------------------------------------- assign_update
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d,k", [(1, 1, 1), (9000, 37, 21), (20000, 64, 5), (300, 129, 70)])
+def test_assign_update_matches_separate_ops_and_reference(n, d, k, dtype):
+    x = torch.randn(n, d).to(dtype)
+    c = unit_rows(k, d)
+    index, best, second, sums, counts = pc.ops.assign_update(x, c, return_second=True)
+    check_assign(x, c, index, best, second)
+    rsums, rcounts = ref.spherical_update(x, index, k)  # by the kernel's own assignment
+    assert torch.equal(counts, rcounts)
+    torch.testing.assert_close(sums, rsums, atol=1e-9, rtol=1e-12)
+
+
+def test_assign_update_identical_for_any_thread_count():
+    x = torch.randn(30000, 40)  # several super-blocks of rows
+    c = unit_rows(12, 40)
+    one = pc.ops.assign_update(x, c, num_threads=1)
+    two = pc.ops.assign_update(x, c, num_threads=2)
+    three = pc.ops.assign_update(x, c, num_threads=3)
+    for a, b, e in zip(one, two, three):
+        assert torch.equal(a, b) and torch.equal(a, e)
+
+
+def test_assign_update_rejects_nonfinite_rows():
+    x = torch.randn(50, 6)
+    x[10, 0] = float("nan")
+    with pytest.raises(ValueError, match="x contains NaN or Inf"):
+        pc.ops.assign_update(x, unit_rows(3, 6))

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <stdexcept>
 
+#include "assign_update.h"
 #include "cosine_assign.h"
 #include "cpu/simd.h"
 #include "masked_moments.h"
@@ -53,6 +54,22 @@ PYBIND11_MODULE(_C, m) {
       py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("row_stride"),
       py::arg("centroids"), py::arg("k"), py::arg("index"), py::arg("best"), py::arg("second"),
       py::arg("bad"), py::arg("num_threads"));
+
+  m.def(
+      "assign_update",
+      [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t row_stride, uintptr_t c,
+         int64_t k, uintptr_t index, uintptr_t best, uintptr_t second, uintptr_t sums,
+         uintptr_t counts, uintptr_t bad, int num_threads) {
+        const Matrix mx = matrix(x, dtype, n, d, row_stride);
+        check_k(k);
+        py::gil_scoped_release release;
+        assign_update_cpu(mx, ptr<const float>(c), k, ptr<int64_t>(index), ptr<float>(best),
+                          second ? ptr<float>(second) : nullptr, ptr<double>(sums),
+                          ptr<int64_t>(counts), ptr<int64_t>(bad), num_threads);
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("row_stride"),
+      py::arg("centroids"), py::arg("k"), py::arg("index"), py::arg("best"), py::arg("second"),
+      py::arg("sums"), py::arg("counts"), py::arg("bad"), py::arg("num_threads"));
 
   m.def(
       "spherical_update",

@@ -7,114 +7,118 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <vector>
 
-#include "cpu/simd.h"
+#include "cpu/assign_block.h"
 
 namespace pyconcepts {
+namespace cpu {
 
 namespace {
-
-using cpu::MR;
-using cpu::NR;
-
 const void* row_ptr(const Matrix& x, int64_t i) {
   const int64_t elem = x.dtype == DType::F32 ? 4 : 2;
   return static_cast<const char*>(x.data) + i * x.row_stride * elem;
 }
-
-// Rows per block: the block of X (fp32) stays within ~96 KiB of L2 while every centroid
-// strip (NR x D, L1-resident for D <= 256) sweeps over it.
-int64_t rows_per_block(int64_t d) {
-  const int64_t budget = (96 * 1024) / (4 * d);
-  return std::max<int64_t>(MR, std::min<int64_t>(40 * MR, budget / MR * MR));
-}
-
 }  // namespace
 
-void cosine_assign_cpu(const Matrix& x, const float* centroids, int64_t k, int64_t* index,
-                       float* best_cos, float* second_cos, int64_t* bad, int num_threads) {
-  const auto& kern = cpu::kernels();
-  const int64_t n = x.rows, d = x.cols;
-  bad[0] = bad[1] = 0;
-  if (n == 0) return;
-
-  // Centroids packed as strips of NR columns: strip s holds panel[p][j] = C[s*NR + j][p],
-  // zero-padded past K (those lanes are masked out of the top-2).
-  const int64_t strips = (k + NR - 1) / NR;
-  std::vector<float> panel(static_cast<size_t>(strips * d * NR), 0.0f);
+CentroidPanel::CentroidPanel(const float* centroids, int64_t k_, int64_t d_)
+    : k(k_), d(d_), strips((k_ + NR - 1) / NR), data(static_cast<size_t>(strips * d_ * NR), 0.0f) {
   for (int64_t c = 0; c < k; ++c) {
-    float* dst = panel.data() + (c / NR) * d * NR + (c % NR);
+    float* dst = data.data() + (c / NR) * d * NR + (c % NR);
     const float* src = centroids + c * d;
     for (int64_t p = 0; p < d; ++p) dst[p * NR] = src[p];
   }
+}
 
-  const int64_t rb = rows_per_block(d);
-  const int64_t blocks = (n + rb - 1) / rb;
-  int64_t nonfinite = 0;
+// Rows per block: the fp32 block stays within ~96 KiB of L2 while every centroid strip
+// (NR x D, L1-resident for D <= 256) sweeps over it.
+int64_t AssignWorkspace::rows_for(int64_t d) {
+  return std::max<int64_t>(MR, std::min<int64_t>(40 * MR, (96 * 1024) / (4 * d) / MR * MR));
+}
+
+AssignWorkspace::AssignWorkspace(int64_t d)
+    : rows_per_block(rows_for(d)),
+      xb(static_cast<size_t>(rows_per_block * d)),
+      norms(rows_per_block),
+      finite(rows_per_block),
+      top_best(rows_per_block * NR),
+      top_second(rows_per_block * NR),
+      top_index(rows_per_block * NR) {}
+
+int64_t assign_block(const Matrix& x, const CentroidPanel& panel, int64_t r0, int64_t rows,
+                     AssignWorkspace& ws, int64_t* index, float* best_cos, float* second_cos) {
+  const auto& kern = kernels();
+  const int64_t d = x.cols, k = panel.k;
+  const int64_t padded = (rows + MR - 1) / MR * MR;
   const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    ws.finite[r] = kern.convert_row(row_ptr(x, r0 + r), x.dtype, d, nullptr,
+                                    ws.xb.data() + r * d, &ws.norms[r]);
+  }
+  std::fill(ws.xb.begin() + rows * d, ws.xb.begin() + padded * d, 0.0f);
+  std::fill(ws.top_best.begin(), ws.top_best.begin() + padded * NR, neg_inf);
+  std::fill(ws.top_second.begin(), ws.top_second.begin() + padded * NR, neg_inf);
+  std::fill(ws.top_index.begin(), ws.top_index.begin() + padded * NR, 0);
 
+  alignas(64) float tile[MR * NR];
+  for (int64_t s = 0; s < panel.strips; ++s) {
+    const float* b = panel.data.data() + s * d * NR;
+    const int valid = static_cast<int>(std::min<int64_t>(NR, k - s * NR));
+    for (int64_t m = 0; m < padded; m += MR) {
+      kern.gemm_tile(d, ws.xb.data() + m * d, d, b, NR, tile, NR, false);
+      kern.top2_update(tile, static_cast<int32_t>(s * NR), valid, ws.top_best.data() + m * NR,
+                       ws.top_second.data() + m * NR, ws.top_index.data() + m * NR);
+    }
+  }
+
+  // Reduce the NR lanes of every row: largest value, lowest index among equal values.
+  int64_t nonfinite = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* lb = ws.top_best.data() + r * NR;
+    const float* ls = ws.top_second.data() + r * NR;
+    const int32_t* li = ws.top_index.data() + r * NR;
+    int lane = 0;
+    for (int j = 1; j < NR; ++j) {
+      if (lb[j] > lb[lane] || (lb[j] == lb[lane] && li[j] < li[lane])) lane = j;
+    }
+    float second = ls[lane];
+    for (int j = 0; j < NR; ++j) {
+      if (j != lane) second = std::max(second, lb[j]);
+    }
+    const int64_t row = r0 + r;
+    if (!ws.finite[r]) {
+      ++nonfinite;
+      index[row] = 0;
+      best_cos[row] = std::numeric_limits<float>::quiet_NaN();
+      if (second_cos) second_cos[row] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    // Cosine = dot / ||x||; a zero row has all dots 0 and keeps cosine 0.
+    const float inv = 1.0f / std::max(std::sqrt(ws.norms[r]), 1e-12f);
+    index[row] = li[lane];
+    best_cos[row] = lb[lane] * inv;
+    if (second_cos) second_cos[row] = second == neg_inf ? neg_inf : second * inv;
+  }
+  return nonfinite;
+}
+
+}  // namespace cpu
+
+void cosine_assign_cpu(const Matrix& x, const float* centroids, int64_t k, int64_t* index,
+                       float* best_cos, float* second_cos, int64_t* bad, int num_threads) {
+  bad[0] = bad[1] = 0;
+  if (x.rows == 0) return;
+  const cpu::CentroidPanel panel(centroids, k, x.cols);
+  const int64_t rb = cpu::AssignWorkspace::rows_for(x.cols);
+  const int64_t blocks = (x.rows + rb - 1) / rb;
+  int64_t nonfinite = 0;
 #pragma omp parallel num_threads(std::max(1, num_threads)) reduction(+ : nonfinite)
   {
-    std::vector<float> xb(static_cast<size_t>(rb * d));
-    std::vector<float> norms(rb);
-    std::vector<char> finite(rb);
-    std::vector<float> top_best(rb * NR), top_second(rb * NR);
-    std::vector<int32_t> top_index(rb * NR);
-    alignas(64) float tile[MR * NR];
-
+    cpu::AssignWorkspace ws(x.cols);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t r0 = blk * rb;
-      const int64_t rows = std::min(rb, n - r0);
-      const int64_t padded = (rows + MR - 1) / MR * MR;
-      for (int64_t r = 0; r < rows; ++r) {
-        finite[r] = kern.convert_row(row_ptr(x, r0 + r), x.dtype, d, nullptr,
-                                     xb.data() + r * d, &norms[r]);
-      }
-      std::fill(xb.begin() + rows * d, xb.begin() + padded * d, 0.0f);
-      std::fill(top_best.begin(), top_best.begin() + padded * NR, neg_inf);
-      std::fill(top_second.begin(), top_second.begin() + padded * NR, neg_inf);
-      std::fill(top_index.begin(), top_index.begin() + padded * NR, 0);
-
-      for (int64_t s = 0; s < strips; ++s) {
-        const float* b = panel.data() + s * d * NR;
-        const int valid = static_cast<int>(std::min<int64_t>(NR, k - s * NR));
-        for (int64_t m = 0; m < padded; m += MR) {
-          kern.gemm_tile(d, xb.data() + m * d, d, b, NR, tile, NR, false);
-          kern.top2_update(tile, static_cast<int32_t>(s * NR), valid,
-                           top_best.data() + m * NR, top_second.data() + m * NR,
-                           top_index.data() + m * NR);
-        }
-      }
-
-      // Reduce the NR lanes of every row: largest value, lowest index among equal values.
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* lb = top_best.data() + r * NR;
-        const float* ls = top_second.data() + r * NR;
-        const int32_t* li = top_index.data() + r * NR;
-        int lane = 0;
-        for (int j = 1; j < NR; ++j) {
-          if (lb[j] > lb[lane] || (lb[j] == lb[lane] && li[j] < li[lane])) lane = j;
-        }
-        float second = ls[lane];
-        for (int j = 0; j < NR; ++j) {
-          if (j != lane) second = std::max(second, lb[j]);
-        }
-        const int64_t row = r0 + r;
-        if (!finite[r]) {
-          ++nonfinite;
-          index[row] = 0;
-          best_cos[row] = std::numeric_limits<float>::quiet_NaN();
-          if (second_cos) second_cos[row] = std::numeric_limits<float>::quiet_NaN();
-          continue;
-        }
-        // Cosine = dot / ||x||; a zero row has all dots 0 and keeps cosine 0.
-        const float inv = 1.0f / std::max(std::sqrt(norms[r]), 1e-12f);
-        index[row] = li[lane];
-        best_cos[row] = lb[lane] * inv;
-        if (second_cos) second_cos[row] = second == neg_inf ? neg_inf : second * inv;
-      }
+      nonfinite += cpu::assign_block(x, panel, r0, std::min(rb, x.rows - r0), ws, index,
+                                     best_cos, second_cos);
     }
   }
   bad[0] = nonfinite;

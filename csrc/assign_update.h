@@ -1,0 +1,17 @@
+// assign_update: cosine_assign and spherical_update fused into one read of X. Every block
+// of rows is assigned and, while still in cache as fp32, added to its cluster's sum.
+// Rows are grouped into fixed super-blocks whose float64 partial sums are merged in
+// super-block order, so the sums are bit-identical for any thread count.
+#pragma once
+#include "common.h"
+
+namespace pyconcepts {
+
+// Outputs as cosine_assign (index, best_cos, second_cos may be null) plus sums (K x D
+// float64) and counts (K int64) of the rows by their new assignment. All overwritten.
+// Rows holding NaN/Inf are counted in bad[0] and left out of the sums.
+void assign_update_cpu(const Matrix& x, const float* centroids, int64_t k, int64_t* index,
+                       float* best_cos, float* second_cos, double* sums, int64_t* counts,
+                       int64_t* bad, int num_threads);
+
+}  // namespace pyconcepts

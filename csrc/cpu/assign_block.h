@@ -1,0 +1,41 @@
+// Internal to the CPU module: the blocked cosine assignment shared by cosine_assign and the
+// fused assign_update. A block of rows is converted to fp32 once (the only read of X), then
+// every centroid strip sweeps over it with the GEMM tile and the running top-2 epilogue.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "common.h"
+#include "cpu/simd.h"
+
+namespace pyconcepts {
+namespace cpu {
+
+// Centroids packed as strips of NR columns: strip s holds data[p][j] = C[s*NR + j][p],
+// zero-padded past K (those lanes are masked out of the top-2).
+struct CentroidPanel {
+  CentroidPanel(const float* centroids, int64_t k, int64_t d);
+  int64_t k, d, strips;
+  std::vector<float> data;
+};
+
+// Per-thread scratch for one block of rows.
+struct AssignWorkspace {
+  explicit AssignWorkspace(int64_t d);
+  static int64_t rows_for(int64_t d);
+  int64_t rows_per_block;
+  std::vector<float> xb;      // rows_per_block x d, fp32 copy of the block
+  std::vector<float> norms;   // squared row norms
+  std::vector<char> finite;   // row holds no NaN/Inf
+  std::vector<float> top_best, top_second;
+  std::vector<int32_t> top_index;
+};
+
+// Assigns rows [r0, r0 + rows) of x (rows <= ws.rows_per_block), writing index/best/second
+// at those rows; afterwards ws.xb holds the block in fp32. Returns the number of rows
+// holding NaN/Inf (their best cosine is NaN and their index 0).
+int64_t assign_block(const Matrix& x, const CentroidPanel& panel, int64_t r0, int64_t rows,
+                     AssignWorkspace& ws, int64_t* index, float* best, float* second);
+
+}  // namespace cpu
+}  // namespace pyconcepts

@@ -1,0 +1,75 @@
+// assign_update on the CPU: one read of X per Lloyd pass (see assign_update.h).
+#include "assign_update.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/assign_block.h"
+
+namespace pyconcepts {
+
+namespace {
+// Rows per super-block: fixed, so the summation order never depends on the thread count.
+// Large enough that zeroing and merging one K x D partial is cheap next to its GEMM work.
+constexpr int64_t kSuperBlockRows = 8192;
+}  // namespace
+
+void assign_update_cpu(const Matrix& x, const float* centroids, int64_t k, int64_t* index,
+                       float* best_cos, float* second_cos, double* sums, int64_t* counts,
+                       int64_t* bad, int num_threads) {
+  const int64_t n = x.rows, d = x.cols;
+  std::fill(sums, sums + k * d, 0.0);
+  std::fill(counts, counts + k, int64_t{0});
+  bad[0] = bad[1] = 0;
+  if (n == 0) return;
+  const cpu::CentroidPanel panel(centroids, k, d);
+  const int64_t rb = cpu::AssignWorkspace::rows_for(d);
+  const int64_t supers = (n + kSuperBlockRows - 1) / kSuperBlockRows;
+  int64_t nonfinite = 0;
+
+#pragma omp parallel num_threads(std::max(1, num_threads)) reduction(+ : nonfinite)
+  {
+    cpu::AssignWorkspace ws(d);
+    std::vector<double> partial(static_cast<size_t>(k * d));
+    std::vector<int64_t> partial_counts(k);
+    std::vector<char> touched(k);
+#pragma omp for ordered schedule(static, 1)
+    for (int64_t sb = 0; sb < supers; ++sb) {
+      std::fill(touched.begin(), touched.end(), 0);
+      const int64_t s0 = sb * kSuperBlockRows, s1 = std::min(n, s0 + kSuperBlockRows);
+      for (int64_t r0 = s0; r0 < s1; r0 += rb) {
+        const int64_t rows = std::min(rb, s1 - r0);
+        nonfinite += cpu::assign_block(x, panel, r0, rows, ws, index, best_cos, second_cos);
+        for (int64_t r = 0; r < rows; ++r) {
+          if (!ws.finite[r]) continue;
+          const int64_t c = index[r0 + r];
+          double* dst = partial.data() + c * d;
+          const float* src = ws.xb.data() + r * d;
+          if (!touched[c]) {  // first member in this super-block: initialise, do not add
+            touched[c] = 1;
+            partial_counts[c] = 0;
+            for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<double>(src[j]);
+          } else {
+            for (int64_t j = 0; j < d; ++j) dst[j] += static_cast<double>(src[j]);
+          }
+          ++partial_counts[c];
+        }
+      }
+#pragma omp ordered
+      {
+        for (int64_t c = 0; c < k; ++c) {
+          if (!touched[c]) continue;
+          double* dst = sums + c * d;
+          const double* src = partial.data() + c * d;
+          for (int64_t j = 0; j < d; ++j) dst[j] += src[j];
+          counts[c] += partial_counts[c];
+        }
+      }
+    }
+  }
+  bad[0] = nonfinite;
+}
+
+}  // namespace pyconcepts

@@ -1,0 +1,91 @@
+// pybind11 bindings of pyconcepts._C_cuda. Same Python signatures as pyconcepts._C, with the
+// CUDA stream (torch's current stream, as an integer handle) in place of the thread count.
+// Arguments are device addresses validated by pyconcepts/ops.py; no torch type crosses here.
+// The ops only queue work on that stream: they never synchronise with the host.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+
+#include "cosine_assign.h"
+#include "masked_moments.h"
+#include "spherical_update.h"
+
+namespace py = pybind11;
+using namespace pyconcepts;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+Matrix matrix(uintptr_t data, int dtype, int64_t rows, int64_t cols, int64_t row_stride) {
+  if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype code must be 0, 1 or 2");
+  if (rows < 0 || cols < 1 || row_stride < cols)
+    throw std::invalid_argument("invalid matrix shape or row stride");
+  if (rows > 0 && data == 0) throw std::invalid_argument("null data pointer");
+  return Matrix{ptr<const void>(data), static_cast<DType>(dtype), rows, cols, row_stride};
+}
+
+void check_k(int64_t k) {
+  if (k < 1) throw std::invalid_argument("K must be at least 1");
+  if (k > 0x7fffffff) throw std::invalid_argument("K must be below 2^31");
+}
+
+void* stream_of(uintptr_t stream) { return reinterpret_cast<void*>(stream); }
+
+}  // namespace
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "pyconcepts CUDA kernels (torch-free; called by pyconcepts.ops)";
+
+  m.def(
+      "cosine_assign",
+      [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t row_stride, uintptr_t c,
+         int64_t k, uintptr_t index, uintptr_t best, uintptr_t second, uintptr_t bad,
+         uintptr_t stream) {
+        const Matrix mx = matrix(x, dtype, n, d, row_stride);
+        check_k(k);
+        py::gil_scoped_release release;
+        cosine_assign_cuda(mx, ptr<const float>(c), k, ptr<int64_t>(index), ptr<float>(best),
+                           second ? ptr<float>(second) : nullptr, ptr<int64_t>(bad),
+                           stream_of(stream));
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("row_stride"),
+      py::arg("centroids"), py::arg("k"), py::arg("index"), py::arg("best"), py::arg("second"),
+      py::arg("bad"), py::arg("stream"));
+
+  m.def(
+      "spherical_update",
+      [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t row_stride, uintptr_t index,
+         int64_t k, uintptr_t sums, uintptr_t counts, uintptr_t bad, uintptr_t stream) {
+        const Matrix mx = matrix(x, dtype, n, d, row_stride);
+        check_k(k);
+        py::gil_scoped_release release;
+        spherical_update_cuda(mx, ptr<const int64_t>(index), k, ptr<double>(sums),
+                              ptr<int64_t>(counts), ptr<int64_t>(bad), stream_of(stream));
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("row_stride"),
+      py::arg("index"), py::arg("k"), py::arg("sums"), py::arg("counts"), py::arg("bad"),
+      py::arg("stream"));
+
+  m.def(
+      "masked_moments",
+      [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t row_stride, uintptr_t w,
+         uintptr_t b, uintptr_t center, int64_t k, uintptr_t count, uintptr_t sum_z,
+         uintptr_t sum_z2, uintptr_t sum_x, uintptr_t sum_xz, uintptr_t bad, uintptr_t stream) {
+        const Matrix mx = matrix(x, dtype, n, d, row_stride);
+        check_k(k);
+        py::gil_scoped_release release;
+        masked_moments_cuda(mx, ptr<const float>(w), ptr<const float>(b),
+                            center ? ptr<const float>(center) : nullptr, k, ptr<int64_t>(count),
+                            ptr<double>(sum_z), ptr<double>(sum_z2), ptr<double>(sum_x),
+                            ptr<double>(sum_xz), ptr<int64_t>(bad), stream_of(stream));
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("row_stride"),
+      py::arg("decoding"), py::arg("bias"), py::arg("center"), py::arg("k"), py::arg("count"),
+      py::arg("sum_z"), py::arg("sum_z2"), py::arg("sum_x"), py::arg("sum_xz"), py::arg("bad"),
+      py::arg("stream"));
+}
