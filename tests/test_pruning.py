@@ -1,0 +1,66 @@
+"""Pruned Lloyd passes give exactly the labels of unpruned passes, and skip work."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyconcepts as pc
+from pyconcepts.pruning import BoundedLloyd
+
+
+def directional_mixture(n, d, k, noise, seed):
+    gen = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(k, d, generator=gen), dim=1)
+    which = torch.randint(0, k, (n,), generator=gen)
+    scale = 1 + torch.rand(n, 1, generator=gen)
+    return (centres[which] + noise * torch.randn(n, d, generator=gen)) * scale
+
+
+def normalise_sums(sums, counts, previous):
+    new = F.normalize(sums.float(), dim=1)
+    return torch.where((counts > 0)[:, None], new, previous)
+
+
+# min_skip: the best pass must skip at least this fraction of points (well-separated data
+# prunes well; very noisy data with many clusters keeps more points near the boundaries).
+@pytest.mark.parametrize("seed,noise,k,min_skip", [(0, 0.3, 10, 0.5), (1, 0.8, 25, 0.15),
+                                                   (2, 1.5, 7, 0.15)])
+def test_pruned_passes_equal_unpruned_passes(seed, noise, k, min_skip):
+    x = directional_mixture(12000, 24, k, noise, seed)
+    chunks = list(x.split(5000))  # uneven chunks: 5000, 5000, 2000
+    init = F.normalize(x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:k]], dim=1)
+
+    # unpruned reference Lloyd
+    c = init.clone()
+    plain_labels = []
+    for _ in range(12):
+        index, _, sums, counts = pc.ops.assign_update(x, c)
+        plain_labels.append(index)
+        c = normalise_sums(sums, counts, c)
+
+    engine = BoundedLloyd(n_clusters=k)
+    c = init.clone()
+    sums, counts, stats = engine.first_pass(chunks, c)
+    assert torch.equal(engine.labels(), plain_labels[0])
+    skipped = []
+    for it in range(1, 12):
+        new_c = normalise_sums(sums, counts, c)
+        sums, counts, stats = engine.next_pass(chunks, c, new_c, sums, counts)
+        c = new_c
+        assert torch.equal(engine.labels(), plain_labels[it]), f"labels differ at pass {it}"
+        skipped.append(stats.skipped_fraction)
+        # the corrected sums equal a fresh accumulation by the current labels
+        fresh, fresh_counts = pc.ops.spherical_update(x, engine.labels(), k)
+        assert torch.equal(counts, fresh_counts)
+        torch.testing.assert_close(sums, fresh, rtol=1e-9, atol=1e-9)
+    assert max(skipped) > min_skip, f"the bounds pruned too little: {skipped}"
+
+
+def test_pruned_pass_detects_changed_chunks():
+    x = directional_mixture(3000, 8, 4, 0.5, 0)
+    engine = BoundedLloyd(n_clusters=4)
+    c = F.normalize(x[:4], dim=1)
+    sums, counts, _ = engine.first_pass([x], c)
+    with pytest.raises(ValueError, match="chunks changed"):
+        engine.next_pass([x[:100]], c, c, sums, counts)
+    with pytest.raises(ValueError, match="empty"):
+        BoundedLloyd(n_clusters=4).first_pass([], c)
