@@ -1,0 +1,357 @@
+"""Interventions on concepts at a layer (METHOD.md section 5).
+
+With w_i (decoding), s_i (encoding), gain g_i = w_i . s_i and the latent factor
+a_hat_i(x) = (w_i . x - w_i . mean) / g_i (``ConceptBasis.latent``):
+
+- **set** concept i to t: ``x' = x + (t - a_hat_i(x)) s_i``, so that ``a_hat_i(x') = t``
+  (this is METHOD.md's ``x + ((t' - w_i.x)/g_i) s_i`` with ``t' = t g_i + w_i . mean``: t is
+  in the units of ``basis.latent``; t = 0 puts the concept at its average);
+- **scale** concept i by c: ``x' = x + (c - 1) a_hat_i(x) s_i``;
+- **remove** concept i where it is detected: ``x' = ReLU(x - m k s_i)`` with the detector's
+  membership ``m = sigmoid(w_i . x - b_i)`` and ``k = strength * max(a_hat_i(x), 0)`` (our
+  choice of k: it takes the concept's excess over its mean out). The ReLU is applied only
+  when the layer's output is non-negative (post-ReLU maps); ``clamp`` overrides this.
+
+``direction="decoding"`` replaces s_i by w_i / ||w_i||^2 (the paper's control: editing along
+the filter instead of the signal vector).
+
+``intervene`` is a context manager; ``correct`` installs a permanent suppression whose
+parameters live in the layer's buffers, so they are saved in ``model.state_dict()``;
+``restore_corrections`` re-installs them on a fresh model from such a state dict.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .taps import LayerTap, iter_batches, resolve_layer
+
+__all__ = [
+    "intervene", "correct", "counterfactual", "Correction", "Counterfactual",
+    "restore_corrections", "edit_rows",
+]
+
+_PREFIX = "pyconcepts_correction_"
+_DIRECTIONS = ("encoding", "decoding")
+
+
+def _check_basis(basis):
+    for name in ("decoding", "bias", "encoding", "mean"):
+        if not hasattr(basis, name):
+            raise TypeError(f"basis must be a ConceptBasis (it has no {name!r}), got {type(basis).__name__}")
+    return basis
+
+
+def _check_index(i, k: int, name: str) -> int:
+    if isinstance(i, bool) or not isinstance(i, (int,)) and not (isinstance(i, torch.Tensor) and i.numel() == 1):
+        raise TypeError(f"{name}: concept index must be an int, got {i!r}")
+    i = int(i)
+    if not -k <= i < k:
+        raise IndexError(f"{name}: concept index {i} is out of range for a basis of {k} concepts")
+    return i % k
+
+
+def _layer_name(basis, layer: Optional[str]) -> str:
+    name = layer if layer is not None else getattr(basis, "layer", None)
+    if name is None:
+        raise ValueError("layer is needed: the basis does not record the layer it was extracted at")
+    return name
+
+
+def _check_dim(basis_dim: int, rows: torch.Tensor, layer: str) -> None:
+    if rows.shape[1] != basis_dim:
+        raise ValueError(
+            f"the basis has D = {basis_dim} but layer {layer!r} has {rows.shape[1]} channels; "
+            "was the basis extracted at another layer or model?"
+        )
+
+
+def edit_rows(
+    rows: torch.Tensor,
+    decoding: torch.Tensor,
+    bias: torch.Tensor,
+    encoding: torch.Tensor,
+    mean: torch.Tensor,
+    *,
+    set: Optional[Mapping[int, float]] = None,
+    scale: Optional[Mapping[int, float]] = None,
+    remove: Sequence[int] = (),
+    strength: float = 1.0,
+    direction: str = "encoding",
+    clamp: Optional[bool] = None,
+) -> torch.Tensor:
+    """Apply the section-5 edits to patch rows (N, D); indices are rows of the basis tensors.
+    Differentiable in ``rows`` and in the basis tensors."""
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
+    w = decoding.to(device=rows.device, dtype=rows.dtype)
+    b = bias.to(device=rows.device, dtype=rows.dtype)
+    mu = mean.to(device=rows.device, dtype=rows.dtype)
+    if direction == "encoding":
+        s = encoding.to(device=rows.device, dtype=rows.dtype)
+    else:
+        s = w / (w * w).sum(1, keepdim=True)
+    gain = (w * s).sum(1)
+    offset = w @ mu
+    nonneg = bool((rows.detach() >= 0).all()) if clamp is None else bool(clamp)
+    x = rows
+    for i, t in (set or {}).items():
+        latent = (x @ w[i] - offset[i]) / gain[i]
+        x = x + (float(t) - latent)[:, None] * s[i]
+    for i, c in (scale or {}).items():
+        latent = (x @ w[i] - offset[i]) / gain[i]
+        x = x + ((float(c) - 1.0) * latent)[:, None] * s[i]
+    if remove:
+        for i in remove:
+            proj = x @ w[i]
+            member = torch.sigmoid(proj - b[i])
+            amount = strength * torch.clamp((proj - offset[i]) / gain[i], min=0)
+            x = x - (member * amount)[:, None] * s[i]
+        if nonneg:
+            x = torch.relu(x)
+    return x
+
+
+def _normalise_edits(basis, set, scale, remove):
+    k = basis.decoding.shape[0]
+    set_ = {}
+    for i, t in dict(set or {}).items():
+        set_[_check_index(i, k, "set")] = float(t)
+    scale_ = {}
+    for i, c in dict(scale or {}).items():
+        scale_[_check_index(i, k, "scale")] = float(c)
+    if isinstance(remove, (int,)) and not isinstance(remove, bool):
+        remove = [remove]
+    remove_ = [_check_index(i, k, "remove") for i in (remove or [])]
+    return set_, scale_, remove_
+
+
+class _EditHook:
+    def __init__(self, tap: LayerTap, basis, set_, scale_, remove_, strength, direction, clamp):
+        self.tap, self.basis = tap, basis
+        self.kwargs = dict(set=set_, scale=scale_, remove=remove_, strength=strength,
+                           direction=direction, clamp=clamp)
+
+    def __call__(self, module, inputs, output):
+        tap = self.tap
+        tap.shape = tap._describe(output)
+        rows = tap.to_rows(output)
+        _check_dim(self.basis.decoding.shape[1], rows, tap.layer)
+        new = edit_rows(rows, self.basis.decoding, self.basis.bias, self.basis.encoding,
+                        self.basis.mean, **self.kwargs)
+        return tap.from_rows(new, output)
+
+
+@contextlib.contextmanager
+def intervene(
+    model: nn.Module,
+    basis,
+    *,
+    layer: Optional[str] = None,
+    set: Optional[Mapping[int, float]] = None,
+    remove: Union[int, Sequence[int], None] = None,
+    scale: Optional[Mapping[int, float]] = None,
+    strength: float = 1.0,
+    direction: str = "encoding",
+    clamp: Optional[bool] = None,
+    skip_tokens: int = 0,
+):
+    """Within the ``with`` block, ``model`` sees edited activations at ``layer`` (default: the
+    layer recorded in the basis). ``set={i: t}`` sets latent factors, ``scale={i: c}`` scales
+    them, ``remove=[i, ...]`` suppresses concepts where detected. Yields the model."""
+    basis = _check_basis(basis)
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
+    set_, scale_, remove_ = _normalise_edits(basis, set, scale, remove)
+    tap = LayerTap(model, _layer_name(basis, layer), skip_tokens=skip_tokens)
+    handle = tap.module.register_forward_hook(
+        _EditHook(tap, basis, set_, scale_, remove_, float(strength), direction, clamp))
+    try:
+        yield model
+    finally:
+        handle.remove()
+
+
+# --------------------------------------------------------------------------- corrections
+class _CorrectionHook:
+    """Reads its parameters from the layer's buffers at every call, so that loading a state
+    dict (which copies into those buffers) updates the correction too."""
+
+    def __init__(self, layer_name: str, skip_tokens: int):
+        self.layer_name = layer_name
+        self.skip_tokens = skip_tokens
+
+    def __call__(self, module, inputs, output):
+        get = lambda name: getattr(module, _PREFIX + name)  # noqa: E731
+        tap = LayerTap.__new__(LayerTap)
+        tap.layer, tap.skip_tokens, tap.token_grid, tap.shape = self.layer_name, self.skip_tokens, None, None
+        rows = tap.to_rows(output)
+        decoding = get("decoding")
+        _check_dim(decoding.shape[1], rows, self.layer_name)
+        direction = _DIRECTIONS[int(get("direction"))]
+        clamp_code = int(get("clamp"))
+        new = edit_rows(
+            rows, decoding, get("bias"), get("encoding"), get("mean"),
+            remove=list(range(decoding.shape[0])), strength=float(get("strength")),
+            direction=direction, clamp=None if clamp_code < 0 else bool(clamp_code),
+        )
+        return tap.from_rows(new, output)
+
+
+class Correction:
+    """A permanent suppression hook on one layer. ``remove()`` takes it (and its buffers) off."""
+
+    def __init__(self, module: nn.Module, handle, layer: str, concepts: List[int]):
+        self.module, self._handle, self.layer, self.concepts = module, handle, layer, concepts
+
+    @property
+    def active(self) -> bool:
+        return self._handle is not None
+
+    def remove(self) -> None:
+        if self._handle is None:
+            return
+        self._handle.remove()
+        self._handle = None
+        for name in list(self.module._buffers):
+            if name.startswith(_PREFIX):
+                del self.module._buffers[name]
+        if hasattr(self.module, "_pyconcepts_correction"):
+            del self.module._pyconcepts_correction
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"Correction(layer={self.layer!r}, concepts={self.concepts}, {state})"
+
+
+def _install(model: nn.Module, layer: str, tensors: Dict[str, torch.Tensor], skip_tokens: int,
+             concepts: List[int]) -> Correction:
+    module = resolve_layer(model, layer)
+    if getattr(module, "_pyconcepts_correction", None) is not None:
+        raise RuntimeError(f"layer {layer!r} already carries a correction; remove() it first")
+    for name, value in tensors.items():
+        module.register_buffer(_PREFIX + name, value)
+    handle = module.register_forward_hook(_CorrectionHook(layer, skip_tokens))
+    correction = Correction(module, handle, layer, concepts)
+    module._pyconcepts_correction = correction
+    return correction
+
+
+def correct(
+    model: nn.Module,
+    basis,
+    concepts: Union[int, Sequence[int]],
+    *,
+    layer: Optional[str] = None,
+    strength: float = 1.0,
+    direction: str = "encoding",
+    clamp: Optional[bool] = None,
+    skip_tokens: int = 0,
+) -> Correction:
+    """Suppress ``concepts`` at ``layer`` from now on (model correction, METHOD.md s. 5).
+
+    The concepts' directions are stored as buffers of the layer module (names starting with
+    ``pyconcepts_correction_``), so ``model.state_dict()`` carries the correction; use
+    ``restore_corrections(model, state_dict)`` on a fresh model before ``load_state_dict``.
+    """
+    basis = _check_basis(basis)
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
+    _, _, idx = _normalise_edits(basis, None, None, concepts)
+    if not idx:
+        raise ValueError("concepts is empty: name at least one concept to suppress")
+    name = _layer_name(basis, layer)
+    device = next((p.device for p in model.parameters()), basis.decoding.device)
+    sel = torch.tensor(idx, dtype=torch.long)
+    pick = lambda t: t.detach().cpu()[sel].clone().to(device)  # noqa: E731
+    tensors = {
+        "decoding": pick(basis.decoding), "bias": pick(basis.bias), "encoding": pick(basis.encoding),
+        "mean": basis.mean.detach().clone().to(device),
+        "strength": torch.tensor(float(strength), device=device),
+        "direction": torch.tensor(_DIRECTIONS.index(direction), device=device),
+        "clamp": torch.tensor(-1 if clamp is None else int(bool(clamp)), device=device),
+    }
+    return _install(model, name, tensors, skip_tokens, idx)
+
+
+def restore_corrections(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
+                        skip_tokens: int = 0) -> List[Correction]:
+    """Re-install the corrections recorded in ``state_dict`` (from a corrected model) on
+    ``model``, so that ``model.load_state_dict(state_dict)`` then succeeds."""
+    layers: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        head, _, leaf = key.rpartition(".")
+        if leaf.startswith(_PREFIX):
+            layers.setdefault(head, {})[leaf[len(_PREFIX):]] = value.detach().clone()
+    out = []
+    for layer, tensors in layers.items():
+        missing = {"decoding", "bias", "encoding", "mean", "strength", "direction", "clamp"} - set(tensors)
+        if missing:
+            raise ValueError(f"state_dict has an incomplete correction at {layer!r} (missing {sorted(missing)})")
+        out.append(_install(model, layer, tensors, skip_tokens, list(range(tensors["decoding"].shape[0]))))
+    return out
+
+
+# ------------------------------------------------------------------------ counterfactuals
+@dataclass
+class Counterfactual:
+    """Predictions of a batch with and without an intervention."""
+
+    logits_before: torch.Tensor
+    logits_after: torch.Tensor
+
+    @property
+    def probs_before(self) -> torch.Tensor:
+        return self.logits_before.softmax(-1)
+
+    @property
+    def probs_after(self) -> torch.Tensor:
+        return self.logits_after.softmax(-1)
+
+    @property
+    def pred_before(self) -> torch.Tensor:
+        return self.logits_before.argmax(-1)
+
+    @property
+    def pred_after(self) -> torch.Tensor:
+        return self.logits_after.argmax(-1)
+
+    @property
+    def changed(self) -> torch.Tensor:
+        """(B,) bool: the predicted class changed."""
+        return self.pred_before != self.pred_after
+
+
+def counterfactual(
+    model: nn.Module,
+    basis,
+    images,
+    concepts: Union[int, Sequence[int], None] = None,
+    *,
+    layer: Optional[str] = None,
+    set: Optional[Mapping[int, float]] = None,
+    scale: Optional[Mapping[int, float]] = None,
+    strength: float = 1.0,
+    direction: str = "encoding",
+    batch_size: Optional[int] = None,
+    skip_tokens: int = 0,
+) -> Counterfactual:
+    """The model's outputs on ``images`` as they are and with ``concepts`` removed (or with
+    the ``set`` / ``scale`` edits). ``images``: a tensor (B, C, H, W) or an iterable of batches."""
+    basis = _check_basis(basis)
+    tap = LayerTap(model, _layer_name(basis, layer), skip_tokens=skip_tokens)
+    before, after = [], []
+    with tap.eval_mode(), torch.no_grad():
+        for batch in iter_batches(images, batch_size):
+            batch = tap._check_images(batch)
+            before.append(model(batch).float().cpu())
+            with intervene(model, basis, layer=tap.layer, remove=concepts, set=set, scale=scale,
+                           strength=strength, direction=direction, skip_tokens=skip_tokens):
+                after.append(model(batch).float().cpu())
+    if not before:
+        raise ValueError("images is empty")
+    return Counterfactual(torch.cat(before), torch.cat(after))

@@ -1,0 +1,143 @@
+import pytest
+import torch
+
+import pyconcepts as pc
+from pyconcepts.interventions import edit_rows, restore_corrections
+from pyconcepts.taps import LayerTap
+from _toy_models import SmallCNN, TinyResNet, TinyViT
+
+torch.manual_seed(0)
+
+
+def random_basis(d, k=3, layer=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(k, d, generator=g)
+    s = w / (w * w).sum(1, keepdim=True) + 0.05 * torch.randn(k, d, generator=g)
+    return pc.ConceptBasis(w, torch.zeros(k), s, torch.rand(d, generator=g), layer=layer)
+
+
+def test_set_puts_the_latent_factor_at_the_target():
+    basis = random_basis(6)
+    x = torch.randn(50, 6)
+    y = edit_rows(x, basis.decoding, basis.bias, basis.encoding, basis.mean, set={1: 2.5}, clamp=False)
+    assert torch.allclose(basis.latent(y)[:, 1], torch.full((50,), 2.5), atol=1e-4)
+    # METHOD.md form: x + ((t' - w.x) / (w.s)) s with t' = t (w.s) + w.mean
+    w, s, mu = basis.decoding[1], basis.encoding[1], basis.mean
+    t_raw = 2.5 * (w @ s) + w @ mu
+    expected = x + ((t_raw - x @ w) / (w @ s))[:, None] * s
+    assert torch.allclose(y, expected, atol=1e-5)
+
+
+def test_scale_multiplies_the_latent_factor():
+    basis = random_basis(6)
+    x = torch.randn(40, 6)
+    y = edit_rows(x, basis.decoding, basis.bias, basis.encoding, basis.mean, scale={0: 3.0}, clamp=False)
+    assert torch.allclose(basis.latent(y)[:, 0], 3 * basis.latent(x)[:, 0], atol=1e-4)
+
+
+def test_remove_follows_the_relu_formula_only_where_detected():
+    basis = random_basis(5, k=1)
+    x = torch.rand(30, 5) * 3
+    y = edit_rows(x, basis.decoding, basis.bias, basis.encoding, basis.mean, remove=[0])
+    w, b, s = basis.decoding[0], basis.bias[0], basis.encoding[0]
+    m = torch.sigmoid(x @ w - b)
+    k = torch.clamp(basis.latent(x)[:, 0], min=0)
+    assert torch.allclose(y, torch.relu(x - (m * k)[:, None] * s), atol=1e-5)
+    # negative-valued activations are not clamped (auto)
+    z = x - 10
+    yz = edit_rows(z, basis.decoding, basis.bias, basis.encoding, basis.mean, remove=[0])
+    assert (yz < 0).any()
+
+
+@pytest.mark.parametrize("make, layer, skip", [(SmallCNN, "features.3", 0), (TinyResNet, "layer1", 0), (TinyViT, "blocks.0", 1)])
+def test_intervene_context_changes_outputs_and_then_restores(make, layer, skip):
+    model = make().eval()
+    images = torch.rand(4, 3, 16, 16)
+    d = LayerTap(model, layer, skip_tokens=skip).to_rows(
+        LayerTap(model, layer, skip_tokens=skip).activations(images)).shape[1]
+    basis = random_basis(d, layer=layer)
+    with torch.no_grad():
+        before = model(images)
+        with pc.intervene(model, basis, set={0: 5.0}, scale={1: 0.0}, skip_tokens=skip):
+            during = model(images)
+        after = model(images)
+    assert not torch.allclose(before, during)
+    assert torch.equal(before, after)
+
+
+def test_intervene_edits_match_edit_rows_at_the_layer():
+    model = SmallCNN().eval()
+    images = torch.rand(3, 3, 8, 8)
+    tap = LayerTap(model, "features.3")
+    basis = random_basis(8, layer="features.3")
+    rows = tap.to_rows(tap.activations(images))
+    want = edit_rows(rows, basis.decoding, basis.bias, basis.encoding, basis.mean, remove=[2])
+    with pc.intervene(model, basis, remove=[2]):
+        got = tap.to_rows(tap.activations(images))
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_correction_is_permanent_saved_in_state_and_removable(tmp_path):
+    model = SmallCNN().eval()
+    images = torch.rand(6, 3, 8, 8)
+    basis = random_basis(8, layer="features.3")
+    with torch.no_grad():
+        plain = model(images)
+        with pc.intervene(model, basis, remove=[0, 2]):
+            edited = model(images)
+    fix = pc.correct(model, basis, [0, 2])
+    with torch.no_grad():
+        assert torch.allclose(model(images), edited, atol=1e-6)
+    state = model.state_dict()
+    assert any("pyconcepts_correction_" in key for key in state)
+    torch.save(state, tmp_path / "m.pt")
+    with pytest.raises(RuntimeError, match="already"):
+        pc.correct(model, basis, [1])
+
+    fresh = SmallCNN().eval()
+    loaded = torch.load(tmp_path / "m.pt")
+    restore_corrections(fresh, loaded)
+    fresh.load_state_dict(loaded)
+    with torch.no_grad():
+        assert torch.allclose(fresh(images), edited, atol=1e-6)
+
+    fix.remove()
+    assert not fix.active
+    assert not any("pyconcepts_correction_" in key for key in model.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(model(images), plain)
+
+
+def test_counterfactual_reports_both_predictions():
+    model = SmallCNN().eval()
+    images = torch.rand(5, 3, 8, 8)
+    basis = random_basis(8, layer="features.3")
+    cf = pc.counterfactual(model, basis, images, [0], set={1: 50.0})
+    assert cf.logits_before.shape == cf.logits_after.shape == (5, 3)
+    with torch.no_grad():
+        assert torch.allclose(cf.logits_before, model(images))
+    assert cf.changed.dtype == torch.bool
+    assert torch.allclose(cf.probs_after.sum(1), torch.ones(5))
+
+
+def test_bad_input_is_named():
+    model = SmallCNN().eval()
+    images = torch.rand(2, 3, 8, 8)
+    basis = random_basis(8, layer="features.3")
+    with pytest.raises(IndexError, match="out of range"):
+        with pc.intervene(model, basis, remove=[3]):
+            pass
+    with pytest.raises(IndexError, match="out of range"):
+        pc.correct(model, basis, [7])
+    wrong_d = random_basis(5, layer="features.3")
+    with pytest.raises(ValueError, match="D = 5"):
+        with pc.intervene(model, wrong_d, remove=[0]):
+            model(images)
+    with pytest.raises(ValueError, match="does not exist"):
+        with pc.intervene(model, basis, layer="features.33", remove=[0]):
+            pass
+    with pytest.raises(ValueError, match="direction"):
+        pc.correct(model, basis, [0], direction="sideways")
+    with pytest.raises(ValueError, match="layer is needed"):
+        with pc.intervene(model, random_basis(8), remove=[0]):
+            pass
