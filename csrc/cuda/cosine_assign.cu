@@ -334,6 +334,7 @@ void launch_mma(const Matrix& x, const float* centroids, int64_t k, int64_t* ind
 
 void cosine_assign_cuda(const Matrix& x, const float* centroids, int64_t k, int64_t* index,
                         float* best_cos, float* second_cos, int64_t* bad, void* stream_handle) {
+  const cuda::DeviceGuard device(x.rows > 0 ? x.data : nullptr);
   cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
   cuda::check(cudaMemsetAsync(bad, 0, kBadSlots * sizeof(int64_t), stream), "cudaMemsetAsync");
   if (x.rows == 0) return;

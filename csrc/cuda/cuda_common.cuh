@@ -49,6 +49,34 @@ class Workspace {
   cudaStream_t stream_;
 };
 
+// Makes the device holding `data` current for the op and restores the previous device after.
+// This module links its own (static) CUDA runtime, whose current device is not torch's; the
+// pointer's device is the one that matters (torch's stream belongs to it).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(const void* data) {
+    if (!data) return;
+    cudaPointerAttributes attr{};
+    check(cudaPointerGetAttributes(&attr, data), "cudaPointerGetAttributes");
+    if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+      throw std::invalid_argument("pyconcepts CUDA: x is not in device memory");
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (attr.device != previous_) {
+      check(cudaSetDevice(attr.device), "cudaSetDevice");
+      restore_ = true;
+    }
+  }
+  ~DeviceGuard() {
+    if (restore_) (void)cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool restore_ = false;
+};
+
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }

@@ -212,6 +212,7 @@ __global__ void __launch_bounds__(kThreads)
 void masked_moments_cuda(const Matrix& x, const float* w, const float* b, const float* center,
                          int64_t k, int64_t* count, double* sum_z, double* sum_z2,
                          double* sum_x, double* sum_xz, int64_t* bad, void* stream_handle) {
+  const cuda::DeviceGuard device(x.rows > 0 ? x.data : nullptr);
   cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
   const int64_t n = x.rows, d = x.cols;
   auto zero = [&](void* p, size_t bytes) {

@@ -146,6 +146,7 @@ void launch_sums(const Matrix& x, int64_t row_base, const int32_t* keys, const i
 
 void spherical_update_cuda(const Matrix& x, const int64_t* index, int64_t k, double* sums,
                            int64_t* counts, int64_t* bad, void* stream_handle) {
+  const cuda::DeviceGuard device(x.rows > 0 ? x.data : nullptr);
   cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
   const int64_t n = x.rows, d = x.cols;
   cuda::check(cudaMemsetAsync(bad, 0, kBadSlots * sizeof(int64_t), stream), "cudaMemsetAsync");
