@@ -1,0 +1,402 @@
+"""What concepts do to a network's predictions (METHOD.md section 5).
+
+- ``detection_maps``: per image and concept, the detector output over the layer's grid,
+  upsampled to the image.
+- ``contribution_maps``: the contribution of every concept at every position to one class
+  score: exactly ``a_hat_{p,i} (v_k . s_i) / |P|`` for a global-average-pooling + linear head
+  (pass the head), ``a_hat_{p,i} s_i . grad_{x_p} f_k`` in general (the two agree for such a
+  head).
+- ``rcav``: global influence of each concept on each class: add ``alpha s_i`` at every
+  position and count how often each class probability rises; significance by a
+  label-permutation test (directions learnt from permuted detection labels) with Bonferroni
+  correction.
+- ``maximize_concept``: activation-maximisation validation: optimise an input so that its
+  representation moves along s_i and report whether detector i fires.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .taps import LayerTap, iter_batches
+
+__all__ = [
+    "detection_maps", "contribution_maps", "rcav", "RCAVResult", "maximize_concept",
+    "ConceptValidation",
+]
+
+
+def _tap(model, basis, layer, skip_tokens, grid=None) -> LayerTap:
+    for name in ("decoding", "bias", "encoding", "mean"):
+        if not hasattr(basis, name):
+            raise TypeError(f"basis must be a ConceptBasis (it has no {name!r})")
+    name = layer if layer is not None else getattr(basis, "layer", None)
+    if name is None:
+        raise ValueError("layer is needed: the basis does not record the layer it was extracted at")
+    return LayerTap(model, name, skip_tokens=skip_tokens, grid=grid)
+
+
+def _check_dim(basis, rows, layer):
+    if rows.shape[1] != basis.decoding.shape[1]:
+        raise ValueError(
+            f"the basis has D = {basis.decoding.shape[1]} but layer {layer!r} has {rows.shape[1]} channels"
+        )
+
+
+def _concept_list(concepts, k: int) -> List[int]:
+    if concepts is None:
+        return list(range(k))
+    if isinstance(concepts, int) and not isinstance(concepts, bool):
+        concepts = [concepts]
+    out = []
+    for i in concepts:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"concepts must hold ints, got {i!r}")
+        if not -k <= i < k:
+            raise IndexError(f"concept index {i} is out of range for a basis of {k} concepts")
+        out.append(i % k)
+    return out
+
+
+def _basis_tensors(basis, like: torch.Tensor):
+    kw = dict(device=like.device, dtype=like.dtype)
+    return (basis.decoding.to(**kw), basis.bias.to(**kw), basis.encoding.to(**kw), basis.mean.to(**kw))
+
+
+def _latent(rows, w, s, mu):
+    return (rows @ w.T - (w @ mu)) / (w * s).sum(1)
+
+
+# ------------------------------------------------------------------------ detection maps
+def detection_maps(
+    model: nn.Module,
+    basis,
+    images,
+    *,
+    layer: Optional[str] = None,
+    kind: str = "membership",
+    upsample: bool = True,
+    batch_size: Optional[int] = None,
+    skip_tokens: int = 0,
+    grid=None,
+) -> torch.Tensor:
+    """(B, K, H, W) detector maps. ``kind``: 'membership' (sigmoid(w.x - b)), 'score'
+    (w.x - b; > 0 where detected) or 'latent' (a_hat). With ``upsample`` the scores are
+    bilinearly upsampled to the image size before the sigmoid (Network-Dissection style)."""
+    if kind not in ("membership", "score", "latent"):
+        raise ValueError(f"kind must be 'membership', 'score' or 'latent', got {kind!r}")
+    tap = _tap(model, basis, layer, skip_tokens, grid)
+    out = []
+    for batch in iter_batches(images, batch_size):
+        rows = tap.to_rows(tap.activations(batch)).float()
+        _check_dim(basis, rows, tap.layer)
+        w, b, s, mu = _basis_tensors(basis, rows)
+        values = _latent(rows, w, s, mu) if kind == "latent" else rows @ w.T - b
+        maps = tap.rows_to_maps(values, batch.shape[0])
+        if upsample:
+            maps = F.interpolate(maps, size=tuple(batch.shape[-2:]), mode="bilinear", align_corners=False)
+        out.append((torch.sigmoid(maps) if kind == "membership" else maps).cpu())
+    if not out:
+        raise ValueError("images is empty")
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------- contribution maps
+def _targets(target, n: int, device) -> torch.Tensor:
+    if isinstance(target, int) and not isinstance(target, bool):
+        return torch.full((n,), target, dtype=torch.long, device=device)
+    t = torch.as_tensor(target, device=device).long().reshape(-1)
+    if t.numel() != n:
+        raise ValueError(f"target must be an int or hold one class per image ({n}), got {t.numel()}")
+    return t
+
+
+def contribution_maps(
+    model: nn.Module,
+    basis,
+    images,
+    target,
+    *,
+    layer: Optional[str] = None,
+    head: Optional[nn.Linear] = None,
+    method: str = "auto",
+    concepts=None,
+    batch_size: Optional[int] = None,
+    skip_tokens: int = 0,
+    grid=None,
+) -> torch.Tensor:
+    """(B, K', h, w) contribution of each concept at each position to class ``target``'s
+    score (a logit). ``method``: 'linear' (needs ``head``, the nn.Linear after global average
+    pooling of this layer: exact), 'gradient' (any network), 'auto' (linear when ``head``
+    is given)."""
+    if method not in ("auto", "linear", "gradient"):
+        raise ValueError(f"method must be 'auto', 'linear' or 'gradient', got {method!r}")
+    if method == "auto":
+        method = "linear" if head is not None else "gradient"
+    if method == "linear" and not isinstance(head, nn.Linear):
+        raise TypeError("method='linear' needs head=<the nn.Linear after global average pooling>")
+    tap = _tap(model, basis, layer, skip_tokens, grid)
+    idx = _concept_list(concepts, basis.decoding.shape[0])
+    out = []
+    for batch in iter_batches(images, batch_size):
+        b = batch.shape[0]
+        if method == "linear":
+            rows = tap.to_rows(tap.activations(batch)).float()
+            _check_dim(basis, rows, tap.layer)
+            if head.in_features != rows.shape[1]:
+                raise ValueError(f"head has {head.in_features} inputs but the layer has {rows.shape[1]} channels")
+            w, _, s, mu = _basis_tensors(basis, rows)
+            w, s = w[idx], s[idx]
+            positions = rows.shape[0] // b
+            cls = _targets(target, b, rows.device)
+            v = head.weight.detach().to(rows)[cls]                      # (B, D)
+            gain_k = v @ s.T                                             # (B, K')
+            a = _latent(rows, w, s, mu).reshape(b, positions, -1)         # (B, P, K')
+            contrib = a * gain_k[:, None, :] / positions
+            maps = tap.rows_to_maps(contrib.reshape(b * positions, -1), b)
+        else:
+            captured = {}
+
+            def replace(out_):
+                leaf = out_.detach().float().requires_grad_(True)
+                captured["leaf"] = leaf
+                return leaf.to(out_.dtype)
+
+            with torch.enable_grad():
+                logits = tap.forward_with(batch, replace)
+                cls = _targets(target, b, logits.device)
+                logits.gather(1, cls[:, None]).sum().backward()
+            leaf = captured["leaf"]
+            rows = tap.to_rows(leaf.detach())
+            grads = tap.to_rows(leaf.grad)
+            _check_dim(basis, rows, tap.layer)
+            w, _, s, mu = _basis_tensors(basis, rows)
+            w, s = w[idx], s[idx]
+            contrib = _latent(rows, w, s, mu) * (grads @ s.T)
+            maps = tap.rows_to_maps(contrib, b)
+        out.append(maps.detach().cpu())
+    if not out:
+        raise ValueError("images is empty")
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------- RCAV
+@dataclass
+class RCAVResult:
+    """``scores[i, k]``: fraction of images whose class-k probability rose when concept i was
+    added; ``p_values`` from the permutation test; ``p_adjusted`` Bonferroni-corrected over
+    all (concept, class) tests; ``significant`` = p_adjusted < level."""
+
+    concepts: List[int]
+    scores: torch.Tensor
+    p_values: torch.Tensor
+    p_adjusted: torch.Tensor
+    significant: torch.Tensor
+    alpha: torch.Tensor
+    null_scores: torch.Tensor = field(repr=False)
+    level: float = 0.05
+
+    def influence(self) -> torch.Tensor:
+        """(K', C) signed influence: +1 significantly raises the class, -1 lowers it, 0 neither."""
+        sign = torch.sign(self.scores - 0.5).long()
+        return sign * self.significant.long()
+
+
+def rcav(
+    model: nn.Module,
+    basis,
+    images,
+    *,
+    layer: Optional[str] = None,
+    concepts=None,
+    alpha: Union[float, Sequence[float], None] = None,
+    n_permutations: int = 50,
+    level: float = 0.05,
+    seed: int = 0,
+    max_patches: int = 20000,
+    batch_size: Optional[int] = None,
+    skip_tokens: int = 0,
+    progress=None,
+) -> RCAVResult:
+    """Global influence of concepts on classes by RCAV with a label-permutation test.
+
+    For concept i, ``alpha_i s_i`` is added at every position (``alpha`` in latent units;
+    default: the mean latent factor of the patches where i is detected) and the sign of the
+    change of every class probability is recorded per image. The null distribution comes
+    from directions estimated like s_i but from randomly permuted detection labels (the
+    same number of patches), pushed by the same alpha. p-values are (1 + #null >= observed)
+    / (1 + n_permutations) on |score - 0.5|; Bonferroni over concepts x classes.
+    """
+    if not isinstance(n_permutations, int) or n_permutations < 1:
+        raise ValueError(f"n_permutations must be a positive int, got {n_permutations!r}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    tap = _tap(model, basis, layer, skip_tokens)
+    idx = _concept_list(concepts, basis.decoding.shape[0])
+    batches = [tap._check_images(b) for b in iter_batches(images, batch_size)]
+    if not batches:
+        raise ValueError("images is empty")
+    gen = torch.Generator().manual_seed(seed)
+
+    # A sample of patch rows for the alphas and the permuted-label directions.
+    rows = torch.cat([tap.to_rows(tap.activations(b)).float().cpu() for b in batches])
+    _check_dim(basis, rows, tap.layer)
+    if rows.shape[0] > max_patches:
+        rows = rows[torch.randperm(rows.shape[0], generator=gen)[:max_patches]]
+    w, bias, s, mu = (t.cpu() for t in _basis_tensors(basis, rows))
+    w, bias, s = w[idx], bias[idx], s[idx]
+    z = rows @ w.T                                               # (N, K')
+    detected = z > bias
+    latent = (z - w @ mu) / (w * s).sum(1)
+    if alpha is None:
+        alpha_t = torch.stack([
+            latent[detected[:, j], j].mean() if detected[:, j].any() else latent[:, j].std()
+            for j in range(len(idx))
+        ])
+    else:
+        alpha_t = torch.as_tensor(alpha, dtype=torch.float32).expand(len(idx)).clone()
+
+    def push_directions(mask: torch.Tensor) -> torch.Tensor:
+        # signal vectors on the patches in `mask`: Cov[x, z] / Var[z], one per column
+        m = mask.float()
+        n = m.sum(0).clamp_min(2)
+        ex = (m.T @ rows) / n[:, None]
+        ez = (m * z).sum(0) / n
+        exz = (m * z).T @ rows / n[:, None]
+        var = ((m * z * z).sum(0) / n - ez ** 2).clamp_min(1e-12)
+        return (exz - ex * ez[:, None]) / var[:, None]
+
+    with torch.no_grad():
+        base = [tap.forward_with(b, lambda out: out).softmax(-1).cpu() for b in batches]
+
+    def score(direction: torch.Tensor, amount: float) -> torch.Tensor:
+        shift = (amount * direction).to(batches[0].device)
+        ups = []
+        with torch.no_grad():
+            for b, p0 in zip(batches, base):
+                p1 = tap.forward_rows(b, lambda r: r + shift.to(r.dtype)).softmax(-1).cpu()
+                ups.append(p1 > p0)
+        return torch.cat(ups).float().mean(0)                     # (C,)
+
+    total = len(idx) * (1 + n_permutations)
+    done = 0
+    scores, nulls = [], []
+    for j in range(len(idx)):
+        scores.append(score(s[j], float(alpha_t[j])))
+        done += 1
+        if progress:
+            progress("rcav", done, total)
+    n_rows = rows.shape[0]
+    for _ in range(n_permutations):
+        perm_mask = torch.stack([detected[torch.randperm(n_rows, generator=gen), j] for j in range(len(idx))], 1)
+        dirs = push_directions(perm_mask)
+        row = []
+        for j in range(len(idx)):
+            row.append(score(dirs[j], float(alpha_t[j])))
+            done += 1
+            if progress:
+                progress("rcav", done, total)
+        nulls.append(torch.stack(row))
+    scores_t = torch.stack(scores)                                # (K', C)
+    null_t = torch.stack(nulls)                                   # (n_perm, K', C)
+    extreme = ((null_t - 0.5).abs() >= (scores_t - 0.5).abs()[None] - 1e-12).sum(0)
+    p = (1.0 + extreme.float()) / (1.0 + n_permutations)
+    p_adj = (p * scores_t.numel()).clamp(max=1.0)
+    return RCAVResult(idx, scores_t, p, p_adj, p_adj < level, alpha_t, null_t, level)
+
+
+# ----------------------------------------------------------------- activation maximisation
+@dataclass
+class ConceptValidation:
+    """Result of ``maximize_concept``: how often detector i fires on the layer's positions
+    before and after optimising the input, the other detectors' mean firing rate after, and
+    the optimised image."""
+
+    concept: int
+    fired_before: float
+    fired_after: float
+    others_fired_after: float
+    latent_before: float
+    latent_after: float
+    fires: bool
+    image: torch.Tensor = field(repr=False)
+
+
+def maximize_concept(
+    model: nn.Module,
+    basis,
+    concept: int,
+    *,
+    layer: Optional[str] = None,
+    image: Optional[torch.Tensor] = None,
+    image_shape=None,
+    steps: int = 100,
+    lr: float = 0.05,
+    orthogonal_weight: float = 0.5,
+    bounds=(0.0, 1.0),
+    min_fraction: float = 0.25,
+    seed: int = 0,
+    skip_tokens: int = 0,
+) -> ConceptValidation:
+    """Optimise an input (from ``image``, or a mid-grey start of ``image_shape`` (C, H, W)
+    with a little noise) so that the layer's activations move along s_i: maximise the mean
+    projection of the change on s_i/||s_i|| minus ``orthogonal_weight`` times the mean norm
+    of the change's orthogonal part. ``fires`` is True when detector i fires on at least
+    ``min_fraction`` of the positions afterwards and more often than before."""
+    k = basis.decoding.shape[0]
+    concept = _concept_list([concept], k)[0]
+    tap = _tap(model, basis, layer, skip_tokens)
+    gen = torch.Generator().manual_seed(seed)
+    if image is None:
+        if image_shape is None:
+            raise ValueError("give an image or image_shape=(C, H, W) to start from")
+        lo, hi = bounds
+        image = (lo + hi) / 2 + 0.02 * (hi - lo) * torch.randn(tuple(image_shape), generator=gen)
+    if image.dim() == 3:
+        image = image.unsqueeze(0)
+    if image.dim() != 4 or image.shape[0] != 1:
+        raise ValueError(f"image must be (C, H, W) or (1, C, H, W), got {tuple(image.shape)}")
+    start = tap._check_images(image.float())
+    h0 = tap.to_rows(tap.activations(start)).float()
+    _check_dim(basis, h0, tap.layer)
+    w, b, s, mu = _basis_tensors(basis, h0)
+    unit = s[concept] / s[concept].norm()
+
+    def stats(rows):
+        fired = (rows @ w.T - b) > 0
+        lat = _latent(rows, w, s, mu)[:, concept]
+        others = torch.cat([fired[:, :concept], fired[:, concept + 1:]], 1)
+        return (float(fired[:, concept].float().mean()), float(others.float().mean()) if others.numel() else 0.0,
+                float(lat.mean()))
+
+    fired0, _, lat0 = stats(h0)
+    x = start.clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=lr)
+    grab = {}
+
+    def keep(out_):
+        grab["out"] = out_
+        return out_
+
+    with tap.eval_mode(), tap.frozen(), torch.enable_grad():
+        for _ in range(steps):
+            with tap.hook(keep):
+                model(x)
+            d = tap.to_rows(grab["out"]).float() - h0
+            along = d @ unit
+            orth = d - along[:, None] * unit
+            loss = -along.mean() + orthogonal_weight * orth.norm(dim=1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                x.clamp_(*bounds)
+    final = x.detach()
+    h1 = tap.to_rows(tap.activations(final)).float()
+    fired1, others1, lat1 = stats(h1)
+    fires = fired1 >= min_fraction and fired1 > fired0
+    return ConceptValidation(concept, fired0, fired1, others1, lat0, lat1, fires, final.cpu()[0])

@@ -1,0 +1,116 @@
+import pytest
+import torch
+
+import pyconcepts as pc
+from pyconcepts import attribution as attr
+from pyconcepts.taps import LayerTap
+from _toy_models import SmallCNN, TinyViT
+
+torch.manual_seed(0)
+
+
+def basis_for(model, layer, images, k=3, seed=0, skip=0):
+    tap = LayerTap(model, layer, skip_tokens=skip)
+    rows = tap.to_rows(tap.activations(images))
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(k, rows.shape[1], generator=g)
+    s = w / (w * w).sum(1, keepdim=True) + 0.05 * torch.randn(k, rows.shape[1], generator=g)
+    b = torch.quantile(rows @ w.T, 0.7, dim=0)
+    return pc.ConceptBasis(w, b, s, rows.mean(0), layer=layer)
+
+
+def test_detection_maps_are_upsampled_detector_outputs():
+    model = SmallCNN().eval()
+    images = torch.rand(3, 3, 8, 8)
+    basis = basis_for(model, "features.3", images)
+    maps = attr.detection_maps(model, basis, images, upsample=False, kind="score")
+    tap = LayerTap(model, "features.3")
+    rows = tap.to_rows(tap.activations(images))
+    assert maps.shape == (3, 3, 4, 4)
+    assert torch.allclose(maps[1, 2, 3, 0], rows[16 + 12] @ basis.decoding[2] - basis.bias[2], atol=1e-5)
+    up = attr.detection_maps(model, basis, images)
+    assert up.shape == (3, 3, 8, 8) and float(up.min()) >= 0 and float(up.max()) <= 1
+
+
+def test_token_model_detection_maps_use_the_patch_grid():
+    model = TinyViT().eval()
+    images = torch.rand(2, 3, 16, 16)
+    basis = basis_for(model, "blocks.1", images, skip=1)
+    maps = attr.detection_maps(model, basis, images, skip_tokens=1)
+    assert maps.shape == (2, 3, 16, 16)
+
+
+def test_linear_and_gradient_contributions_agree_for_a_gap_linear_head():
+    model = SmallCNN().eval()
+    images = torch.rand(4, 3, 8, 8)
+    basis = basis_for(model, "features.3", images)
+    exact = attr.contribution_maps(model, basis, images, 1, head=model.fc)
+    grad = attr.contribution_maps(model, basis, images, 1, method="gradient")
+    assert exact.shape == (4, 3, 4, 4)
+    assert torch.allclose(exact, grad, atol=1e-5)
+    per_image = attr.contribution_maps(model, basis, images, torch.tensor([0, 1, 2, 0]), head=model.fc)
+    assert torch.allclose(per_image[1], exact[1], atol=1e-6)
+
+
+def test_contributions_add_up_for_a_complete_basis():
+    # With D concepts whose W S^T = I, x - mean = sum_i a_i s_i, so the contributions of all
+    # concepts at all positions sum to the logit minus the logit at the mean activation.
+    model = SmallCNN(c=4).eval()
+    images = torch.rand(2, 3, 8, 8)
+    tap = LayerTap(model, "features.3")
+    rows = tap.to_rows(tap.activations(images))
+    w = torch.randn(4, 4)
+    s = torch.linalg.inv(w).T
+    basis = pc.ConceptBasis(w, torch.zeros(4), s, rows.mean(0), layer="features.3")
+    c = attr.contribution_maps(model, basis, images, 2, head=model.fc)
+    with torch.no_grad():
+        logits = model(images)[:, 2]
+        at_mean = model.fc(basis.mean)[2]
+    assert torch.allclose(c.sum((1, 2, 3)), logits - at_mean, atol=1e-4)
+
+
+def test_rcav_finds_a_planted_influence_and_not_a_null_one():
+    # a concept direction aligned with class 0's weight raises class 0; its permutation
+    # null does not; Bonferroni-adjusted p-values are in [0, 1]
+    torch.manual_seed(1)
+    model = SmallCNN(c=6).eval()
+    images = torch.rand(24, 3, 8, 8)
+    tap = LayerTap(model, "features.3")
+    rows = tap.to_rows(tap.activations(images))
+    v = model.fc.weight.detach()
+    s = torch.stack([v[0] - v[1:].mean(0), torch.randn(6)])
+    w = s / (s * s).sum(1, keepdim=True)
+    b = torch.quantile(rows @ w.T, 0.5, dim=0)
+    basis = pc.ConceptBasis(w, b, s, rows.mean(0), layer="features.3")
+    res = attr.rcav(model, basis, images, alpha=2.0, n_permutations=19, seed=0)
+    assert res.scores.shape == (2, 3)
+    assert float(res.scores[0, 0]) == 1.0
+    assert ((res.p_adjusted >= 0) & (res.p_adjusted <= 1)).all()
+    assert torch.allclose(res.p_adjusted, (res.p_values * 6).clamp(max=1))
+    assert res.influence().shape == (2, 3)
+
+
+def test_maximize_concept_moves_the_representation_along_s():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    images = torch.rand(8, 3, 8, 8)
+    basis = basis_for(model, "features.3", images)
+    out = attr.maximize_concept(model, basis, 0, image_shape=(3, 8, 8), steps=30, lr=0.05)
+    assert out.latent_after > out.latent_before
+    assert out.image.shape == (3, 8, 8)
+    assert 0.0 <= out.fired_after <= 1.0
+
+
+def test_bad_input_is_named():
+    model = SmallCNN().eval()
+    images = torch.rand(2, 3, 8, 8)
+    basis = basis_for(model, "features.3", images)
+    with pytest.raises(IndexError, match="out of range"):
+        attr.contribution_maps(model, basis, images, 0, concepts=[5])
+    with pytest.raises(TypeError, match="head"):
+        attr.contribution_maps(model, basis, images, 0, method="linear")
+    wrong = pc.ConceptBasis(torch.randn(2, 3), torch.zeros(2), torch.randn(2, 3), torch.zeros(3), layer="features.3")
+    with pytest.raises(ValueError, match="D = 3"):
+        attr.detection_maps(model, wrong, images)
+    with pytest.raises(ValueError, match="channels"):
+        attr.detection_maps(model, basis, torch.rand(2, 4, 8, 8))
