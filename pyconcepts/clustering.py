@@ -1,0 +1,276 @@
+"""Directional clustering: spherical k-means over patch activations (METHOD.md section 2).
+
+Every row is assigned to the unit centroid of largest cosine, each centroid becomes the
+normalised sum of its members, repeat. It runs over a tensor or over a stream of chunks with
+the native kernels (``ops.assign_update`` per chunk: one read of the data per Lloyd pass);
+memory is bounded by the chunk size and K x D, never by N.
+
+The objective is sum_p x_p . c_{l(p)} (= sum_p ||x_p|| cos): assignment and update each
+increase it, so Lloyd iterations are monotone and stop when it improves by less than
+``tol`` relative.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from . import ops
+from .stats import DEFAULT_CHUNK_SIZE, StreamingCovariance, iter_chunks
+
+__all__ = ["DirectionalClustering", "whitening_matrix"]
+
+
+def whitening_matrix(covariance: torch.Tensor, shrinkage: float = 1e-3) -> torch.Tensor:
+    """Symmetric (ZCA) whitening (Sigma + shrinkage * mean(eig) I)^(-1/2), float64.
+
+    The shrinkage keeps directions of (near) zero variance from being blown up: they stay
+    (near) zero instead of turning noise into unit variance.
+    """
+    eigenvalues, vectors = torch.linalg.eigh(covariance.to(torch.float64))
+    eigenvalues = eigenvalues.clamp_min(0)
+    floor = shrinkage * float(eigenvalues.mean().clamp_min(1e-300))
+    return (vectors * (eigenvalues + floor).rsqrt()) @ vectors.T
+
+
+def _check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class DirectionalClustering:
+    """Spherical k-means with k-means++ seeding on cosine, restarts and a streaming fit.
+
+    Parameters
+    ----------
+    n_concepts: number of clusters K.
+    seed: seeds the sample and the k-means++ draws; the same seed gives the same centroids
+        whether ``x`` is a tensor or a stream of the same rows.
+    center: subtract the mean activation before clustering (directions about the mean).
+    whiten: also whiten by the activation covariance (``whitening_matrix``), so directions
+        of large but concept-free variance do not dominate the cosines.
+    whiten_shrinkage: eigenvalue floor of the whitening, relative to the mean eigenvalue.
+    n_init: independent seedings; the one with the best objective is kept.
+    max_iter, tol: Lloyd iterations cap; stop when the objective improves by < tol relative.
+    init_sample_size: rows drawn (uniformly, by global row index) for k-means++ seeding.
+    chunk_size: rows per native call when ``x`` is one tensor.
+
+    Attributes after ``fit``: ``centroids_`` (K, D) unit rows in the clustering coordinates
+    (``transform(x)``), ``mean_`` (D,), ``transform_matrix_`` (D, D) or None, ``objective_``,
+    ``n_iter_``, ``counts_`` (K,), ``n_samples_``, ``labels_`` (in-memory fit only).
+    """
+
+    def __init__(
+        self,
+        n_concepts: int,
+        *,
+        seed: int = 0,
+        center: bool = True,
+        whiten: bool = False,
+        whiten_shrinkage: float = 1e-3,
+        n_init: int = 1,
+        max_iter: int = 100,
+        tol: float = 1e-6,
+        init_sample_size: Optional[int] = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        num_threads: Optional[int] = None,
+    ):
+        self.n_concepts = _check_positive_int(n_concepts, "n_concepts")
+        self.seed = int(seed)
+        self.center = bool(center)
+        self.whiten = bool(whiten)
+        self.whiten_shrinkage = float(whiten_shrinkage)
+        self.n_init = _check_positive_int(n_init, "n_init")
+        self.max_iter = _check_positive_int(max_iter, "max_iter")
+        if not tol >= 0:
+            raise ValueError(f"tol must be >= 0, got {tol!r}")
+        self.tol = float(tol)
+        self.init_sample_size = init_sample_size
+        self.chunk_size = _check_positive_int(chunk_size, "chunk_size")
+        self.num_threads = num_threads
+
+    # scikit-learn style parameter access
+    def get_params(self, deep: bool = True) -> dict:
+        keys = ("n_concepts", "seed", "center", "whiten", "whiten_shrinkage", "n_init",
+                "max_iter", "tol", "init_sample_size", "chunk_size", "num_threads")
+        return {k: getattr(self, k) for k in keys}
+
+    def set_params(self, **params) -> "DirectionalClustering":
+        for k, v in params.items():
+            if k not in self.get_params():
+                raise ValueError(f"unknown parameter {k!r}")
+            setattr(self, k, v)
+        return self
+
+    # ------------------------------------------------------------------ coordinates
+    def _chunks(self, x, dim=None):
+        return iter_chunks(x, self.chunk_size, dim=dim)
+
+    def transform(self, chunk: torch.Tensor) -> torch.Tensor:
+        """Map raw rows to the clustering coordinates (centred, optionally whitened), float32."""
+        self._check_fitted()
+        if self.mean_ is None and self.transform_matrix_ is None:
+            return chunk
+        out = chunk.to(torch.float32)
+        if self.mean_ is not None:
+            out = out - self.mean_.to(out.device)
+        if self.transform_matrix_ is not None:
+            out = out @ self.transform_matrix_.to(out.device)
+        return out.contiguous()
+
+    def _check_fitted(self):
+        if not hasattr(self, "centroids_") and not hasattr(self, "_fitting"):
+            raise RuntimeError("DirectionalClustering is not fitted yet; call fit(x) first")
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, x, y=None) -> "DirectionalClustering":
+        """Cluster ``x``: a tensor (N, D) or a re-iterable of (n, D) chunks."""
+        self._fitting = True
+        try:
+            self._fit(x)
+        finally:
+            del self._fitting
+        return self
+
+    def _fit(self, x) -> None:
+        # Pass 1: count, mean (and covariance when whitening), all chunk-validated.
+        dim = None
+        stats = None
+        n_rows = 0
+        for chunk in self._chunks(x):
+            if stats is None:
+                dim = chunk.shape[1]
+                stats = StreamingCovariance(dim, device=chunk.device)
+            if not bool(torch.isfinite(chunk).all()):
+                raise ValueError("x contains NaN or Inf rows")
+            if self.center or self.whiten:
+                stats.update(chunk)
+            n_rows += chunk.shape[0]
+        if self.n_concepts > n_rows:
+            raise ValueError(f"n_concepts = {self.n_concepts} exceeds the number of rows N = {n_rows}")
+        self.n_features_in_ = dim
+        self.n_samples_ = n_rows
+        self.mean_ = stats.mean.to(torch.float32) if (self.center or self.whiten) else None
+        self.covariance_ = stats.covariance if (self.center or self.whiten) and n_rows > 1 else None
+        if self.whiten:
+            if n_rows < 2:
+                raise ValueError("whitening needs at least two rows")
+            self.transform_matrix_ = whitening_matrix(stats.covariance, self.whiten_shrinkage).to(torch.float32)
+        else:
+            self.transform_matrix_ = None
+
+        generator = torch.Generator().manual_seed(self.seed)
+        sample = self._draw_sample(x, n_rows, generator)
+        best = None
+        for _ in range(self.n_init):
+            centroids = self._kmeans_pp(sample, generator)
+            centroids, objective, n_iter, counts = self._lloyd(x, centroids, generator)
+            if best is None or objective > best[1]:
+                best = (centroids, objective, n_iter, counts)
+        self.centroids_, self.objective_, self.n_iter_, self.counts_ = best
+        if isinstance(x, torch.Tensor):
+            self.labels_ = self.predict(x)
+
+    def _draw_sample(self, x, n_rows: int, generator: torch.Generator) -> torch.Tensor:
+        """Rows at uniformly drawn global indices, the same for any chunking of the rows."""
+        size = self.init_sample_size or max(10_000, 40 * self.n_concepts)
+        size = min(size, n_rows)
+        index = torch.randint(0, n_rows, (size,), generator=generator).unique()  # sorted
+        pieces, offset = [], 0
+        for chunk in self._chunks(x, self.n_features_in_):
+            n = chunk.shape[0]
+            lo = int(torch.searchsorted(index, offset))
+            hi = int(torch.searchsorted(index, offset + n))
+            if hi > lo:
+                rows = (index[lo:hi] - offset).to(chunk.device)
+                pieces.append(self.transform(chunk.index_select(0, rows)).cpu())
+            offset += n
+        return torch.cat(pieces)
+
+    def _kmeans_pp(self, sample: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """k-means++ on cosine distance 1 - cos over the sample (CPU, float64)."""
+        unit = sample.to(torch.float64)
+        unit = unit / unit.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        k, m = self.n_concepts, unit.shape[0]
+        chosen = [int(torch.randint(0, m, (1,), generator=generator))]
+        best_cos = unit @ unit[chosen[0]]
+        for _ in range(1, k):
+            distance = (1.0 - best_cos).clamp_min(0)
+            if float(distance.sum()) <= 0:  # every sample row already at a centroid
+                nxt = int(torch.randint(0, m, (1,), generator=generator))
+            else:
+                nxt = int(torch.multinomial(distance, 1, generator=generator))
+            chosen.append(nxt)
+            best_cos = torch.maximum(best_cos, unit @ unit[nxt])
+        return unit[chosen].to(torch.float32)
+
+    def _lloyd(self, x, centroids: torch.Tensor, generator: torch.Generator):
+        previous = -math.inf
+        objective, counts = previous, None
+        n_iter = 0
+        for n_iter in range(1, self.max_iter + 1):
+            sums, counts = self._lloyd_pass(x, centroids)
+            centroids, counts = self._update_centroids(sums, counts, centroids, generator)
+            objective = float(sums.norm(dim=1).sum())
+            if objective - previous <= self.tol * abs(objective):
+                break
+            previous = objective
+        return centroids, objective, n_iter, counts
+
+    def _lloyd_pass(self, x, centroids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One assignment + accumulation pass over the data: float64 sums (K, D), counts (K,).
+
+        The one place the data is read during the iterations (swap in pruned passes here).
+        """
+        sums = counts = None
+        for chunk in self._chunks(x, self.n_features_in_):
+            xt = self.transform(chunk)
+            *_, chunk_sums, chunk_counts = ops.assign_update(
+                xt, centroids.to(xt.device), num_threads=self.num_threads
+            )
+            if sums is None:
+                sums, counts = chunk_sums.cpu(), chunk_counts.cpu()
+            else:
+                sums += chunk_sums.cpu()
+                counts += chunk_counts.cpu()
+        return sums, counts
+
+    def _update_centroids(self, sums, counts, old, generator):
+        """Normalised member sums; empty or degenerate clusters re-seeded by splitting the
+        largest cluster in two (as faiss does): the two centroids are nudged apart along a
+        random direction orthogonal to it."""
+        norms = sums.norm(dim=1)
+        degenerate = (counts == 0) | (norms <= 1e-12 * max(float(norms.max()), 1e-300))
+        centroids = torch.where(
+            degenerate[:, None], old.to(torch.float64), sums / norms.clamp_min(1e-300)[:, None]
+        )
+        counts = counts.clone()
+        for empty in torch.nonzero(degenerate).flatten().tolist():
+            big = int(torch.argmax(counts))
+            direction = torch.randn(centroids.shape[1], generator=generator, dtype=torch.float64)
+            direction -= (direction @ centroids[big]) * centroids[big]
+            direction /= direction.norm().clamp_min(1e-30)
+            base = centroids[big].clone()
+            centroids[empty] = base + 1e-2 * direction
+            centroids[big] = base - 1e-2 * direction
+            centroids[empty] /= centroids[empty].norm()
+            centroids[big] /= centroids[big].norm()
+            counts[empty] = counts[big] // 2
+            counts[big] -= counts[empty]
+        return centroids.to(torch.float32), counts
+
+    # ------------------------------------------------------------------ predict
+    def predict(self, x) -> torch.Tensor:
+        """(N,) int64 index of the nearest centroid (by cosine) of every row of ``x``."""
+        self._check_fitted()
+        out = []
+        for chunk in self._chunks(x, self.n_features_in_):
+            xt = self.transform(chunk)
+            index, _ = ops.cosine_assign(xt, self.centroids_.to(xt.device), num_threads=self.num_threads)
+            out.append(index)
+        return torch.cat(out)
+
+    def fit_predict(self, x, y=None) -> torch.Tensor:
+        return self.fit(x).predict(x)

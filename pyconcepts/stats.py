@@ -1,0 +1,284 @@
+"""Streaming statistics: chunk streams, mean/covariance and signal-vector moments.
+
+Every accumulator here has ``update`` (one chunk), ``merge`` (another accumulator, e.g. from a
+worker) and ``all_reduce`` (sum over a ``torch.distributed`` process group when one is
+initialised, otherwise a no-op). State is float64 sums with compensated (Kahan-Neumaier)
+addition of the per-chunk sums, so the totals do not drift with the number of chunks: over
+10^9 rows they match a float64 reference to far better than 1e-6 relative error.
+
+``iter_chunks`` turns what users pass as "activations" into a validated stream of (n, D)
+tensors: a tensor (split into row chunks), a list/tuple of tensors, a generator *factory*
+(a callable returning a fresh iterator), a DataLoader or any other re-iterable.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator, Optional, Union
+
+import torch
+
+from . import ops
+
+__all__ = [
+    "iter_chunks",
+    "CompensatedSum",
+    "StreamingCovariance",
+    "StreamingMoments",
+    "DEFAULT_CHUNK_SIZE",
+]
+
+DEFAULT_CHUNK_SIZE = 65536
+
+Activations = Union[torch.Tensor, Iterable[torch.Tensor], Callable[[], Iterator[torch.Tensor]]]
+
+
+# ----------------------------------------------------------------------------- chunk streams
+def _chunk_source(x: Activations, chunk_size: int) -> Iterator:
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 2:
+            raise ValueError(f"x must be 2-D (N, D), got shape {tuple(x.shape)}")
+        return iter(x.split(chunk_size)) if x.shape[0] else iter([x])
+    if callable(x) and not hasattr(x, "__iter__"):
+        it = x()
+        if not hasattr(it, "__next__"):
+            it = iter(it)
+        return it
+    if not hasattr(x, "__iter__"):
+        raise TypeError(
+            "x must be a tensor (N, D), a re-iterable of (n, D) tensors or a callable "
+            f"returning an iterator of them; got {type(x).__name__}"
+        )
+    it = iter(x)
+    if it is x:
+        raise TypeError(
+            "x is a one-shot iterator (e.g. a generator); the algorithms read the stream "
+            "several times, so pass a list, a DataLoader or a function returning a new generator"
+        )
+    return it
+
+
+def iter_chunks(
+    x: Activations, chunk_size: int = DEFAULT_CHUNK_SIZE, *, dim: Optional[int] = None
+) -> Iterator[torch.Tensor]:
+    """Yield validated (n, D) floating-point chunks of ``x``; empty chunks are skipped.
+
+    Raises ``TypeError`` for non-tensor items and ``ValueError`` for chunks whose D differs
+    from the first chunk's (or from ``dim``), for non-2-D chunks and for an empty stream.
+    Non-finite values are caught by the native ops that read the chunks.
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    seen_rows = False
+    for position, item in enumerate(_chunk_source(x, chunk_size)):
+        if isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
+            item = item[0]  # DataLoader over a TensorDataset yields [tensor]
+        if not isinstance(item, torch.Tensor):
+            raise TypeError(f"chunk {position} of x is a {type(item).__name__}, not a torch.Tensor")
+        if item.dim() != 2:
+            raise ValueError(f"chunk {position} of x must be 2-D (n, D), got shape {tuple(item.shape)}")
+        if not item.is_floating_point():
+            raise TypeError(f"chunk {position} of x must be floating point, got {item.dtype}")
+        if dim is None:
+            dim = item.shape[1]
+        elif item.shape[1] != dim:
+            raise ValueError(f"chunk {position} of x has D = {item.shape[1]}, expected D = {dim}")
+        if item.shape[0] == 0:
+            continue
+        if item.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            item = item.float()  # the kernels read fp32/fp16/bf16
+        seen_rows = True
+        yield item
+    if not seen_rows:
+        raise ValueError("x is an empty stream: it yielded no rows")
+
+
+# ----------------------------------------------------------------------------- accumulators
+class CompensatedSum:
+    """A float64 tensor total with Neumaier compensation of the rounding of each addition."""
+
+    def __init__(self, like: torch.Tensor):
+        self.total = torch.zeros_like(like, dtype=torch.float64)
+        self.compensation = torch.zeros_like(self.total)
+
+    def add(self, value: torch.Tensor) -> None:
+        value = value.to(torch.float64)
+        t = self.total + value
+        big = self.total.abs() >= value.abs()
+        self.compensation += torch.where(big, (self.total - t) + value, (value - t) + self.total)
+        self.total = t
+
+    def value(self) -> torch.Tensor:
+        return self.total + self.compensation
+
+    def merge(self, other: "CompensatedSum") -> None:
+        self.add(other.total)
+        self.compensation += other.compensation
+
+
+def _all_reduce_(tensors) -> None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+class StreamingCovariance:
+    """Count, mean and covariance of a stream of rows, merged by Chan's formulas.
+
+    Each chunk contributes its own mean and centred scatter (computed in float64), so no
+    cancellation occurs however large the offset of the data.
+    """
+
+    def __init__(self, dim: int, device: Union[str, torch.device] = "cpu"):
+        self.dim = dim
+        self.count = 0
+        self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.scatter = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def update(self, x: torch.Tensor) -> "StreamingCovariance":
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"x must be (n, {self.dim}), got shape {tuple(x.shape)}")
+        n = x.shape[0]
+        if n == 0:
+            return self
+        x64 = x.to(device=self.mean.device, dtype=torch.float64)
+        if not bool(torch.isfinite(x64).all()):
+            raise ValueError("x contains NaN or Inf")
+        mean = x64.mean(0)
+        xc = x64 - mean
+        self._combine(n, mean, xc.T @ xc)
+        return self
+
+    def _combine(self, n: int, mean: torch.Tensor, scatter: torch.Tensor) -> None:
+        total = self.count + n
+        delta = mean - self.mean
+        self.scatter += scatter + torch.outer(delta, delta) * (self.count * n / total)
+        self.mean += delta * (n / total)
+        self.count = total
+
+    def merge(self, other: "StreamingCovariance") -> "StreamingCovariance":
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge D = {other.dim} into D = {self.dim}")
+        if other.count:
+            self._combine(other.count, other.mean.to(self.mean.device), other.scatter.to(self.mean.device))
+        return self
+
+    def all_reduce(self) -> "StreamingCovariance":
+        """Combine over the process group: reduce raw sums about the local mean's consensus."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.mean.device)
+        weighted = self.mean * self.count
+        _all_reduce_([count, weighted])
+        n = float(count.item())
+        if n == 0:
+            return self
+        global_mean = weighted / n
+        delta = self.mean - global_mean
+        scatter = self.scatter + torch.outer(delta, delta) * self.count
+        _all_reduce_([scatter])
+        self.count, self.mean, self.scatter = int(round(n)), global_mean, scatter
+        return self
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        if self.count < 2:
+            raise ValueError("covariance needs at least two rows")
+        return self.scatter / self.count
+
+
+class StreamingMoments:
+    """Accumulates ``ops.masked_moments`` over a stream: the signal-vector statistics.
+
+    ``center`` (D,) should be close to the data mean (e.g. from ``StreamingCovariance``): the
+    moments are of x - center, which keeps Cov = E[xz] - E[x]E[z] free of cancellation.
+    """
+
+    def __init__(
+        self,
+        decoding: torch.Tensor,
+        bias: torch.Tensor,
+        center: Optional[torch.Tensor] = None,
+    ):
+        if not isinstance(decoding, torch.Tensor) or decoding.dim() != 2:
+            raise ValueError("decoding must be a (K, D) tensor")
+        k, d = decoding.shape
+        self.decoding = decoding.detach().to(torch.float32).contiguous()
+        self.bias = bias.detach().to(device=decoding.device, dtype=torch.float32).contiguous()
+        self.center = (
+            None if center is None
+            else center.detach().to(device=decoding.device, dtype=torch.float32).contiguous()
+        )
+        f64 = torch.zeros(k, d, dtype=torch.float64, device=decoding.device)
+        self.count = torch.zeros(k, dtype=torch.int64, device=decoding.device)
+        self._sum_z = CompensatedSum(f64[:, 0])
+        self._sum_z2 = CompensatedSum(f64[:, 0])
+        self._sum_x = CompensatedSum(f64)
+        self._sum_xz = CompensatedSum(f64)
+
+    def update(self, x: torch.Tensor) -> "StreamingMoments":
+        """Add one chunk (n, D) of raw activations."""
+        moments = ops.masked_moments(x, self.decoding.to(x.device), self.bias.to(x.device),
+                                     center=None if self.center is None else self.center.to(x.device))
+        return self.add_moments(moments)
+
+    def add_moments(self, moments: ops.Moments) -> "StreamingMoments":
+        """Add precomputed per-chunk moments (the output of ``ops.masked_moments``)."""
+        device = self.count.device
+        self.count += moments.count.to(device)
+        self._sum_z.add(moments.sum_z.to(device))
+        self._sum_z2.add(moments.sum_z2.to(device))
+        self._sum_x.add(moments.sum_x.to(device))
+        self._sum_xz.add(moments.sum_xz.to(device))
+        return self
+
+    def merge(self, other: "StreamingMoments") -> "StreamingMoments":
+        if other.decoding.shape != self.decoding.shape:
+            raise ValueError("cannot merge moments of a different (K, D)")
+        self.count += other.count.to(self.count.device)
+        for mine, theirs in zip(self._sums(), other._sums()):
+            mine.merge(theirs)
+        return self
+
+    def all_reduce(self) -> "StreamingMoments":
+        """Sum the statistics over the process group (no-op without torch.distributed)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        tensors = [self.count]
+        for s in self._sums():
+            s.total = s.value()
+            s.compensation.zero_()
+            tensors.append(s.total)
+        _all_reduce_(tensors)
+        return self
+
+    def _sums(self):
+        return (self._sum_z, self._sum_z2, self._sum_x, self._sum_xz)
+
+    def moments(self) -> ops.Moments:
+        return ops.Moments(
+            self.count.clone(), self._sum_z.value(), self._sum_z2.value(),
+            self._sum_x.value(), self._sum_xz.value(),
+        )
+
+    def signal_vectors(self) -> torch.Tensor:
+        """(K, D) float64 s_i = Cov_{P_i}[x, z_i] / Var_{P_i}[z_i] (METHOD.md section 3).
+
+        A concept with fewer than two detected rows or zero variance of z gives a NaN row;
+        callers decide what to do with it.
+        """
+        n = self.count.to(torch.float64)
+        safe = n.clamp_min(1)
+        mean_z = self._sum_z.value() / safe
+        mean_x = self._sum_x.value() / safe[:, None]
+        var_z = self._sum_z2.value() / safe - mean_z**2
+        cov_xz = self._sum_xz.value() / safe[:, None] - mean_x * mean_z[:, None]
+        ok = (n >= 2) & (var_z > 0)
+        out = cov_xz / torch.where(ok, var_z, torch.ones_like(var_z))[:, None]
+        out[~ok] = float("nan")
+        return out
