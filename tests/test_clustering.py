@@ -1,0 +1,82 @@
+"""DirectionalClustering: spherical k-means over tensors and chunk streams."""
+import pytest
+import torch
+
+import pyconcepts as pc
+
+
+def _blobs(n=3000, d=8, k=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.nn.functional.normalize(torch.randn(k, d, generator=g), dim=1)
+    lab = torch.randint(0, k, (n,), generator=g)
+    x = dirs[lab] * (2 + torch.rand(n, 1, generator=g)) + 0.15 * torch.randn(n, d, generator=g)
+    return x, lab, dirs
+
+
+def test_recovers_directions_and_labels():
+    x, lab, dirs = _blobs()
+    km = pc.DirectionalClustering(n_concepts=4, seed=0, center=False, n_init=3).fit(x)
+    assert km.centroids_.shape == (4, 8)
+    torch.testing.assert_close(km.centroids_.norm(dim=1), torch.ones(4), rtol=1e-5, atol=1e-5)
+    cos = (km.centroids_ @ dirs.T).max(0).values
+    assert float(cos.min()) > 0.99
+    pred = km.predict(x)
+    assert pred.dtype == torch.int64 and pred.shape == (3000,)
+    assert torch.equal(pred, km.labels_)
+    # clusters are a relabelling of the truth
+    assert len({(int(a), int(b)) for a, b in zip(pred, lab)}) == 4
+    assert km.n_iter_ >= 1 and km.objective_ > 0
+
+
+def test_same_seed_same_centroids_for_tensor_list_and_factory():
+    x, _, _ = _blobs(n=2500)
+    kw = dict(n_concepts=4, seed=3, whiten=True, n_init=2, chunk_size=1000)
+    a = pc.DirectionalClustering(**kw).fit(x)
+    b = pc.DirectionalClustering(**kw).fit(list(x.split(700)))
+    c = pc.DirectionalClustering(**kw).fit(lambda: iter(x.split(333)))
+    torch.testing.assert_close(a.centroids_, b.centroids_, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.centroids_, c.centroids_, rtol=0, atol=1e-6)
+    assert not hasattr(b, "labels_")  # stream fit keeps no per-row state
+    d = pc.DirectionalClustering(**{**kw, "seed": 4}).fit(x)
+    assert d.get_params()["seed"] == 4
+
+
+def test_restarts_keep_best_objective():
+    x, _, _ = _blobs(n=2000, k=6)
+    one = [pc.DirectionalClustering(6, seed=s, center=False, n_init=1).fit(x).objective_ for s in range(3)]
+    best = pc.DirectionalClustering(6, seed=0, center=False, n_init=3).fit(x).objective_
+    assert best >= one[0] - 1e-6 * abs(one[0])
+
+
+def test_empty_cluster_is_reseeded_by_splitting():
+    # 3 distinct points repeated, K = 5: some clusters start or become empty
+    x = torch.eye(3).repeat(50, 1)
+    km = pc.DirectionalClustering(5, seed=0, center=False).fit(x)
+    assert torch.isfinite(km.centroids_).all()
+    torch.testing.assert_close(km.centroids_.norm(dim=1), torch.ones(5), rtol=1e-5, atol=1e-5)
+    assert int(km.counts_.sum()) == 150
+    km2 = pc.DirectionalClustering(2, center=False)
+    sums = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    cents, counts = km2._update_centroids(sums, torch.tensor([10, 0]), torch.eye(2), torch.Generator().manual_seed(0))
+    assert int(counts[1]) == 5 and float((cents[0] @ cents[1])) > 0.99 and not torch.equal(cents[0], cents[1])
+
+
+def test_bad_input():
+    x = torch.randn(10, 3)
+    with pytest.raises(ValueError, match="n_concepts"):
+        pc.DirectionalClustering(0)
+    with pytest.raises(ValueError, match="exceeds"):
+        pc.DirectionalClustering(11).fit(x)
+    bad = x.clone(); bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        pc.DirectionalClustering(2).fit(bad)
+    with pytest.raises(ValueError, match="NaN"):
+        pc.DirectionalClustering(2, center=False).fit([x, bad])
+    with pytest.raises(ValueError, match="D = 4"):
+        pc.DirectionalClustering(2).fit([x, torch.randn(5, 4)])
+    with pytest.raises(ValueError, match="empty stream"):
+        pc.DirectionalClustering(2).fit([])
+    with pytest.raises(TypeError, match="not a torch.Tensor"):
+        pc.DirectionalClustering(2).fit([x, [1, 2, 3]])
+    with pytest.raises(RuntimeError, match="not fitted"):
+        pc.DirectionalClustering(2).predict(x)

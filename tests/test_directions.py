@@ -1,0 +1,141 @@
+"""extract_directions on the synthetic model; detectors' losses; synthetic model and metrics."""
+import numpy as np
+import pytest
+import torch
+
+import pyconcepts as pc
+from pyconcepts import detectors
+from pyconcepts.metrics import detector_iou, linear_sum_assignment, match_directions, recovery_report
+from pyconcepts.synthetic import SyntheticModel, paper_setup
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed,kw", [(0, {}), (5, dict(none_fraction=0.1, noise=0.05))])
+def test_recovery_on_synthetic(seed, kw):
+    model = SyntheticModel(dim=64, n_concepts=10, n_distractors=6, seed=seed, **kw)
+    data = model.sample(50_000)
+    basis = pc.extract_directions(data.x, n_concepts=10, seed=seed)
+    report = recovery_report(basis, data)
+    assert report["encoding_cosine_mean"] >= 0.98, report
+    assert report["encoding_cosine_min"] >= 0.95, report
+    assert report["iou_min"] >= 0.85, report
+
+
+def test_paper_setup_and_basis_contract(tmp_path):
+    data = paper_setup(6000, seed=0)
+    basis = pc.extract_directions(list(data.x.split(1000)), n_concepts=3, seed=0)
+    assert basis.decoding.shape == (3, 16) and basis.bias.shape == (3,) and basis.encoding.shape == (3, 16)
+    report = recovery_report(basis, data)
+    assert report["iou_min"] >= 0.8 and report["encoding_cosine_min"] >= 0.9, report
+    # w_i . s_i = 1 and the latent of x + s_i rises by one
+    torch.testing.assert_close((basis.decoding * basis.encoding).sum(1), torch.ones(3), rtol=1e-4, atol=1e-4)
+    basis.save(tmp_path / "b.safetensors")
+    loaded = pc.ConceptBasis.load(tmp_path / "b.safetensors")
+    assert torch.equal(loaded.detect(data.x), basis.detect(data.x))
+    assert loaded.metadata["settings"]["n_concepts"] == 3
+
+
+@pytest.mark.slow
+def test_same_seed_same_basis_for_tensor_and_stream():
+    data = paper_setup(2000, seed=1)
+    a = pc.extract_directions(data.x, 3, seed=2, n_init=1)
+    b = pc.extract_directions(lambda: iter(data.x.split(700)), 3, seed=2, n_init=1)
+    torch.testing.assert_close(a.decoding, b.decoding, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.encoding, b.encoding, rtol=1e-3, atol=1e-4)
+
+
+def test_extract_directions_bad_input():
+    x = torch.randn(20, 4)
+    with pytest.raises(ValueError, match="n_concepts"):
+        pc.extract_directions(x, 0)
+    with pytest.raises(ValueError, match="exceeds"):
+        pc.extract_directions(x, 21)
+    bad = x.clone(); bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        pc.extract_directions(bad, 2)
+    with pytest.raises(TypeError, match="not a torch.Tensor"):
+        pc.extract_directions([x, 3.0], 2)
+    with pytest.raises(ValueError, match="empty"):
+        pc.extract_directions([], 2)
+
+
+def test_losses_follow_their_definitions():
+    y = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]])
+    # entropies 0 and 1 bit
+    assert float(detectors.sparsity_loss(y)) == pytest.approx(0.5, abs=1e-5)
+    assert float(detectors.soft_maximum(torch.tensor([0.0, 1.0]))) == pytest.approx(1.0)
+    assert float(detectors.soft_maximum(torch.tensor([1.0, 1.0]))) == pytest.approx(1.0)
+    w = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
+    assert float(detectors.max_margin_loss(w)) == pytest.approx(3.0)
+    # every concept active on half the rows: no inactive penalty; tau = I makes nu = 1
+    y2 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert float(detectors.inactive_loss(y2, tau=1.0)) == 0.0
+    assert float(detectors.inactive_loss(torch.zeros(2, 2), tau=1.0)) == pytest.approx(1.0)
+    assert float(detectors.excessive_activation_loss(torch.ones(4, 2), rho=0.5)) == pytest.approx(1.0)
+    assert float(detectors.max_activation_loss(y2)) == pytest.approx(0.0, abs=1e-6)
+    losses = detectors.detector_losses(torch.randn(8, 2), w, torch.zeros(2))
+    assert set(losses) == set(detectors.DEFAULT_WEIGHTS)
+
+
+def test_refine_detectors_runs_with_extra_term_and_keeps_shapes():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 5, generator=g)
+    w0, b0 = torch.randn(3, 5, generator=g), torch.zeros(3)
+    seen = []
+
+    def extra(w, b, batch, step):
+        seen.append(step)
+        return (b**2).sum() * 0.1
+
+    w, b = detectors.refine_detectors(x, w0, b0, steps=5, batch_size=64, extra_loss=extra, seed=0)
+    assert w.shape == (3, 5) and b.shape == (3,) and seen == list(range(5))
+    w_same, b_same = detectors.refine_detectors(x, w0, b0, steps=0)
+    torch.testing.assert_close(w_same, w0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b_same, b0, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown loss"):
+        detectors.refine_detectors(x, w0, b0, steps=1, weights={"nope": 1.0})
+    # the max-margin term alone shrinks ||w||
+    w_mm, _ = detectors.refine_detectors(x, w0, b0, steps=50, weights={k: 0.0 for k in detectors.DEFAULT_WEIGHTS} | {"max_margin": 1.0})
+    assert float(w_mm.norm(dim=1).mean()) < float(w0.norm(dim=1).mean())
+    assert detectors.sample_rows(list(x.split(100)), 200, seed=1).shape == (200, 5)
+
+
+def test_hungarian_matches_bruteforce_and_metrics():
+    rng = np.random.default_rng(0)
+    import itertools
+    for n, m in [(3, 3), (3, 5), (5, 3)]:
+        cost = rng.normal(size=(n, m))
+        rows, cols = linear_sum_assignment(cost)
+        best = min(
+            sum(cost[i, p[i]] for i in range(n)) for p in itertools.permutations(range(m), n)
+        ) if n <= m else min(
+            sum(cost[p[j], j] for j in range(m)) for p in itertools.permutations(range(n), m)
+        )
+        assert cost[rows, cols].sum() == pytest.approx(best)
+    truth = torch.eye(3)
+    rec = torch.stack([-truth[2], truth[0], truth[1] * 2])
+    out = match_directions(rec, truth)
+    assert out["truth_index"].tolist() == [1, 2, 0]
+    assert out["cosine"].tolist() == [1.0, 1.0, -1.0]  # signed: the flipped one counts -1
+    det = torch.tensor([[1, 0], [1, 1], [0, 1]], dtype=torch.bool)
+    pres = torch.tensor([[1, 0], [0, 1], [0, 1]], dtype=torch.bool)
+    assert detector_iou(det, pres).tolist() == [0.5, 1.0]
+
+
+def test_synthetic_model_follows_the_paper():
+    model = SyntheticModel(dim=16, n_concepts=3, n_distractors=2, seed=0, none_fraction=0.2, overlap=0.3)
+    data = model.sample(20_000)
+    both = torch.cat([model.encoding, model.distractors])
+    cos = both @ both.T - torch.eye(5)
+    assert float(cos.abs().max()) <= 0.5 + 1e-6
+    torch.testing.assert_close(both.norm(dim=1), torch.ones(5))
+    k = data.presence.sum(1)
+    assert 0.15 < float((k == 0).float().mean()) < 0.25 and float((k == 2).float().mean()) > 0.15
+    assert bool((data.latent[data.presence] >= 2.5).all()) and bool((data.latent[~data.presence] <= 2.5).all())
+    # the ideal detectors are exact without noise
+    det = data.x @ model.true_decoding.T > model.true_bias
+    assert float(detector_iou(det, data.presence).min()) > 0.999
+    same = SyntheticModel(dim=16, n_concepts=3, n_distractors=2, seed=0, none_fraction=0.2, overlap=0.3)
+    assert torch.equal(same.encoding, model.encoding)
+    with pytest.raises(ValueError, match="exceeds"):
+        SyntheticModel(dim=4, n_concepts=3, n_distractors=2)
