@@ -7,10 +7,19 @@
 
 namespace pyconcepts {
 
+// Number of consecutive centroids per group of group_max (the CPU kernel's strip width).
+constexpr int64_t kAssignGroup = 16;
+
 // centroids: K x D fp32, contiguous. index: N int64; best_cos, second_cos: N fp32
-// (second_cos may be null). bad: kBadSlots int64, overwritten.
+// (second_cos may be null). bad: kBadSlots int64, overwritten. group_max (CPU only, may be
+// null): N x ceil(K / kAssignGroup) fp32, the largest cosine within each group of
+// kAssignGroup consecutive centroids (bounds for pruned k-means). row_index (CPU only, may
+// be null): assign only the n_out rows x[row_index[i]] (indices already validated), writing
+// output row i; the gather happens inside the kernel's conversion, X is not copied.
 void cosine_assign_cpu(const Matrix& x, const float* centroids, int64_t k, int64_t* index,
-                       float* best_cos, float* second_cos, int64_t* bad, int num_threads);
+                       float* best_cos, float* second_cos, int64_t* bad, int num_threads,
+                       float* group_max = nullptr, const int64_t* row_index = nullptr,
+                       int64_t n_out = 0);
 
 #ifdef PYCONCEPTS_WITH_CUDA
 void cosine_assign_cuda(const Matrix& x, const float* centroids, int64_t k, int64_t* index,

@@ -37,6 +37,9 @@ __all__ = [
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
+#: Consecutive centroids per group in ``return_group_max`` outputs.
+ASSIGN_GROUP: int = _C.ASSIGN_GROUP
+
 
 class CopyWarning(UserWarning):
     """An input had a layout the kernels cannot read in place and was copied."""
@@ -146,34 +149,74 @@ def _matrix_args(x: torch.Tensor):
 
 
 # ------------------------------------------------------------------------- cosine_assign
+def _n_groups(k: int) -> int:
+    return (k + ASSIGN_GROUP - 1) // ASSIGN_GROUP
+
+
 @torch.library.custom_op("pyconcepts::cosine_assign", mutates_args=())
 def _cosine_assign_op(
-    x: torch.Tensor, centroids: torch.Tensor, return_second: bool, num_threads: int
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    n, k = x.shape[0], centroids.shape[0]
+    x: torch.Tensor, centroids: torch.Tensor, return_second: bool, return_group_max: bool,
+    num_threads: int, rows: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = x.shape[0] if rows is None else rows.shape[0]
+    k = centroids.shape[0]
     index = torch.empty(n, dtype=torch.int64, device=x.device)
     best = torch.empty(n, dtype=torch.float32, device=x.device)
     second = torch.empty(n if return_second else 0, dtype=torch.float32, device=x.device)
+    group_max = torch.empty(n if return_group_max else 0, _n_groups(k), dtype=torch.float32,
+                            device=x.device)
     bad = torch.zeros(2, dtype=torch.int64, device=x.device)
     if n > 0:
         module, last = _backend_args(x, num_threads)
+        extra = ()
+        if return_group_max or rows is not None:
+            extra = (group_max.data_ptr() if return_group_max else 0,
+                     rows.data_ptr() if rows is not None else 0, n)
         with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
             module.cosine_assign(
                 *_matrix_args(x), centroids.data_ptr(), k, index.data_ptr(), best.data_ptr(),
-                second.data_ptr() if return_second else 0, bad.data_ptr(), last,
+                second.data_ptr() if return_second else 0, bad.data_ptr(), last, *extra,
             )
-    return index, best, second, bad
+    return index, best, second, group_max, bad
 
 
 @_cosine_assign_op.register_fake
-def _(x, centroids, return_second, num_threads):
-    n = x.shape[0]
+def _(x, centroids, return_second, return_group_max, num_threads, rows=None):
+    n = x.shape[0] if rows is None else rows.shape[0]
+    k = centroids.shape[0]
     return (
         x.new_empty(n, dtype=torch.int64),
         x.new_empty(n, dtype=torch.float32),
         x.new_empty(n if return_second else 0, dtype=torch.float32),
+        x.new_empty(n if return_group_max else 0, _n_groups(k), dtype=torch.float32),
         x.new_empty(2, dtype=torch.int64),
     )
+
+
+def _check_centroids(centroids, x: torch.Tensor) -> torch.Tensor:
+    centroids = _check_param_matrix(centroids, "centroids", x.shape[1], x.device)
+    norms = centroids.norm(dim=1)
+    if not bool(((norms - 1).abs() < 1e-3).all()):
+        raise ValueError("centroids must have unit-norm rows (normalise them first)")
+    return centroids
+
+
+def _check_rows(rows, x: torch.Tensor) -> torch.Tensor:
+    rows = _check_tensor(rows, "rows")
+    if rows.dim() != 1:
+        raise ValueError(f"rows must be 1-D, got shape {tuple(rows.shape)}")
+    if rows.dtype != torch.int64:
+        raise TypeError(f"rows must be int64, got {rows.dtype}")
+    if rows.device != x.device:
+        raise ValueError(f"rows is on {rows.device} but x is on {x.device}")
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= x.shape[0]):
+        raise ValueError(f"rows has values outside [0, {x.shape[0]})")
+    return rows.contiguous()
+
+
+def _check_group_max(return_group_max: bool, x: torch.Tensor) -> None:
+    if return_group_max and x.is_cuda:
+        raise ValueError("return_group_max is implemented for CPU tensors only")
 
 
 def cosine_assign(
@@ -181,26 +224,40 @@ def cosine_assign(
     centroids: torch.Tensor,
     *,
     return_second: bool = False,
+    return_group_max: bool = False,
+    rows: Optional[torch.Tensor] = None,
     num_threads: Optional[int] = None,
 ) -> Tuple[torch.Tensor, ...]:
     """Assign every row of ``x`` (N, D) to the unit centroid (K, D) of largest cosine.
 
     Rows of ``x`` need not be normalised; ``centroids`` must hold unit rows (they are used as
     given). ``x`` may be float32, float16 or bfloat16; products accumulate in float32.
-    Returns ``(index int64 (N,), cosine float32 (N,))``, plus the second-best cosine when
-    ``return_second`` (``-inf`` if K == 1). Ties go to the lowest index. The N x K similarity
-    matrix is never materialised.
+    Returns ``(index int64 (N,), cosine float32 (N,))``, then the second-best cosine when
+    ``return_second`` (``-inf`` if K == 1), then, when ``return_group_max`` (CPU only), an
+    (N, ceil(K / 16)) matrix of the largest cosine within each group of 16 consecutive
+    centroids (the bounds of pruned k-means). Ties go to the lowest index. The N x K
+    similarity matrix is never materialised.
+
+    ``rows`` (int64 (M,), optional) assigns only ``x[rows]`` and returns M results; on CPU
+    the kernel reads those rows in place, without a gathered copy of ``x``.
     """
     x = _check_activations(x)
-    centroids = _check_param_matrix(centroids, "centroids", x.shape[1], x.device)
-    norms = centroids.norm(dim=1)
-    if not bool(((norms - 1).abs() < 1e-3).all()):
-        raise ValueError("centroids must have unit-norm rows (normalise them first)")
-    index, best, second, bad = torch.ops.pyconcepts.cosine_assign(
-        x, centroids, bool(return_second), _threads(num_threads)
+    centroids = _check_centroids(centroids, x)
+    _check_group_max(return_group_max, x)
+    if rows is not None:
+        rows = _check_rows(rows, x)
+        if x.is_cuda:
+            x, rows = x.index_select(0, rows), None
+    index, best, second, group_max, bad = torch.ops.pyconcepts.cosine_assign(
+        x, centroids, bool(return_second), bool(return_group_max), _threads(num_threads), rows
     )
     _raise_bad(bad)
-    return (index, best, second) if return_second else (index, best)
+    out = (index, best)
+    if return_second:
+        out += (second,)
+    if return_group_max:
+        out += (group_max,)
+    return out
 
 
 # ---------------------------------------------------------------------- spherical_update
@@ -333,13 +390,17 @@ def masked_moments(
 # ------------------------------------------------------------------------- assign_update
 @torch.library.custom_op("pyconcepts::assign_update", mutates_args=())
 def _assign_update_op(
-    x: torch.Tensor, centroids: torch.Tensor, return_second: bool, num_threads: int
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, centroids: torch.Tensor, return_second: bool, return_group_max: bool,
+    num_threads: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
     n, d = x.shape
     k = centroids.shape[0]
     index = torch.empty(n, dtype=torch.int64, device=x.device)
     best = torch.empty(n, dtype=torch.float32, device=x.device)
     second = torch.empty(n if return_second else 0, dtype=torch.float32, device=x.device)
+    group_max = torch.empty(n if return_group_max else 0, _n_groups(k), dtype=torch.float32,
+                            device=x.device)
     sums = torch.zeros(k, d, dtype=torch.float64, device=x.device)
     counts = torch.zeros(k, dtype=torch.int64, device=x.device)
     bad = torch.zeros(2, dtype=torch.int64, device=x.device)
@@ -347,19 +408,20 @@ def _assign_update_op(
         _C.assign_update(
             *_matrix_args(x), centroids.data_ptr(), k, index.data_ptr(), best.data_ptr(),
             second.data_ptr() if return_second else 0, sums.data_ptr(), counts.data_ptr(),
-            bad.data_ptr(), num_threads,
+            bad.data_ptr(), num_threads, group_max.data_ptr() if return_group_max else 0,
         )
-    return index, best, second, sums, counts, bad
+    return index, best, second, group_max, sums, counts, bad
 
 
 @_assign_update_op.register_fake
-def _(x, centroids, return_second, num_threads):
+def _(x, centroids, return_second, return_group_max, num_threads):
     n, d = x.shape
     k = centroids.shape[0]
     return (
         x.new_empty(n, dtype=torch.int64),
         x.new_empty(n, dtype=torch.float32),
         x.new_empty(n if return_second else 0, dtype=torch.float32),
+        x.new_empty(n if return_group_max else 0, _n_groups(k), dtype=torch.float32),
         x.new_empty(k, d, dtype=torch.float64),
         x.new_empty(k, dtype=torch.int64),
         x.new_empty(2, dtype=torch.int64),
@@ -371,27 +433,31 @@ def assign_update(
     centroids: torch.Tensor,
     *,
     return_second: bool = False,
+    return_group_max: bool = False,
     num_threads: Optional[int] = None,
 ) -> Tuple[torch.Tensor, ...]:
     """One Lloyd pass in one read of ``x``: ``cosine_assign`` fused with ``spherical_update``.
 
-    Returns ``(index, cosine[, second], sums float64 (K, D), counts int64 (K,))`` where the sums
-    and counts are by the new assignment. On CPU the fused kernel converts each block of rows
-    once and adds it to its clusters while it is still in cache; the float64 sums are
-    identical for any thread count. On CUDA it runs the two ops back to back.
+    Returns what ``cosine_assign`` returns with the same flags, followed by
+    ``sums float64 (K, D), counts int64 (K,)`` of the rows by their new assignment. On CPU the
+    fused kernel converts each block of rows once and adds it to its clusters while it is
+    still in cache; the float64 sums are identical for any thread count. On CUDA it runs the
+    two ops back to back.
     """
     x = _check_activations(x)
-    centroids = _check_param_matrix(centroids, "centroids", x.shape[1], x.device)
-    norms = centroids.norm(dim=1)
-    if not bool(((norms - 1).abs() < 1e-3).all()):
-        raise ValueError("centroids must have unit-norm rows (normalise them first)")
+    centroids = _check_centroids(centroids, x)
+    _check_group_max(return_group_max, x)
     if x.is_cuda:
         assigned = cosine_assign(x, centroids, return_second=return_second)
         sums, counts = spherical_update(x, assigned[0], centroids.shape[0])
         return (*assigned, sums, counts)
-    index, best, second, sums, counts, bad = torch.ops.pyconcepts.assign_update(
-        x, centroids, bool(return_second), _threads(num_threads)
+    index, best, second, group_max, sums, counts, bad = torch.ops.pyconcepts.assign_update(
+        x, centroids, bool(return_second), bool(return_group_max), _threads(num_threads)
     )
     _raise_bad(bad)
-    head = (index, best, second) if return_second else (index, best)
-    return (*head, sums, counts)
+    out = (index, best)
+    if return_second:
+        out += (second,)
+    if return_group_max:
+        out += (group_max,)
+    return (*out, sums, counts)

@@ -266,7 +266,7 @@ def test_generic_simd_path_matches_reference():
 def test_ops_are_registered_with_torch_library():
     x = torch.randn(33, 10)
     c = unit_rows(5, 10)
-    torch.library.opcheck(torch.ops.pyconcepts.cosine_assign.default, (x, c, True, 1),
+    torch.library.opcheck(torch.ops.pyconcepts.cosine_assign.default, (x, c, True, True, 1, torch.arange(0, 33, 2)),
                           test_utils=("test_schema", "test_faketensor"))
     idx = torch.randint(0, 5, (33,))
     torch.library.opcheck(torch.ops.pyconcepts.spherical_update.default, (x, idx, 5, 1),
@@ -380,3 +380,26 @@ def test_assign_update_rejects_nonfinite_rows():
     x[10, 0] = float("nan")
     with pytest.raises(ValueError, match="x contains NaN or Inf"):
         pc.ops.assign_update(x, unit_rows(3, 6))
+
+
+def test_cosine_assign_rows_and_group_max():
+    x = torch.randn(700, 37)
+    c = unit_rows(50, 37)  # groups of 16: 16, 16, 16, 2
+    rows = torch.tensor([5, 699, 0, 5, 321, 17])
+    got = pc.ops.cosine_assign(x, c, return_second=True, return_group_max=True, rows=rows)
+    want = pc.ops.cosine_assign(x[rows], c, return_second=True, return_group_max=True)
+    assert all(torch.equal(p, q) for p, q in zip(got, want))
+    sims = ref.cosine_similarities(x[rows], c)
+    expect = torch.stack([sims[:, g:g + 16].max(dim=1).values for g in range(0, 50, 16)], dim=1)
+    assert got[3].shape == (6, 4)
+    torch.testing.assert_close(got[3].double(), expect, atol=1e-5, rtol=0)
+    # fused pass returns the same group maxima
+    fused = pc.ops.assign_update(x, c, return_group_max=True)
+    plain = pc.ops.cosine_assign(x, c, return_group_max=True)
+    assert torch.equal(fused[2], plain[2])
+    empty = pc.ops.cosine_assign(x, c, rows=torch.empty(0, dtype=torch.int64))
+    assert empty[0].shape == (0,)
+    with pytest.raises(ValueError, match="rows has values outside"):
+        pc.ops.cosine_assign(x, c, rows=torch.tensor([700]))
+    with pytest.raises(TypeError, match="rows must be int64"):
+        pc.ops.cosine_assign(x, c, rows=torch.tensor([1], dtype=torch.int32))

@@ -45,14 +45,16 @@ AssignWorkspace::AssignWorkspace(int64_t d)
       top_index(rows_per_block * NR) {}
 
 int64_t assign_block(const Matrix& x, const CentroidPanel& panel, int64_t r0, int64_t rows,
-                     AssignWorkspace& ws, int64_t* index, float* best_cos, float* second_cos) {
+                     AssignWorkspace& ws, int64_t* index, float* best_cos, float* second_cos,
+                     float* group_max, const int64_t* row_index) {
   const auto& kern = kernels();
   const int64_t d = x.cols, k = panel.k;
   const int64_t padded = (rows + MR - 1) / MR * MR;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t r = 0; r < rows; ++r) {
-    ws.finite[r] = kern.convert_row(row_ptr(x, r0 + r), x.dtype, d, nullptr,
-                                    ws.xb.data() + r * d, &ws.norms[r]);
+    const int64_t src = row_index ? row_index[r0 + r] : r0 + r;
+    ws.finite[r] = kern.convert_row(row_ptr(x, src), x.dtype, d, nullptr, ws.xb.data() + r * d,
+                                    &ws.norms[r]);
   }
   std::fill(ws.xb.begin() + rows * d, ws.xb.begin() + padded * d, 0.0f);
   std::fill(ws.top_best.begin(), ws.top_best.begin() + padded * NR, neg_inf);
@@ -60,6 +62,7 @@ int64_t assign_block(const Matrix& x, const CentroidPanel& panel, int64_t r0, in
   std::fill(ws.top_index.begin(), ws.top_index.begin() + padded * NR, 0);
 
   alignas(64) float tile[MR * NR];
+  float row_max[MR];
   for (int64_t s = 0; s < panel.strips; ++s) {
     const float* b = panel.data.data() + s * d * NR;
     const int valid = static_cast<int>(std::min<int64_t>(NR, k - s * NR));
@@ -67,6 +70,14 @@ int64_t assign_block(const Matrix& x, const CentroidPanel& panel, int64_t r0, in
       kern.gemm_tile(d, ws.xb.data() + m * d, d, b, NR, tile, NR, false);
       kern.top2_update(tile, static_cast<int32_t>(s * NR), valid, ws.top_best.data() + m * NR,
                        ws.top_second.data() + m * NR, ws.top_index.data() + m * NR);
+      if (group_max) {
+        kern.tile_row_max(tile, valid, row_max);
+        for (int64_t i = 0; i < MR && m + i < rows; ++i) {
+          const float inv = 1.0f / std::max(std::sqrt(ws.norms[m + i]), 1e-12f);
+          group_max[(r0 + m + i) * panel.strips + s] =
+              ws.finite[m + i] ? row_max[i] * inv : std::numeric_limits<float>::quiet_NaN();
+        }
+      }
     }
   }
 
@@ -104,12 +115,14 @@ int64_t assign_block(const Matrix& x, const CentroidPanel& panel, int64_t r0, in
 }  // namespace cpu
 
 void cosine_assign_cpu(const Matrix& x, const float* centroids, int64_t k, int64_t* index,
-                       float* best_cos, float* second_cos, int64_t* bad, int num_threads) {
+                       float* best_cos, float* second_cos, int64_t* bad, int num_threads,
+                       float* group_max, const int64_t* row_index, int64_t n_out) {
   bad[0] = bad[1] = 0;
-  if (x.rows == 0) return;
+  const int64_t n = row_index ? n_out : x.rows;
+  if (n == 0) return;
   const cpu::CentroidPanel panel(centroids, k, x.cols);
   const int64_t rb = cpu::AssignWorkspace::rows_for(x.cols);
-  const int64_t blocks = (x.rows + rb - 1) / rb;
+  const int64_t blocks = (n + rb - 1) / rb;
   int64_t nonfinite = 0;
 #pragma omp parallel num_threads(std::max(1, num_threads)) reduction(+ : nonfinite)
   {
@@ -117,8 +130,8 @@ void cosine_assign_cpu(const Matrix& x, const float* centroids, int64_t k, int64
 #pragma omp for schedule(dynamic, 1)
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t r0 = blk * rb;
-      nonfinite += cpu::assign_block(x, panel, r0, std::min(rb, x.rows - r0), ws, index,
-                                     best_cos, second_cos);
+      nonfinite += cpu::assign_block(x, panel, r0, std::min(rb, n - r0), ws, index, best_cos,
+                                     second_cos, group_max, row_index);
     }
   }
   bad[0] = nonfinite;

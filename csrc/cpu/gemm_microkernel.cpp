@@ -4,6 +4,7 @@
 // has them) and portable C++.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -100,6 +101,14 @@ void top2_update_generic(const float* tile, int32_t col0, int valid, float* best
         second[s] = v;
       }
     }
+  }
+}
+
+void tile_row_max_generic(const float* tile, int valid, float* out) {
+  for (int i = 0; i < MR; ++i) {
+    float m = tile[i * NR];
+    for (int j = 1; j < valid; ++j) m = std::max(m, tile[i * NR + j]);
+    out[i] = m;
   }
 }
 
@@ -227,6 +236,20 @@ PC_AVX2 void top2_update_avx2(const float* tile, int32_t col0, int valid, float*
   }
 }
 
+PC_AVX2 void tile_row_max_avx2(const float* tile, int valid, float* out) {
+  if (valid < NR) {
+    tile_row_max_generic(tile, valid, out);
+    return;
+  }
+  for (int i = 0; i < MR; ++i) {
+    const __m256 m8 = _mm256_max_ps(_mm256_loadu_ps(tile + i * NR), _mm256_loadu_ps(tile + i * NR + 8));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    out[i] = _mm_cvtss_f32(m4);
+  }
+}
+
 #undef PC_AVX2
 
 Kernels select_kernels() {
@@ -236,9 +259,11 @@ Kernels select_kernels() {
   const bool allow_simd = !(forced && std::strcmp(forced, "generic") == 0);
   if (allow_simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
       __builtin_cpu_supports("f16c")) {
-    return Kernels{"avx2+fma", gemm_tile_avx2, convert_row_avx2, top2_update_avx2};
+    return Kernels{"avx2+fma", gemm_tile_avx2, convert_row_avx2, top2_update_avx2,
+                   tile_row_max_avx2};
   }
-  return Kernels{"generic", gemm_tile_generic, convert_row_generic, top2_update_generic};
+  return Kernels{"generic", gemm_tile_generic, convert_row_generic, top2_update_generic,
+                 tile_row_max_generic};
 }
 
 }  // namespace

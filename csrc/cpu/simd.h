@@ -27,6 +27,8 @@ struct Kernels {
   // Lanes j >= valid are ignored. Strictly greater wins, so earlier columns win ties.
   void (*top2_update)(const float* tile, int32_t col0, int valid, float* best, float* second,
                       int32_t* index);
+  // out[i] = max_{j < valid} tile[i][j] for the MR rows of one tile.
+  void (*tile_row_max)(const float* tile, int valid, float* out);
 };
 
 const Kernels& kernels();
