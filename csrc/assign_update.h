@@ -10,9 +10,12 @@ namespace pyconcepts {
 // Outputs as cosine_assign (index, best_cos, second_cos may be null) plus sums (K x D
 // float64) and counts (K int64) of the rows by their new assignment. All overwritten.
 // Rows holding NaN/Inf are counted in bad[0] and left out of the sums.
-// group_max: as in cosine_assign (may be null).
+// group_max: as in cosine_assign (may be null). With normalize, the sums are of the unit
+// rows x / ||x|| (classic spherical k-means, whose objective is then sum_k ||sums_k||);
+// otherwise of the rows as given (a norm-weighted objective).
 void assign_update_cpu(const Matrix& x, const float* centroids, int64_t k, int64_t* index,
                        float* best_cos, float* second_cos, double* sums, int64_t* counts,
-                       int64_t* bad, int num_threads, float* group_max = nullptr);
+                       int64_t* bad, int num_threads, float* group_max = nullptr,
+                       bool normalize = false);
 
 }  // namespace pyconcepts

@@ -391,7 +391,7 @@ def masked_moments(
 @torch.library.custom_op("pyconcepts::assign_update", mutates_args=())
 def _assign_update_op(
     x: torch.Tensor, centroids: torch.Tensor, return_second: bool, return_group_max: bool,
-    num_threads: int,
+    num_threads: int, normalize: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     n, d = x.shape
@@ -409,12 +409,13 @@ def _assign_update_op(
             *_matrix_args(x), centroids.data_ptr(), k, index.data_ptr(), best.data_ptr(),
             second.data_ptr() if return_second else 0, sums.data_ptr(), counts.data_ptr(),
             bad.data_ptr(), num_threads, group_max.data_ptr() if return_group_max else 0,
+            normalize,
         )
     return index, best, second, group_max, sums, counts, bad
 
 
 @_assign_update_op.register_fake
-def _(x, centroids, return_second, return_group_max, num_threads):
+def _(x, centroids, return_second, return_group_max, num_threads, normalize=False):
     n, d = x.shape
     k = centroids.shape[0]
     return (
@@ -434,12 +435,14 @@ def assign_update(
     *,
     return_second: bool = False,
     return_group_max: bool = False,
+    normalize: bool = False,
     num_threads: Optional[int] = None,
 ) -> Tuple[torch.Tensor, ...]:
     """One Lloyd pass in one read of ``x``: ``cosine_assign`` fused with ``spherical_update``.
 
     Returns what ``cosine_assign`` returns with the same flags, followed by
-    ``sums float64 (K, D), counts int64 (K,)`` of the rows by their new assignment. On CPU the
+    ``sums float64 (K, D), counts int64 (K,)`` of the rows by their new assignment; with
+    ``normalize`` the sums are of the unit rows ``x / ||x||`` (classic spherical k-means). On CPU the
     fused kernel converts each block of rows once and adds it to its clusters while it is
     still in cache; the float64 sums are identical for any thread count. On CUDA it runs the
     two ops back to back.
@@ -449,10 +452,12 @@ def assign_update(
     _check_group_max(return_group_max, x)
     if x.is_cuda:
         assigned = cosine_assign(x, centroids, return_second=return_second)
-        sums, counts = spherical_update(x, assigned[0], centroids.shape[0])
+        rows = x / x.float().norm(dim=1, keepdim=True).clamp_min(1e-12).to(x.dtype) if normalize else x
+        sums, counts = spherical_update(rows, assigned[0], centroids.shape[0])
         return (*assigned, sums, counts)
     index, best, second, group_max, sums, counts, bad = torch.ops.pyconcepts.assign_update(
-        x, centroids, bool(return_second), bool(return_group_max), _threads(num_threads)
+        x, centroids, bool(return_second), bool(return_group_max), _threads(num_threads),
+        bool(normalize),
     )
     _raise_bad(bad)
     out = (index, best)

@@ -95,9 +95,13 @@ def masked_moments(
 
 
 def assign_update(
-    x: torch.Tensor, centroids: torch.Tensor, *, return_second: bool = False
+    x: torch.Tensor, centroids: torch.Tensor, *, return_second: bool = False,
+    normalize: bool = False,
 ) -> Tuple[torch.Tensor, ...]:
-    """cosine_assign, then spherical_update of x by the new assignment."""
+    """cosine_assign, then spherical_update of x (or of its unit rows) by the new assignment."""
     assigned = cosine_assign(x, centroids, return_second=return_second)
-    sums, counts = spherical_update(x, assigned[0], centroids.shape[0])
+    rows = x.double()
+    if normalize:
+        rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(_EPS)
+    sums, counts = spherical_update(rows, assigned[0], centroids.shape[0])
     return (*assigned, sums, counts)

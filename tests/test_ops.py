@@ -403,3 +403,20 @@ def test_cosine_assign_rows_and_group_max():
         pc.ops.cosine_assign(x, c, rows=torch.tensor([700]))
     with pytest.raises(TypeError, match="rows must be int64"):
         pc.ops.cosine_assign(x, c, rows=torch.tensor([1], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_assign_update_normalised_sums(dtype):
+    x = (torch.randn(5000, 33) * torch.rand(5000, 1) * 10).to(dtype)
+    x[7] = 0  # a zero row adds nothing
+    c = unit_rows(9, 33)
+    index, best, sums, counts = pc.ops.assign_update(x, c, normalize=True)
+    rindex, rbest, rsums, rcounts = ref.assign_update(x, c, normalize=True)
+    clear = ref.cosine_similarities(x, c).topk(2, dim=1).values
+    assert torch.equal(index[(clear[:, 0] - clear[:, 1]) > 1e-4], rindex[(clear[:, 0] - clear[:, 1]) > 1e-4])
+    want, want_counts = ref.spherical_update(
+        x.double() / x.double().norm(dim=1, keepdim=True).clamp_min(1e-12), index, 9)
+    assert torch.equal(counts, want_counts)
+    torch.testing.assert_close(sums, want, rtol=1e-5, atol=1e-5)
+    # the spherical objective: sum of norms of unit-row sums = sum of cosines to the centroids
+    torch.testing.assert_close((sums * c.double()).sum(), best.double().sum(), rtol=1e-5, atol=1e-3)

@@ -4,6 +4,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "cpu/assign_block.h"
@@ -18,7 +19,7 @@ constexpr int64_t kSuperBlockRows = 8192;
 
 void assign_update_cpu(const Matrix& x, const float* centroids, int64_t k, int64_t* index,
                        float* best_cos, float* second_cos, double* sums, int64_t* counts,
-                       int64_t* bad, int num_threads, float* group_max) {
+                       int64_t* bad, int num_threads, float* group_max, bool normalize) {
   const int64_t n = x.rows, d = x.cols;
   std::fill(sums, sums + k * d, 0.0);
   std::fill(counts, counts + k, int64_t{0});
@@ -48,12 +49,14 @@ void assign_update_cpu(const Matrix& x, const float* centroids, int64_t k, int64
           const int64_t c = index[r0 + r];
           double* dst = partial.data() + c * d;
           const float* src = ws.xb.data() + r * d;
+          const double scale =
+              normalize ? 1.0 / std::max(std::sqrt(static_cast<double>(ws.norms[r])), 1e-12) : 1.0;
           if (!touched[c]) {  // first member in this super-block: initialise, do not add
             touched[c] = 1;
             partial_counts[c] = 0;
-            for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<double>(src[j]);
+            for (int64_t j = 0; j < d; ++j) dst[j] = scale * src[j];
           } else {
-            for (int64_t j = 0; j < d; ++j) dst[j] += static_cast<double>(src[j]);
+            for (int64_t j = 0; j < d; ++j) dst[j] += scale * src[j];
           }
           ++partial_counts[c];
         }

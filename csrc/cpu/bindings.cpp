@@ -64,19 +64,19 @@ PYBIND11_MODULE(_C, m) {
       "assign_update",
       [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t row_stride, uintptr_t c,
          int64_t k, uintptr_t index, uintptr_t best, uintptr_t second, uintptr_t sums,
-         uintptr_t counts, uintptr_t bad, int num_threads, uintptr_t group_max) {
+         uintptr_t counts, uintptr_t bad, int num_threads, uintptr_t group_max, bool normalize) {
         const Matrix mx = matrix(x, dtype, n, d, row_stride);
         check_k(k);
         py::gil_scoped_release release;
         assign_update_cpu(mx, ptr<const float>(c), k, ptr<int64_t>(index), ptr<float>(best),
                           second ? ptr<float>(second) : nullptr, ptr<double>(sums),
                           ptr<int64_t>(counts), ptr<int64_t>(bad), num_threads,
-                          group_max ? ptr<float>(group_max) : nullptr);
+                          group_max ? ptr<float>(group_max) : nullptr, normalize);
       },
       py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("row_stride"),
       py::arg("centroids"), py::arg("k"), py::arg("index"), py::arg("best"), py::arg("second"),
       py::arg("sums"), py::arg("counts"), py::arg("bad"), py::arg("num_threads"),
-      py::arg("group_max") = 0);
+      py::arg("group_max") = 0, py::arg("normalize") = false);
 
   m.def(
       "spherical_update",
