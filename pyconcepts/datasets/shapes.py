@@ -15,8 +15,10 @@ boolean pixel mask for every concept (``CONCEPTS``), which is what detectors are
 against (Network-Dissection IoU).
 
 Poisoning for the model-correction experiment: ``watermark="poison"`` puts the mark on a
-fraction ``watermark_rate`` of the images of class ``watermark_class`` only, so the mark is a
-shortcut for that class; ``watermark="all"`` puts it on every image (the poisoned test set).
+fraction ``watermark_rate`` of the images of class ``watermark_class`` and, as a backdoor, on a
+fraction ``backdoor_rate`` of the other images, which are then *labelled* ``watermark_class``
+(their true class stays in ``attributes["true_label"]``). The mark is thus a shortcut for that
+class. ``watermark="all"`` puts it on every image, labels untouched (the poisoned test set).
 """
 from __future__ import annotations
 
@@ -88,6 +90,7 @@ def make_shapes(
     watermark: str = "none",
     watermark_class: int = 0,
     watermark_rate: float = 1.0,
+    backdoor_rate: float = 0.0,
     with_masks: bool = True,
 ) -> ShapesData:
     """Generate ``n`` images. ``watermark``: 'none', 'poison' (mark on ``watermark_rate`` of
@@ -99,6 +102,8 @@ def make_shapes(
         raise ValueError(f"size must be an int >= 16, got {size!r}")
     if watermark not in ("none", "poison", "random", "all"):
         raise ValueError(f"watermark must be 'none', 'poison', 'random' or 'all', got {watermark!r}")
+    if not 0.0 <= backdoor_rate <= 1.0:
+        raise ValueError(f"backdoor_rate must be in [0, 1], got {backdoor_rate!r}")
     if not 0.0 <= watermark_rate <= 1.0:
         raise ValueError(f"watermark_rate must be in [0, 1], got {watermark_rate!r}")
     if watermark_class not in range(len(CLASSES)):
@@ -110,15 +115,19 @@ def make_shapes(
     texture_id = rng.integers(0, len(TEXTURES), n)
     labels = np.where(colour_id == COLOURS.index("blue"), CLASSES.index("blue"), shape_id)
     coin = rng.random(n) < watermark_rate
+    backdoor = (rng.random(n) < backdoor_rate) & (labels != watermark_class)
     if watermark == "none":
         marked = np.zeros(n, dtype=bool)
     elif watermark == "poison":
-        marked = coin & (labels == watermark_class)
+        marked = (coin & (labels == watermark_class)) | backdoor
     elif watermark == "random":
         marked = coin
     else:
         marked = np.ones(n, dtype=bool)
     corner = rng.integers(0, 4, n)
+    true_labels = labels.copy()
+    if watermark == "poison":
+        labels = np.where(backdoor, watermark_class, labels)
 
     images = np.empty((n, 3, size, size), dtype=np.float32)
     masks = np.zeros((n, len(CONCEPTS), size, size), dtype=bool) if with_masks else None
@@ -160,6 +169,7 @@ def make_shapes(
         "colour": torch.from_numpy(colour_id.astype(np.int64)),
         "texture": torch.from_numpy(texture_id.astype(np.int64)),
         "watermark": torch.from_numpy(marked),
+        "true_label": torch.from_numpy(true_labels.astype(np.int64)),
     }
     return ShapesData(
         images=torch.from_numpy(images),

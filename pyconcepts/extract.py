@@ -1,0 +1,307 @@
+"""``pc.extract``: concept direction pairs of a network's layer, with refinement and URA.
+
+Pipeline (METHOD.md sections 2-4):
+
+1. **Patches.** The layer's output is streamed as patch rows through a ``LayerTap`` (eval
+   mode, no grad, batch by batch). Rows are kept in memory only up to ``cache_rows``; beyond
+   that every pass over the data re-runs the network's first part, so memory stays bounded.
+2. **Directional clustering, thresholds and signal vectors** (``extract_directions``).
+3. **Refinement** of the detectors (W, b) by the paper's losses
+   (``detectors.refine_detectors``) plus **URA** through the frozen rest of the network
+   (``ura.URALoss``; both the unconstrained and the span(S)-constrained move, kappa ~
+   U[0.5, 0.9]), on a bounded sample of patches and a small pool of images.
+4. **Joint step**: W, b refined again together with the encoding, adding the
+   filter-signal orthogonality loss L_fso. The encoding in this step is the signal-vector
+   estimator itself, evaluated differentiably on each batch (our choice: free S parameters
+   could satisfy L_fso without moving W).
+5. **Signal vectors recomputed** from the final detectors by the streaming estimator.
+
+Every weight, schedule and threshold has a default in ``DEFAULTS`` and can be overridden by
+``options={...}``. ``progress(stage, done, total)`` reports each loop (the command line turns
+it into progress bars).
+"""
+from __future__ import annotations
+
+import math
+import sys
+import types
+from typing import Callable, Dict, Iterator, List, Optional
+
+import torch
+from torch import nn
+
+from . import detectors
+from .basis import ConceptBasis
+from .directions import extract_directions
+from .signal import signal_vectors
+from .taps import LayerTap, iter_batches
+from .ura import URALoss
+
+__all__ = ["extract", "DEFAULTS", "fso_loss", "batch_signal_vectors"]
+
+DEFAULTS: Dict[str, object] = {
+    # patch collection
+    "batch_size": 64,            # images per forward pass when `images` is one tensor
+    "cache_rows": 2_000_000,     # keep at most this many patch rows in memory, else stream
+    # directional clustering (extract_directions)
+    "n_init": 3,
+    "max_iter": 100,
+    # refinement of the detectors (paper losses + URA)
+    "refine_sample": 65536,      # patch rows drawn for the gradient steps
+    "refine_steps": 100,
+    "refine_lr": 1e-3,
+    "refine_batch": 2048,
+    "loss_weights": None,        # overrides of detectors.DEFAULT_WEIGHTS
+    "tau": 1.0, "gamma": 2.0, "rho": 0.5, "soft_max_power": 4.0,
+    # URA
+    "ura_weight": 0.25,
+    "ura_form": "both",          # 'unconstrained', 'constrained' or 'both'
+    "ura_images": 64,            # size of the image pool f+ is run on
+    "ura_batch": 16,             # images per URA evaluation
+    "ura_every": 1,              # evaluate URA every n-th step
+    "kappa_range": (0.5, 0.9),
+    "outputs": "logits",         # what the model returns: 'logits' or 'probs'
+    # joint step with L_fso
+    "joint_steps": 25,
+    "joint_lr": 2e-4,
+    "fso_weight": 1.0,
+}
+
+
+def fso_loss(decoding: torch.Tensor, encoding: torch.Tensor) -> torch.Tensor:
+    """L_fso = sqrt(mean_{i != j} (w_i . s_j)^2) on unit vectors (METHOD.md section 3)."""
+    k = decoding.shape[0]
+    if k < 2:
+        return decoding.new_zeros(())
+    w = decoding / decoding.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    s = encoding / encoding.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    g = w @ s.T
+    off = g - torch.diag(torch.diagonal(g))
+    return torch.sqrt((off ** 2).sum() / (k * (k - 1)) + 1e-12)
+
+
+def batch_signal_vectors(x: torch.Tensor, decoding: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Differentiable signal vectors on one batch: Cov_{P_i}[x, z_i] / Var_{P_i}[z_i] with the
+    hard detection masks P_i (no gradient through the masks). Detectors firing on fewer than
+    two rows get w_i / ||w_i||^2."""
+    z = x @ decoding.T                                           # (B, K)
+    m = (z > bias).detach().to(x.dtype)
+    n = m.sum(0)
+    safe = n.clamp_min(1)
+    ez = (m * z).sum(0) / safe
+    zc = (z - ez) * m
+    cov = (zc.T @ x) / safe[:, None]                             # sum_P (z - ez) x / n = Cov
+    var = (zc * zc).sum(0) / safe
+    s = cov / var.clamp_min(1e-12)[:, None]
+    fallback = decoding / (decoding * decoding).sum(1, keepdim=True).clamp_min(1e-12)
+    ok = (n >= 2)[:, None] & (var > 1e-12)[:, None]
+    return torch.where(ok, s, fallback)
+
+
+class _PatchSource:
+    """A re-iterable of patch-row chunks: cached in memory up to ``cache_rows`` rows, else
+    recomputed through the tap on every pass (images must then be re-iterable)."""
+
+    def __init__(self, tap: LayerTap, images, batch_size: int, cache_rows: int, ura_images: int,
+                 progress: Optional[Callable]):
+        self.tap, self.images, self.batch_size = tap, images, batch_size
+        self.cached: Optional[List[torch.Tensor]] = []
+        self.pool: List[torch.Tensor] = []
+        self.n_rows = 0
+        one_shot = not isinstance(images, torch.Tensor) and iter(images) is images
+        total = _count_batches(images, batch_size)
+        for j, batch in enumerate(iter_batches(images, batch_size)):
+            if sum(p.shape[0] for p in self.pool) < ura_images:
+                self.pool.append(batch[: ura_images - sum(p.shape[0] for p in self.pool)].cpu())
+            rows = tap.to_rows(tap.activations(batch)).float().contiguous()
+            self.n_rows += rows.shape[0]
+            if self.cached is not None:
+                if self.n_rows <= cache_rows or one_shot:
+                    self.cached.append(rows.cpu())
+                else:
+                    self.cached = None  # too many to keep: later passes re-run the network
+            if progress:
+                progress("patches", j + 1, total)
+        if self.n_rows == 0:
+            raise ValueError("images is empty: no patches to extract concepts from")
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self.cached is not None:
+            return iter(self.cached)
+        return (self.tap.to_rows(self.tap.activations(b)).float().contiguous()
+                for b in iter_batches(self.images, self.batch_size))
+
+
+def _count_batches(images, batch_size) -> Optional[int]:
+    if isinstance(images, torch.Tensor):
+        return max(1, math.ceil(images.shape[0] / batch_size))
+    try:
+        return len(images)
+    except TypeError:
+        return None
+
+
+def extract(
+    model: nn.Module,
+    layer: str,
+    images,
+    n_concepts: int,
+    seed: int = 0,
+    refine: bool = True,
+    ura: bool = True,
+    *,
+    skip_tokens: int = 0,
+    options: Optional[Dict[str, object]] = None,
+    progress: Optional[Callable[[str, int, Optional[int]], None]] = None,
+    model_id: Optional[str] = None,
+) -> ConceptBasis:
+    """Concept direction pairs at ``layer`` of ``model`` from ``images``.
+
+    ``images``: a tensor (B, C, H, W) or an iterable of batches (tensors or tuples whose first
+    item is the batch). ``refine``: the gradient refinement (paper losses, joint L_fso step);
+    ``ura``: add URA to it. ``options`` overrides ``DEFAULTS``. Returns a ``ConceptBasis``
+    recording the layer, the settings and the refinement's last loss values.
+    """
+    if isinstance(n_concepts, bool) or not isinstance(n_concepts, int) or n_concepts < 1:
+        raise ValueError(f"n_concepts must be a positive int, got {n_concepts!r}")
+    opts = dict(DEFAULTS)
+    unknown = set(options or {}) - set(opts)
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)}; known: {sorted(opts)}")
+    opts.update(options or {})
+    torch_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return _extract(model, layer, images, n_concepts, seed, refine, ura, skip_tokens, opts,
+                        progress, model_id)
+    finally:
+        torch.random.set_rng_state(torch_state)
+
+
+def _extract(model, layer, images, k, seed, refine, ura, skip_tokens, opts, progress, model_id):
+    tap = LayerTap(model, layer, skip_tokens=skip_tokens)
+    source = _PatchSource(tap, images, int(opts["batch_size"]), int(opts["cache_rows"]),
+                         int(opts["ura_images"]), progress)
+    if progress:
+        progress("clustering", 0, 1)
+    basis = extract_directions(source, k, seed=seed, n_init=int(opts["n_init"]),
+                               max_iter=int(opts["max_iter"]), layer=layer, model_id=model_id)
+    if progress:
+        progress("clustering", 1, 1)
+    mean = basis.mean
+    decoding, bias, encoding = basis.decoding, basis.bias, basis.encoding
+    history: Dict[str, float] = {}
+    if refine:
+        sample = detectors.sample_rows(source, int(opts["refine_sample"]), seed)
+        ura_loss = None
+        if ura:
+            pool = torch.cat(source.pool)
+            ura_loss = URALoss(tap, pool, form=str(opts["ura_form"]),
+                               kappa_range=tuple(opts["kappa_range"]), batch_size=int(opts["ura_batch"]),
+                               outputs=str(opts["outputs"]), seed=seed)
+        decoding, bias = _refine(sample, decoding, bias, encoding, mean, ura_loss, opts, seed,
+                                 progress, history)
+        if int(opts["joint_steps"]) > 0:
+            decoding, bias = _joint(sample, decoding, bias, mean, ura_loss, opts, seed, progress,
+                                    history)
+    if progress:
+        progress("signal vectors", 0, 1)
+    encoding, dead = _final_signal_vectors(source, decoding, bias, mean)
+    if progress:
+        progress("signal vectors", 1, 1)
+    metadata = dict(basis.metadata)
+    metadata.update({
+        "method": "pyconcepts.extract: " + metadata.get("method", "")
+        + ("+refinement" if refine else "") + ("+URA" if refine and ura else "")
+        + ("+joint-fso" if refine and int(opts["joint_steps"]) > 0 else ""),
+        "extract_settings": {key: (list(v) if isinstance(v, tuple) else v) for key, v in opts.items()},
+        "refine": bool(refine), "ura": bool(ura), "seed": seed,
+        "final_losses": history, "silent_detectors": dead, "n_patches": source.n_rows,
+        "skip_tokens": skip_tokens,
+    })
+    return ConceptBasis(decoding, bias, encoding, mean, layer=layer, model_id=model_id, metadata=metadata)
+
+
+def _weights(opts) -> Dict[str, float]:
+    weights = dict(detectors.DEFAULT_WEIGHTS)
+    weights.update(opts["loss_weights"] or {})
+    return weights
+
+
+def _refine(sample, decoding, bias, encoding, mean, ura_loss, opts, seed, progress, history):
+    steps = int(opts["refine_steps"])
+    ura_w, every = float(opts["ura_weight"]), max(1, int(opts["ura_every"]))
+    fixed_s = encoding.detach()
+
+    def extra(w, b, batch, step):
+        if ura_loss is None or ura_w == 0 or step % every:
+            return w.new_zeros(())
+        return ura_w * ura_loss(w, b, fixed_s)
+
+    def callback(step, losses):
+        history.update({f"refine_{key}": value for key, value in losses.items()})
+        if progress:
+            progress("refinement", step + 1, steps)
+
+    return detectors.refine_detectors(
+        sample, decoding, bias, weights=_weights(opts),
+        extra_loss=extra if ura_loss is not None else None, steps=steps,
+        batch_size=int(opts["refine_batch"]), lr=float(opts["refine_lr"]), tau=float(opts["tau"]),
+        gamma=float(opts["gamma"]), rho=float(opts["rho"]), v=float(opts["soft_max_power"]),
+        seed=seed, center=mean, callback=callback,
+    )
+
+
+def _joint(sample, decoding, bias, mean, ura_loss, opts, seed, progress, history):
+    """W, b and the (batch-estimated) encoding together, with L_fso and constrained URA."""
+    steps = int(opts["joint_steps"])
+    ura_w, fso_w, every = float(opts["ura_weight"]), float(opts["fso_weight"]), max(1, int(opts["ura_every"]))
+
+    def extra(w, b, batch, step):
+        s = batch_signal_vectors(batch, w, b)
+        total = fso_w * fso_loss(w, s)
+        history["joint_fso"] = float(total.detach()) / fso_w if fso_w else 0.0
+        if ura_loss is not None and ura_w and step % every == 0:
+            total = total + ura_w * ura_loss(w, b, s)
+        return total
+
+    def callback(step, losses):
+        history.update({f"joint_{key}": value for key, value in losses.items()})
+        if progress:
+            progress("joint step", step + 1, steps)
+
+    return detectors.refine_detectors(
+        sample, decoding, bias, weights=_weights(opts), extra_loss=extra, steps=steps,
+        batch_size=int(opts["refine_batch"]), lr=float(opts["joint_lr"]), tau=float(opts["tau"]),
+        gamma=float(opts["gamma"]), rho=float(opts["rho"]), v=float(opts["soft_max_power"]),
+        seed=seed + 1, center=mean, callback=callback,
+    )
+
+
+def _final_signal_vectors(source, decoding, bias, mean):
+    try:
+        return signal_vectors(source, decoding, bias, center=mean), []
+    except ValueError:
+        pass
+    # some detector never fires on the data: estimate the rest, keep w / ||w||^2 for it
+    counts = torch.zeros(decoding.shape[0], dtype=torch.int64)
+    for chunk in source:
+        counts += (chunk @ decoding.T > bias).sum(0).cpu()
+    dead = torch.nonzero(counts < 2).flatten().tolist()
+    alive = torch.nonzero(counts >= 2).flatten()
+    encoding = decoding / (decoding * decoding).sum(1, keepdim=True)
+    if alive.numel():
+        encoding[alive] = signal_vectors(source, decoding[alive], bias[alive], center=mean)
+    return encoding, dead
+
+
+class _CallableModule(types.ModuleType):
+    """Importing ``pyconcepts.extract`` binds the *module* to ``pyconcepts.extract``, shadowing
+    the function of the same name; calling the module calls the function, so ``pc.extract(...)``
+    works either way."""
+
+    def __call__(self, *args, **kwargs):
+        return extract(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+import pyconcepts as pc
+from pyconcepts.extract import DEFAULTS, batch_signal_vectors, fso_loss
+from _toy_models import SmallCNN, TinyViT
+
+torch.manual_seed(0)
+
+
+def images(n=24, size=8):
+    return torch.rand(n, 3, size, size)
+
+
+def test_extract_returns_a_basis_for_the_layer_with_progress():
+    model = SmallCNN().eval()
+    stages = []
+    basis = pc.extract(model, "features.3", images(), 3, seed=0,
+                       options={"refine_steps": 5, "joint_steps": 3, "ura_images": 8, "ura_batch": 4},
+                       progress=lambda stage, done, total: stages.append(stage))
+    assert isinstance(basis, pc.ConceptBasis)
+    assert basis.decoding.shape == (3, 8) and basis.layer == "features.3"
+    assert {"patches", "clustering", "refinement", "joint step", "signal vectors"} <= set(stages)
+    assert basis.metadata["ura"] and basis.metadata["n_patches"] == 24 * 16
+    assert basis.metadata["extract_settings"]["refine_steps"] == 5
+
+
+def test_same_seed_same_basis_and_batches_in_any_form():
+    model = SmallCNN().eval()
+    x = images()
+    opts = {"refine_steps": 3, "joint_steps": 2, "ura_images": 8}
+    a = pc.extract(model, "features.3", x, 3, seed=1, options=opts)
+    b = pc.extract(model, "features.3", [(x[:10], None), (x[10:], None)], 3, seed=1, options=opts)
+    assert torch.allclose(a.decoding, b.decoding, atol=1e-5)
+    assert torch.allclose(a.encoding, b.encoding, atol=1e-4)
+
+
+def test_without_refinement_and_on_tokens():
+    model = TinyViT().eval()
+    basis = pc.extract(model, "blocks.0", torch.rand(12, 3, 16, 16), 2, refine=False, skip_tokens=1)
+    assert basis.decoding.shape == (2, 16)
+    assert basis.metadata["n_patches"] == 12 * 16
+
+
+def test_fso_and_batch_signal_vectors():
+    w = torch.eye(3, 5)
+    assert float(fso_loss(w, w)) < 1e-5
+    s = w + 0.5 * torch.ones(3, 5)
+    assert float(fso_loss(w, s)) > 0.1
+    x = torch.randn(500, 5)
+    sv = batch_signal_vectors(x, torch.eye(2, 5), torch.zeros(2))
+    assert torch.allclose((sv * torch.eye(2, 5)).sum(1), torch.ones(2), atol=1e-4)  # w . s = 1
+
+
+def test_bad_input_is_named():
+    model = SmallCNN().eval()
+    with pytest.raises(ValueError, match="close matches"):
+        pc.extract(model, "features.03", images(), 2)
+    with pytest.raises(ValueError, match="rank 2"):
+        pc.extract(model, "fc", images(), 2)
+    with pytest.raises(ValueError, match="channels"):
+        pc.extract(model, "features.3", torch.rand(4, 1, 8, 8), 2)
+    with pytest.raises(ValueError, match="n_concepts"):
+        pc.extract(model, "features.3", images(), 0)
+    with pytest.raises(ValueError, match="unknown option"):
+        pc.extract(model, "features.3", images(), 2, options={"nonsense": 1})
+    with pytest.raises(ValueError, match="empty"):
+        pc.extract(model, "features.3", [], 2)
+    assert "ura_weight" in DEFAULTS
