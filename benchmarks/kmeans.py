@@ -1,0 +1,211 @@
+"""Spherical k-means: pc.DirectionalClustering against faiss, superkmeans and scikit-learn.
+
+    python -m benchmarks.kmeans [--quick] [--iters 10] [--json PATH]
+    python -m benchmarks.kmeans --memory [--rows 20000000]
+
+All methods get the same unit-normalised rows and the same number of Lloyd iterations, on
+all points (no subsampling), with the same thread count, in one run. Reported: wall time
+(median of --repeat runs), million point-iterations per second, the ratio of each baseline's
+time to ours, and the final objective: the mean cosine of every row to its assigned
+centroid, computed the same way for every method. ``--memory`` streams N rows generated
+chunk by chunk through a fit and prints the peak RSS from the OS (getrusage), for two N, to
+show that memory does not grow with N.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import pyconcepts as pc
+
+from .common import median_time, print_table, write_json
+
+
+# ---------------------------------------------------------------------------- data
+def directional_mixture(n: int, d: int, n_true: int, noise: float, seed: int = 0) -> torch.Tensor:
+    """Unit rows from a mixture of directional clusters plus isotropic noise (activation-like:
+    a few dominant directions, heavy overlap)."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(n_true, d, generator=gen), dim=1)
+    which = torch.randint(0, n_true, (n,), generator=gen)
+    x = centres[which] + noise * torch.randn(n, d, generator=gen) / d ** 0.5 * 4
+    return F.normalize(x.relu_() + 0.05 * torch.rand(n, d, generator=gen), dim=1)
+
+
+def demo_activations(max_rows: int) -> torch.Tensor | None:
+    """Real conv activations of the demo network on its procedural dataset, if available."""
+    try:
+        from pyconcepts.demo import load_demo_model, demo_layer  # type: ignore
+        from pyconcepts.datasets.shapes import ShapesDataset  # type: ignore
+        from pyconcepts.taps import LayerTap
+    except Exception:
+        return None
+    try:
+        model = load_demo_model()
+        images = ShapesDataset(n_images=max(64, max_rows // 256), seed=0).images()
+        tap = LayerTap(model, demo_layer())
+        rows = torch.cat(list(tap.patches(images, batch_size=64)))[:max_rows]
+        return F.normalize(rows.float(), dim=1)
+    except Exception as exc:  # the demo API is optional for this benchmark
+        print(f"(demo activations unavailable: {exc})")
+        return None
+
+
+def mean_cosine(x: torch.Tensor, centroids: torch.Tensor) -> float:
+    c = F.normalize(torch.as_tensor(centroids, dtype=torch.float32), dim=1)
+    _, best = pc.ops.cosine_assign(x, c)
+    return float(best.double().mean())
+
+
+# ----------------------------------------------------------------------- methods
+def run_ours(x, k, iters, seed):
+    km = pc.DirectionalClustering(n_concepts=k, seed=seed, center=False, max_iter=iters, tol=0.0)
+    km.fit(x)
+    return km.centroids_
+
+
+def run_faiss(x, k, iters, seed):
+    import faiss
+
+    km = faiss.Kmeans(x.shape[1], k, niter=iters, spherical=True, seed=seed,
+                      max_points_per_centroid=x.shape[0] // k + 1, verbose=False)
+    km.train(x.numpy())
+    return km.centroids
+
+
+def run_sklearn(x, k, iters, seed):
+    from sklearn.cluster import KMeans
+
+    km = KMeans(n_clusters=k, init="random", n_init=1, max_iter=iters, tol=0.0,
+                algorithm="lloyd", random_state=seed)
+    km.fit(x.numpy())
+    return km.cluster_centers_
+
+
+def run_superkmeans(x, k, iters, seed):
+    from superkmeans import SuperKMeans
+
+    km = SuperKMeans(n_clusters=k, dimensionality=x.shape[1], hierarchical=False, iters=iters,
+                     sampling_fraction=1.0, max_points_per_cluster=x.shape[0], seed=seed,
+                     early_termination=False, angular=True, n_threads=torch.get_num_threads())
+    return km.train(np.ascontiguousarray(x.numpy()))
+
+
+METHODS = {
+    "pyconcepts": run_ours,
+    "faiss (spherical)": run_faiss,
+    "superkmeans (angular)": run_superkmeans,
+    "scikit-learn (lloyd)": run_sklearn,
+}
+
+
+def bench_shape(name, x, k, iters, repeat, seed=0):
+    n = x.shape[0]
+    rows, out = [], {"data": name, "n": n, "d": x.shape[1], "k": k, "iters": iters}
+    ours_time = None
+    for method, fn in METHODS.items():
+        try:
+            centroids = fn(x, k, iters, seed)  # warm-up and the objective
+            t = median_time(lambda: fn(x, k, iters, seed), repeat=repeat, warmup=0)
+        except ImportError:
+            rows.append([method, "not installed", "-", "-", "-"])
+            continue
+        except Exception as exc:  # a baseline failing must not hide the others
+            rows.append([method, f"failed: {type(exc).__name__}", "-", "-", "-"])
+            continue
+        obj = mean_cosine(x, centroids)
+        if method == "pyconcepts":
+            ours_time = t
+        mpi = n * iters / t / 1e6
+        ratio = t / ours_time if ours_time else float("nan")
+        rows.append([method, t, mpi, ratio, obj])
+        out[method] = {"seconds": t, "million_point_iters_per_s": mpi,
+                       "time_ratio_vs_pyconcepts": ratio, "mean_cosine": obj}
+    print_table(f"{name}: N={n} D={x.shape[1]} K={k}, {iters} iterations, "
+                f"{torch.get_num_threads()} threads",
+                ["method", "seconds", "M point-iter/s", "time / ours", "mean cosine"], rows)
+    return out
+
+
+# ------------------------------------------------------------------------ memory
+def _memory_child(n_rows: int, d: int, k: int, chunk: int) -> None:
+    """Fit on a stream of n_rows generated chunk by chunk; print peak RSS in MiB."""
+    base = F.normalize(torch.randn(chunk, d, generator=torch.Generator().manual_seed(1)), dim=1)
+    shifts = F.normalize(torch.randn(64, d, generator=torch.Generator().manual_seed(2)), dim=1)
+
+    class Stream:
+        def __iter__(self):
+            for i in range(0, n_rows, chunk):
+                m = min(chunk, n_rows - i)
+                yield base[:m] + 0.3 * shifts[(i // chunk) % 64]
+
+    t0 = time.perf_counter()
+    pc.DirectionalClustering(n_concepts=k, seed=0, center=True, max_iter=2, tol=0.0).fit(Stream())
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"rows": n_rows, "peak_rss_mib": peak_mib,
+                      "seconds": time.perf_counter() - t0}))
+
+
+def run_memory(rows: int, d: int, k: int, chunk: int) -> dict:
+    results = {}
+    for n in (rows // 10, rows):
+        out = subprocess.run(
+            [sys.executable, "-m", "benchmarks.kmeans", "--memory-child", str(n), "--d", str(d),
+             "--k", str(k), "--chunk", str(chunk)],
+            capture_output=True, text=True, check=True,
+        )
+        results[n] = json.loads(out.stdout.strip().splitlines()[-1])
+    print_table(f"streaming fit memory: D={d} K={k}, chunks of {chunk} rows, 2 passes",
+                ["rows", "peak RSS (MiB)", "seconds"],
+                [[n, r["peak_rss_mib"], r["seconds"]] for n, r in results.items()])
+    return {"memory": results}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller shapes, one repeat")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--memory", action="store_true", help="streaming peak-RSS measurement")
+    p.add_argument("--rows", type=int, default=20_000_000)
+    p.add_argument("--d", type=int, default=128)
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--chunk", type=int, default=65536)
+    p.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.memory_child is not None:
+        _memory_child(args.memory_child, args.d, args.k, args.chunk)
+        return 0
+    if args.memory:
+        results = run_memory(args.rows, args.d, args.k, args.chunk)
+    else:
+        if args.quick:
+            shapes = [(100_000, 256, 256), (50_000, 64, 16)]
+            args.repeat = 1
+        else:
+            shapes = [(500_000, 256, 256), (300_000, 256, 256), (2_000_000, 64, 16),
+                      (200_000, 1024, 128), (200_000, 128, 1024)]
+        results = {"threads": torch.get_num_threads(), "simd_path": pc.ops.simd_level(), "runs": []}
+        for n, d, k in shapes:
+            x = directional_mixture(n, d, max(8, k // 2), noise=1.0)
+            results["runs"].append(bench_shape("directional mixture", x, k, args.iters, args.repeat))
+        real = demo_activations(200_000 if not args.quick else 50_000)
+        if real is not None:
+            results["runs"].append(bench_shape("demo CNN activations", real, 64, args.iters, args.repeat))
+    if args.json:
+        write_json(args.json, results)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
