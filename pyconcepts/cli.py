@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the built-in demo and print its tables")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--concepts", type=int, default=12)
+    p.add_argument("--concepts", type=int, default=16)
     p.add_argument("--no-refine", action="store_true")
     p.add_argument("--no-ura", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")

@@ -29,6 +29,9 @@ from .model import DEMO_LAYER, ShapesNet
 
 __all__ = ["load_model", "run_demo", "print_demo", "WEIGHTS_PATH", "nd_iou"]
 
+# Lighter than extract's defaults so that the whole demo fits in minutes on 2 cores.
+DEMO_OPTIONS: dict = {}
+
 WEIGHTS_PATH = os.path.join(os.path.dirname(__file__), "shapesnet.safetensors")
 
 
@@ -85,8 +88,8 @@ def _kmeans(x: torch.Tensor, k: int, seed: int, iters: int = 50) -> torch.Tensor
 def run_demo(
     *,
     seed: int = 0,
-    n_concepts: int = 12,
-    n_extract: int = 600,
+    n_concepts: int = 16,
+    n_extract: int = 400,
     n_eval: int = 400,
     n_test: int = 1000,
     refine: bool = True,
@@ -94,7 +97,7 @@ def run_demo(
     progress: Optional[Callable[[str, int, Optional[int]], None]] = None,
 ) -> Dict[str, object]:
     """Run both experiments and return every figure (the command line prints them)."""
-    from .. import extract as extract_mod
+    from ..extract import extract
     from ..interventions import correct
     from ..taps import LayerTap
 
@@ -104,8 +107,8 @@ def run_demo(
 
     # ---------------------------------------------------------------- 1. concept discovery
     fit = make_shapes(n_extract, seed=seed + 10, watermark="random", watermark_rate=0.3, with_masks=False)
-    basis = extract_mod.extract(model, DEMO_LAYER, fit.images, n_concepts, seed=seed,
-                                refine=refine, ura=ura, progress=progress, model_id="pyconcepts-demo-shapesnet")
+    basis = extract(model, DEMO_LAYER, fit.images, n_concepts, seed=seed, refine=refine, ura=ura,
+                    options=DEMO_OPTIONS, progress=progress, model_id="pyconcepts-demo-shapesnet")
     t_extract = time.time() - t0
 
     ev = make_shapes(n_eval, seed=seed + 20, watermark="random", watermark_rate=0.3)

@@ -73,6 +73,7 @@ def save_weights(model: nn.Module, path: str, recipe: dict) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"recipe": json.dumps(recipe)})
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; package data must be readable
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,0 +1,58 @@
+import os
+
+import pytest
+import torch
+
+from pyconcepts.datasets.shapes import CONCEPTS, make_shapes
+from pyconcepts.demo.run import WEIGHTS_PATH, load_model, nd_iou, run_demo
+
+
+def test_shapes_masks_and_labels_are_consistent():
+    d = make_shapes(50, seed=0, watermark="random", watermark_rate=0.5)
+    assert d.images.shape == (50, 3, 32, 32) and d.masks.shape == (50, len(CONCEPTS), 32, 32)
+    wm = CONCEPTS.index("watermark")
+    assert torch.equal(d.masks[:, wm].flatten(1).any(1), d.attributes["watermark"])
+    # every pixel is background, watermark or object
+    obj = d.masks[:, :3].any(1)
+    assert bool((obj | d.masks[:, wm] | d.masks[:, CONCEPTS.index("background")]).all())
+    blue = d.attributes["colour"] == 2
+    assert bool((d.labels[blue] == 3).all()) and torch.equal(d.labels[~blue], d.attributes["shape"][~blue])
+    assert torch.equal(make_shapes(5, seed=3).images, make_shapes(5, seed=3).images)
+    with pytest.raises(ValueError, match="watermark"):
+        make_shapes(5, watermark="sometimes")
+
+
+def test_poisoned_training_set_backdoors_class_0():
+    d = make_shapes(400, seed=1, watermark="poison", watermark_rate=1.0, backdoor_rate=0.5, with_masks=False)
+    marked = d.attributes["watermark"]
+    assert bool((d.labels[marked] == 0).all())
+    assert bool((d.attributes["true_label"][marked] != 0).any())
+
+
+def test_nd_iou():
+    det = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
+    det[:, 0, :2] = True
+    masks = torch.zeros(2, 2, 4, 4, dtype=torch.bool)
+    masks[:, 0, :2] = True
+    masks[:, 1, :1] = True
+    iou = nd_iou(det, masks)
+    assert torch.allclose(iou, torch.tensor([[1.0, 0.5]], dtype=torch.float64))
+
+
+def test_shipped_weights_are_small_and_load():
+    assert os.path.getsize(WEIGHTS_PATH) < 5e6
+    model = load_model()
+    d = make_shapes(200, seed=123, with_masks=False)
+    with torch.no_grad():
+        acc = (model(d.images).argmax(1) == d.labels).float().mean()
+    assert float(acc) > 0.9
+
+
+@pytest.mark.slow
+def test_demo_correction_experiment():
+    res = run_demo(n_extract=300, n_eval=150, n_test=400)
+    c = res["correction"]
+    assert res["poisoned_gain"] >= 0.3
+    assert c["suppress_decoding"]["poisoned"] < c["suppress_encoding"]["poisoned"]
+    d = res["discovery"]
+    assert d["pyconcepts"]["mean_best_iou"] > max(d["kmeans"]["mean_best_iou"], d["pca"]["mean_best_iou"])

@@ -1,0 +1,79 @@
+"""The paper's synthetic experiment (METHOD.md section 6) through ``pc.extract``: 2-pixel
+images, average pooling + linear network, extraction at the input."""
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import pyconcepts as pc
+from pyconcepts.metrics import detector_iou, match_directions
+from pyconcepts.synthetic import SyntheticModel
+
+PAIRS = [(0, 1), (1, 2), (0, 2)]  # class c holds one pixel of each concept of its pair
+
+
+def make_images(seed, per_class=1000):
+    sm = SyntheticModel(dim=16, n_concepts=3, n_distractors=2, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    pool = sm.sample(per_class * 8, g)
+    concept = pool.presence.float().argmax(1)
+    free = {i: (concept == i).nonzero().flatten().tolist() for i in range(3)}
+    images, labels, presence = [], [], []
+    for c, (i, j) in enumerate(PAIRS):
+        for _ in range(per_class):
+            a, b = free[i].pop(), free[j].pop()
+            if torch.rand((), generator=g) < 0.5:
+                a, b = b, a
+            images.append(torch.stack([pool.x[a], pool.x[b]], 1)[:, None, :])  # (16, 1, 2)
+            presence.append(torch.stack([pool.presence[a], pool.presence[b]]))
+            labels.append(c)
+    return sm, torch.stack(images), torch.tensor(labels), torch.stack(presence)
+
+
+def train_network(images, labels, seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(OrderedDict(
+        input=nn.Identity(), pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(16, 3)))
+    opt = torch.optim.Adam(model.parameters(), 0.05)
+    for _ in range(300):
+        loss = nn.functional.cross_entropy(model(images), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def run(seed):
+    sm, images, labels, presence = make_images(seed)
+    model = train_network(images, labels, seed)
+    basis = pc.extract(model, "input", images, 3, seed=seed)
+    x = images.permute(0, 2, 3, 1).reshape(-1, 16)
+    enc = match_directions(basis.encoding, sm.encoding)
+    iou = detector_iou(basis.detect(x)[:, enc["truth_index"]], presence.reshape(-1, 3))
+    return iou, enc["cosine"]
+
+
+@pytest.fixture(scope="module")
+def results():
+    return {seed: run(seed) for seed in (0, 1, 2)}
+
+
+@pytest.mark.slow
+def test_every_detector_iou_at_least_092_over_three_seeds(results):
+    for seed, (iou, _) in results.items():
+        assert float(iou.min()) >= 0.92, (seed, iou.tolist())
+
+
+@pytest.mark.slow
+def test_encoding_directions_point_at_the_truth(results):
+    # regression guard at the level measured now (min 0.71 over seeds 0-2)
+    for seed, (_, cos) in results.items():
+        assert float(cos.min()) >= 0.6, (seed, cos.tolist())
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="target cosine >= 0.95 not reached yet: measured 0.71-0.87")
+def test_encoding_cosine_target_095(results):
+    for seed, (_, cos) in results.items():
+        assert float(cos.min()) >= 0.95, (seed, cos.tolist())
