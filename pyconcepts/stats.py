@@ -130,10 +130,14 @@ class StreamingCovariance:
     cancellation occurs however large the offset of the data.
     """
 
-    def __init__(self, dim: int, device: Union[str, torch.device] = "cpu"):
+    def __init__(self, dim: int, device: Union[str, torch.device] = "cpu", *,
+                 with_covariance: bool = True):
         self.dim = dim
         self.count = 0
         self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
+        # Without covariance only count and mean are kept: the D x D scatter costs a
+        # float64 GEMM per chunk, as much as a Lloyd pass with K = D.
+        self.with_covariance = with_covariance
         self.scatter = torch.zeros(dim, dim, dtype=torch.float64, device=device)
 
     def update(self, x: torch.Tensor) -> "StreamingCovariance":
@@ -146,14 +150,18 @@ class StreamingCovariance:
         if not bool(torch.isfinite(x64).all()):
             raise ValueError("x contains NaN or Inf")
         mean = x64.mean(0)
-        xc = x64 - mean
-        self._combine(n, mean, xc.T @ xc)
+        if self.with_covariance:
+            xc = x64 - mean
+            self._combine(n, mean, xc.T @ xc)
+        else:
+            self._combine(n, mean, None)
         return self
 
-    def _combine(self, n: int, mean: torch.Tensor, scatter: torch.Tensor) -> None:
+    def _combine(self, n: int, mean: torch.Tensor, scatter: Optional[torch.Tensor]) -> None:
         total = self.count + n
         delta = mean - self.mean
-        self.scatter += scatter + torch.outer(delta, delta) * (self.count * n / total)
+        if scatter is not None:
+            self.scatter += scatter + torch.outer(delta, delta) * (self.count * n / total)
         self.mean += delta * (n / total)
         self.count = total
 
@@ -185,6 +193,8 @@ class StreamingCovariance:
 
     @property
     def covariance(self) -> torch.Tensor:
+        if not self.with_covariance:
+            raise ValueError("this accumulator was created with with_covariance=False")
         if self.count < 2:
             raise ValueError("covariance needs at least two rows")
         return self.scatter / self.count

@@ -1,0 +1,26 @@
+"""DirectionalClustering(pruning=True) reaches exactly what the unpruned fit reaches."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyconcepts as pc
+
+
+def mixture(n, d, k, noise, seed):
+    gen = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(k, d, generator=gen), dim=1)
+    which = torch.randint(0, k, (n,), generator=gen)
+    return centres[which] + noise * torch.randn(n, d, generator=gen) + 0.5
+
+
+@pytest.mark.parametrize("seed,center", [(0, True), (1, False)])
+def test_pruned_fit_equals_unpruned_fit(seed, center):
+    x = mixture(6000, 20, 12, 0.4, seed)
+    chunks = list(x.split(2500))
+    kwargs = dict(n_concepts=16, seed=seed, center=center, max_iter=15, tol=0.0, chunk_size=2500)
+    plain = pc.DirectionalClustering(**kwargs).fit(x)
+    pruned = pc.DirectionalClustering(pruning=True, **kwargs).fit(chunks)
+    assert plain.n_iter_ == pruned.n_iter_ == 15
+    torch.testing.assert_close(plain.centroids_, pruned.centroids_, rtol=0, atol=1e-6)
+    assert torch.equal(plain.predict(x), pruned.predict(x))
+    assert pruned.objective_ == pytest.approx(plain.objective_, rel=1e-9)
