@@ -22,15 +22,18 @@ _LAZY = {
     "ConceptBasis": "basis",
     # model side
     "LayerTap": "taps",
-    "extract": "extract",
+    "extract": "extraction",
     "intervene": "interventions",
     "correct": "interventions",
     "counterfactual": "interventions",
+    "restore_corrections": "interventions",
+    "contribution_maps": "attribution",
+    "rcav": "attribution",
 }
 
 _SUBMODULES = {
     "reference", "stats", "clustering", "signal", "detectors", "directions", "basis",
-    "synthetic", "metrics", "taps", "ura", "extract", "interventions", "attribution",
+    "synthetic", "metrics", "taps", "ura", "extraction", "interventions", "attribution",
     "datasets", "demo", "cli",
 }
 

@@ -114,7 +114,7 @@ def _cmd_demo(args) -> int:
 
 def _cmd_extract(args) -> int:
     from .demo.model import DEMO_LAYER
-    from .extract import extract
+    from .extraction import extract
 
     model = _load_model(args.model, args.weights)
     layer = args.layer or (DEMO_LAYER if args.model is None else None)
@@ -188,7 +188,7 @@ def _cmd_intervene(args) -> int:
 def _cmd_bench(args) -> int:
     from .demo.model import DEMO_LAYER
     from .demo.run import load_model
-    from .extract import extract
+    from .extraction import extract
 
     model = load_model()
     images = _load_images(None, args.n_images, 0)

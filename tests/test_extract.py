@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import pyconcepts as pc
-from pyconcepts.extract import DEFAULTS, batch_signal_vectors, fso_loss
+from pyconcepts.extraction import DEFAULTS, batch_signal_vectors, fso_loss
 from _toy_models import SmallCNN, TinyViT
 
 torch.manual_seed(0)
@@ -67,3 +67,13 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="empty"):
         pc.extract(model, "features.3", [], 2)
     assert "ura_weight" in DEFAULTS
+
+
+def test_pc_extract_is_the_function_after_importing_the_submodule():
+    import importlib
+    import pyconcepts.extraction as extraction
+    assert pc.extract is extraction.extract and callable(pc.extract)
+    importlib.import_module("pyconcepts.extraction")
+    assert pc.extract is extraction.extract
+    for name in ("restore_corrections", "contribution_maps", "rcav"):
+        assert callable(getattr(pc, name)), name

@@ -97,7 +97,7 @@ def run_demo(
     progress: Optional[Callable[[str, int, Optional[int]], None]] = None,
 ) -> Dict[str, object]:
     """Run both experiments and return every figure (the command line prints them)."""
-    from ..extract import extract
+    from ..extraction import extract
     from ..interventions import correct
     from ..taps import LayerTap
 

@@ -1,4 +1,4 @@
-"""``pc.extract``: concept direction pairs of a network's layer, with refinement and URA.
+"""``pc.extract`` (module ``pyconcepts.extraction``): concept direction pairs of a network's layer, with refinement and URA.
 
 Pipeline (METHOD.md sections 2-4):
 
@@ -23,8 +23,6 @@ it into progress bars).
 from __future__ import annotations
 
 import math
-import sys
-import types
 from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
@@ -294,14 +292,3 @@ def _final_signal_vectors(source, decoding, bias, mean):
         encoding[alive] = signal_vectors(source, decoding[alive], bias[alive], center=mean)
     return encoding, dead
 
-
-class _CallableModule(types.ModuleType):
-    """Importing ``pyconcepts.extract`` binds the *module* to ``pyconcepts.extract``, shadowing
-    the function of the same name; calling the module calls the function, so ``pc.extract(...)``
-    works either way."""
-
-    def __call__(self, *args, **kwargs):
-        return extract(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
