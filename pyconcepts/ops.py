@@ -466,3 +466,150 @@ def assign_update(
     if return_group_max:
         out += (group_max,)
     return (*out, sums, counts)
+
+
+# --------------------------------------------------------------------------- pruned_pass
+#: Largest deviation of a centroid's norm from 1 that ``pruned_pass`` accepts (its bounds
+#: fold this error in, see ``pruned_pass_eps``). fp32 ``F.normalize`` stays near 1e-7.
+PRUNED_NORM_TOL: float = 1e-5
+
+
+def pruned_pass_groups(n_clusters: int, strips_per_group: int) -> int:
+    """Number of bound groups of ``pruned_pass``: groups are ``strips_per_group`` strips of
+    ``ASSIGN_GROUP`` consecutive centroids."""
+    strips = -(-n_clusters // ASSIGN_GROUP)
+    return -(-strips // strips_per_group)
+
+
+def pruned_pass_eps(d: int) -> float:
+    """Bound on |kernel cosine - true cosine| for rows of D elements, used by the bounds of
+    ``pruned_pass``: worst-case fp32 rounding of a D-term dot product plus the row norm
+    (``2 (D + 16) 2^-24``), the centroid norm error ``PRUNED_NORM_TOL``, and ``2^-22`` for
+    rounding in the bound arithmetic. Worst case, not typical: it only costs an angle of
+    about eps / sin(angle) of pruning power."""
+    return 2.0 * (d + 16) * 2.0**-24 + PRUNED_NORM_TOL + 2.0**-22
+
+
+@torch.library.custom_op(
+    "pyconcepts::pruned_pass", mutates_args=("labels", "theta_lo", "theta_up")
+)
+def _pruned_pass_op(
+    x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, theta_lo: torch.Tensor,
+    theta_up: torch.Tensor, drift: torch.Tensor, strips_per_group: int, eps: float,
+    normalize: bool, num_threads: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    k, d = centroids.shape
+    sum_corr = torch.zeros(k, d, dtype=torch.float64)
+    count_corr = torch.zeros(k, dtype=torch.int64)
+    stats = torch.zeros(4, dtype=torch.int64)
+    bad = torch.zeros(2, dtype=torch.int64)
+    if x.shape[0] > 0:
+        _C.pruned_pass(
+            *_matrix_args(x), centroids.data_ptr(), k, strips_per_group, drift.data_ptr(), eps,
+            labels.data_ptr(), theta_lo.data_ptr(), theta_up.data_ptr(), sum_corr.data_ptr(),
+            count_corr.data_ptr(), stats.data_ptr(), bad.data_ptr(), num_threads, normalize,
+        )
+    return sum_corr, count_corr, stats, bad
+
+
+@_pruned_pass_op.register_fake
+def _(x, centroids, labels, theta_lo, theta_up, drift, strips_per_group, eps, normalize,
+      num_threads):
+    k, d = centroids.shape
+    return (
+        x.new_empty(k, d, dtype=torch.float64),
+        x.new_empty(k, dtype=torch.int64),
+        x.new_empty(4, dtype=torch.int64),
+        x.new_empty(2, dtype=torch.int64),
+    )
+
+
+def _check_state(t, name: str, dtype: torch.dtype, shape: Tuple[int, ...]) -> torch.Tensor:
+    """A per-row state tensor that the kernel updates in place: exact dtype, shape, CPU,
+    contiguous (a converted copy would silently lose the update)."""
+    t = _check_tensor(t, name)
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be a CPU tensor, got {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (it is updated in place)")
+    return t
+
+
+def pruned_pass(
+    x: torch.Tensor,
+    centroids: torch.Tensor,
+    labels: torch.Tensor,
+    theta_lo: torch.Tensor,
+    theta_up: torch.Tensor,
+    drift: torch.Tensor,
+    *,
+    strips_per_group: int = 1,
+    normalize: bool = False,
+    num_threads: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One exact Lloyd assignment pass that reads only the rows its bounds cannot certify
+    (CPU only; semantics and the bound invariants in csrc/pruned_pass.h).
+
+    ``labels`` (N,) int64, ``theta_lo`` (N,) float32 and ``theta_up`` (N, G) float32
+    (``G = pruned_pass_groups(K, strips_per_group)``) are the per-row state, updated in
+    place: afterwards ``labels`` equals ``cosine_assign(x, centroids)[0]`` exactly.
+    ``theta_lo`` bounds the own angle from above (with the kernel's rounding, eps =
+    ``pruned_pass_eps(D)``, folded in: ``cos(theta_lo) <= true cosine - 2 eps``),
+    ``theta_up[:, g]`` bounds the angles to group g's other centroids from below. ``drift``
+    (K,) float64 is, per centroid, an upper bound on the angle it moved since the bounds
+    were made (zeros when they were made for these centroids). ``centroids`` must be unit
+    rows to ``PRUNED_NORM_TOL``.
+
+    Returns ``(sum_corr float64 (K, D), count_corr int64 (K,), stats int64 (4,))``: add the
+    corrections to the sums/counts of the previous labels to get those of the new ones
+    (unit rows when ``normalize``, as ``assign_update``); stats = rows read, cosines
+    computed, rows with every group evaluated, rows that moved. Rows the bounds certify are
+    not read, so NaN/Inf in them is only detected when they are read; when it is, the op
+    raises and the state must be rebuilt from a full pass.
+    """
+    x = _check_activations(x)
+    if x.is_cuda:
+        raise ValueError("pruned_pass is implemented for CPU tensors only (x is on CUDA)")
+    centroids = _check_param_matrix(centroids, "centroids", x.shape[1], x.device)
+    norm_error = float((centroids.double().norm(dim=1) - 1).abs().max())
+    if norm_error > PRUNED_NORM_TOL:
+        raise ValueError(
+            f"centroids must have unit-norm rows to {PRUNED_NORM_TOL:g} for pruned_pass "
+            f"(largest norm error {norm_error:.3g}); normalise them first"
+        )
+    if isinstance(strips_per_group, bool) or not isinstance(strips_per_group, int) \
+            or strips_per_group < 1:
+        raise ValueError(f"strips_per_group must be a positive int, got {strips_per_group!r}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    n, d = x.shape
+    k = centroids.shape[0]
+    groups = pruned_pass_groups(k, strips_per_group)
+    labels = _check_state(labels, "labels", torch.int64, (n,))
+    theta_lo = _check_state(theta_lo, "theta_lo", torch.float32, (n,))
+    theta_up = _check_state(theta_up, "theta_up", torch.float32, (n, groups))
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= k):
+        raise ValueError(f"labels has values outside [0, {k})")
+    drift = _check_tensor(drift, "drift")
+    if drift.dtype != torch.float64:
+        raise TypeError(f"drift must be float64, got {drift.dtype}")
+    if tuple(drift.shape) != (k,):
+        raise ValueError(f"drift must have shape ({k},), got {tuple(drift.shape)}")
+    if drift.device.type != "cpu":
+        raise ValueError(f"drift must be a CPU tensor, got {drift.device}")
+    if not bool((torch.isfinite(drift) & (drift >= 0)).all()):
+        raise ValueError("drift must hold finite angles >= 0")
+    drift = drift.contiguous()
+    sum_corr, count_corr, stats, bad = torch.ops.pyconcepts.pruned_pass(
+        x, centroids, labels, theta_lo, theta_up, drift, strips_per_group,
+        pruned_pass_eps(d), normalize, _threads(num_threads),
+    )
+    _raise_bad(bad)
+    return sum_corr, count_corr, stats
+
+
+__all__ += ["pruned_pass", "pruned_pass_eps", "pruned_pass_groups", "PRUNED_NORM_TOL"]

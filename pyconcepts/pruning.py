@@ -1,19 +1,24 @@
-"""Exact pruned Lloyd passes for spherical k-means.
+"""Exact pruned Lloyd passes for spherical k-means (Yinyang-style bounds on the sphere).
 
-Every point keeps two bounds in angle space: a lower bound on the cosine to its own
-centroid and an upper bound on the cosine to every other centroid. After an update each
-centroid j has moved by the angle ``drift_j = arccos(c_j_old . c_j_new)``; by the triangle
-inequality on the sphere the own angle grows by at most ``drift_own`` and every other angle
-shrinks by at most the largest other drift. A point whose loosened bounds still separate by
-more than ``margin`` (which covers fp32 rounding of the kernel's dot products) cannot change
-its assignment and is not read at all. The rest are gathered and reassigned with the native
-kernel, which also refreshes their bounds (best and second-best cosine), and the cluster
-sums are corrected only for the points that moved. The labels are those of unpruned Lloyd
-passes from the same start (tested in tests/test_pruning.py).
+Every point keeps bounds as angles: ``theta_lo`` above the angle to its own centroid and,
+per group of consecutive centroids, ``theta_up[g]`` below the angle to every other centroid
+of the group. After an update centroid j has moved by the angle ``drift_j``; by the triangle
+inequality on the sphere the own angle grows by at most ``drift_own`` and the angles to a
+group's centroids shrink by at most the group's largest drift, so loosening is one add per
+bound. One native call per chunk (``ops.pruned_pass``) then, per point:
+
+1. global filter: if ``theta_lo`` is below every ``theta_up[g]`` the point keeps its label
+   and is not read (the kernel's fp32 rounding is folded into the stored angles, so this
+   proves its fp32 dot products order the same way);
+2. otherwise the row is converted once, its own cosine tightens ``theta_lo``, and only the
+   groups whose bound still reaches it (plus the own group) are evaluated with the GEMM tile
+   of ``cosine_assign``, so the winner is picked among bit-identical dot products.
+
+The cluster sums are corrected only for the points that changed cluster. The labels are
+those of unpruned Lloyd passes from the same start (tests/test_pruning.py checks it).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -21,25 +26,39 @@ import torch
 
 from . import ops
 
+# Added to (subtracted from) the angles made here in float64, so that their rounding to
+# float32 (half an ulp, <= 1.2e-7) keeps them on the safe side.
+_ANGLE_SLACK = 1e-6
+
 
 @dataclass
 class _ChunkBounds:
-    labels: torch.Tensor  # (n,) int64
-    lower: torch.Tensor   # (n,) float32: cosine to own centroid >= lower
-    upper: torch.Tensor   # (n,) float32: cosine to any other centroid <= upper
+    labels: torch.Tensor    # (n,) int64
+    theta_lo: torch.Tensor  # (n,) float32: upper bound on the (rounding-shifted) own angle
+    theta_up: torch.Tensor  # (n, G) float32: lower bound on the angle to group g's others
 
 
 @dataclass
 class PassStats:
-    """What one Lloyd pass did: points read and reassigned versus skipped by the bounds."""
+    """What one Lloyd pass did. ``distance_fraction`` is the share of the N x K cosines an
+    unpruned pass computes that this pass computed."""
 
     n_points: int = 0
-    n_recomputed: int = 0
+    n_clusters: int = 0
+    n_read: int = 0           # points not certified by the global filter
+    n_full: int = 0           # points evaluated against every group
     n_moved: int = 0
+    n_cosines: int = 0        # point-centroid cosines computed
 
     @property
     def skipped_fraction(self) -> float:
-        return 1.0 - self.n_recomputed / self.n_points if self.n_points else 0.0
+        """Share of points the global filter certified without reading them."""
+        return 1.0 - self.n_read / self.n_points if self.n_points else 0.0
+
+    @property
+    def distance_fraction(self) -> float:
+        total = self.n_points * self.n_clusters
+        return self.n_cosines / total if total else 1.0
 
 
 @dataclass
@@ -47,30 +66,69 @@ class BoundedLloyd:
     """State of pruned Lloyd passes over a fixed sequence of chunks.
 
     ``first_pass`` runs the fused native ``assign_update`` over every chunk and records labels
-    and bounds; each ``next_pass`` then reads only the points its bounds cannot certify. The
-    chunks must be the same rows in the same order on every pass (a tensor list or a
-    re-iterable stream). Memory: 16 bytes per point.
+    and bounds; each ``next_pass`` then reads only what its bounds cannot certify, in one
+    native call per chunk. The chunks must be the same rows in the same order on every pass
+    (a tensor list or a re-iterable stream). Centroids must be unit rows to
+    ``ops.PRUNED_NORM_TOL``. Memory: 12 + 4 * n_groups bytes per point.
+
+    ``margin`` is kept for compatibility and unused: the kernel's rounding margin is derived
+    from D (``ops.pruned_pass_eps``) and folded into the stored angles.
     """
 
     n_clusters: int
+    n_groups: int = 16
     margin: float = 1e-4
+    normalize: bool = False  # sums of unit rows (see ops.assign_update)
     num_threads: Optional[int] = None
     _chunks: List[_ChunkBounds] = field(default_factory=list, repr=False)
 
+    def __post_init__(self):
+        if self.n_clusters < 1:
+            raise ValueError(f"n_clusters must be >= 1, got {self.n_clusters}")
+        if self.n_groups < 1:
+            raise ValueError(f"n_groups must be >= 1, got {self.n_groups}")
+        strip = ops.ASSIGN_GROUP  # groups are whole strips of the kernel's group maxima
+        strips = -(-self.n_clusters // strip)
+        self._strips_per_group = -(-strips // min(self.n_groups, strips))
+        self._group_size = strip * self._strips_per_group
+        self._groups = ops.pruned_pass_groups(self.n_clusters, self._strips_per_group)
+        self._group_of = torch.arange(self.n_clusters) // self._group_size
+
+    # ------------------------------------------------------------------ bounds
+    def _bounds_from_full(self, d, labels, best, second, strip_max):
+        """Angle bounds from a full pass (see csrc/pruned_pass.h): the own angle shifted by
+        the kernel's rounding, and per group the angle to its largest other cosine (in the
+        own centroid's group the global second best bounds the other members)."""
+        eps = ops.pruned_pass_eps(d)
+        n = labels.shape[0]
+        pad = self._groups * self._strips_per_group - strip_max.shape[1]
+        if pad:
+            strip_max = torch.cat([strip_max, strip_max.new_full((n, pad), -1.0)], dim=1)
+        upper_cos = strip_max.view(n, self._groups, self._strips_per_group).amax(dim=2)
+        upper_cos.scatter_(1, self._group_of[labels][:, None], second[:, None])
+        theta_up = torch.acos((upper_cos.double() + eps).clamp(-1, 1)) - _ANGLE_SLACK
+        theta_lo = torch.acos((best.double() - 3 * eps).clamp(-1, 1)) + _ANGLE_SLACK
+        return theta_lo.float(), theta_up.clamp_min(0).float()
+
     def first_pass(self, chunks, centroids: torch.Tensor):
         """Full pass. Returns (sums float64 (K, D), counts int64 (K,), PassStats)."""
+        _check_unit(centroids)
         self._chunks = []
         sums = counts = None
-        stats = PassStats()
+        stats = PassStats(n_clusters=self.n_clusters)
         for x in chunks:
-            index, best, second, s, c = ops.assign_update(
-                x, centroids, return_second=True, num_threads=self.num_threads
+            index, best, second, strip_max, s, c = ops.assign_update(
+                x, centroids, return_second=True, return_group_max=True,
+                normalize=self.normalize, num_threads=self.num_threads,
             )
-            self._chunks.append(_ChunkBounds(index, best, second))
+            lo, up = self._bounds_from_full(x.shape[1], index, best, second, strip_max)
+            self._chunks.append(_ChunkBounds(index, lo, up))
             sums = s if sums is None else sums + s
             counts = c if counts is None else counts + c
             stats.n_points += x.shape[0]
-            stats.n_recomputed += x.shape[0]
+            stats.n_read += x.shape[0]
+            stats.n_full += x.shape[0]
+            stats.n_cosines += x.shape[0] * self.n_clusters
         if sums is None:
             raise ValueError("the stream of chunks is empty")
         return sums, counts, stats
@@ -83,13 +141,7 @@ class BoundedLloyd:
         for the points that change cluster and returned with a PassStats.
         """
         drift = _drift_angles(old_centroids, new_centroids)
-        k = drift.shape[0]
-        if k > 1:
-            top = drift.topk(2)
-            first_val, first_idx, second_val = top.values[0], top.indices[0], top.values[1]
-        else:
-            first_val, first_idx, second_val = drift[0], torch.tensor(0), torch.tensor(0.0)
-        stats = PassStats()
+        stats = PassStats(n_clusters=self.n_clusters)
         n_seen = 0
         for j, x in enumerate(chunks):
             if j >= len(self._chunks) or x.shape[0] != self._chunks[j].labels.shape[0]:
@@ -97,48 +149,54 @@ class BoundedLloyd:
                     "the chunks changed between passes (pruned passes need the same rows in "
                     "the same order every time)"
                 )
-            state = self._chunks[j]
             n_seen += 1
-            labels = state.labels
-            own = drift[labels]
-            other = torch.where(labels == first_idx, second_val, first_val)
-            lower_angle = torch.acos(state.lower.double().clamp(-1, 1)) + own
-            upper_angle = (torch.acos(state.upper.double().clamp(-1, 1)) - other).clamp_min(0)
-            lower = torch.cos(lower_angle.clamp_max(math.pi))
-            upper = torch.cos(upper_angle)
-            state.lower = lower.float()
-            state.upper = upper.float()
-            active = (lower <= upper + self.margin).nonzero().squeeze(1)
-            stats.n_points += x.shape[0]
-            stats.n_recomputed += int(active.numel())
-            if active.numel() == 0:
-                continue
-            sub = x.index_select(0, active)
-            new_labels, best, second = ops.cosine_assign(
-                sub, new_centroids, return_second=True, num_threads=self.num_threads
+            state = self._chunks[j]
+            sum_corr, count_corr, pass_stats = ops.pruned_pass(
+                x, new_centroids, state.labels, state.theta_lo, state.theta_up, drift,
+                strips_per_group=self._strips_per_group, normalize=self.normalize,
+                num_threads=self.num_threads,
             )
-            old_labels = labels.index_select(0, active)
-            moved = (new_labels != old_labels).nonzero().squeeze(1)
-            if moved.numel():
-                rows = sub.index_select(0, moved)
-                add_s, add_c = ops.spherical_update(rows, new_labels[moved], k)
-                sub_s, sub_c = ops.spherical_update(rows, old_labels[moved], k)
-                sums += add_s - sub_s
-                counts += add_c - sub_c
-                stats.n_moved += int(moved.numel())
-            labels[active] = new_labels
-            state.lower[active] = best
-            state.upper[active] = second
+            sums += sum_corr
+            counts += count_corr
+            read, cosines, full, moved = (int(v) for v in pass_stats.tolist())
+            stats.n_points += x.shape[0]
+            stats.n_read += read
+            stats.n_cosines += cosines
+            stats.n_full += full
+            stats.n_moved += moved
         if n_seen != len(self._chunks):
             raise ValueError("the chunks changed between passes (fewer chunks than before)")
         return sums, counts, stats
 
     def labels(self) -> torch.Tensor:
         """The current labels of all points, in chunk order."""
-        return torch.cat([c.labels for c in self._chunks]) if self._chunks else torch.empty(0, dtype=torch.int64)
+        if not self._chunks:
+            return torch.empty(0, dtype=torch.int64)
+        return torch.cat([c.labels for c in self._chunks])
+
+
+def _check_unit(centroids: torch.Tensor) -> None:
+    if isinstance(centroids, torch.Tensor) and centroids.dim() == 2 and centroids.shape[0]:
+        error = float((centroids.double().norm(dim=1) - 1).abs().max())
+        if not error <= ops.PRUNED_NORM_TOL:
+            raise ValueError(
+                f"centroids must have unit-norm rows to {ops.PRUNED_NORM_TOL:g} for pruned "
+                f"passes (largest norm error {error:.3g}); normalise them first"
+            )
 
 
 def _drift_angles(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """Angle each unit centroid moved, in float64, rounded up so the bounds stay safe."""
-    cos = (old.double() * new.double()).sum(dim=1).clamp(-1, 1)
-    return torch.acos(cos) + 1e-7
+    """Angle each centroid direction moved, in float64, rounded up so the bounds stay safe.
+    2 asin(|a - b| / 2) stays accurate for tiny angles, where acos(a . b) loses half the
+    digits."""
+    if old.shape != new.shape:
+        raise ValueError(f"old and new centroids differ in shape: {tuple(old.shape)} vs "
+                         f"{tuple(new.shape)}")
+    a = old.double() / old.double().norm(dim=1, keepdim=True)
+    b = new.double() / new.double().norm(dim=1, keepdim=True)
+    chord = (a - b).norm(dim=1)
+    drift = 2 * torch.asin((chord / 2).clamp(max=1.0))
+    return torch.where(chord > 0, drift * (1 + 1e-12) + 1e-15, drift.new_zeros(()))
+
+
+__all__ = ["BoundedLloyd", "PassStats"]

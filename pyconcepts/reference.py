@@ -105,3 +105,41 @@ def assign_update(
         rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(_EPS)
     sums, counts = spherical_update(rows, assigned[0], centroids.shape[0])
     return (*assigned, sums, counts)
+
+
+def pruned_pass(
+    x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, *,
+    strips_per_group: int = 1, normalize: bool = False,
+) -> Tuple[torch.Tensor, ...]:
+    """Dense oracle of ``ops.pruned_pass``: what a pruned pass must produce, without bounds.
+
+    Returns ``(new_labels, own_angle (N,), group_angle (N, G), sum_corr, count_corr)``: the
+    full assignment, float64 true angles from each row to its new centroid and, per group of
+    ``16 * strips_per_group`` consecutive centroids, to the nearest other member (``pi``
+    when there is none), and the float64 sum/count corrections for the rows whose label
+    changed (+row at the new, -row at the old cluster; unit rows when ``normalize``). Valid
+    bounds satisfy theta_lo >= own_angle and theta_up <= group_angle.
+    """
+    n, k = x.shape[0], centroids.shape[0]
+    width = 16 * strips_per_group
+    groups = -(-k // width)
+    c_unit = centroids.double() / centroids.double().norm(dim=1, keepdim=True)
+    if n == 0:
+        new_labels = torch.empty(0, dtype=torch.int64)
+        angles = torch.empty(0, k, dtype=torch.float64)
+    else:
+        new_labels = cosine_assign(x, centroids)[0]
+        angles = torch.acos(cosine_similarities(x, c_unit).clamp(-1, 1))
+    own = angles.gather(1, new_labels[:, None]).squeeze(1)
+    others = angles.clone()
+    others.scatter_(1, new_labels[:, None], torch.pi)
+    pad = groups * width - k
+    others = torch.cat([others, others.new_full((n, pad), torch.pi)], dim=1)
+    group_angle = others.view(n, groups, width).amin(dim=2)
+    rows = x.double()
+    if normalize:
+        rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(_EPS)
+    moved = new_labels != labels
+    add, add_c = spherical_update(rows[moved], new_labels[moved], k)
+    sub, sub_c = spherical_update(rows[moved], labels[moved], k)
+    return new_labels, own, group_angle, add - sub, add_c - sub_c

@@ -9,6 +9,7 @@
 #include "cosine_assign.h"
 #include "cpu/simd.h"
 #include "masked_moments.h"
+#include "pruned_pass.h"
 #include "spherical_update.h"
 
 namespace py = pybind11;
@@ -109,4 +110,25 @@ PYBIND11_MODULE(_C, m) {
       py::arg("decoding"), py::arg("bias"), py::arg("center"), py::arg("k"), py::arg("count"),
       py::arg("sum_z"), py::arg("sum_z2"), py::arg("sum_x"), py::arg("sum_xz"), py::arg("bad"),
       py::arg("num_threads"));
+  m.def(
+      "pruned_pass",
+      [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t row_stride, uintptr_t c,
+         int64_t k, int64_t strips_per_group, uintptr_t drift, double eps, uintptr_t labels,
+         uintptr_t theta_lo, uintptr_t theta_up, uintptr_t sum_corr, uintptr_t count_corr,
+         uintptr_t stats, uintptr_t bad, int num_threads, bool normalize) {
+        const Matrix mx = matrix(x, dtype, n, d, row_stride);
+        check_k(k);
+        if (strips_per_group < 1) throw std::invalid_argument("strips_per_group must be >= 1");
+        if (!(eps > 0.0 && eps < 0.5)) throw std::invalid_argument("eps must be in (0, 0.5)");
+        py::gil_scoped_release release;
+        pruned_pass_cpu(mx, ptr<const float>(c), k, strips_per_group, ptr<const double>(drift),
+                        eps, ptr<int64_t>(labels), ptr<float>(theta_lo), ptr<float>(theta_up),
+                        ptr<double>(sum_corr), ptr<int64_t>(count_corr), ptr<int64_t>(stats),
+                        ptr<int64_t>(bad), num_threads, normalize);
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("row_stride"),
+      py::arg("centroids"), py::arg("k"), py::arg("strips_per_group"), py::arg("drift"),
+      py::arg("eps"), py::arg("labels"), py::arg("theta_lo"), py::arg("theta_up"),
+      py::arg("sum_corr"), py::arg("count_corr"), py::arg("stats"), py::arg("bad"),
+      py::arg("num_threads"), py::arg("normalize"));
 }
