@@ -32,6 +32,7 @@ from . import detectors
 from .basis import ConceptBasis
 from .directions import extract_directions
 from .signal import signal_vectors
+from .stats import DEFAULT_CHUNK_SIZE
 from .taps import LayerTap, iter_batches
 from .ura import URALoss
 
@@ -122,12 +123,34 @@ class _PatchSource:
                 progress("patches", j + 1, total)
         if self.n_rows == 0:
             raise ValueError("images is empty: no patches to extract concepts from")
+        if self.cached is not None:
+            self.cached = _coalesce(self.cached, DEFAULT_CHUNK_SIZE)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         if self.cached is not None:
             return iter(self.cached)
         return (self.tap.to_rows(self.tap.activations(b)).float().contiguous()
                 for b in iter_batches(self.images, self.batch_size))
+
+
+def _coalesce(pieces: List[torch.Tensor], rows: int) -> List[torch.Tensor]:
+    """The cached per-batch pieces regrouped into chunks of about ``rows`` rows: every pass
+    (clustering, thresholds, moments) then costs a few large native calls instead of one
+    small call per image batch, which dominated the run time on small layers."""
+    out: List[torch.Tensor] = []
+    group: List[torch.Tensor] = []
+    size = 0
+    pieces.reverse()
+    while pieces:
+        piece = pieces.pop()  # drop as we go so the peak memory stays ~ one extra chunk
+        group.append(piece)
+        size += piece.shape[0]
+        if size >= rows:
+            out.append(torch.cat(group) if len(group) > 1 else group[0])
+            group, size = [], 0
+    if group:
+        out.append(torch.cat(group) if len(group) > 1 else group[0])
+    return out
 
 
 def _count_batches(images, batch_size) -> Optional[int]:
