@@ -9,7 +9,7 @@
     pyconcepts intervene basis.safetensors --remove I   predictions with and without concept I
     pyconcepts bench                               time the extraction pipeline on the demo
 
-Progress goes to stderr as plain text bars; results go to stdout.
+Progress goes to stderr (text bars on a terminal, one line per stage otherwise); results go to stdout.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import importlib
 import json
 import sys
 import time
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -26,16 +26,30 @@ __all__ = ["main", "ProgressBar"]
 
 
 class ProgressBar:
-    """A ``progress(stage, done, total)`` callback drawing one text bar per stage on stderr."""
+    """A ``progress(stage, done, total)`` callback drawing one text bar per stage on stderr.
 
-    def __init__(self, stream=None, width: int = 30, enabled: bool = True):
+    When the stream is not a terminal (a CI log), carriage-return bars would pile up into one
+    unreadable line, so it writes one line per stage instead, when the stage ends (or when the
+    next one starts), with the stage's duration."""
+
+    def __init__(self, stream=None, width: int = 30, enabled: bool = True, interactive: Optional[bool] = None):
         self.stream = stream or sys.stderr
         self.width, self.enabled = width, enabled
+        if interactive is None:
+            isatty = getattr(self.stream, "isatty", None)
+            interactive = bool(isatty and isatty())
+        self.interactive = interactive
         self.stage: Optional[str] = None
         self.last = 0.0
+        self.stage_start = 0.0
+        self.stage_done: Optional[Tuple[int, Optional[int]]] = None
+        self.reported = False
 
     def __call__(self, stage: str, done: int, total: Optional[int]) -> None:
         if not self.enabled:
+            return
+        if not self.interactive:
+            self._line(stage, done, total)
             return
         now = time.time()
         finished = total is not None and done >= total
@@ -54,9 +68,30 @@ class ProgressBar:
             self.stream.write(f"\r  {stage:<16} {done}")
         self.stream.flush()
 
+    def _line(self, stage: str, done: int, total: Optional[int]) -> None:
+        now = time.time()
+        if stage != self.stage:
+            self._finish_line(now)
+            self.stage, self.stage_start, self.reported = stage, now, False
+        self.stage_done = (done, total)
+        if total is not None and done >= total and not self.reported:
+            self._finish_line(now)
+
+    def _finish_line(self, now: float) -> None:
+        if self.stage is None or self.reported or self.stage_done is None:
+            return
+        done, total = self.stage_done
+        count = f"{done}/{total}" if total else f"{done}"
+        self.stream.write(f"  {self.stage}: {count} ({now - self.stage_start:.1f} s)\n")
+        self.stream.flush()
+        self.reported = True
+
     def close(self) -> None:
         if self.enabled and self.stage is not None:
-            self.stream.write("\n")
+            if self.interactive:
+                self.stream.write("\n")
+            else:
+                self._finish_line(time.time())
             self.stream.flush()
         self.stage = None
 
@@ -101,8 +136,8 @@ def _cmd_demo(args) -> int:
     torch.set_num_threads(args.threads) if args.threads else None
     bar = ProgressBar(enabled=not args.quiet)
     try:
-        res = run_demo(seed=args.seed, n_concepts=args.concepts, refine=not args.no_refine,
-                       ura=not args.no_ura, progress=bar)
+        res = run_demo(seed=args.seed, n_concepts=args.concepts, refine=args.refine or args.ura,
+                       ura=args.ura, progress=bar)
     finally:
         bar.close()
     print_demo(res)
@@ -219,8 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--concepts", type=int, default=16)
-    p.add_argument("--no-refine", action="store_true")
-    p.add_argument("--no-ura", action="store_true")
+    p.add_argument("--refine", action="store_true",
+                   help="add the gradient refinement of the detectors (slower; see demo/run.py)")
+    p.add_argument("--ura", action="store_true", help="add the refinement with URA (implies --refine)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_cmd_demo)

@@ -11,6 +11,9 @@ a_hat_i(x) = (w_i . x - w_i . mean) / g_i (``ConceptBasis.latent``):
   membership ``m = sigmoid(w_i . x - b_i)`` and ``k = strength * max(a_hat_i(x), 0)`` (our
   choice of k: it takes the concept's excess over its mean out). The ReLU is applied only
   when the layer's output is non-negative (post-ReLU maps); ``clamp`` overrides this.
+  ``membership="hard"`` uses ``m = 1[w_i . x > b_i]`` instead of the sigmoid: the sigmoid's
+  sharpness is set by the detector's scale ``||w_i||``, and a soft detector (unit-norm w_i)
+  gives every patch m ~ 0.3-0.5, so the edit leaks onto patches where the concept is absent.
 
 ``direction="decoding"`` replaces s_i by w_i / ||w_i||^2 (the paper's control: editing along
 the filter instead of the signal vector).
@@ -37,6 +40,7 @@ __all__ = [
 
 _PREFIX = "pyconcepts_correction_"
 _DIRECTIONS = ("encoding", "decoding")
+_MEMBERSHIPS = ("soft", "hard")
 
 
 def _check_basis(basis):
@@ -83,11 +87,14 @@ def edit_rows(
     strength: float = 1.0,
     direction: str = "encoding",
     clamp: Optional[bool] = None,
+    membership: str = "soft",
 ) -> torch.Tensor:
     """Apply the section-5 edits to patch rows (N, D); indices are rows of the basis tensors.
-    Differentiable in ``rows`` and in the basis tensors."""
+    Differentiable in ``rows`` and in the basis tensors (not through a hard membership)."""
     if direction not in _DIRECTIONS:
         raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
+    if membership not in _MEMBERSHIPS:
+        raise ValueError(f"membership must be one of {_MEMBERSHIPS}, got {membership!r}")
     w = decoding.to(device=rows.device, dtype=rows.dtype)
     b = bias.to(device=rows.device, dtype=rows.dtype)
     mu = mean.to(device=rows.device, dtype=rows.dtype)
@@ -108,7 +115,10 @@ def edit_rows(
     if remove:
         for i in remove:
             proj = x @ w[i]
-            member = torch.sigmoid(proj - b[i])
+            if membership == "soft":
+                member = torch.sigmoid(proj - b[i])
+            else:
+                member = (proj > b[i]).to(x.dtype)
             amount = strength * torch.clamp((proj - offset[i]) / gain[i], min=0)
             x = x - (member * amount)[:, None] * s[i]
         if nonneg:
@@ -131,10 +141,11 @@ def _normalise_edits(basis, set, scale, remove):
 
 
 class _EditHook:
-    def __init__(self, tap: LayerTap, basis, set_, scale_, remove_, strength, direction, clamp):
+    def __init__(self, tap: LayerTap, basis, set_, scale_, remove_, strength, direction, clamp,
+                 membership="soft"):
         self.tap, self.basis = tap, basis
         self.kwargs = dict(set=set_, scale=scale_, remove=remove_, strength=strength,
-                           direction=direction, clamp=clamp)
+                           direction=direction, clamp=clamp, membership=membership)
 
     def __call__(self, module, inputs, output):
         tap = self.tap
@@ -159,17 +170,21 @@ def intervene(
     direction: str = "encoding",
     clamp: Optional[bool] = None,
     skip_tokens: int = 0,
+    membership: str = "soft",
 ):
     """Within the ``with`` block, ``model`` sees edited activations at ``layer`` (default: the
     layer recorded in the basis). ``set={i: t}`` sets latent factors, ``scale={i: c}`` scales
-    them, ``remove=[i, ...]`` suppresses concepts where detected. Yields the model."""
+    them, ``remove=[i, ...]`` suppresses concepts where detected (``membership``: 'soft' or
+    'hard', see the module docstring). Yields the model."""
     basis = _check_basis(basis)
     if direction not in _DIRECTIONS:
         raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
+    if membership not in _MEMBERSHIPS:
+        raise ValueError(f"membership must be one of {_MEMBERSHIPS}, got {membership!r}")
     set_, scale_, remove_ = _normalise_edits(basis, set, scale, remove)
     tap = LayerTap(model, _layer_name(basis, layer), skip_tokens=skip_tokens)
     handle = tap.module.register_forward_hook(
-        _EditHook(tap, basis, set_, scale_, remove_, float(strength), direction, clamp))
+        _EditHook(tap, basis, set_, scale_, remove_, float(strength), direction, clamp, membership))
     try:
         yield model
     finally:
@@ -194,10 +209,13 @@ class _CorrectionHook:
         _check_dim(decoding.shape[1], rows, self.layer_name)
         direction = _DIRECTIONS[int(get("direction"))]
         clamp_code = int(get("clamp"))
+        # corrections saved before the membership option existed are soft
+        hard = hasattr(module, _PREFIX + "membership") and int(get("membership")) == 1
         new = edit_rows(
             rows, decoding, get("bias"), get("encoding"), get("mean"),
             remove=list(range(decoding.shape[0])), strength=float(get("strength")),
             direction=direction, clamp=None if clamp_code < 0 else bool(clamp_code),
+            membership="hard" if hard else "soft",
         )
         return tap.from_rows(new, output)
 
@@ -251,6 +269,7 @@ def correct(
     direction: str = "encoding",
     clamp: Optional[bool] = None,
     skip_tokens: int = 0,
+    membership: str = "soft",
 ) -> Correction:
     """Suppress ``concepts`` at ``layer`` from now on (model correction, METHOD.md s. 5).
 
@@ -261,6 +280,8 @@ def correct(
     basis = _check_basis(basis)
     if direction not in _DIRECTIONS:
         raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
+    if membership not in _MEMBERSHIPS:
+        raise ValueError(f"membership must be one of {_MEMBERSHIPS}, got {membership!r}")
     _, _, idx = _normalise_edits(basis, None, None, concepts)
     if not idx:
         raise ValueError("concepts is empty: name at least one concept to suppress")
@@ -274,6 +295,7 @@ def correct(
         "strength": torch.tensor(float(strength), device=device),
         "direction": torch.tensor(_DIRECTIONS.index(direction), device=device),
         "clamp": torch.tensor(-1 if clamp is None else int(bool(clamp)), device=device),
+        "membership": torch.tensor(_MEMBERSHIPS.index(membership), device=device),
     }
     return _install(model, name, tensors, skip_tokens, idx)
 
@@ -339,6 +361,7 @@ def counterfactual(
     direction: str = "encoding",
     batch_size: Optional[int] = None,
     skip_tokens: int = 0,
+    membership: str = "soft",
 ) -> Counterfactual:
     """The model's outputs on ``images`` as they are and with ``concepts`` removed (or with
     the ``set`` / ``scale`` edits). ``images``: a tensor (B, C, H, W) or an iterable of batches."""
@@ -350,7 +373,8 @@ def counterfactual(
             batch = tap._check_images(batch)
             before.append(model(batch).float().cpu())
             with intervene(model, basis, layer=tap.layer, remove=concepts, set=set, scale=scale,
-                           strength=strength, direction=direction, skip_tokens=skip_tokens):
+                           strength=strength, direction=direction, skip_tokens=skip_tokens,
+                           membership=membership):
                 after.append(model(batch).float().cpu())
     if not before:
         raise ValueError("images is empty")

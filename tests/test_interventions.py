@@ -49,6 +49,35 @@ def test_remove_follows_the_relu_formula_only_where_detected():
     assert (yz < 0).any()
 
 
+def test_hard_membership_edits_only_detected_rows():
+    basis = random_basis(5, k=1)
+    x = torch.rand(40, 5) * 3
+    y = edit_rows(x, basis.decoding, basis.bias, basis.encoding, basis.mean, remove=[0], membership="hard")
+    w, b, s = basis.decoding[0], basis.bias[0], basis.encoding[0]
+    detected = x @ w > b
+    assert detected.any() and (~detected).any()
+    assert torch.equal(y[~detected], x[~detected])
+    k = torch.clamp(basis.latent(x)[:, 0], min=0)
+    assert torch.allclose(y[detected], torch.relu(x - k[:, None] * s)[detected], atol=1e-5)
+    with pytest.raises(ValueError, match="membership"):
+        edit_rows(x, basis.decoding, basis.bias, basis.encoding, basis.mean, remove=[0], membership="fuzzy")
+
+
+def test_hard_correction_survives_a_state_dict_round_trip():
+    model = SmallCNN().eval()
+    images = torch.rand(4, 3, 8, 8)
+    basis = random_basis(8, layer="features.3")
+    with torch.no_grad(), pc.intervene(model, basis, remove=[1], membership="hard", strength=2.0):
+        want = model(images)
+    pc.correct(model, basis, [1], membership="hard", strength=2.0)
+    fresh = SmallCNN().eval()
+    state = model.state_dict()
+    restore_corrections(fresh, state)
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.allclose(fresh(images), want, atol=1e-6)
+
+
 @pytest.mark.parametrize("make, layer, skip", [(SmallCNN, "features.3", 0), (TinyResNet, "layer1", 0), (TinyViT, "blocks.0", 1)])
 def test_intervene_context_changes_outputs_and_then_restores(make, layer, skip):
     model = make().eval()
