@@ -25,7 +25,8 @@
 //
 // Outputs (overwritten): sum_corr (K x D float64) and count_corr (K) hold, for the rows
 // that changed cluster, +row at the new and -row at the old cluster (unit rows when
-// normalize, as assign_update), summed in row order: identical for any thread count.
+// normalize, as assign_update), partial sums of fixed row super-blocks merged in order:
+// identical for any thread count.
 // stats[kPrunedStats]: rows read, point-centroid cosines computed, rows for which every
 // group was evaluated, rows moved. bad[0]: rows read that hold NaN/Inf (left unchanged);
 // bad[1]: labels outside [0, K) (row left unchanged). Rows not read are not checked.

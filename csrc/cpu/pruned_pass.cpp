@@ -28,9 +28,10 @@ using cpu::NR;
 // Rows per super-block: fixed, so the work split and the order of the sum corrections never
 // depend on the thread count; small, because a pruned pass does little work per row.
 constexpr int64_t kSuperRows = 2048;
-// Added to (subtracted from) every computed angle: covers the rounding of one fp32 add of
-// angles <= pi (half an ulp, 1.2e-7) and acosf's error (<= 2 ulp of its result).
-constexpr float kAngleSlack = 1e-6f;
+// Added to (subtracted from) every computed angle: covers acos_approx's error (at most
+// 4.4e-7 over every float in [-1, 1], checked exhaustively against double acos) and the
+// rounding of one fp32 add of angles <= pi (half an ulp, 1.2e-7).
+constexpr float kAngleSlack = 1.5e-6f;
 // float(pi) rounds up, so it bounds every angle; a theta_lo of kPiUp never certifies a row.
 constexpr float kPiUp = 3.14159274f;
 
@@ -51,15 +52,31 @@ float round_down(double v) {
   return f;
 }
 
+// acos on [-1, 1] without a libm call, so loops over groups vectorise (Abramowitz & Stegun
+// 4.4.46: error 2e-8 in exact arithmetic, 4.4e-7 as evaluated here in fp32).
+inline float acos_approx(float v) {
+  const float a = std::fabs(v);
+  float p = -0.0012624911f;
+  p = p * a + 0.0066700901f;
+  p = p * a - 0.0170881256f;
+  p = p * a + 0.0308918810f;
+  p = p * a - 0.0501743046f;
+  p = p * a + 0.0889789874f;
+  p = p * a - 0.2145988016f;
+  p = p * a + 1.5707963050f;
+  const float r = std::sqrt(1.0f - a) * p;
+  return v < 0.0f ? 3.14159265f - r : r;
+}
+
 // Upper bound on the (eps-shifted) angle from a cosine; NaN gives pi (never certifies).
 inline float angle_up(float cos_minus) {
-  return std::acos(std::max(-1.0f, cos_minus)) + kAngleSlack;
+  return acos_approx(std::min(1.0f, std::max(-1.0f, cos_minus))) + kAngleSlack;
 }
 
 // Lower bound on an angle from an upper bound on its cosine (-inf: pi); NaN gives 0, which
 // never certifies.
 inline float angle_down(float cos_plus) {
-  const float a = std::acos(std::max(-1.0f, std::min(1.0f, cos_plus))) - kAngleSlack;
+  const float a = acos_approx(std::max(-1.0f, std::min(1.0f, cos_plus))) - kAngleSlack;
   return a > 0.0f ? a : 0.0f;
 }
 
@@ -75,12 +92,25 @@ inline float dot(const float* a, const float* b, int64_t d) {
   return s;
 }
 
-// Rows of one super-block that changed cluster, with their fp32 values.
-struct MovedRows {
-  std::vector<int64_t> row;
-  std::vector<int64_t> from, to;
-  std::vector<double> scale;
-  std::vector<float> data;  // row-major, D per entry
+// Per-thread float64 sum corrections of the current super-block, for the clusters it touched.
+struct Corrections {
+  Corrections(int64_t k, int64_t d)
+      : sums(static_cast<size_t>(k * d)), counts(k), touched(k, 0) {}
+  std::vector<double> sums;
+  std::vector<int64_t> counts;
+  std::vector<char> touched;
+  std::vector<int64_t> touched_list;
+  void add(int64_t c, const float* src, double scale, int64_t d) {
+    double* dst = sums.data() + c * d;
+    if (!touched[c]) {  // first change of this cluster in the super-block: initialise
+      touched[c] = 1;
+      touched_list.push_back(c);
+      counts[c] = 0;
+      for (int64_t j = 0; j < d; ++j) dst[j] = scale * src[j];
+    } else {
+      for (int64_t j = 0; j < d; ++j) dst[j] += scale * src[j];
+    }
+  }
 };
 
 struct Counters {
@@ -128,21 +158,29 @@ struct PassContext {
 };
 
 // Evaluates the queued rows and writes their labels, bounds and moves.
-void flush(const PassContext& ctx, EvalBlock& eb, MovedRows& moved, Counters& cnt) {
+void flush(const PassContext& ctx, EvalBlock& eb, Corrections& corr, Counters& cnt) {
   const auto& kern = cpu::kernels();
   const int64_t n = eb.n, d = ctx.d, G = ctx.groups;
   if (n == 0) return;
   const int64_t padded = (n + MR - 1) / MR * MR;
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
-  // Sort by label so that a tile's rows mostly need the same groups.
+  // Sort by label so that a tile's rows mostly need the same groups; not needed when every
+  // row needs every group (early passes), then the staged block is used as it is.
   std::iota(eb.perm.begin(), eb.perm.begin() + n, int64_t{0});
-  std::sort(eb.perm.begin(), eb.perm.begin() + n, [&](int64_t a, int64_t b) {
-    return eb.labels[a] != eb.labels[b] ? eb.labels[a] < eb.labels[b] : eb.rows[a] < eb.rows[b];
-  });
-  for (int64_t i = 0; i < n; ++i)
-    std::copy_n(eb.staged.data() + eb.perm[i] * d, d, eb.sorted.data() + i * d);
-  std::fill(eb.sorted.begin() + n * d, eb.sorted.begin() + padded * d, 0.0f);
+  bool all_need_all = true;
+  for (int64_t i = 0; i < n * G && all_need_all; ++i) all_need_all = eb.masks[i] != 0;
+  float* xs = eb.staged.data();
+  if (!all_need_all) {
+    std::sort(eb.perm.begin(), eb.perm.begin() + n, [&](int64_t a, int64_t b) {
+      return eb.labels[a] != eb.labels[b] ? eb.labels[a] < eb.labels[b]
+                                          : eb.rows[a] < eb.rows[b];
+    });
+    for (int64_t i = 0; i < n; ++i)
+      std::copy_n(eb.staged.data() + eb.perm[i] * d, d, eb.sorted.data() + i * d);
+    xs = eb.sorted.data();
+  }
+  std::fill(xs + n * d, xs + padded * d, 0.0f);
   std::fill(eb.top_best.begin(), eb.top_best.begin() + padded * NR, neg_inf);
   std::fill(eb.top_second.begin(), eb.top_second.begin() + padded * NR, neg_inf);
   std::fill(eb.top_index.begin(), eb.top_index.begin() + padded * NR, 0);
@@ -165,7 +203,7 @@ void flush(const PassContext& ctx, EvalBlock& eb, MovedRows& moved, Counters& cn
     for (int64_t t = 0; t < tiles; ++t) {
       if (!eb.tile_need[t * G + g]) continue;
       const int64_t m = t * MR;
-      kern.gemm_tile(d, eb.sorted.data() + m * d, d, b, NR, tile, NR, false);
+      kern.gemm_tile(d, xs + m * d, d, b, NR, tile, NR, false);
       kern.top2_update(tile, static_cast<int32_t>(s * NR), valid, eb.top_best.data() + m * NR,
                        eb.top_second.data() + m * NR, eb.top_index.data() + m * NR);
       kern.tile_row_max(tile, valid, row_max);
@@ -197,32 +235,32 @@ void flush(const PassContext& ctx, EvalBlock& eb, MovedRows& moved, Counters& cn
     const int64_t winner = li[lane];
     const float inv = 1.0f / std::max(std::sqrt(eb.norms[e]), 1e-12f);
     float* up = ctx.theta_up + r * G;
-    const int64_t winner_group = winner / group_width;
-    bool all = true;
+    const char* ev = eb.evaluated.data() + i * G;
+    float* gm = eb.group_max.data() + i * G;
+    // Every centroid of an evaluated group was a candidate; in the winner's group the
+    // overall runner-up bounds the others.
+    gm[winner / group_width] = second;
+    int64_t n_evaluated = 0;
     for (int64_t g = 0; g < G; ++g) {
-      if (!eb.evaluated[i * G + g]) {
-        all = false;
-        continue;
-      }
-      // Every centroid of an evaluated group was a candidate; in the winner's group the
-      // overall runner-up bounds the others.
-      const float c = g == winner_group ? second : eb.group_max[i * G + g];
-      up[g] = angle_down(c * inv + ctx.eps);
+      const float b = angle_down(gm[g] * inv + ctx.eps);
+      up[g] = ev[g] ? b : up[g];
+      n_evaluated += ev[g];
     }
+    const bool all = n_evaluated == G;
     cnt.full += all;
     ctx.theta_lo[r] = angle_up(lb[lane] * inv - ctx.eps3);
     if (winner != old) {
       ctx.labels[r] = winner;
       ++cnt.moved;
-      moved.row.push_back(r);
-      moved.from.push_back(old);
-      moved.to.push_back(winner);
-      moved.scale.push_back(
+      const double scale =
           ctx.normalize
               ? 1.0 / std::max(std::sqrt(static_cast<double>(eb.norms[e])), 1e-12)
-              : 1.0);
-      moved.data.insert(moved.data.end(), eb.sorted.data() + i * d,
-                        eb.sorted.data() + (i + 1) * d);
+              : 1.0;
+      const float* src = xs + i * d;
+      corr.add(winner, src, scale, d);
+      corr.add(old, src, -scale, d);
+      ++corr.counts[winner];
+      --corr.counts[old];
     }
   }
   eb.n = 0;
@@ -258,14 +296,14 @@ void pruned_pass_cpu(const Matrix& x, const float* centroids, int64_t k,
                         round_up(3.0 * eps), normalize, labels, theta_lo, theta_up};
 
   const int64_t supers = (n + kSuperRows - 1) / kSuperRows;
-  std::vector<MovedRows> moved(supers);
   Counters total;
 #pragma omp parallel num_threads(std::max(1, num_threads))
   {
     const auto& kern = cpu::kernels();
     EvalBlock eb(d, G);
+    Corrections corr(k, d);
     Counters cnt;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for ordered schedule(dynamic, 1)
     for (int64_t sb = 0; sb < supers; ++sb) {
       const int64_t s0 = sb * kSuperRows, s1 = std::min(n, s0 + kSuperRows);
       for (int64_t r = s0; r < s1; ++r) {
@@ -320,9 +358,22 @@ void pruned_pass_cpu(const Matrix& x, const float* centroids, int64_t k,
         eb.rows[eb.n] = r;
         eb.labels[eb.n] = own;
         eb.norms[eb.n] = sumsq;
-        if (++eb.n == eb.cap) flush(ctx, eb, moved[sb], cnt);
+        if (++eb.n == eb.cap) flush(ctx, eb, corr, cnt);
       }
-      flush(ctx, eb, moved[sb], cnt);
+      flush(ctx, eb, corr, cnt);
+      // Merge in super-block order: every sum is formed in the same order for any thread
+      // count.
+#pragma omp ordered
+      {
+        for (const int64_t c : corr.touched_list) {
+          double* dst = sum_corr + c * d;
+          const double* src = corr.sums.data() + c * d;
+          for (int64_t j = 0; j < d; ++j) dst[j] += src[j];
+          count_corr[c] += corr.counts[c];
+          corr.touched[c] = 0;
+        }
+        corr.touched_list.clear();
+      }
     }
 #pragma omp critical
     {
@@ -332,47 +383,6 @@ void pruned_pass_cpu(const Matrix& x, const float* centroids, int64_t k,
       total.moved += cnt.moved;
       total.nonfinite += cnt.nonfinite;
       total.bad_label += cnt.bad_label;
-    }
-  }
-
-  // Sum corrections in row order (super-blocks in order, rows sorted within each), split by
-  // columns over threads: every element is summed in the same order for any thread count.
-  for (auto& mv : moved) {
-    std::vector<int64_t> order(mv.row.size());
-    std::iota(order.begin(), order.end(), int64_t{0});
-    std::sort(order.begin(), order.end(),
-              [&](int64_t a, int64_t b) { return mv.row[a] < mv.row[b]; });
-    MovedRows sorted;
-    sorted.data.resize(mv.data.size());
-    for (size_t i = 0; i < order.size(); ++i) {
-      const int64_t e = order[i];
-      sorted.row.push_back(mv.row[e]);
-      sorted.from.push_back(mv.from[e]);
-      sorted.to.push_back(mv.to[e]);
-      sorted.scale.push_back(mv.scale[e]);
-      std::copy_n(mv.data.data() + e * d, d, sorted.data.data() + i * d);
-      ++count_corr[mv.to[e]];
-      --count_corr[mv.from[e]];
-    }
-    mv = std::move(sorted);
-  }
-  constexpr int64_t kColumnBlock = 32;
-  const int64_t col_blocks = (d + kColumnBlock - 1) / kColumnBlock;
-#pragma omp parallel for num_threads(std::max(1, num_threads)) schedule(static)
-  for (int64_t cb = 0; cb < col_blocks; ++cb) {
-    const int64_t j0 = cb * kColumnBlock, j1 = std::min(d, j0 + kColumnBlock);
-    for (const auto& mv : moved) {
-      for (size_t i = 0; i < mv.row.size(); ++i) {
-        const float* src = mv.data.data() + i * d;
-        double* add = sum_corr + mv.to[i] * d;
-        double* sub = sum_corr + mv.from[i] * d;
-        const double scale = mv.scale[i];
-        for (int64_t j = j0; j < j1; ++j) {
-          const double v = scale * src[j];
-          add[j] += v;
-          sub[j] -= v;
-        }
-      }
     }
   }
 
