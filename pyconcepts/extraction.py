@@ -45,6 +45,9 @@ DEFAULTS: Dict[str, object] = {
     # directional clustering (extract_directions)
     "n_init": 3,
     "max_iter": 100,
+    "alternations": 4,           # pattern-to-filter rounds of the encoding estimate
+    "final_encoding": "alternation",  # 'alternation': rescale the clustering stage's encoding
+                                 # to the final detectors; 'signal': plain signal vectors of them
     # refinement of the detectors (paper losses + URA)
     "refine_sample": 65536,      # patch rows drawn for the gradient steps
     "refine_steps": 100,
@@ -206,7 +209,8 @@ def _extract(model, layer, images, k, seed, refine, ura, skip_tokens, opts, prog
     if progress:
         progress("clustering", 0, 1)
     basis = extract_directions(source, k, seed=seed, n_init=int(opts["n_init"]),
-                               max_iter=int(opts["max_iter"]), layer=layer, model_id=model_id)
+                               max_iter=int(opts["max_iter"]), alternations=int(opts["alternations"]),
+                               layer=layer, model_id=model_id)
     if progress:
         progress("clustering", 1, 1)
     mean = basis.mean
@@ -227,7 +231,11 @@ def _extract(model, layer, images, k, seed, refine, ura, skip_tokens, opts, prog
                                     history)
     if progress:
         progress("signal vectors", 0, 1)
-    encoding, dead = _final_signal_vectors(source, decoding, bias, mean)
+    if opts["final_encoding"] == "alternation":
+        gain = (decoding.double() * encoding.double()).sum(1)
+        encoding, dead = (encoding.double() / gain[:, None]).float(), []
+    else:
+        encoding, dead = _final_signal_vectors(source, decoding, bias, mean)
     if progress:
         progress("signal vectors", 1, 1)
     metadata = dict(basis.metadata)

@@ -77,13 +77,16 @@ def test_every_detector_iou_at_least_092_over_three_seeds(results):
 
 @pytest.mark.slow
 def test_encoding_directions_point_at_the_truth(results):
-    # regression guard at the level measured now (min 0.71 over seeds 0-2)
+    # regression guard: measured min 0.950 over seeds 0-2 (0.69-0.89 before the
+    # within-covariance alternation was carried to the final encoding)
     for seed, (_, cos) in results.items():
-        assert float(cos.min()) >= 0.6, (seed, cos.tolist())
+        assert float(cos.min()) >= 0.9, (seed, cos.tolist())
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="target cosine >= 0.95 not reached yet: measured 0.71-0.87")
+@pytest.mark.xfail(strict=False, reason="target cosine >= 0.95 not robust: seeds 0-4 give "
+                   "0.950-0.989, seeds 5-9 0.54-0.97 (the common mode of S is not identified "
+                   "by second-order statistics; see the extraction engineer's report)")
 def test_encoding_cosine_target_095(results):
     for seed, (_, cos) in results.items():
         assert float(cos.min()) >= 0.95, (seed, cos.tolist())
