@@ -59,7 +59,10 @@ class DirectionalClustering:
     pruning: ``True`` runs exact pruned Lloyd passes (``pyconcepts.pruning.BoundedLloyd``:
         per-point angle bounds let most points skip most or all of their cosines; same labels
         as unpruned passes) at 12 + 4 * 16 bytes of bounds per point; ``False`` runs the fused
-        unpruned pass (one read of the data per pass, no per-point state).
+        unpruned pass (one read of the data per pass, no per-point state). ``"auto"`` (the
+        default) prunes on CPU when the bounds fit in ``pruning_memory`` bytes and more than
+        a few passes are allowed (the first passes gain little: nearly every point moves).
+    pruning_memory: bound memory allowed for ``pruning="auto"`` (default 1 GiB).
 
     Attributes after ``fit``: ``centroids_`` (K, D) unit rows in the clustering coordinates
     (``transform(x)``), ``mean_`` (D,), ``transform_matrix_`` (D, D) or None, ``objective_``,
@@ -80,7 +83,8 @@ class DirectionalClustering:
         init_sample_size: Optional[int] = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         num_threads: Optional[int] = None,
-        pruning: bool = False,
+        pruning="auto",
+        pruning_memory: int = 1 << 30,
     ):
         self.n_concepts = _check_positive_int(n_concepts, "n_concepts")
         self.seed = int(seed)
@@ -95,12 +99,16 @@ class DirectionalClustering:
         self.init_sample_size = init_sample_size
         self.chunk_size = _check_positive_int(chunk_size, "chunk_size")
         self.num_threads = num_threads
-        self.pruning = bool(pruning)
+        if pruning not in (True, False, "auto"):
+            raise ValueError(f"pruning must be True, False or 'auto', got {pruning!r}")
+        self.pruning = pruning
+        self.pruning_memory = int(pruning_memory)
 
     # scikit-learn style parameter access
     def get_params(self, deep: bool = True) -> dict:
         keys = ("n_concepts", "seed", "center", "whiten", "whiten_shrinkage", "n_init",
-                "max_iter", "tol", "init_sample_size", "chunk_size", "num_threads", "pruning")
+                "max_iter", "tol", "init_sample_size", "chunk_size", "num_threads", "pruning",
+                "pruning_memory")
         return {k: getattr(self, k) for k in keys}
 
     def set_params(self, **params) -> "DirectionalClustering":
@@ -220,8 +228,9 @@ class DirectionalClustering:
         objective, counts = previous, None
         n_iter = 0
         pruned = None  # (engine, sums, counts) of the current assignment when pruning
+        use_pruning = self._use_pruning(centroids)
         for n_iter in range(1, self.max_iter + 1):
-            if self.pruning:
+            if use_pruning:
                 pruned = self._pruned_pass(x, centroids, pruned)
                 sums, counts = pruned[1].clone(), pruned[2].clone()
             else:
@@ -235,6 +244,15 @@ class DirectionalClustering:
                 break
             previous = objective
         return centroids, objective, n_iter, counts
+
+    def _use_pruning(self, centroids: torch.Tensor) -> bool:
+        if self.pruning != "auto":
+            return bool(self.pruning)
+        from .pruning import BoundedLloyd
+
+        bytes_per_row = BoundedLloyd(n_clusters=self.n_concepts).bytes_per_point
+        return (centroids.device.type == "cpu" and self.max_iter > 10
+                and self.n_samples_ * bytes_per_row <= self.pruning_memory)
 
     def _transformed_chunks(self, x):
         return (self.transform(chunk) for chunk in self._chunks(x, self.n_features_in_))

@@ -74,15 +74,12 @@ class BoundedLloyd:
     and bounds; each ``next_pass`` then reads only what its bounds cannot certify, in one
     native call per chunk. The chunks must be the same rows in the same order on every pass
     (a tensor list or a re-iterable stream). Centroids must be unit rows to
-    ``ops.PRUNED_NORM_TOL``. Memory: 12 + 4 * n_groups bytes per point.
-
-    ``margin`` is kept for compatibility and unused: the kernel's rounding margin is derived
-    from D (``ops.pruned_pass_eps``) and folded into the stored angles.
+    ``ops.PRUNED_NORM_TOL``. Memory: 12 + 4 * n_groups bytes per point. The rounding margin
+    is derived from D (``ops.pruned_pass_eps``) and folded into the stored angles.
     """
 
     n_clusters: int
     n_groups: int = 16
-    margin: float = 1e-4
     normalize: bool = False  # sums of unit rows (see ops.assign_update)
     num_threads: Optional[int] = None
     _chunks: List[_ChunkBounds] = field(default_factory=list, repr=False)
@@ -100,6 +97,11 @@ class BoundedLloyd:
         self._group_size = strip * self._strips_per_group
         self._groups = ops.pruned_pass_groups(self.n_clusters, self._strips_per_group)
         self._group_of = torch.arange(self.n_clusters) // self._group_size
+
+    @property
+    def bytes_per_point(self) -> int:
+        """Memory of the per-point state: label, own-angle bound, one bound per group."""
+        return 8 + 4 + 4 * self._groups
 
     # ------------------------------------------------------------------ bounds
     def _bounds_from_full(self, d, labels, best, second, strip_max):

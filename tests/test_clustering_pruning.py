@@ -24,3 +24,15 @@ def test_pruned_fit_equals_unpruned_fit(seed, center):
     torch.testing.assert_close(plain.centroids_, pruned.centroids_, rtol=0, atol=1e-6)
     assert torch.equal(plain.predict(x), pruned.predict(x))
     assert pruned.objective_ == pytest.approx(plain.objective_, rel=1e-9)
+
+
+def test_auto_pruning_respects_memory_budget_and_iterations():
+    x = mixture(3000, 8, 4, 0.4, 0)
+    km = pc.DirectionalClustering(n_concepts=4, max_iter=50).fit(x)
+    c = km.centroids_
+    assert km._use_pruning(c)  # small data, many passes allowed: prune
+    assert not pc.DirectionalClustering(n_concepts=4, max_iter=50, pruning_memory=1000).fit(x)._use_pruning(c)
+    assert not pc.DirectionalClustering(n_concepts=4, max_iter=5).fit(x)._use_pruning(c)
+    assert not pc.DirectionalClustering(n_concepts=4, pruning=False).fit(x)._use_pruning(c)
+    with pytest.raises(ValueError, match="pruning must be"):
+        pc.DirectionalClustering(n_concepts=4, pruning="yes")
