@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "assign_update.h"
+#include "binding_args.h"
 #include "cosine_assign.h"
 #include "cpu/simd.h"
 #include "masked_moments.h"
@@ -15,26 +16,9 @@
 namespace py = pybind11;
 using namespace pyconcepts;
 
-namespace {
-
-template <typename T>
-T* ptr(uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
-
-Matrix matrix(uintptr_t data, int dtype, int64_t rows, int64_t cols, int64_t row_stride) {
-  if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype code must be 0, 1 or 2");
-  if (rows < 0 || cols < 1 || row_stride < cols)
-    throw std::invalid_argument("invalid matrix shape or row stride");
-  if (rows > 0 && data == 0) throw std::invalid_argument("null data pointer");
-  return Matrix{ptr<const void>(data), static_cast<DType>(dtype), rows, cols, row_stride};
-}
-
-void check_k(int64_t k) {
-  if (k < 1) throw std::invalid_argument("K must be at least 1");
-}
-
-}  // namespace
+using bind::check_k;
+using bind::matrix;
+using bind::ptr;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyconcepts CPU kernels (torch-free; called by pyconcepts.ops)";
