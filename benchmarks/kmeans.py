@@ -41,23 +41,19 @@ def directional_mixture(n: int, d: int, n_true: int, noise: float, seed: int = 0
     return F.normalize(x.relu_() + 0.05 * torch.rand(n, d, generator=gen), dim=1)
 
 
-def demo_activations(max_rows: int) -> torch.Tensor | None:
-    """Real conv activations of the demo network on its procedural dataset, if available."""
-    try:
-        from pyconcepts.demo import load_demo_model, demo_layer  # type: ignore
-        from pyconcepts.datasets.shapes import ShapesDataset  # type: ignore
-        from pyconcepts.taps import LayerTap
-    except Exception:
-        return None
-    try:
-        model = load_demo_model()
-        images = ShapesDataset(n_images=max(64, max_rows // 256), seed=0).images()
-        tap = LayerTap(model, demo_layer())
-        rows = torch.cat(list(tap.patches(images, batch_size=64)))[:max_rows]
-        return F.normalize(rows.float(), dim=1)
-    except Exception as exc:  # the demo API is optional for this benchmark
-        print(f"(demo activations unavailable: {exc})")
-        return None
+def demo_activations(max_rows: int) -> torch.Tensor:
+    """Unit rows of real conv activations: the demo network at its concept layer, on images of
+    its procedural dataset (8 x 8 positions per image)."""
+    from pyconcepts.datasets.shapes import make_shapes
+    from pyconcepts.demo.model import DEMO_LAYER
+    from pyconcepts.demo.run import load_model
+    from pyconcepts.taps import LayerTap
+
+    model = load_model()
+    images = make_shapes(max(64, max_rows // 64), seed=0, watermark="random",
+                         watermark_rate=0.3, with_masks=False).images
+    rows = torch.cat(list(LayerTap(model, DEMO_LAYER).rows(images, batch_size=256)))[:max_rows]
+    return F.normalize(rows.float(), dim=1)
 
 
 def mean_cosine(x: torch.Tensor, centroids: torch.Tensor) -> float:
@@ -187,6 +183,9 @@ def main(argv=None) -> int:
     p.add_argument("--d", type=int, default=128)
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--chunk", type=int, default=65536)
+    p.add_argument("--shape", nargs=3, type=int, action="append", metavar=("N", "D", "K"),
+                   help="run only these shapes (repeatable)")
+    p.add_argument("--no-demo", action="store_true", help="skip the demo-activation run")
     p.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_child is not None:
@@ -195,7 +194,9 @@ def main(argv=None) -> int:
     if args.memory:
         results = run_memory(args.rows, args.d, args.k, args.chunk)
     else:
-        if args.quick:
+        if args.shape:
+            shapes = [tuple(s) for s in args.shape]
+        elif args.quick:
             shapes = [(100_000, 256, 256), (50_000, 64, 16)]
             args.repeat = 1
         else:
@@ -205,7 +206,7 @@ def main(argv=None) -> int:
         for n, d, k in shapes:
             x = directional_mixture(n, d, max(8, k // 2), noise=1.0)
             results["runs"].append(bench_shape("directional mixture", x, k, args.iters, args.repeat))
-        real = demo_activations(200_000 if not args.quick else 50_000)
+        real = None if args.no_demo else demo_activations(200_000 if not args.quick else 50_000)
         if real is not None:
             results["runs"].append(bench_shape("demo CNN activations", real, 64, args.iters, args.repeat))
     if args.json:
