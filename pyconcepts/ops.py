@@ -29,6 +29,11 @@ __all__ = [
     "spherical_update",
     "masked_moments",
     "assign_update",
+    "pruned_pass",
+    "pruned_pass_eps",
+    "pruned_pass_groups",
+    "PRUNED_NORM_TOL",
+    "ASSIGN_GROUP",
     "Moments",
     "CopyWarning",
     "cuda_available",
@@ -611,5 +616,3 @@ def pruned_pass(
     _raise_bad(bad)
     return sum_corr, count_corr, stats
 
-
-__all__ += ["pruned_pass", "pruned_pass_eps", "pruned_pass_groups", "PRUNED_NORM_TOL"]
