@@ -32,7 +32,7 @@ _LAZY = {
 }
 
 _SUBMODULES = {
-    "reference", "stats", "clustering", "signal", "detectors", "directions", "basis",
+    "reference", "stats", "clustering", "pruning", "signal", "detectors", "directions", "basis",
     "synthetic", "metrics", "taps", "ura", "extraction", "interventions", "attribution",
     "datasets", "demo", "cli",
 }

@@ -40,6 +40,35 @@ def _check_positive_int(value, name: str) -> int:
     return value
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _all_reduce_(*tensors: torch.Tensor) -> None:
+    if _distributed():
+        import torch.distributed as dist
+
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def _global_sum_int(value: int, device) -> int:
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    _all_reduce_(t)
+    return int(t.item())
+
+
+def _broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        import torch.distributed as dist
+
+        t = t.contiguous()
+        dist.broadcast(t, src=0)
+    return t
+
+
 class DirectionalClustering:
     """Spherical k-means with k-means++ seeding on cosine, restarts and a streaming fit.
 
@@ -155,17 +184,23 @@ class DirectionalClustering:
         n_rows = 0
         for chunk in self._chunks(x):
             if stats is None:
-                dim = chunk.shape[1]
-                stats = StreamingCovariance(dim, device=chunk.device, with_covariance=self.whiten)
+                dim, device = chunk.shape[1], chunk.device
+                stats = StreamingCovariance(dim, device=device, with_covariance=self.whiten)
             # NaN/Inf: caught by StreamingCovariance here when centring, else by the kernels
             # of the first Lloyd pass (no extra read of the data just to check it)
             if self.center or self.whiten:
                 stats.update(chunk)
             n_rows += chunk.shape[0]
+        self._local_rows = n_rows
+        # Under torch.distributed every rank holds a shard: statistics and counts are global.
+        if _distributed():
+            stats.all_reduce()
+            n_rows = stats.count if (self.center or self.whiten) else _global_sum_int(n_rows, device)
         if self.n_concepts > n_rows:
             raise ValueError(f"n_concepts = {self.n_concepts} exceeds the number of rows N = {n_rows}")
         self.n_features_in_ = dim
         self.n_samples_ = n_rows
+        self._data_device = device
         self.mean_ = stats.mean.to(torch.float32) if (self.center or self.whiten) else None
         self.covariance_ = stats.covariance if self.whiten and n_rows > 1 else None
         if self.whiten:
@@ -179,7 +214,8 @@ class DirectionalClustering:
         sample = self._draw_sample(x, n_rows, generator)
         best = None
         for _ in range(self.n_init):
-            centroids = self._kmeans_pp(sample, generator)
+            # each rank seeds from its own shard's sample; rank 0's seeds are used by all
+            centroids = _broadcast_from_rank0(self._kmeans_pp(sample, generator))
             centroids, objective, n_iter, counts = self._lloyd(x, centroids, generator)
             if best is None or objective > best[1]:
                 best = (centroids, objective, n_iter, counts)
@@ -192,19 +228,31 @@ class DirectionalClustering:
         size = self.init_sample_size or max(10_000, 40 * self.n_concepts)
         size = min(size, n_rows)
         index = torch.randint(0, n_rows, (size,), generator=generator).unique()  # sorted
-        pieces, offset = [], 0
+        # Global row numbers: under torch.distributed rank r's shard follows ranks 0..r-1.
+        offset = self._shard_offset()
+        sample = torch.zeros(index.shape[0], self.n_features_in_, dtype=torch.float32)
         for chunk in self._chunks(x, self.n_features_in_):
             n = chunk.shape[0]
             lo = int(torch.searchsorted(index, offset))
             hi = int(torch.searchsorted(index, offset + n))
             if hi > lo:
                 rows = (index[lo:hi] - offset).to(chunk.device)
-                pieces.append(self.transform(chunk.index_select(0, rows)).cpu())
+                sample[lo:hi] = self.transform(chunk.index_select(0, rows)).cpu()
             offset += n
-        sample = torch.cat(pieces)
+        _all_reduce_(sample)  # every rank filled its own rows: all ranks get the same sample
         if not bool(torch.isfinite(sample).all()):
             raise ValueError("x contains NaN or Inf rows")
         return sample
+
+    def _shard_offset(self) -> int:
+        """Rows held by lower ranks (0 without torch.distributed)."""
+        if not _distributed():
+            return 0
+        import torch.distributed as dist
+
+        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
+        dist.all_gather(counts, torch.tensor([self._local_rows], dtype=torch.int64))
+        return int(sum(c.item() for c in counts[: dist.get_rank()]))
 
     def _kmeans_pp(self, sample: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """k-means++ on cosine distance 1 - cos over the sample (CPU, float64)."""
@@ -235,6 +283,7 @@ class DirectionalClustering:
                 sums, counts = pruned[1].clone(), pruned[2].clone()
             else:
                 sums, counts = self._lloyd_pass(x, centroids)
+            _all_reduce_(sums, counts)  # this rank's shard -> all rows (no-op on one process)
             previous_centroids = centroids
             centroids, counts = self._update_centroids(sums, counts, centroids, generator)
             if pruned is not None:
@@ -251,7 +300,7 @@ class DirectionalClustering:
         from .pruning import BoundedLloyd
 
         bytes_per_row = BoundedLloyd(n_clusters=self.n_concepts).bytes_per_point
-        return (centroids.device.type == "cpu" and self.max_iter > 10
+        return (self._data_device.type == "cpu" and self.max_iter > 10
                 and self.n_samples_ * bytes_per_row <= self.pruning_memory)
 
     def _transformed_chunks(self, x):

@@ -15,6 +15,7 @@ from contextlib import nullcontext
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from . import _C
 from .reference import Moments
@@ -457,7 +458,8 @@ def assign_update(
     _check_group_max(return_group_max, x)
     if x.is_cuda:
         assigned = cosine_assign(x, centroids, return_second=return_second)
-        rows = x / x.float().norm(dim=1, keepdim=True).clamp_min(1e-12).to(x.dtype) if normalize else x
+        # unit rows in float32: a float16 norm overflows beyond 65504
+        rows = F.normalize(x.float(), dim=1, eps=1e-12) if normalize else x
         sums, counts = spherical_update(rows, assigned[0], centroids.shape[0])
         return (*assigned, sums, counts)
     index, best, second, group_max, sums, counts, bad = torch.ops.pyconcepts.assign_update(

@@ -124,13 +124,21 @@ class BoundedLloyd:
         theta_lo = (best - 3 * eps).clamp_(-1, 1).acos_().add_(_ANGLE_SLACK)
         return theta_lo, theta_up
 
-    def first_pass(self, chunks, centroids: torch.Tensor):
-        """Full pass. Returns (sums float64 (K, D), counts int64 (K,), PassStats)."""
+    def first_pass(self, chunks, centroids: torch.Tensor, *, expected_rows=None):
+        """Full pass. Returns (sums float64 (K, D), counts int64 (K,), PassStats).
+
+        ``expected_rows``: the chunk lengths of an earlier pass, checked chunk by chunk (the
+        stream is never held in memory)."""
         _check_unit(centroids)
         self._chunks = []
         sums = counts = None
         stats = PassStats(n_clusters=self.n_clusters)
-        for x in chunks:
+        for j, x in enumerate(chunks):
+            if expected_rows is not None and (j >= len(expected_rows) or x.shape[0] != expected_rows[j]):
+                raise ValueError(
+                    "the chunks changed between passes (pruned passes need the same rows in "
+                    "the same order every time)"
+                )
             index, best, second, strip_max, s, c = ops.assign_update(
                 x, centroids, return_second=True, return_group_max=True,
                 normalize=self.normalize, num_threads=self.num_threads,
@@ -145,6 +153,8 @@ class BoundedLloyd:
             stats.n_cosines += x.shape[0] * self.n_clusters
         if sums is None:
             raise ValueError("the stream of chunks is empty")
+        if expected_rows is not None and len(self._chunks) != len(expected_rows):
+            raise ValueError("the chunks changed between passes (fewer chunks than before)")
         self._last_was_full = True
         return sums, counts, stats
 
@@ -189,14 +199,8 @@ class BoundedLloyd:
     def _full_pass_in_place(self, chunks, centroids, sums, counts):
         """An unpruned pass that also rebuilds every bound; sums/counts overwritten."""
         n_before = [c.labels.shape[0] for c in self._chunks]
-        chunks = list(chunks)
-        if [x.shape[0] for x in chunks] != n_before:
-            raise ValueError(
-                "the chunks changed between passes (pruned passes need the same rows in "
-                "the same order every time)"
-            )
         old_labels = self.labels()
-        fresh_sums, fresh_counts, stats = self.first_pass(chunks, centroids)
+        fresh_sums, fresh_counts, stats = self.first_pass(chunks, centroids, expected_rows=n_before)
         stats.n_moved = int((self.labels() != old_labels).sum())
         sums.copy_(fresh_sums)
         counts.copy_(fresh_counts)

@@ -16,16 +16,14 @@ __all__ = ["signal_vectors", "streaming_mean"]
 
 
 def streaming_mean(x, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
-    """(D,) float64 mean of a tensor or chunk stream (Chan merging)."""
+    """(D,) float64 mean of a tensor or chunk stream (Chan merging; over all ranks under
+    torch.distributed). Raises ValueError for NaN/Inf in x."""
     stats = None
     for chunk in iter_chunks(x, chunk_size):
         if stats is None:
-            stats = StreamingCovariance(chunk.shape[1], device=chunk.device)
-        n, mean = chunk.shape[0], chunk.to(torch.float64).mean(0)
-        total = stats.count + n
-        stats.mean += (mean - stats.mean) * (n / total)
-        stats.count = total
-    return stats.mean
+            stats = StreamingCovariance(chunk.shape[1], device=chunk.device, with_covariance=False)
+        stats.update(chunk)
+    return stats.all_reduce().mean
 
 
 def signal_vectors(

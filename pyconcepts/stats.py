@@ -185,10 +185,11 @@ class StreamingCovariance:
         if n == 0:
             return self
         global_mean = weighted / n
-        delta = self.mean - global_mean
-        scatter = self.scatter + torch.outer(delta, delta) * self.count
-        _all_reduce_([scatter])
-        self.count, self.mean, self.scatter = int(round(n)), global_mean, scatter
+        if self.with_covariance:
+            delta = self.mean - global_mean
+            self.scatter = self.scatter + torch.outer(delta, delta) * self.count
+            _all_reduce_([self.scatter])
+        self.count, self.mean = int(round(n)), global_mean
         return self
 
     @property
