@@ -9,12 +9,18 @@ Pipeline (METHOD.md sections 2-4):
 3. **Refinement** of the detectors (W, b) by the paper's losses
    (``detectors.refine_detectors``) plus **URA** through the frozen rest of the network
    (``ura.URALoss``; both the unconstrained and the span(S)-constrained move, kappa ~
-   U[0.5, 0.9]), on a bounded sample of patches and a small pool of images.
+   U[0.5, 0.9]), on a bounded sample of patches and a small pool of images. It starts from
+   the calibrated sigmoids of step 2, rotates each direction by at most ``refine_rotation_lr``
+   radians per step, and its merge guard keeps the last state in which no two detectors
+   overlap by more than ``merge_guard`` (Jaccard). Measured (paper synthetic, seeds 0-9): IoU
+   0.966-0.979 without refinement, 0.958-0.994 with it (mean up on 8 of 10 seeds).
 4. **Joint step**: W, b refined again together with the encoding, adding the
    filter-signal orthogonality loss L_fso. The encoding in this step is the signal-vector
    estimator itself, evaluated differentiably on each batch (our choice: free S parameters
    could satisfy L_fso without moving W).
-5. **Signal vectors recomputed** from the final detectors by the streaming estimator.
+5. **Encoding**: by default (``final_encoding='alternation'``) the clustering stage's
+   pattern-to-filter estimate rescaled so that w_i . s_i = 1 for the final detectors;
+   ``'signal'`` recomputes plain signal vectors of the final detectors instead.
 
 Every weight, schedule and threshold has a default in ``DEFAULTS`` and can be overridden by
 ``options={...}``. ``progress(stage, done, total)`` reports each loop (the command line turns
@@ -43,18 +49,25 @@ DEFAULTS: Dict[str, object] = {
     "batch_size": 64,            # images per forward pass when `images` is one tensor
     "cache_rows": 2_000_000,     # keep at most this many patch rows in memory, else stream
     # directional clustering (extract_directions)
-    "n_init": 3,
+    "n_init": 10,                # k-means restarts: with 3, about 1 seed in 10 of the paper's
+                                 # synthetic model kept a split + merged clustering (IoU 0.34)
     "max_iter": 100,
     "alternations": 4,           # pattern-to-filter rounds of the encoding estimate
     "final_encoding": "alternation",  # 'alternation': rescale the clustering stage's encoding
                                  # to the final detectors; 'signal': plain signal vectors of them
     # refinement of the detectors (paper losses + URA)
     "refine_sample": 65536,      # patch rows drawn for the gradient steps
-    "refine_steps": 100,
-    "refine_lr": 1e-3,
+    "refine_steps": 300,
+    "refine_lr": 1e-2,           # Adam on the margins and hyperplane offsets
+    "refine_rotation_lr": 1e-2,  # radians per step, at most, for the unit directions
     "refine_batch": 2048,
+    "merge_guard": 0.5,          # stop when two detectors' Jaccard overlap passes this (None: off)
     "loss_weights": None,        # overrides of detectors.DEFAULT_WEIGHTS
-    "tau": 1.0, "gamma": 2.0, "rho": 0.5, "soft_max_power": 4.0,
+    # tau: the inactive-classifier floor nu = tau / I. With tau = 1 the floor is the uniform
+    # share, which a concept rarer than average is always under: the loss (weight 15) then
+    # inflates it (paper synthetic, I = 3: nu = 1/3 = each concept's true share, IoU 0.97 ->
+    # 0.93-0.95). The loss is a guard against dead detectors, so the floor sits well below.
+    "tau": 0.25, "gamma": 2.0, "rho": 0.5, "soft_max_power": 4.0,
     # URA
     "ura_weight": 0.25,
     "ura_form": "both",          # 'unconstrained', 'constrained' or 'both'
@@ -65,7 +78,8 @@ DEFAULTS: Dict[str, object] = {
     "outputs": "logits",         # what the model returns: 'logits' or 'probs'
     # joint step with L_fso
     "joint_steps": 25,
-    "joint_lr": 2e-4,
+    "joint_lr": 2e-3,
+    "joint_rotation_lr": 2e-3,
     "fso_weight": 1.0,
 }
 
@@ -216,6 +230,7 @@ def _extract(model, layer, images, k, seed, refine, ura, skip_tokens, opts, prog
     mean = basis.mean
     decoding, bias, encoding = basis.decoding, basis.bias, basis.encoding
     history: Dict[str, float] = {}
+    guards: Dict[str, dict] = {}
     if refine:
         sample = detectors.sample_rows(source, int(opts["refine_sample"]), seed)
         ura_loss = None
@@ -225,10 +240,10 @@ def _extract(model, layer, images, k, seed, refine, ura, skip_tokens, opts, prog
                                kappa_range=tuple(opts["kappa_range"]), batch_size=int(opts["ura_batch"]),
                                outputs=str(opts["outputs"]), seed=seed)
         decoding, bias = _refine(sample, decoding, bias, encoding, mean, ura_loss, opts, seed,
-                                 progress, history)
+                                 progress, history, guards.setdefault("refinement", {}))
         if int(opts["joint_steps"]) > 0:
             decoding, bias = _joint(sample, decoding, bias, mean, ura_loss, opts, seed, progress,
-                                    history)
+                                    history, guards.setdefault("joint", {}))
     if progress:
         progress("signal vectors", 0, 1)
     if opts["final_encoding"] == "alternation":
@@ -245,7 +260,7 @@ def _extract(model, layer, images, k, seed, refine, ura, skip_tokens, opts, prog
         + ("+joint-fso" if refine and int(opts["joint_steps"]) > 0 else ""),
         "extract_settings": {key: (list(v) if isinstance(v, tuple) else v) for key, v in opts.items()},
         "refine": bool(refine), "ura": bool(ura), "seed": seed,
-        "final_losses": history, "silent_detectors": dead, "n_patches": source.n_rows,
+        "final_losses": history, "merge_guard": guards, "silent_detectors": dead, "n_patches": source.n_rows,
         "skip_tokens": skip_tokens,
     })
     return ConceptBasis(decoding, bias, encoding, mean, layer=layer, model_id=model_id, metadata=metadata)
@@ -257,7 +272,12 @@ def _weights(opts) -> Dict[str, float]:
     return weights
 
 
-def _refine(sample, decoding, bias, encoding, mean, ura_loss, opts, seed, progress, history):
+def _guard(opts) -> Optional[float]:
+    return None if opts["merge_guard"] is None else float(opts["merge_guard"])
+
+
+def _refine(sample, decoding, bias, encoding, mean, ura_loss, opts, seed, progress, history,
+            guard_report):
     steps = int(opts["refine_steps"])
     ura_w, every = float(opts["ura_weight"]), max(1, int(opts["ura_every"]))
     fixed_s = encoding.detach()
@@ -275,13 +295,15 @@ def _refine(sample, decoding, bias, encoding, mean, ura_loss, opts, seed, progre
     return detectors.refine_detectors(
         sample, decoding, bias, weights=_weights(opts),
         extra_loss=extra if ura_loss is not None else None, steps=steps,
-        batch_size=int(opts["refine_batch"]), lr=float(opts["refine_lr"]), tau=float(opts["tau"]),
+        batch_size=int(opts["refine_batch"]), lr=float(opts["refine_lr"]),
+        rotation_lr=float(opts["refine_rotation_lr"]), tau=float(opts["tau"]),
         gamma=float(opts["gamma"]), rho=float(opts["rho"]), v=float(opts["soft_max_power"]),
-        seed=seed, center=mean, callback=callback,
+        seed=seed, center=mean, callback=callback, max_overlap=_guard(opts),
+        report=guard_report,
     )
 
 
-def _joint(sample, decoding, bias, mean, ura_loss, opts, seed, progress, history):
+def _joint(sample, decoding, bias, mean, ura_loss, opts, seed, progress, history, guard_report):
     """W, b and the (batch-estimated) encoding together, with L_fso and constrained URA."""
     steps = int(opts["joint_steps"])
     ura_w, fso_w, every = float(opts["ura_weight"]), float(opts["fso_weight"]), max(1, int(opts["ura_every"]))
@@ -301,9 +323,11 @@ def _joint(sample, decoding, bias, mean, ura_loss, opts, seed, progress, history
 
     return detectors.refine_detectors(
         sample, decoding, bias, weights=_weights(opts), extra_loss=extra, steps=steps,
-        batch_size=int(opts["refine_batch"]), lr=float(opts["joint_lr"]), tau=float(opts["tau"]),
+        batch_size=int(opts["refine_batch"]), lr=float(opts["joint_lr"]),
+        rotation_lr=float(opts["joint_rotation_lr"]), tau=float(opts["tau"]),
         gamma=float(opts["gamma"]), rho=float(opts["rho"]), v=float(opts["soft_max_power"]),
-        seed=seed + 1, center=mean, callback=callback,
+        seed=seed + 1, center=mean, callback=callback, max_overlap=_guard(opts),
+        report=guard_report,
     )
 
 

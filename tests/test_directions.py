@@ -139,3 +139,60 @@ def test_synthetic_model_follows_the_paper():
     assert torch.equal(same.encoding, model.encoding)
     with pytest.raises(ValueError, match="exceeds"):
         SyntheticModel(dim=4, n_concepts=3, n_distractors=2)
+
+
+def test_calibrated_scales_recover_a_logistic_slope():
+    from pyconcepts.directions import calibrated_scales
+    t = torch.linspace(-5, 5, 401, dtype=torch.float64)[None, :].repeat(2, 1)
+    n = torch.full_like(t, 1000.0)
+    members = n * torch.sigmoid(torch.tensor([[2.0], [0.5]], dtype=torch.float64) * t)
+    beta = calibrated_scales(t, n, members)
+    assert beta.tolist() == pytest.approx([2.0, 0.5], rel=1e-3)
+    # perfectly separated: capped so the members' median score is max_logit
+    sep = calibrated_scales(t[:1], n[:1], n[:1] * (t[:1] > 0), max_logit=16.0)
+    assert float(sep) == pytest.approx(16.0 / 2.5, rel=0.02)
+
+
+def test_detectors_come_with_a_sharp_calibrated_sigmoid():
+    data = paper_setup(6000, seed=0)
+    basis = pc.extract_directions(data.x, 3, seed=0)
+    y = torch.sigmoid(data.x @ basis.decoding.T - basis.bias)
+    fired = basis.detect(data.x)
+    # ||w|| = 1 gave memberships of ~0.3-0.45 everywhere; calibrated, they separate
+    assert float(y[fired].mean()) > 0.9 and float(y[~fired].mean()) < 0.1
+    assert float(basis.decoding.norm(dim=1).min()) > 2
+
+
+def _paper_refine(seed, **kw):
+    data = paper_setup(6000, seed=seed)
+    basis = pc.extract_directions(data.x, 3, seed=seed)
+    match = match_directions(basis.encoding, data.model.encoding)["truth_index"]
+    report = {}
+    opts = dict(steps=300, lr=1e-2, rotation_lr=1e-2, tau=0.25, batch_size=2048, seed=seed)
+    opts.update(kw)
+    w, b = detectors.refine_detectors(data.x, basis.decoding, basis.bias, report=report, **opts)
+    iou = lambda w, b: detector_iou((data.x @ w.T > b)[:, match], data.presence)  # noqa: E731
+    return data, basis, iou(basis.decoding, basis.bias), iou(w, b), (w, b), report
+
+
+def test_refinement_keeps_or_improves_detectors_and_rotates_boundedly():
+    _, basis, before, after, _, report = _paper_refine(1)
+    assert float(after.min()) >= float(before.min()) - 0.005, (before.tolist(), after.tolist())
+    assert float(after.mean()) >= float(before.mean()) - 0.002, (before.tolist(), after.tolist())
+    assert report["failed_checks"] == 0 and report["kept_step"] == 300
+    # rotation: at most ~rotation_lr radians per step
+    _, _, _, _, (w, _), _ = _paper_refine(1, steps=20, rotation_lr=1e-3)
+    cos = torch.nn.functional.cosine_similarity(w.double(), basis.decoding.double())
+    assert float(cos.min()) >= float(torch.cos(torch.tensor(20 * 1e-3 * 1.05))) - 1e-6
+
+
+def test_merge_guard_returns_the_last_state_without_duplicates():
+    # the inactive loss alone with tau = I (floor nu = 1): every detector is pushed to fire
+    # everywhere, the detectors become duplicates
+    bad = dict(steps=200, tau=3.0, weights={k: 0.0 for k in detectors.DEFAULT_WEIGHTS if k != "inactive"})
+    data, _, _, _, (w, b), free = _paper_refine(2, max_overlap=None, **bad)
+    assert free["kept_step"] == 200
+    assert float(detectors.pairwise_jaccard(data.x @ w.T > b).max()) > 0.5  # duplicates
+    _, _, _, _, (w, b), guarded = _paper_refine(2, **bad)
+    assert guarded["failed_checks"] > 0 and guarded["kept_step"] < 200
+    assert float(detectors.pairwise_jaccard(data.x @ w.T > b).max()) <= 0.5

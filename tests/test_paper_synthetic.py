@@ -70,9 +70,23 @@ def results():
 
 
 @pytest.mark.slow
-def test_every_detector_iou_at_least_092_over_three_seeds(results):
+def test_every_detector_iou_at_least_095_over_three_seeds(results):
+    # measured with refinement + URA (calibrated sigmoids, bounded rotation, tau = 0.25):
+    # min 0.967 on seeds 0-2, 0.958 over seeds 0-9 (paper: 0.96 / 0.92 / 0.96)
     for seed, (iou, _) in results.items():
-        assert float(iou.min()) >= 0.92, (seed, iou.tolist())
+        assert float(iou.min()) >= 0.95, (seed, iou.tolist())
+
+
+def test_clustering_finds_the_three_concepts_on_seed_9():
+    # seed 9 split one concept in two and merged the other two (IoU 0.34 / 0.33) with 3
+    # k-means restarts: the bad optimum has a 10% lower objective and about 1/3 of the
+    # seedings land in it; 10 restarts find the right one
+    sm, images, _, presence = make_images(9)
+    x = images.permute(0, 2, 3, 1).reshape(-1, 16)
+    basis = pc.extract_directions(x, 3, seed=9)
+    enc = match_directions(basis.encoding, sm.encoding)
+    iou = detector_iou(basis.detect(x)[:, enc["truth_index"]], presence.reshape(-1, 3))
+    assert float(iou.min()) >= 0.95, iou.tolist()
 
 
 @pytest.mark.slow
