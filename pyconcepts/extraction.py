@@ -13,7 +13,7 @@ Pipeline (METHOD.md sections 2-4):
    the calibrated sigmoids of step 2, rotates each direction by at most ``refine_rotation_lr``
    radians per step, and its merge guard keeps the last state in which no two detectors
    overlap by more than ``merge_guard`` (Jaccard). Measured (paper synthetic, seeds 0-9): IoU
-   0.966-0.979 without refinement, 0.958-0.994 with it (mean up on 8 of 10 seeds).
+   0.966-0.984 without refinement, 0.958-0.992 with it (mean up on 7 of 10 seeds).
 4. **Joint step**: W, b refined again together with the encoding, adding the
    filter-signal orthogonality loss L_fso. The encoding in this step is the signal-vector
    estimator itself, evaluated differentiably on each batch (our choice: free S parameters
