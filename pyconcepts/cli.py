@@ -136,7 +136,7 @@ def _cmd_demo(args) -> int:
     torch.set_num_threads(args.threads) if args.threads else None
     bar = ProgressBar(enabled=not args.quiet)
     try:
-        res = run_demo(seed=args.seed, n_concepts=args.concepts, refine=args.refine or args.ura,
+        res = run_demo(seed=args.seed, n_concepts=args.concepts, refine=not args.no_refine or args.ura,
                        ura=args.ura, progress=bar)
     finally:
         bar.close()
@@ -254,9 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--concepts", type=int, default=16)
-    p.add_argument("--refine", action="store_true",
-                   help="add the gradient refinement of the detectors (slower; see demo/run.py)")
-    p.add_argument("--ura", action="store_true", help="add the refinement with URA (implies --refine)")
+    p.add_argument("--no-refine", action="store_true",
+                   help="skip the gradient refinement of the detectors (on by default)")
+    p.add_argument("--ura", action="store_true", help="add URA to the refinement")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_cmd_demo)
@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer")
     p.add_argument("-k", "--concepts", type=int, default=12)
     p.add_argument("--out", required=True)
-    p.add_argument("--options", help="JSON overrides of pyconcepts.extract.DEFAULTS")
+    p.add_argument("--options", help="JSON overrides of pyconcepts.extraction.DEFAULTS")
     p.add_argument("--no-refine", action="store_true")
     p.add_argument("--no-ura", action="store_true")
     p.add_argument("--quiet", action="store_true")
