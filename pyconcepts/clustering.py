@@ -212,13 +212,20 @@ class DirectionalClustering:
 
         generator = torch.Generator().manual_seed(self.seed)
         sample = self._draw_sample(x, n_rows, generator)
+        # With much more data than the seeding sample, the restarts compete on the sample
+        # (cheap: Lloyd to convergence on its rows) and only the winner runs on all rows;
+        # otherwise every restart runs on all rows.
+        on_sample = self.n_init > 1 and n_rows > 4 * sample.shape[0]
         best = None
         for _ in range(self.n_init):
-            # each rank seeds from its own shard's sample; rank 0's seeds are used by all
+            # every rank holds the same sample; rank 0's seeds are used by all regardless
             centroids = _broadcast_from_rank0(self._kmeans_pp(sample, generator))
-            centroids, objective, n_iter, counts = self._lloyd(x, centroids, generator)
-            if best is None or objective > best[1]:
-                best = (centroids, objective, n_iter, counts)
+            result = self._lloyd(sample if on_sample else x, centroids, generator,
+                                 in_memory=on_sample)
+            if best is None or result[1] > best[1]:
+                best = result
+        if on_sample:
+            best = self._lloyd(x, best[0], generator)
         self.centroids_, self.objective_, self.n_iter_, self.counts_ = best
         if isinstance(x, torch.Tensor):
             self.labels_ = self.predict(x)
@@ -271,19 +278,26 @@ class DirectionalClustering:
             best_cos = torch.maximum(best_cos, unit @ unit[nxt])
         return unit[chosen].to(torch.float32)
 
-    def _lloyd(self, x, centroids: torch.Tensor, generator: torch.Generator):
+    def _lloyd(self, x, centroids: torch.Tensor, generator: torch.Generator, *,
+               in_memory: bool = False):
+        """Lloyd iterations from ``centroids``: (centroids, objective, n_iter, counts).
+        ``in_memory``: ``x`` is one tensor already in clustering coordinates, held whole by
+        every rank (the seeding sample)."""
         previous = -math.inf
         objective, counts = previous, None
         n_iter = 0
         pruned = None  # (engine, sums, counts) of the current assignment when pruning
-        use_pruning = self._use_pruning(centroids)
+        use_pruning = not in_memory and self._use_pruning(centroids)
         for n_iter in range(1, self.max_iter + 1):
-            if use_pruning:
+            if in_memory:
+                *_, sums, counts = ops.assign_update(x, centroids, num_threads=self.num_threads)
+            elif use_pruning:
                 pruned = self._pruned_pass(x, centroids, pruned)
                 sums, counts = pruned[1].clone(), pruned[2].clone()
             else:
                 sums, counts = self._lloyd_pass(x, centroids)
-            _all_reduce_(sums, counts)  # this rank's shard -> all rows (no-op on one process)
+            if not in_memory:
+                _all_reduce_(sums, counts)  # this rank's shard -> all rows (no-op on one process)
             previous_centroids = centroids
             centroids, counts = self._update_centroids(sums, counts, centroids, generator)
             if pruned is not None:

@@ -36,3 +36,15 @@ def test_auto_pruning_respects_memory_budget_and_iterations():
     assert not pc.DirectionalClustering(n_concepts=4, pruning=False).fit(x)._use_pruning(c)
     with pytest.raises(ValueError, match="pruning must be"):
         pc.DirectionalClustering(n_concepts=4, pruning="yes")
+
+
+def test_restarts_on_the_sample_when_data_is_large():
+    # N > 4 x the seeding sample: restarts compete on the sample, the winner runs on all rows
+    x = mixture(8000, 10, 5, 0.05, 4)
+    km = pc.DirectionalClustering(n_concepts=5, seed=0, n_init=6, init_sample_size=500,
+                                  max_iter=30).fit(x)
+    one = pc.DirectionalClustering(n_concepts=5, seed=0, n_init=1, init_sample_size=500,
+                                   max_iter=30).fit(x)
+    assert torch.allclose(km.centroids_.norm(dim=1), torch.ones(5), atol=1e-5)
+    assert km.objective_ >= one.objective_ - 1e-6 * abs(one.objective_)
+    assert km.counts_.sum() == 8000
