@@ -264,8 +264,15 @@ class DirectionalClustering:
     def _kmeans_pp(self, sample: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """k-means++ on cosine distance 1 - cos over the sample (CPU, float64)."""
         unit = sample.to(torch.float64)
-        unit = unit / unit.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        norms = unit.norm(dim=1, keepdim=True)
+        # Zero rows (common after a ReLU) have no direction: never a seed.
+        unit = unit[norms.squeeze(1) > 0] / norms[norms.squeeze(1) > 0]
         k, m = self.n_concepts, unit.shape[0]
+        if m < k:
+            raise ValueError(
+                f"only {m} rows of the seeding sample have a direction (non-zero rows), fewer "
+                f"than n_concepts = {k}; raise init_sample_size or lower n_concepts"
+            )
         chosen = [int(torch.randint(0, m, (1,), generator=generator))]
         best_cos = unit @ unit[chosen[0]]
         for _ in range(1, k):

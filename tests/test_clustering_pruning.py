@@ -48,3 +48,13 @@ def test_restarts_on_the_sample_when_data_is_large():
     assert torch.allclose(km.centroids_.norm(dim=1), torch.ones(5), atol=1e-5)
     assert km.objective_ >= one.objective_ - 1e-6 * abs(one.objective_)
     assert km.counts_.sum() == 8000
+
+
+def test_zero_rows_are_never_seeds():
+    # ReLU activations hold all-zero rows; they have no direction and must not become centroids
+    x = mixture(3000, 8, 4, 0.2, 2).relu()
+    x[::3] = 0
+    km = pc.DirectionalClustering(n_concepts=6, seed=0, center=False, max_iter=20).fit(x)
+    assert torch.allclose(km.centroids_.norm(dim=1), torch.ones(6), atol=1e-5)
+    with pytest.raises(ValueError, match="non-zero rows"):
+        pc.DirectionalClustering(n_concepts=3, center=False).fit(torch.zeros(50, 4))
