@@ -81,6 +81,9 @@ class DirectionalClustering:
     whiten: also whiten by the activation covariance (``whitening_matrix``), so directions
         of large but concept-free variance do not dominate the cosines.
     whiten_shrinkage: eigenvalue floor of the whitening, relative to the mean eigenvalue.
+    init: ``"k-means++"`` (default: D^2-style seeding on cosine over the sample; its cost
+        grows as K^2 x sample rows, seconds for K = 1024) or ``"random"`` (K distinct
+        non-zero sample rows, as faiss and scikit-learn's ``init="random"``).
     n_init: independent seedings; the one with the best objective is kept.
     max_iter, tol: Lloyd iterations cap; stop when the objective improves by < tol relative.
     init_sample_size: rows drawn (uniformly, by global row index) for k-means++ seeding.
@@ -103,6 +106,7 @@ class DirectionalClustering:
         n_concepts: int,
         *,
         seed: int = 0,
+        init: str = "k-means++",
         center: bool = True,
         whiten: bool = False,
         whiten_shrinkage: float = 1e-3,
@@ -117,6 +121,9 @@ class DirectionalClustering:
     ):
         self.n_concepts = _check_positive_int(n_concepts, "n_concepts")
         self.seed = int(seed)
+        if init not in ("k-means++", "random"):
+            raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
+        self.init = init
         self.center = bool(center)
         self.whiten = bool(whiten)
         self.whiten_shrinkage = float(whiten_shrinkage)
@@ -135,7 +142,7 @@ class DirectionalClustering:
 
     # scikit-learn style parameter access
     def get_params(self, deep: bool = True) -> dict:
-        keys = ("n_concepts", "seed", "center", "whiten", "whiten_shrinkage", "n_init",
+        keys = ("n_concepts", "seed", "init", "center", "whiten", "whiten_shrinkage", "n_init",
                 "max_iter", "tol", "init_sample_size", "chunk_size", "num_threads", "pruning",
                 "pruning_memory")
         return {k: getattr(self, k) for k in keys}
@@ -273,6 +280,8 @@ class DirectionalClustering:
                 f"only {m} rows of the seeding sample have a direction (non-zero rows), fewer "
                 f"than n_concepts = {k}; raise init_sample_size or lower n_concepts"
             )
+        if self.init == "random":
+            return unit[torch.randperm(m, generator=generator)[:k]].to(torch.float32)
         chosen = [int(torch.randint(0, m, (1,), generator=generator))]
         best_cos = unit @ unit[chosen[0]]
         for _ in range(1, k):

@@ -58,3 +58,13 @@ def test_zero_rows_are_never_seeds():
     assert torch.allclose(km.centroids_.norm(dim=1), torch.ones(6), atol=1e-5)
     with pytest.raises(ValueError, match="non-zero rows"):
         pc.DirectionalClustering(n_concepts=3, center=False).fit(torch.zeros(50, 4))
+
+
+def test_random_init_option():
+    x = mixture(3000, 8, 4, 0.1, 1)
+    km = pc.DirectionalClustering(n_concepts=4, seed=0, init="random", max_iter=30).fit(x)
+    again = pc.DirectionalClustering(n_concepts=4, seed=0, init="random", max_iter=30).fit(x)
+    assert torch.equal(km.centroids_, again.centroids_)
+    assert km.get_params()["init"] == "random"
+    with pytest.raises(ValueError, match="init must be"):
+        pc.DirectionalClustering(n_concepts=4, init="kmeans")
