@@ -84,17 +84,9 @@ int64_t assign_block(const Matrix& x, const CentroidPanel& panel, int64_t r0, in
   // Reduce the NR lanes of every row: largest value, lowest index among equal values.
   int64_t nonfinite = 0;
   for (int64_t r = 0; r < rows; ++r) {
-    const float* lb = ws.top_best.data() + r * NR;
-    const float* ls = ws.top_second.data() + r * NR;
-    const int32_t* li = ws.top_index.data() + r * NR;
-    int lane = 0;
-    for (int j = 1; j < NR; ++j) {
-      if (lb[j] > lb[lane] || (lb[j] == lb[lane] && li[j] < li[lane])) lane = j;
-    }
-    float second = ls[lane];
-    for (int j = 0; j < NR; ++j) {
-      if (j != lane) second = std::max(second, lb[j]);
-    }
+    const RowTop2 top = reduce_lanes(ws.top_best.data() + r * NR, ws.top_second.data() + r * NR,
+                                     ws.top_index.data() + r * NR);
+    const float second = top.second;
     const int64_t row = r0 + r;
     if (!ws.finite[r]) {
       ++nonfinite;
@@ -105,8 +97,8 @@ int64_t assign_block(const Matrix& x, const CentroidPanel& panel, int64_t r0, in
     }
     // Cosine = dot / ||x||; a zero row has all dots 0 and keeps cosine 0.
     const float inv = 1.0f / std::max(std::sqrt(ws.norms[r]), 1e-12f);
-    index[row] = li[lane];
-    best_cos[row] = lb[lane] * inv;
+    index[row] = top.index;
+    best_cos[row] = top.best * inv;
     if (second_cos) second_cos[row] = second == neg_inf ? neg_inf : second * inv;
   }
   return nonfinite;

@@ -220,19 +220,11 @@ void flush(const PassContext& ctx, EvalBlock& eb, Corrections& corr, Counters& c
   const int64_t group_width = NR * ctx.strips_per_group;
   for (int64_t i = 0; i < n; ++i) {
     // Largest dot, lowest index among equal ones: the reduction of assign_block.
-    const float* lb = eb.top_best.data() + i * NR;
-    const float* ls = eb.top_second.data() + i * NR;
-    const int32_t* li = eb.top_index.data() + i * NR;
-    int lane = 0;
-    for (int j = 1; j < NR; ++j) {
-      if (lb[j] > lb[lane] || (lb[j] == lb[lane] && li[j] < li[lane])) lane = j;
-    }
-    float second = ls[lane];
-    for (int j = 0; j < NR; ++j) {
-      if (j != lane) second = std::max(second, lb[j]);
-    }
+    const cpu::RowTop2 top = cpu::reduce_lanes(
+        eb.top_best.data() + i * NR, eb.top_second.data() + i * NR, eb.top_index.data() + i * NR);
+    const float second = top.second;
     const int64_t e = eb.perm[i], r = eb.rows[e], old = eb.labels[e];
-    const int64_t winner = li[lane];
+    const int64_t winner = top.index;
     const float inv = 1.0f / std::max(std::sqrt(eb.norms[e]), 1e-12f);
     float* up = ctx.theta_up + r * G;
     const char* ev = eb.evaluated.data() + i * G;
@@ -248,7 +240,7 @@ void flush(const PassContext& ctx, EvalBlock& eb, Corrections& corr, Counters& c
     }
     const bool all = n_evaluated == G;
     cnt.full += all;
-    ctx.theta_lo[r] = angle_up(lb[lane] * inv - ctx.eps3);
+    ctx.theta_lo[r] = angle_up(top.best * inv - ctx.eps3);
     if (winner != old) {
       ctx.labels[r] = winner;
       ++cnt.moved;
