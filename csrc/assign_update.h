@@ -12,10 +12,11 @@ namespace pyconcepts {
 // Rows holding NaN/Inf are counted in bad[0] and left out of the sums.
 // group_max: as in cosine_assign (may be null). With normalize, the sums are of the unit
 // rows x / ||x|| (classic spherical k-means, whose objective is then sum_k ||sums_k||);
-// otherwise of the rows as given (a norm-weighted objective).
+// otherwise of the rows as given (a norm-weighted objective). center (may be null): D floats
+// subtracted from every row as it is read (rows and sums are then of x - center).
 void assign_update_cpu(const Matrix& x, const float* centroids, int64_t k, int64_t* index,
                        float* best_cos, float* second_cos, double* sums, int64_t* counts,
                        int64_t* bad, int num_threads, float* group_max = nullptr,
-                       bool normalize = false);
+                       bool normalize = false, const float* center = nullptr);
 
 }  // namespace pyconcepts

@@ -16,10 +16,11 @@ constexpr int64_t kAssignGroup = 16;
 // kAssignGroup consecutive centroids (bounds for pruned k-means). row_index (CPU only, may
 // be null): assign only the n_out rows x[row_index[i]] (indices already validated), writing
 // output row i; the gather happens inside the kernel's conversion, X is not copied.
+// center (CPU only, may be null): D floats subtracted from every row as it is read.
 void cosine_assign_cpu(const Matrix& x, const float* centroids, int64_t k, int64_t* index,
                        float* best_cos, float* second_cos, int64_t* bad, int num_threads,
                        float* group_max = nullptr, const int64_t* row_index = nullptr,
-                       int64_t n_out = 0);
+                       int64_t n_out = 0, const float* center = nullptr);
 
 #ifdef PYCONCEPTS_WITH_CUDA
 void cosine_assign_cuda(const Matrix& x, const float* centroids, int64_t k, int64_t* index,

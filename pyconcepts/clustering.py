@@ -333,6 +333,13 @@ class DirectionalClustering:
         return (self._data_device.type == "cpu" and self.max_iter > 10
                 and self.n_samples_ * bytes_per_row <= self.pruning_memory)
 
+    def _kernel_input(self, chunk: torch.Tensor):
+        """(rows, center) for the native ops: a plain centring is done by the kernels as they
+        read the rows (no centred copy of the chunk); whitening needs the transformed copy."""
+        if self.transform_matrix_ is None and self.mean_ is not None:
+            return chunk, self.mean_.to(chunk.device)
+        return self.transform(chunk), None
+
     def _transformed_chunks(self, x):
         return (self.transform(chunk) for chunk in self._chunks(x, self.n_features_in_))
 
@@ -342,9 +349,10 @@ class DirectionalClustering:
         The fused native op reads every chunk once per pass.
         """
         sums = counts = None
-        for xt in self._transformed_chunks(x):
+        for chunk in self._chunks(x, self.n_features_in_):
+            xt, center = self._kernel_input(chunk)
             *_, chunk_sums, chunk_counts = ops.assign_update(
-                xt, centroids.to(xt.device), num_threads=self.num_threads
+                xt, centroids.to(xt.device), center=center, num_threads=self.num_threads
             )
             if sums is None:
                 sums, counts = chunk_sums.cpu(), chunk_counts.cpu()
@@ -402,8 +410,9 @@ class DirectionalClustering:
         self._check_fitted()
         out = []
         for chunk in self._chunks(x, self.n_features_in_):
-            xt = self.transform(chunk)
-            index, _ = ops.cosine_assign(xt, self.centroids_.to(xt.device), num_threads=self.num_threads)
+            xt, center = self._kernel_input(chunk)
+            index, _ = ops.cosine_assign(xt, self.centroids_.to(xt.device), center=center,
+                                         num_threads=self.num_threads)
             out.append(index)
         return torch.cat(out)
 

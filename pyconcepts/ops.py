@@ -163,6 +163,7 @@ def _n_groups(k: int) -> int:
 def _cosine_assign_op(
     x: torch.Tensor, centroids: torch.Tensor, return_second: bool, return_group_max: bool,
     num_threads: int, rows: Optional[torch.Tensor] = None,
+    center: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n = x.shape[0] if rows is None else rows.shape[0]
     k = centroids.shape[0]
@@ -175,9 +176,10 @@ def _cosine_assign_op(
     if n > 0:
         module, last = _backend_args(x, num_threads)
         extra = ()
-        if return_group_max or rows is not None:
+        if return_group_max or rows is not None or center is not None:
             extra = (group_max.data_ptr() if return_group_max else 0,
-                     rows.data_ptr() if rows is not None else 0, n)
+                     rows.data_ptr() if rows is not None else 0, n,
+                     center.data_ptr() if center is not None else 0)
         with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
             module.cosine_assign(
                 *_matrix_args(x), centroids.data_ptr(), k, index.data_ptr(), best.data_ptr(),
@@ -187,7 +189,7 @@ def _cosine_assign_op(
 
 
 @_cosine_assign_op.register_fake
-def _(x, centroids, return_second, return_group_max, num_threads, rows=None):
+def _(x, centroids, return_second, return_group_max, num_threads, rows=None, center=None):
     n = x.shape[0] if rows is None else rows.shape[0]
     k = centroids.shape[0]
     return (
@@ -220,6 +222,16 @@ def _check_rows(rows, x: torch.Tensor) -> torch.Tensor:
     return rows.contiguous()
 
 
+def _apply_center(x: torch.Tensor, center):
+    """Validated centre for the CPU kernels; on CUDA the centred copy is made here."""
+    if center is None:
+        return x, None
+    center = _check_vector(center, "center", x.shape[1], x.device)
+    if x.is_cuda:
+        return x.float() - center, None
+    return x, center
+
+
 def _check_group_max(return_group_max: bool, x: torch.Tensor) -> None:
     if return_group_max and x.is_cuda:
         raise ValueError("return_group_max is implemented for CPU tensors only")
@@ -232,6 +244,7 @@ def cosine_assign(
     return_second: bool = False,
     return_group_max: bool = False,
     rows: Optional[torch.Tensor] = None,
+    center: Optional[torch.Tensor] = None,
     num_threads: Optional[int] = None,
 ) -> Tuple[torch.Tensor, ...]:
     """Assign every row of ``x`` (N, D) to the unit centroid (K, D) of largest cosine.
@@ -245,7 +258,8 @@ def cosine_assign(
     similarity matrix is never materialised.
 
     ``rows`` (int64 (M,), optional) assigns only ``x[rows]`` and returns M results; on CPU
-    the kernel reads those rows in place, without a gathered copy of ``x``.
+    the kernel reads those rows in place, without a gathered copy of ``x``. ``center``
+    (D,), optional, assigns ``x - center`` (on CPU subtracted as rows are read, no copy).
     """
     x = _check_activations(x)
     centroids = _check_centroids(centroids, x)
@@ -254,8 +268,10 @@ def cosine_assign(
         rows = _check_rows(rows, x)
         if x.is_cuda:
             x, rows = x.index_select(0, rows), None
+    x, center = _apply_center(x, center)
     index, best, second, group_max, bad = torch.ops.pyconcepts.cosine_assign(
-        x, centroids, bool(return_second), bool(return_group_max), _threads(num_threads), rows
+        x, centroids, bool(return_second), bool(return_group_max), _threads(num_threads), rows,
+        center,
     )
     _raise_bad(bad)
     out = (index, best)
@@ -397,7 +413,7 @@ def masked_moments(
 @torch.library.custom_op("pyconcepts::assign_update", mutates_args=())
 def _assign_update_op(
     x: torch.Tensor, centroids: torch.Tensor, return_second: bool, return_group_max: bool,
-    num_threads: int, normalize: bool = False,
+    num_threads: int, normalize: bool = False, center: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     n, d = x.shape
@@ -415,13 +431,14 @@ def _assign_update_op(
             *_matrix_args(x), centroids.data_ptr(), k, index.data_ptr(), best.data_ptr(),
             second.data_ptr() if return_second else 0, sums.data_ptr(), counts.data_ptr(),
             bad.data_ptr(), num_threads, group_max.data_ptr() if return_group_max else 0,
-            normalize,
+            normalize, center.data_ptr() if center is not None else 0,
         )
     return index, best, second, group_max, sums, counts, bad
 
 
 @_assign_update_op.register_fake
-def _(x, centroids, return_second, return_group_max, num_threads, normalize=False):
+def _(x, centroids, return_second, return_group_max, num_threads, normalize=False,
+      center=None):
     n, d = x.shape
     k = centroids.shape[0]
     return (
@@ -442,13 +459,15 @@ def assign_update(
     return_second: bool = False,
     return_group_max: bool = False,
     normalize: bool = False,
+    center: Optional[torch.Tensor] = None,
     num_threads: Optional[int] = None,
 ) -> Tuple[torch.Tensor, ...]:
     """One Lloyd pass in one read of ``x``: ``cosine_assign`` fused with ``spherical_update``.
 
     Returns what ``cosine_assign`` returns with the same flags, followed by
     ``sums float64 (K, D), counts int64 (K,)`` of the rows by their new assignment; with
-    ``normalize`` the sums are of the unit rows ``x / ||x||`` (classic spherical k-means). On CPU the
+    ``normalize`` the sums are of the unit rows ``x / ||x||`` (classic spherical k-means).
+    ``center`` (D,), optional: everything is of ``x - center`` (subtracted as rows are read). On CPU the
     fused kernel converts each block of rows once and adds it to its clusters while it is
     still in cache; the float64 sums are identical for any thread count. On CUDA it runs the
     two ops back to back.
@@ -456,6 +475,7 @@ def assign_update(
     x = _check_activations(x)
     centroids = _check_centroids(centroids, x)
     _check_group_max(return_group_max, x)
+    x, center = _apply_center(x, center)
     if x.is_cuda:
         assigned = cosine_assign(x, centroids, return_second=return_second)
         # unit rows in float32: a float16 norm overflows beyond 65504
@@ -464,7 +484,7 @@ def assign_update(
         return (*assigned, sums, counts)
     index, best, second, group_max, sums, counts, bad = torch.ops.pyconcepts.assign_update(
         x, centroids, bool(return_second), bool(return_group_max), _threads(num_threads),
-        bool(normalize),
+        bool(normalize), center,
     )
     _raise_bad(bad)
     out = (index, best)

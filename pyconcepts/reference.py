@@ -37,10 +37,13 @@ def cosine_similarities(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tenso
 
 
 def cosine_assign(
-    x: torch.Tensor, centroids: torch.Tensor, *, return_second: bool = False
+    x: torch.Tensor, centroids: torch.Tensor, *, return_second: bool = False,
+    center: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, ...]:
-    """Best centroid by cosine per row (ties to the lowest index), its cosine, optionally the
-    second best cosine (-inf when K == 1)."""
+    """Best centroid by cosine per row of x (or x - center; ties to the lowest index), its
+    cosine, optionally the second best cosine (-inf when K == 1)."""
+    if center is not None:
+        x = x.double() - center.double()
     n, k = x.shape[0], centroids.shape[0]
     if n == 0:
         empty = torch.empty(0, dtype=torch.float32)

@@ -266,7 +266,7 @@ def test_generic_simd_path_matches_reference():
 def test_ops_are_registered_with_torch_library():
     x = torch.randn(33, 10)
     c = unit_rows(5, 10)
-    torch.library.opcheck(torch.ops.pyconcepts.cosine_assign.default, (x, c, True, True, 1, torch.arange(0, 33, 2)),
+    torch.library.opcheck(torch.ops.pyconcepts.cosine_assign.default, (x, c, True, True, 1, torch.arange(0, 33, 2), torch.zeros(10)),
                           test_utils=("test_schema", "test_faketensor"))
     idx = torch.randint(0, 5, (33,))
     torch.library.opcheck(torch.ops.pyconcepts.spherical_update.default, (x, idx, 5, 1),
@@ -420,3 +420,24 @@ def test_assign_update_normalised_sums(dtype):
     torch.testing.assert_close(sums, want, rtol=1e-5, atol=1e-5)
     # the spherical objective: sum of norms of unit-row sums = sum of cosines to the centroids
     torch.testing.assert_close((sums * c.double()).sum(), best.double().sum(), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_center_is_subtracted_as_rows_are_read(dtype):
+    x = (torch.randn(900, 41) + 3).to(dtype)
+    c = unit_rows(30, 41)
+    m = x.float().mean(0)
+    got = pc.ops.cosine_assign(x, c, center=m, return_second=True)
+    want = ref.cosine_assign(x.float(), c, center=m, return_second=True)
+    check_assign(x.float() - m, c, got[0], got[1], got[2])
+    torch.testing.assert_close(got[1].double(), want[1].double(), atol=1e-4, rtol=0)
+    if dtype == torch.float32:  # bit-identical to assigning the centred copy
+        same = pc.ops.cosine_assign(x - m, c, return_second=True)
+        assert all(torch.equal(p, q) for p, q in zip(got, same))
+        fused = pc.ops.assign_update(x, c, center=m)
+        fused_copy = pc.ops.assign_update(x - m, c)
+        assert all(torch.equal(p, q) for p, q in zip(fused, fused_copy))
+    with pytest.raises(ValueError, match="center must have shape"):
+        pc.ops.cosine_assign(x, c, center=torch.zeros(40))
+    with pytest.raises(ValueError, match="center contains NaN"):
+        pc.ops.assign_update(x, c, center=torch.full((41,), float("nan")))

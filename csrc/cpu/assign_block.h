@@ -56,13 +56,15 @@ inline RowTop2 reduce_lanes(const float* lane_best, const float* lane_second,
 
 // Assigns rows [r0, r0 + rows) of x (rows <= ws.rows_per_block), writing index/best/second
 // at those rows; afterwards ws.xb holds the block in fp32. With a non-null row_index, output
-// row i reads input row row_index[i] (a gather fused into the conversion, no copy of X). When group_max is non-null it
+// row i reads input row row_index[i] (a gather fused into the conversion, no copy of X).
+// With a non-null center (D floats) the rows are assigned as x - center, without a copy. When group_max is non-null it
 // receives, per row, the largest cosine within each strip of NR consecutive centroids
 // (row-major, panel.strips per row). Returns the number of rows holding NaN/Inf (their
 // best cosine is NaN and their index 0).
 int64_t assign_block(const Matrix& x, const CentroidPanel& panel, int64_t r0, int64_t rows,
                      AssignWorkspace& ws, int64_t* index, float* best, float* second,
-                     float* group_max, const int64_t* row_index = nullptr);
+                     float* group_max, const int64_t* row_index = nullptr,
+                     const float* center = nullptr);
 
 }  // namespace cpu
 }  // namespace pyconcepts

@@ -19,7 +19,8 @@ constexpr int64_t kSuperBlockRows = 8192;
 
 void assign_update_cpu(const Matrix& x, const float* centroids, int64_t k, int64_t* index,
                        float* best_cos, float* second_cos, double* sums, int64_t* counts,
-                       int64_t* bad, int num_threads, float* group_max, bool normalize) {
+                       int64_t* bad, int num_threads, float* group_max, bool normalize,
+                       const float* center) {
   const int64_t n = x.rows, d = x.cols;
   std::fill(sums, sums + k * d, 0.0);
   std::fill(counts, counts + k, int64_t{0});
@@ -43,7 +44,8 @@ void assign_update_cpu(const Matrix& x, const float* centroids, int64_t k, int64
       for (int64_t r0 = s0; r0 < s1; r0 += rb) {
         const int64_t rows = std::min(rb, s1 - r0);
         nonfinite +=
-            cpu::assign_block(x, panel, r0, rows, ws, index, best_cos, second_cos, group_max);
+            cpu::assign_block(x, panel, r0, rows, ws, index, best_cos, second_cos, group_max,
+                              nullptr, center);
         for (int64_t r = 0; r < rows; ++r) {
           if (!ws.finite[r]) continue;
           const int64_t c = index[r0 + r];

@@ -29,7 +29,8 @@ PYBIND11_MODULE(_C, m) {
       "cosine_assign",
       [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t row_stride, uintptr_t c,
          int64_t k, uintptr_t index, uintptr_t best, uintptr_t second, uintptr_t bad,
-         int num_threads, uintptr_t group_max, uintptr_t row_index, int64_t n_out) {
+         int num_threads, uintptr_t group_max, uintptr_t row_index, int64_t n_out,
+         uintptr_t center) {
         const Matrix mx = matrix(x, dtype, n, d, row_stride);
         check_k(k);
         if (n_out < 0) throw std::invalid_argument("n_out must be >= 0");
@@ -37,31 +38,34 @@ PYBIND11_MODULE(_C, m) {
         cosine_assign_cpu(mx, ptr<const float>(c), k, ptr<int64_t>(index), ptr<float>(best),
                           second ? ptr<float>(second) : nullptr, ptr<int64_t>(bad), num_threads,
                           group_max ? ptr<float>(group_max) : nullptr,
-                          row_index ? ptr<const int64_t>(row_index) : nullptr, n_out);
+                          row_index ? ptr<const int64_t>(row_index) : nullptr, n_out,
+                          center ? ptr<const float>(center) : nullptr);
       },
       py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("row_stride"),
       py::arg("centroids"), py::arg("k"), py::arg("index"), py::arg("best"), py::arg("second"),
       py::arg("bad"), py::arg("num_threads"), py::arg("group_max") = 0,
-      py::arg("row_index") = 0, py::arg("n_out") = 0);
+      py::arg("row_index") = 0, py::arg("n_out") = 0, py::arg("center") = 0);
   m.attr("ASSIGN_GROUP") = kAssignGroup;
 
   m.def(
       "assign_update",
       [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t row_stride, uintptr_t c,
          int64_t k, uintptr_t index, uintptr_t best, uintptr_t second, uintptr_t sums,
-         uintptr_t counts, uintptr_t bad, int num_threads, uintptr_t group_max, bool normalize) {
+         uintptr_t counts, uintptr_t bad, int num_threads, uintptr_t group_max, bool normalize,
+         uintptr_t center) {
         const Matrix mx = matrix(x, dtype, n, d, row_stride);
         check_k(k);
         py::gil_scoped_release release;
         assign_update_cpu(mx, ptr<const float>(c), k, ptr<int64_t>(index), ptr<float>(best),
                           second ? ptr<float>(second) : nullptr, ptr<double>(sums),
                           ptr<int64_t>(counts), ptr<int64_t>(bad), num_threads,
-                          group_max ? ptr<float>(group_max) : nullptr, normalize);
+                          group_max ? ptr<float>(group_max) : nullptr, normalize,
+                          center ? ptr<const float>(center) : nullptr);
       },
       py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("row_stride"),
       py::arg("centroids"), py::arg("k"), py::arg("index"), py::arg("best"), py::arg("second"),
       py::arg("sums"), py::arg("counts"), py::arg("bad"), py::arg("num_threads"),
-      py::arg("group_max") = 0, py::arg("normalize") = false);
+      py::arg("group_max") = 0, py::arg("normalize") = false, py::arg("center") = 0);
 
   m.def(
       "spherical_update",

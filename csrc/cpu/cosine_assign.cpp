@@ -46,14 +46,14 @@ AssignWorkspace::AssignWorkspace(int64_t d)
 
 int64_t assign_block(const Matrix& x, const CentroidPanel& panel, int64_t r0, int64_t rows,
                      AssignWorkspace& ws, int64_t* index, float* best_cos, float* second_cos,
-                     float* group_max, const int64_t* row_index) {
+                     float* group_max, const int64_t* row_index, const float* center) {
   const auto& kern = kernels();
   const int64_t d = x.cols, k = panel.k;
   const int64_t padded = (rows + MR - 1) / MR * MR;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t src = row_index ? row_index[r0 + r] : r0 + r;
-    ws.finite[r] = kern.convert_row(row_ptr(x, src), x.dtype, d, nullptr, ws.xb.data() + r * d,
+    ws.finite[r] = kern.convert_row(row_ptr(x, src), x.dtype, d, center, ws.xb.data() + r * d,
                                     &ws.norms[r]);
   }
   std::fill(ws.xb.begin() + rows * d, ws.xb.begin() + padded * d, 0.0f);
@@ -108,7 +108,8 @@ int64_t assign_block(const Matrix& x, const CentroidPanel& panel, int64_t r0, in
 
 void cosine_assign_cpu(const Matrix& x, const float* centroids, int64_t k, int64_t* index,
                        float* best_cos, float* second_cos, int64_t* bad, int num_threads,
-                       float* group_max, const int64_t* row_index, int64_t n_out) {
+                       float* group_max, const int64_t* row_index, int64_t n_out,
+                       const float* center) {
   bad[0] = bad[1] = 0;
   const int64_t n = row_index ? n_out : x.rows;
   if (n == 0) return;
@@ -123,7 +124,7 @@ void cosine_assign_cpu(const Matrix& x, const float* centroids, int64_t k, int64
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t r0 = blk * rb;
       nonfinite += cpu::assign_block(x, panel, r0, std::min(rb, n - r0), ws, index, best_cos,
-                                     second_cos, group_max, row_index);
+                                     second_cos, group_max, row_index, center);
     }
   }
   bad[0] = nonfinite;

@@ -79,9 +79,10 @@ bool convert_row_generic(const void* src, DType dtype, int64_t n, const float* c
     } else {
       v = bf16_to_float(static_cast<const uint16_t*>(src)[j]);
     }
-    ss += v * v;
+    const float w = center ? v - center[j] : v;
+    ss += w * w;
     poison += v * 0.0f;
-    dst[j] = center ? v - center[j] : v;
+    dst[j] = w;
   }
   if (sumsq) *sumsq = ss;
   return poison == 0.0f;
@@ -187,9 +188,10 @@ PC_AVX2 bool convert_row_avx2(const void* src, DType dtype, int64_t n, const flo
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
     const __m256 v = load8_as_float(src, dtype, j);
-    ss = _mm256_fmadd_ps(v, v, ss);
+    const __m256 w = center ? _mm256_sub_ps(v, _mm256_loadu_ps(center + j)) : v;
+    ss = _mm256_fmadd_ps(w, w, ss);
     poison = _mm256_add_ps(poison, _mm256_mul_ps(v, zero));
-    _mm256_storeu_ps(dst + j, center ? _mm256_sub_ps(v, _mm256_loadu_ps(center + j)) : v);
+    _mm256_storeu_ps(dst + j, w);
   }
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, ss);

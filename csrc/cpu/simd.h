@@ -18,8 +18,8 @@ struct Kernels {
   void (*gemm_tile)(int64_t p, const float* a, int64_t lda, const float* b, int64_t ldb,
                     float* c, int64_t ldc, bool accumulate);
   // Converts n elements of one row to fp32; returns false when the row holds NaN or Inf.
-  // When center is non-null it is subtracted. sumsq (may be null) receives sum of squares
-  // of the converted (uncentred) values.
+  // When center is non-null it is subtracted. sumsq (may be null) receives the sum of
+  // squares of the values written (centred when center is given).
   bool (*convert_row)(const void* src, DType dtype, int64_t n, const float* center, float* dst,
                       float* sumsq);
   // Lane-wise running top-2 over one MR x NR tile of scores: for every row i and lane j,
