@@ -1,7 +1,6 @@
 """CUDA kernel benchmarks against plain torch on the same data, in the same run.
 
     python -m benchmarks.kernels --device cuda [--quick] [--json PATH]
-    python -m benchmarks.kernels_cuda [--quick] [--json PATH]
 
 Figures per op: median time over --repeat runs (CUDA events, after warm-up), achieved HBM
 bandwidth (bytes the op must read / time), achieved TFLOP/s, and their ratios to this GPU's
@@ -12,9 +11,7 @@ shrunk to fit the free GPU memory; the N actually used is reported.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 from typing import Callable, Dict, List
 
 import torch
@@ -22,7 +19,7 @@ import torch.nn.functional as F
 
 import pyconcepts as pc
 
-from .common import print_table, write_json
+from .common import print_table
 
 GiB = 1024**3
 
@@ -218,21 +215,3 @@ def run_cuda_benchmarks(args) -> dict:
         if extra:
             print(f"  {e['op']}: {extra}")
     return results
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--quick", action="store_true", help="smaller N, for a smoke run")
-    p.add_argument("--json", metavar="PATH", help="write the figures to PATH")
-    args = p.parse_args(argv)
-    results = run_cuda_benchmarks(args)
-    if args.json:
-        write_json(args.json, results)
-        print(f"\nwrote {args.json}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

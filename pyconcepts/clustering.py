@@ -355,11 +355,11 @@ class DirectionalClustering:
                 xt, centroids.to(xt.device), center=center, num_threads=self.num_threads
             )
             if sums is None:
-                sums, counts = chunk_sums.cpu(), chunk_counts.cpu()
-            else:
-                sums += chunk_sums.cpu()
-                counts += chunk_counts.cpu()
-        return sums, counts
+                sums, counts = chunk_sums, chunk_counts
+            else:  # on the chunks' device: one transfer per pass, not one per chunk
+                sums += chunk_sums
+                counts += chunk_counts
+        return sums.cpu(), counts.cpu()
 
     def _pruned_pass(self, x, centroids: torch.Tensor, state):
         """The same pass with exact pruning; ``state`` carries the engine, the sums and counts

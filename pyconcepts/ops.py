@@ -159,6 +159,18 @@ def _n_groups(k: int) -> int:
     return (k + ASSIGN_GROUP - 1) // ASSIGN_GROUP
 
 
+def _assign_outputs(x, n: int, k: int, return_second: bool, return_group_max: bool):
+    """Output buffers of the assignment kernels: index, best, second, group maxima, bad."""
+    f32 = dict(dtype=torch.float32, device=x.device)
+    return (
+        torch.empty(n, dtype=torch.int64, device=x.device),
+        torch.empty(n, **f32),
+        torch.empty(n if return_second else 0, **f32),
+        torch.empty(n if return_group_max else 0, _n_groups(k), **f32),
+        torch.zeros(2, dtype=torch.int64, device=x.device),
+    )
+
+
 @torch.library.custom_op("pyconcepts::cosine_assign", mutates_args=())
 def _cosine_assign_op(
     x: torch.Tensor, centroids: torch.Tensor, return_second: bool, return_group_max: bool,
@@ -167,12 +179,7 @@ def _cosine_assign_op(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n = x.shape[0] if rows is None else rows.shape[0]
     k = centroids.shape[0]
-    index = torch.empty(n, dtype=torch.int64, device=x.device)
-    best = torch.empty(n, dtype=torch.float32, device=x.device)
-    second = torch.empty(n if return_second else 0, dtype=torch.float32, device=x.device)
-    group_max = torch.empty(n if return_group_max else 0, _n_groups(k), dtype=torch.float32,
-                            device=x.device)
-    bad = torch.zeros(2, dtype=torch.int64, device=x.device)
+    index, best, second, group_max, bad = _assign_outputs(x, n, k, return_second, return_group_max)
     if n > 0:
         module, last = _backend_args(x, num_threads)
         extra = ()
@@ -418,14 +425,9 @@ def _assign_update_op(
            torch.Tensor]:
     n, d = x.shape
     k = centroids.shape[0]
-    index = torch.empty(n, dtype=torch.int64, device=x.device)
-    best = torch.empty(n, dtype=torch.float32, device=x.device)
-    second = torch.empty(n if return_second else 0, dtype=torch.float32, device=x.device)
-    group_max = torch.empty(n if return_group_max else 0, _n_groups(k), dtype=torch.float32,
-                            device=x.device)
+    index, best, second, group_max, bad = _assign_outputs(x, n, k, return_second, return_group_max)
     sums = torch.zeros(k, d, dtype=torch.float64, device=x.device)
     counts = torch.zeros(k, dtype=torch.int64, device=x.device)
-    bad = torch.zeros(2, dtype=torch.int64, device=x.device)
     if n > 0:
         _C.assign_update(
             *_matrix_args(x), centroids.data_ptr(), k, index.data_ptr(), best.data_ptr(),
