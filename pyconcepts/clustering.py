@@ -184,7 +184,26 @@ class DirectionalClustering:
             del self._fitting
         return self
 
+    @property
+    def labels_(self) -> torch.Tensor:
+        """(N,) nearest centroid of every row of the tensor given to ``fit``.
+
+        Computed on first access (one assignment pass the fit itself does not need), from the
+        fitted tensor, which is kept by reference: modify it in place before reading
+        ``labels_`` and the labels follow the new values. Not defined after a fit on a stream
+        (no per-row state is kept)."""
+        if "_labels" not in self.__dict__:
+            source = self.__dict__.get("_labels_source")
+            if source is None:
+                raise AttributeError("labels_ is defined after fit on a tensor only (a stream "
+                                     "fit keeps no per-row state); use predict(x)")
+            self._labels = self.predict(source)
+            del self._labels_source
+        return self._labels
+
     def _fit(self, x) -> None:
+        self.__dict__.pop("_labels", None)
+        self.__dict__.pop("_labels_source", None)
         # Pass 1: count, mean (and covariance when whitening), all chunk-validated.
         dim = None
         stats = None
@@ -235,7 +254,7 @@ class DirectionalClustering:
             best = self._lloyd(x, best[0], generator)
         self.centroids_, self.objective_, self.n_iter_, self.counts_ = best
         if isinstance(x, torch.Tensor):
-            self.labels_ = self.predict(x)
+            self._labels_source = x  # labels_ is one more assignment pass: only when asked
 
     def _draw_sample(self, x, n_rows: int, generator: torch.Generator) -> torch.Tensor:
         """Rows at uniformly drawn global indices, the same for any chunking of the rows."""
@@ -269,11 +288,21 @@ class DirectionalClustering:
         return int(sum(c.item() for c in counts[: dist.get_rank()]))
 
     def _kmeans_pp(self, sample: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """k-means++ on cosine distance 1 - cos over the sample (CPU, float64)."""
-        unit = sample.to(torch.float64)
-        norms = unit.norm(dim=1, keepdim=True)
+        """k-means++ on cosine distance 1 - cos over the sample (float32 unit rows).
+
+        Exact D^2-style sampling without a pass over the sample per seed (that made K = 1024
+        take tens of seconds): each new seed is drawn from a frozen reference distribution
+        D_ref (the distances to the seeds chosen up to the last refresh) and accepted with
+        probability D(x) / D_ref(x), D(x) <= D_ref(x) being its distance to all seeds so far.
+        An accepted draw has probability proportional to D(x), as k-means++ asks. When draws
+        start to be rejected, D_ref is refreshed for the new seeds in one blocked native
+        cosine_assign call over the sample (GEMM rate instead of one matrix-vector product
+        per seed).
+        """
+        unit = sample.to(torch.float32)
+        norms = unit.norm(dim=1)
         # Zero rows (common after a ReLU) have no direction: never a seed.
-        unit = unit[norms.squeeze(1) > 0] / norms[norms.squeeze(1) > 0]
+        unit = (unit[norms > 0] / norms[norms > 0, None]).contiguous()
         k, m = self.n_concepts, unit.shape[0]
         if m < k:
             raise ValueError(
@@ -281,18 +310,38 @@ class DirectionalClustering:
                 f"than n_concepts = {k}; raise init_sample_size or lower n_concepts"
             )
         if self.init == "random":
-            return unit[torch.randperm(m, generator=generator)[:k]].to(torch.float32)
+            return unit[torch.randperm(m, generator=generator)[:k]]
         chosen = [int(torch.randint(0, m, (1,), generator=generator))]
-        best_cos = unit @ unit[chosen[0]]
-        for _ in range(1, k):
-            distance = (1.0 - best_cos).clamp_min(0)
-            if float(distance.sum()) <= 0:  # every sample row already at a centroid
-                nxt = int(torch.randint(0, m, (1,), generator=generator))
+        best_ref = torch.full((m,), -1.0)  # best cosine to the seeds before chosen[refreshed:]
+        refreshed = 0
+        cumulative = None
+        rejected = 0
+        while len(chosen) < k:
+            if cumulative is None:  # refresh the reference distribution
+                _, cos = ops.cosine_assign(unit, unit[chosen[refreshed:]],
+                                           num_threads=self.num_threads)
+                torch.maximum(best_ref, cos, out=best_ref)
+                refreshed, rejected = len(chosen), 0
+                cumulative = torch.cumsum((1.0 - best_ref.double()).clamp_min_(0), 0)
+                if float(cumulative[-1]) <= 0:  # every sample row already at a seed
+                    chosen.append(int(torch.randint(0, m, (1,), generator=generator)))
+                    cumulative = None
+                    continue
+            u = float(torch.rand((), generator=generator, dtype=torch.float64)) * float(cumulative[-1])
+            i = min(int(torch.searchsorted(cumulative, torch.tensor([u], dtype=torch.float64))), m - 1)
+            d_ref = 1.0 - float(best_ref[i])
+            d_now = d_ref
+            if refreshed < len(chosen):
+                d_now = min(d_ref, 1.0 - float((unit[chosen[refreshed:]] @ unit[i]).max()))
+            if float(torch.rand((), generator=generator, dtype=torch.float64)) * d_ref < d_now:
+                chosen.append(i)
             else:
-                nxt = int(torch.multinomial(distance, 1, generator=generator))
-            chosen.append(nxt)
-            best_cos = torch.maximum(best_cos, unit @ unit[nxt])
-        return unit[chosen].to(torch.float32)
+                rejected += 1
+            # Acceptance falls as seeds accumulate since the refresh: refresh once rejections
+            # outnumber the new seeds (and at least every 64 seeds, bounding the per-draw work).
+            if rejected > len(chosen) - refreshed + 2 or len(chosen) - refreshed >= 64:
+                cumulative = None
+        return unit[chosen]
 
     def _lloyd(self, x, centroids: torch.Tensor, generator: torch.Generator, *,
                in_memory: bool = False):

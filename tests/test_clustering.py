@@ -80,3 +80,63 @@ def test_bad_input():
         pc.DirectionalClustering(2).fit([x, [1, 2, 3]])
     with pytest.raises(RuntimeError, match="not fitted"):
         pc.DirectionalClustering(2).predict(x)
+
+
+def _kmeans_pp_law(rows: torch.Tensor, k: int) -> dict:
+    """Exact probability of every ordered seed sequence under k-means++ on 1 - cos."""
+    import itertools
+
+    m = rows.shape[0]
+    cos = (rows @ rows.T).double()
+    law = {}
+    for seq in itertools.permutations(range(m), k):
+        p = 1.0 / m
+        for t in range(1, k):
+            dist = (1 - cos[list(seq[:t])].max(0).values).clamp_min(0)
+            p *= float(dist[seq[t]] / dist.sum())
+        if p > 0:
+            law[seq] = p
+    return law
+
+
+def test_kmeans_pp_draws_follow_the_d2_law():
+    # Four unit rows, three seeds: the third draw goes through the accept/reject path (its
+    # reference distribution only knows the first seed), so a sampler that skipped the
+    # correction, or drew seeds uniformly, lands far from the exact law.
+    rows = torch.nn.functional.normalize(torch.tensor(
+        [[1.0, 0.0, 0.0], [0.9, 0.45, 0.0], [0.0, 1.0, 0.0], [0.2, 0.1, 1.0]]), dim=1)
+    law = _kmeans_pp_law(rows, 3)
+    km = pc.DirectionalClustering(3, center=False)
+    trials = 3000
+    found = {}
+    for s in range(trials):
+        seeds = km._kmeans_pp(rows, torch.Generator().manual_seed(s))
+        seq = tuple(int((rows @ c).argmax()) for c in seeds)
+        found[seq] = found.get(seq, 0) + 1
+    assert set(found) <= set(law)
+    tv = 0.5 * sum(abs(found.get(seq, 0) / trials - p) for seq, p in law.items())
+    # sampling noise of the total variation over 24 outcomes at 3000 trials: ~0.03
+    assert tv < 0.06, tv
+    uniform = 1.0 / 24
+    assert 0.5 * sum(abs(p - uniform) for p in law.values()) + 0.5 * uniform * (24 - len(law)) > 0.15
+
+
+def test_kmeans_pp_seeds_are_distinct_and_skip_zero_rows():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 16, generator=g)
+    x[::3] = 0  # rows with no direction
+    km = pc.DirectionalClustering(300, center=False, init_sample_size=3000)
+    seeds = km._kmeans_pp(x, torch.Generator().manual_seed(1))
+    assert seeds.shape == (300, 16)
+    torch.testing.assert_close(seeds.norm(dim=1), torch.ones(300))
+    assert torch.unique(seeds, dim=0).shape[0] == 300
+
+
+def test_labels_are_computed_for_the_last_fitted_tensor():
+    x, _, _ = _blobs(n=1200)
+    km = pc.DirectionalClustering(4, seed=0, center=False).fit(x)
+    km.fit(x[:500])
+    assert km.labels_.shape == (500,)
+    assert torch.equal(km.labels_, km.predict(x[:500]))
+    km.fit(list(x.split(400)))
+    assert not hasattr(km, "labels_")

@@ -31,7 +31,7 @@ void assign_update_cpu(const Matrix& x, const float* centroids, int64_t k, int64
   const int64_t supers = (n + kSuperBlockRows - 1) / kSuperBlockRows;
   int64_t nonfinite = 0;
 
-#pragma omp parallel num_threads(std::max(1, num_threads)) reduction(+ : nonfinite)
+#pragma omp parallel num_threads(cpu::threads_for(num_threads, supers)) reduction(+ : nonfinite)
   {
     cpu::AssignWorkspace ws(d);
     std::vector<double> partial(static_cast<size_t>(k * d));

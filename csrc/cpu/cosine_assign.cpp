@@ -117,7 +117,7 @@ void cosine_assign_cpu(const Matrix& x, const float* centroids, int64_t k, int64
   const int64_t rb = cpu::AssignWorkspace::rows_for(x.cols);
   const int64_t blocks = (n + rb - 1) / rb;
   int64_t nonfinite = 0;
-#pragma omp parallel num_threads(std::max(1, num_threads)) reduction(+ : nonfinite)
+#pragma omp parallel num_threads(cpu::threads_for(num_threads, blocks)) reduction(+ : nonfinite)
   {
     cpu::AssignWorkspace ws(x.cols);
 #pragma omp for schedule(dynamic, 1)

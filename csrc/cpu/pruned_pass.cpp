@@ -289,7 +289,7 @@ void pruned_pass_cpu(const Matrix& x, const float* centroids, int64_t k,
 
   const int64_t supers = (n + kSuperRows - 1) / kSuperRows;
   Counters total;
-#pragma omp parallel num_threads(std::max(1, num_threads))
+#pragma omp parallel num_threads(cpu::threads_for(num_threads, supers))
   {
     const auto& kern = cpu::kernels();
     EvalBlock eb(d, G);

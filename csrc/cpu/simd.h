@@ -33,5 +33,13 @@ struct Kernels {
 
 const Kernels& kernels();
 
+// Threads for a parallel loop over `work` independent items: never more threads than items.
+// A thread with nothing to do still joins the region's barrier, and on a busy machine one
+// descheduled idle thread costs milliseconds per call.
+inline int threads_for(int requested, int64_t work) {
+  const int64_t t = requested < work ? requested : work;
+  return t < 1 ? 1 : static_cast<int>(t);
+}
+
 }  // namespace cpu
 }  // namespace pyconcepts
