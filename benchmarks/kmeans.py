@@ -9,7 +9,11 @@ all points (no subsampling), with the same thread count, in one run. Reported: w
 time to ours (k-means++ seeding, unpruned fused passes; the other pyconcepts rows run the
 exact pruned passes, or seed like faiss and scikit-learn's init="random"), and the final
 objective: the mean cosine of every row to its assigned
-centroid, computed the same way for every method. ``--memory`` streams N rows generated
+centroid, computed the same way for every method, and for pyconcepts the share of the N x K
+cosines each pass skipped (negative: a pruned pass that recomputed the own cosine of the
+rows it read computed more than an unpruned one). The mixtures use --noise (default 1.0: heavy overlap, nothing can
+be pruned); the full run adds a well-separated mixture (noise 0.3) where pruning pays.
+``--memory`` streams N rows generated
 chunk by chunk through a fit and prints the peak RSS from the OS (getrusage), for two N, to
 show that memory does not grow with N.
 """
@@ -68,7 +72,7 @@ def run_ours(x, k, iters, seed, pruning=False, init="k-means++"):
     km = pc.DirectionalClustering(n_concepts=k, seed=seed, center=False, max_iter=iters, tol=0.0,
                                   pruning=pruning, init=init)
     km.fit(x)
-    return km.centroids_
+    return km.centroids_, [s.distance_fraction for s in km.pass_stats_]
 
 
 def run_ours_pruned(x, k, iters, seed):
@@ -123,24 +127,31 @@ def bench_shape(name, x, k, iters, repeat, seed=0):
     for method, fn in METHODS.items():
         try:
             centroids = fn(x, k, iters, seed)  # warm-up and the objective
+            fractions = None
+            if isinstance(centroids, tuple):  # pyconcepts: also the cosines computed per pass
+                centroids, fractions = centroids
             t = median_time(lambda: fn(x, k, iters, seed), repeat=repeat, warmup=0)
         except ImportError:
-            rows.append([method, "not installed", "-", "-", "-"])
+            rows.append([method, "not installed", "-", "-", "-", "-"])
             continue
         except Exception as exc:  # a baseline failing must not hide the others
-            rows.append([method, f"failed: {type(exc).__name__}", "-", "-", "-"])
+            rows.append([method, f"failed: {type(exc).__name__}", "-", "-", "-", "-"])
             continue
         obj = mean_cosine(x, centroids)
         if method == "pyconcepts":
             ours_time = t
         mpi = n * iters / t / 1e6
         ratio = t / ours_time if ours_time else float("nan")
-        rows.append([method, t, mpi, ratio, obj])
+        # share of the N x K cosines skipped, per pass (1 - computed / N K); baselines: none
+        skipped = "-" if fractions is None else " ".join(f"{1 - f:.2f}" for f in fractions)
+        rows.append([method, t, mpi, ratio, obj, skipped])
         out[method] = {"seconds": t, "million_point_iters_per_s": mpi,
-                       "time_ratio_vs_pyconcepts": ratio, "mean_cosine": obj}
+                       "time_ratio_vs_pyconcepts": ratio, "mean_cosine": obj,
+                       "skipped_per_pass": None if fractions is None else [1 - f for f in fractions]}
     print_table(f"{name}: N={n} D={x.shape[1]} K={k}, {iters} iterations, "
                 f"{torch.get_num_threads()} threads",
-                ["method", "seconds", "M point-iter/s", "time / ours", "mean cosine"], rows)
+                ["method", "seconds", "M point-iter/s", "time / ours", "mean cosine",
+                 "cosines skipped per pass"], rows)
     return out
 
 
@@ -192,6 +203,7 @@ def main(argv=None) -> int:
     p.add_argument("--shape", nargs=3, type=int, action="append", metavar=("N", "D", "K"),
                    help="run only these shapes (repeatable)")
     p.add_argument("--no-demo", action="store_true", help="skip the demo-activation run")
+    p.add_argument("--noise", type=float, default=1.0, help="noise of the directional mixtures")
     p.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_child is not None:
@@ -209,9 +221,13 @@ def main(argv=None) -> int:
             shapes = [(500_000, 256, 256), (300_000, 256, 256), (2_000_000, 64, 16),
                       (200_000, 1024, 128), (200_000, 128, 1024)]
         results = {"threads": torch.get_num_threads(), "simd_path": pc.ops.simd_level(), "runs": []}
-        for n, d, k in shapes:
-            x = directional_mixture(n, d, max(8, k // 2), noise=1.0)
-            results["runs"].append(bench_shape("directional mixture", x, k, args.iters, args.repeat))
+        runs = [(n, d, k, args.noise) for n, d, k in shapes]
+        if not args.shape and not args.quick:
+            runs.append((300_000, 256, 256, 0.3))
+        for n, d, k, noise in runs:
+            x = directional_mixture(n, d, max(8, k // 2), noise=noise)
+            results["runs"].append(bench_shape(f"directional mixture, noise {noise:g}", x, k,
+                                               args.iters, args.repeat))
         real = None if args.no_demo else demo_activations(200_000 if not args.quick else 50_000)
         if real is not None:
             results["runs"].append(bench_shape("demo CNN activations", real, 64, args.iters, args.repeat))

@@ -98,7 +98,10 @@ class DirectionalClustering:
 
     Attributes after ``fit``: ``centroids_`` (K, D) unit rows in the clustering coordinates
     (``transform(x)``), ``mean_`` (D,), ``transform_matrix_`` (D, D) or None, ``objective_``,
-    ``n_iter_``, ``counts_`` (K,), ``n_samples_``, ``labels_`` (in-memory fit only).
+    ``n_iter_``, ``counts_`` (K,), ``n_samples_``, ``labels_`` (in-memory fit only),
+    ``pass_stats_``: one ``pyconcepts.pruning.PassStats`` per Lloyd pass over the data (the
+    share of the N x K cosines computed, points read and moved; an unpruned pass computes
+    all of them). Under torch.distributed they count this rank's rows.
     """
 
     def __init__(
@@ -252,7 +255,7 @@ class DirectionalClustering:
                 best = result
         if on_sample:
             best = self._lloyd(x, best[0], generator)
-        self.centroids_, self.objective_, self.n_iter_, self.counts_ = best
+        self.centroids_, self.objective_, self.n_iter_, self.counts_, self.pass_stats_ = best
         if isinstance(x, torch.Tensor):
             self._labels_source = x  # labels_ is one more assignment pass: only when asked
 
@@ -345,12 +348,15 @@ class DirectionalClustering:
 
     def _lloyd(self, x, centroids: torch.Tensor, generator: torch.Generator, *,
                in_memory: bool = False):
-        """Lloyd iterations from ``centroids``: (centroids, objective, n_iter, counts).
-        ``in_memory``: ``x`` is one tensor already in clustering coordinates, held whole by
-        every rank (the seeding sample)."""
+        """Lloyd iterations from ``centroids``: (centroids, objective, n_iter, counts,
+        pass_stats). ``in_memory``: ``x`` is one tensor already in clustering coordinates,
+        held whole by every rank (the seeding sample; its passes are not logged)."""
+        from .pruning import PassStats
+
         previous = -math.inf
         objective, counts = previous, None
         n_iter = 0
+        log = []
         pruned = None  # (engine, sums, counts) of the current assignment when pruning
         use_pruning = not in_memory and self._use_pruning(centroids)
         for n_iter in range(1, self.max_iter + 1):
@@ -359,19 +365,23 @@ class DirectionalClustering:
             elif use_pruning:
                 pruned = self._pruned_pass(x, centroids, pruned)
                 sums, counts = pruned[1].clone(), pruned[2].clone()
+                log.append(pruned[4])
             else:
                 sums, counts = self._lloyd_pass(x, centroids)
+                n = int(counts.sum())  # rows with NaN/Inf raise before this point
+                log.append(PassStats(n_points=n, n_clusters=self.n_concepts, n_read=n, n_full=n,
+                                      n_moved=None, n_cosines=n * self.n_concepts))
             if not in_memory:
                 _all_reduce_(sums, counts)  # this rank's shard -> all rows (no-op on one process)
             previous_centroids = centroids
             centroids, counts = self._update_centroids(sums, counts, centroids, generator)
             if pruned is not None:
-                pruned = (*pruned[:3], previous_centroids)
+                pruned = (*pruned[:3], previous_centroids, None)
             objective = float(sums.norm(dim=1).sum())
             if objective - previous <= self.tol * abs(objective):
                 break
             previous = objective
-        return centroids, objective, n_iter, counts
+        return centroids, objective, n_iter, counts, log
 
     def _use_pruning(self, centroids: torch.Tensor) -> bool:
         if self.pruning != "auto":
@@ -417,11 +427,12 @@ class DirectionalClustering:
 
         if state is None:
             engine = BoundedLloyd(n_clusters=self.n_concepts, num_threads=self.num_threads)
-            sums, counts, _ = engine.first_pass(self._cpu_chunks(x), centroids)
-            return engine, sums, counts, None
-        engine, sums, counts, assigned_to = state
-        sums, counts, _ = engine.next_pass(self._cpu_chunks(x), assigned_to, centroids, sums, counts)
-        return engine, sums, counts, None
+            sums, counts, stats = engine.first_pass(self._cpu_chunks(x), centroids)
+            return engine, sums, counts, None, stats
+        engine, sums, counts, assigned_to, _ = state
+        sums, counts, stats = engine.next_pass(self._cpu_chunks(x), assigned_to, centroids, sums,
+                                               counts)
+        return engine, sums, counts, None, stats
 
     def _cpu_chunks(self, x):
         for xt in self._transformed_chunks(x):

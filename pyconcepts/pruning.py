@@ -52,7 +52,7 @@ class PassStats:
     n_clusters: int = 0
     n_read: int = 0           # points not certified by the global filter
     n_full: int = 0           # points evaluated against every group
-    n_moved: int = 0
+    n_moved: Optional[int] = 0  # None: not tracked (an unpruned pass keeps no labels)
     n_cosines: int = 0        # point-centroid cosines computed
 
     @property

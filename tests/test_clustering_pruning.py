@@ -18,12 +18,18 @@ def test_pruned_fit_equals_unpruned_fit(seed, center):
     x = mixture(6000, 20, 12, 0.4, seed)
     chunks = list(x.split(2500))
     kwargs = dict(n_concepts=16, seed=seed, center=center, max_iter=15, tol=0.0, chunk_size=2500)
-    plain = pc.DirectionalClustering(**kwargs).fit(x)
+    plain = pc.DirectionalClustering(pruning=False, **kwargs).fit(x)
     pruned = pc.DirectionalClustering(pruning=True, **kwargs).fit(chunks)
     assert plain.n_iter_ == pruned.n_iter_ == 15
     torch.testing.assert_close(plain.centroids_, pruned.centroids_, rtol=0, atol=1e-6)
     assert torch.equal(plain.predict(x), pruned.predict(x))
     assert pruned.objective_ == pytest.approx(plain.objective_, rel=1e-9)
+    # the pass log: one entry per pass over all rows, every cosine for the unpruned passes,
+    # fewer once the pruned passes' bounds hold (this mixture is well clustered)
+    assert len(plain.pass_stats_) == len(pruned.pass_stats_) == 15
+    assert all(s.distance_fraction == 1.0 and s.n_points == 6000 for s in plain.pass_stats_)
+    assert pruned.pass_stats_[0].distance_fraction == 1.0
+    assert min(s.distance_fraction for s in pruned.pass_stats_[1:]) < 0.5
 
 
 def test_auto_pruning_respects_memory_budget_and_iterations():
