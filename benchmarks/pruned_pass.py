@@ -103,7 +103,7 @@ def main():
         print(f"{it:>4} {t_plain[-1]:>8.3f} {t_pruned[-1]:>9.3f} "
               f"{t_pruned[-1] / t_plain[-1]:>6.2f} {cpu_pruned[-1] / cpu_plain[-1]:>9.2f} "
               f"{fractions[-1]:>9.3f} {skipped[-1]:>8.3f} "
-              f"{stats.n_moved:>7}")
+              f"{'-' if stats.n_moved is None else stats.n_moved:>7}")
     for n_it in (10, 30):
         if n_it > a.iters:
             continue

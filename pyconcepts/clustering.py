@@ -21,6 +21,12 @@ from .stats import DEFAULT_CHUNK_SIZE, StreamingCovariance, iter_chunks
 
 __all__ = ["DirectionalClustering", "whitening_matrix"]
 
+# pruning="auto": pruned passes start once at most this share of the rows of the first chunk
+# changed cluster in a pass (measured on 300k x 256, K = 256: a heavily overlapping mixture
+# never gets there in 10 passes and stays on plain passes; a well separated one does after
+# ~4 passes, and its pruned passes then compute ~30% of the cosines).
+_PRUNE_BELOW_MOVED = 0.05
+
 
 def whitening_matrix(covariance: torch.Tensor, shrinkage: float = 1e-3) -> torch.Tensor:
     """Symmetric (ZCA) whitening (Sigma + shrinkage * mean(eig) I)^(-1/2), float64.
@@ -92,8 +98,9 @@ class DirectionalClustering:
         per-point angle bounds let most points skip most or all of their cosines; same labels
         as unpruned passes) at 12 + 4 * 16 bytes of bounds per point; ``False`` runs the fused
         unpruned pass (one read of the data per pass, no per-point state). ``"auto"`` (the
-        default) prunes on CPU when the bounds fit in ``pruning_memory`` bytes and more than
-        a few passes are allowed (the first passes gain little: nearly every point moves).
+        default), on CPU when the bounds fit in ``pruning_memory`` bytes: plain passes while
+        many points change cluster (then no bound holds and a pruned pass costs more than a
+        plain one), pruned passes once few do. Every choice gives the same labels.
     pruning_memory: bound memory allowed for ``pruning="auto"`` (default 1 GiB).
 
     Attributes after ``fit``: ``centroids_`` (K, D) unit rows in the clustering coordinates
@@ -358,19 +365,27 @@ class DirectionalClustering:
         n_iter = 0
         log = []
         pruned = None  # (engine, sums, counts) of the current assignment when pruning
-        use_pruning = not in_memory and self._use_pruning(centroids)
+        use_pruning = not in_memory and self._use_pruning(centroids)  # True, False, "adaptive"
+        watched = None  # adaptive: the first chunk's labels in the last plain pass
         for n_iter in range(1, self.max_iter + 1):
             if in_memory:
                 *_, sums, counts = ops.assign_update(x, centroids, num_threads=self.num_threads)
-            elif use_pruning:
+            elif use_pruning is True:
                 pruned = self._pruned_pass(x, centroids, pruned)
                 sums, counts = pruned[1].clone(), pruned[2].clone()
                 log.append(pruned[4])
             else:
-                sums, counts = self._lloyd_pass(x, centroids)
+                sums, counts, first_labels = self._lloyd_pass(x, centroids)
                 n = int(counts.sum())  # rows with NaN/Inf raise before this point
+                moved = None
+                if use_pruning == "adaptive":
+                    if watched is not None:
+                        moved = int((first_labels != watched).sum())
+                        if self._bounds_will_pay(moved, watched.numel(), n_iter):
+                            use_pruning = True  # from the next pass on; same labels either way
+                    watched = first_labels
                 log.append(PassStats(n_points=n, n_clusters=self.n_concepts, n_read=n, n_full=n,
-                                      n_moved=None, n_cosines=n * self.n_concepts))
+                                      n_moved=moved, n_cosines=n * self.n_concepts))
             if not in_memory:
                 _all_reduce_(sums, counts)  # this rank's shard -> all rows (no-op on one process)
             previous_centroids = centroids
@@ -383,14 +398,25 @@ class DirectionalClustering:
             previous = objective
         return centroids, objective, n_iter, counts, log
 
-    def _use_pruning(self, centroids: torch.Tensor) -> bool:
+    def _use_pruning(self, centroids: torch.Tensor):
+        """True, False, or "adaptive" (plain passes until few points move, then pruned)."""
         if self.pruning != "auto":
             return bool(self.pruning)
         from .pruning import BoundedLloyd
 
         bytes_per_row = BoundedLloyd(n_clusters=self.n_concepts).bytes_per_point
-        return (self._data_device.type == "cpu" and self.max_iter > 10
-                and self.n_samples_ * bytes_per_row <= self.pruning_memory)
+        fits = self.n_samples_ * bytes_per_row <= self.pruning_memory
+        return "adaptive" if self._data_device.type == "cpu" and fits else False
+
+    def _bounds_will_pay(self, moved: int, watched: int, n_iter: int) -> bool:
+        """Adaptive pruning: switch once at most _PRUNE_BELOW_MOVED of the watched rows changed
+        cluster in the last pass and at least 3 passes remain (the pass that builds the bounds
+        costs ~15% more than a plain one; the bounds then need a couple of passes to pay).
+        While many points move, the drift loosens every bound past use and a pruned pass
+        costs more than a plain one. Counts are global, so every rank switches together."""
+        moved = _global_sum_int(moved, torch.device("cpu"))
+        watched = _global_sum_int(watched, torch.device("cpu"))
+        return self.max_iter - n_iter >= 3 and moved <= _PRUNE_BELOW_MOVED * max(watched, 1)
 
     def _kernel_input(self, chunk: torch.Tensor):
         """(rows, center) for the native ops: a plain centring is done by the kernels as they
@@ -402,23 +428,24 @@ class DirectionalClustering:
     def _transformed_chunks(self, x):
         return (self.transform(chunk) for chunk in self._chunks(x, self.n_features_in_))
 
-    def _lloyd_pass(self, x, centroids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """One assignment + accumulation pass over the data: float64 sums (K, D), counts (K,).
+    def _lloyd_pass(self, x, centroids: torch.Tensor):
+        """One assignment + accumulation pass over the data: float64 sums (K, D), counts (K,)
+        and the labels of the first chunk (CPU).
 
         The fused native op reads every chunk once per pass.
         """
-        sums = counts = None
+        sums = counts = first_labels = None
         for chunk in self._chunks(x, self.n_features_in_):
             xt, center = self._kernel_input(chunk)
-            *_, chunk_sums, chunk_counts = ops.assign_update(
+            labels, _, chunk_sums, chunk_counts = ops.assign_update(
                 xt, centroids.to(xt.device), center=center, num_threads=self.num_threads
             )
             if sums is None:
-                sums, counts = chunk_sums, chunk_counts
+                sums, counts, first_labels = chunk_sums, chunk_counts, labels.cpu()
             else:  # on the chunks' device: one transfer per pass, not one per chunk
                 sums += chunk_sums
                 counts += chunk_counts
-        return sums.cpu(), counts.cpu()
+        return sums.cpu(), counts.cpu(), first_labels
 
     def _pruned_pass(self, x, centroids: torch.Tensor, state):
         """The same pass with exact pruning; ``state`` carries the engine, the sums and counts

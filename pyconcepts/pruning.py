@@ -52,7 +52,10 @@ class PassStats:
     n_clusters: int = 0
     n_read: int = 0           # points not certified by the global filter
     n_full: int = 0           # points evaluated against every group
-    n_moved: Optional[int] = 0  # None: not tracked (an unpruned pass keeps no labels)
+    # points that changed cluster; None when not tracked. DirectionalClustering's plain passes
+    # under pruning="auto" count it on the first chunk only (the rows watched to decide when
+    # to start pruning).
+    n_moved: Optional[int] = 0
     n_cosines: int = 0        # point-centroid cosines computed
 
     @property
@@ -156,6 +159,7 @@ class BoundedLloyd:
         if expected_rows is not None and len(self._chunks) != len(expected_rows):
             raise ValueError("the chunks changed between passes (fewer chunks than before)")
         self._last_was_full = True
+        stats.n_moved = None  # no earlier labels to compare with
         return sums, counts, stats
 
     def next_pass(self, chunks, old_centroids: torch.Tensor, new_centroids: torch.Tensor,

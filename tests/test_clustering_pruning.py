@@ -36,9 +36,8 @@ def test_auto_pruning_respects_memory_budget_and_iterations():
     x = mixture(3000, 8, 4, 0.4, 0)
     km = pc.DirectionalClustering(n_concepts=4, max_iter=50).fit(x)
     c = km.centroids_
-    assert km._use_pruning(c)  # small data, many passes allowed: prune
+    assert km._use_pruning(c) == "adaptive"  # small data on CPU: prune once few points move
     assert not pc.DirectionalClustering(n_concepts=4, max_iter=50, pruning_memory=1000).fit(x)._use_pruning(c)
-    assert not pc.DirectionalClustering(n_concepts=4, max_iter=5).fit(x)._use_pruning(c)
     assert not pc.DirectionalClustering(n_concepts=4, pruning=False).fit(x)._use_pruning(c)
     with pytest.raises(ValueError, match="pruning must be"):
         pc.DirectionalClustering(n_concepts=4, pruning="yes")
@@ -74,3 +73,25 @@ def test_random_init_option():
     assert km.get_params()["init"] == "random"
     with pytest.raises(ValueError, match="init must be"):
         pc.DirectionalClustering(n_concepts=4, init="kmeans")
+
+
+def test_auto_switches_to_pruned_passes_once_few_points_move():
+    x = mixture(8000, 24, 16, 0.3, 5)
+    kwargs = dict(n_concepts=24, seed=1, center=True, max_iter=25, tol=0.0, chunk_size=3000)
+    plain = pc.DirectionalClustering(pruning=False, **kwargs).fit(x)
+    auto = pc.DirectionalClustering(**kwargs).fit(x)
+    torch.testing.assert_close(plain.centroids_, auto.centroids_, rtol=0, atol=1e-6)
+    assert torch.equal(plain.labels_, auto.labels_)
+    fractions = [s.distance_fraction for s in auto.pass_stats_]
+    moved = [s.n_moved for s in auto.pass_stats_]
+    first_pruned = next(i for i, f in enumerate(fractions) if f < 1.0)
+    # plain passes first (they report moved rows of the watched chunk from the second on),
+    # then the switch: the bounds pass, then passes that skip cosines
+    assert first_pruned >= 2 and moved[0] is None and moved[1] is not None
+    assert min(fractions[first_pruned:]) < 0.5
+    # heavy overlap: >5% of the points still move in the passes that could switch, so auto
+    # stays on plain passes
+    noisy = pc.DirectionalClustering(n_concepts=24, seed=1, max_iter=6, tol=0.0).fit(
+        mixture(8000, 24, 16, 3.0, 5))
+    assert all(s.distance_fraction == 1.0 for s in noisy.pass_stats_)
+    assert all(s.n_moved > 0.05 * 8000 for s in noisy.pass_stats_[1:3])
