@@ -57,6 +57,9 @@ def run(seed):
     return iou, enc["cosine"]
 
 
+SEEDS = (0, 1, 2, 5, 6, 8)  # 5, 6, 8: encoding cosine 0.88-0.93 with the discriminant filters
+
+
 @pytest.fixture(scope="module")
 def results():
     # Every tensor here is tiny (6000 x 16): one intra-op thread is as fast, and on a shared
@@ -64,15 +67,15 @@ def results():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return {seed: run(seed) for seed in (0, 1, 2)}
+        return {seed: run(seed) for seed in SEEDS}
     finally:
         torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
-def test_every_detector_iou_at_least_095_over_three_seeds(results):
-    # measured with refinement + URA (calibrated sigmoids, bounded rotation, tau = 0.25):
-    # min 0.967 on seeds 0-2, 0.958 over seeds 0-9 (paper: 0.96 / 0.92 / 0.96)
+def test_every_detector_iou_at_least_095(results):
+    # issue target >= 0.92, aim >= 0.95 (paper: 0.96 / 0.92 / 0.96); measured with refinement +
+    # URA: min 0.967-0.977 per seed over seeds 0-9
     for seed, (iou, _) in results.items():
         assert float(iou.min()) >= 0.95, (seed, iou.tolist())
 
@@ -90,20 +93,8 @@ def test_clustering_finds_the_three_concepts_on_seed_9():
 
 
 @pytest.mark.slow
-def test_encoding_directions_point_at_the_truth(results):
-    # regression guard: measured min 0.950 over seeds 0-2 (0.69-0.89 before the
-    # within-covariance alternation was carried to the final encoding)
+def test_encoding_cosine_at_least_095(results):
+    # the issue's target on every seed run; measured min 0.982-0.996 per seed over seeds 0-9
+    # with the logistic filters (0.876-0.977 with the discriminant ones + alternation)
     for seed, (_, cos) in results.items():
-        assert float(cos.min()) >= 0.9, (seed, cos.tolist())
-
-
-@pytest.mark.slow
-@pytest.mark.slow
-def test_encoding_cosine_near_target_on_seeds_0_to_2(results):
-    # The issue's target is cosine >= 0.95 on every seed; measured min 0.950-0.971 on seeds 0-4,
-    # 7, 9 but 0.876-0.942 on seeds 5, 6, 8 (the common mode of S is not identified by
-    # second-order statistics), so the target itself is not asserted. This guards what seeds
-    # 0-2 reach today (min 0.950) with rounding room; it replaces a non-strict xfail that
-    # could never fail.
-    for seed, (_, cos) in results.items():
-        assert float(cos.min()) >= 0.945, (seed, cos.tolist())
+        assert float(cos.min()) >= 0.95, (seed, cos.tolist())
