@@ -102,6 +102,10 @@ class DirectionalClustering:
         many points change cluster (then no bound holds and a pruned pass costs more than a
         plain one), pruned passes once few do. Every choice gives the same labels.
     pruning_memory: bound memory allowed for ``pruning="auto"`` (default 1 GiB).
+    signal: also estimate each cluster's signal vector (METHOD.md section 3 with P_i = the
+        cluster's members and z = c_i . v, v the row in clustering coordinates) from moments
+        accumulated by every pass in the same read of the data (``ops.assign_update``
+        ``return_moments``); no pruned passes then (they do not read every row).
 
     Attributes after ``fit``: ``centroids_`` (K, D) unit rows in the clustering coordinates
     (``transform(x)``), ``mean_`` (D,), ``transform_matrix_`` (D, D) or None, ``objective_``,
@@ -109,6 +113,11 @@ class DirectionalClustering:
     ``pass_stats_``: one ``pyconcepts.pruning.PassStats`` per Lloyd pass over the data (the
     share of the N x K cosines computed, points read and moved; an unpruned pass computes
     all of them). Under torch.distributed they count this rank's rows.
+    With ``signal=True``: ``signal_vectors_`` (K, D) float32 in the raw coordinates of x,
+    from the last pass (its clusters and z = its centroids . v; the final update after it
+    moves the centroids little at convergence), NaN for a cluster with fewer than two
+    members; ``signal_decoding_`` (K, D), the filters w_i in raw coordinates they pair with
+    (w_i . s_i = 1): the last pass's centroids, mapped through the whitening if any.
     """
 
     def __init__(
@@ -128,6 +137,7 @@ class DirectionalClustering:
         num_threads: Optional[int] = None,
         pruning="auto",
         pruning_memory: int = 1 << 30,
+        signal: bool = False,
     ):
         self.n_concepts = _check_positive_int(n_concepts, "n_concepts")
         self.seed = int(seed)
@@ -149,12 +159,13 @@ class DirectionalClustering:
             raise ValueError(f"pruning must be True, False or 'auto', got {pruning!r}")
         self.pruning = pruning
         self.pruning_memory = int(pruning_memory)
+        self.signal = bool(signal)
 
     # scikit-learn style parameter access
     def get_params(self, deep: bool = True) -> dict:
         keys = ("n_concepts", "seed", "init", "center", "whiten", "whiten_shrinkage", "n_init",
                 "max_iter", "tol", "init_sample_size", "chunk_size", "num_threads", "pruning",
-                "pruning_memory")
+                "pruning_memory", "signal")
         return {k: getattr(self, k) for k in keys}
 
     def set_params(self, **params) -> "DirectionalClustering":
@@ -262,7 +273,9 @@ class DirectionalClustering:
                 best = result
         if on_sample:
             best = self._lloyd(x, best[0], generator)
-        self.centroids_, self.objective_, self.n_iter_, self.counts_, self.pass_stats_ = best
+        self.centroids_, self.objective_, self.n_iter_, self.counts_, self.pass_stats_ = best[:5]
+        if self.signal:
+            self._set_signal_vectors(*best[5])
         if isinstance(x, torch.Tensor):
             self._labels_source = x  # labels_ is one more assignment pass: only when asked
 
@@ -366,6 +379,7 @@ class DirectionalClustering:
         log = []
         pruned = None  # (engine, sums, counts) of the current assignment when pruning
         use_pruning = not in_memory and self._use_pruning(centroids)  # True, False, "adaptive"
+        moments = None  # signal=True: (sums, counts, sum_xz, sum_z, centroids) of the last pass
         watched = None  # adaptive: the first chunk's labels in the last plain pass
         for n_iter in range(1, self.max_iter + 1):
             if in_memory:
@@ -375,7 +389,10 @@ class DirectionalClustering:
                 sums, counts = pruned[1].clone(), pruned[2].clone()
                 log.append(pruned[4])
             else:
-                sums, counts, first_labels = self._lloyd_pass(x, centroids)
+                sums, counts, first_labels, pass_moments = self._lloyd_pass(x, centroids)
+                if pass_moments is not None:
+                    _all_reduce_(*pass_moments)
+                    moments = (sums, counts, *pass_moments, centroids)
                 n = int(counts.sum())  # rows with NaN/Inf raise before this point
                 moved = None
                 if use_pruning == "adaptive":
@@ -396,10 +413,15 @@ class DirectionalClustering:
             if objective - previous <= self.tol * abs(objective):
                 break
             previous = objective
-        return centroids, objective, n_iter, counts, log
+        return centroids, objective, n_iter, counts, log, moments
 
     def _use_pruning(self, centroids: torch.Tensor):
         """True, False, or "adaptive" (plain passes until few points move, then pruned)."""
+        if self.signal:
+            if self.pruning is True:
+                raise ValueError("signal=True needs every row read on every pass: use "
+                                 "pruning=False or 'auto'")
+            return False
         if self.pruning != "auto":
             return bool(self.pruning)
         from .pruning import BoundedLloyd
@@ -429,23 +451,45 @@ class DirectionalClustering:
         return (self.transform(chunk) for chunk in self._chunks(x, self.n_features_in_))
 
     def _lloyd_pass(self, x, centroids: torch.Tensor):
-        """One assignment + accumulation pass over the data: float64 sums (K, D), counts (K,)
-        and the labels of the first chunk (CPU).
+        """One assignment + accumulation pass over the data: float64 sums (K, D), counts (K,),
+        the labels of the first chunk (CPU) and, with ``signal``, the moments (sum_xz,
+        sum_z) (else None).
 
         The fused native op reads every chunk once per pass.
         """
-        sums = counts = first_labels = None
+        total = first_labels = None
         for chunk in self._chunks(x, self.n_features_in_):
             xt, center = self._kernel_input(chunk)
-            labels, _, chunk_sums, chunk_counts = ops.assign_update(
-                xt, centroids.to(xt.device), center=center, num_threads=self.num_threads
+            labels, _, *stats = ops.assign_update(
+                xt, centroids.to(xt.device), center=center, return_moments=self.signal,
+                num_threads=self.num_threads,
             )
-            if sums is None:
-                sums, counts, first_labels = chunk_sums, chunk_counts, labels.cpu()
+            if total is None:
+                total, first_labels = stats, labels.cpu()
             else:  # on the chunks' device: one transfer per pass, not one per chunk
-                sums += chunk_sums
-                counts += chunk_counts
-        return sums.cpu(), counts.cpu(), first_labels
+                for acc, part in zip(total, stats):
+                    acc += part
+        total = [t.cpu() for t in total]
+        moments = (total[2], total[3]) if self.signal else None
+        return total[0], total[1], first_labels, moments
+
+    def _set_signal_vectors(self, sums, counts, sum_xz, sum_z, centroids) -> None:
+        """s_i = Cov[v, z] / Var[z] within cluster i, mapped to raw coordinates: with v =
+        (x - mean) T (T the symmetric whitening, identity without), Cov[x, z] = T^-1 Cov[v, z]
+        and z = (T c_i) . (x - mean), so the raw filter is T c_i."""
+        n = counts.to(torch.float64)[:, None]
+        mean_v, mean_z = sums / n, sum_z[:, :1] / n
+        cov = sum_xz / n - mean_v * mean_z
+        var = sum_z[:, 1:] / n - mean_z ** 2
+        ok = (counts[:, None] >= 2) & (var > 0)
+        signal = torch.where(ok, cov / torch.where(ok, var, torch.ones_like(var)), float("nan"))
+        decoding = centroids.to(torch.float64)
+        if self.transform_matrix_ is not None:
+            t = self.transform_matrix_.to(torch.float64)
+            signal = torch.linalg.solve(t, signal.T).T
+            decoding = decoding @ t
+        self.signal_vectors_ = signal.to(torch.float32)
+        self.signal_decoding_ = decoding.to(torch.float32)
 
     def _pruned_pass(self, x, centroids: torch.Tensor, state):
         """The same pass with exact pruning; ``state`` carries the engine, the sums and counts

@@ -421,28 +421,34 @@ def masked_moments(
 def _assign_update_op(
     x: torch.Tensor, centroids: torch.Tensor, return_second: bool, return_group_max: bool,
     num_threads: int, normalize: bool = False, center: Optional[torch.Tensor] = None,
+    return_moments: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor]:
+           torch.Tensor, torch.Tensor, torch.Tensor]:
     n, d = x.shape
     k = centroids.shape[0]
     index, best, second, group_max, bad = _assign_outputs(x, n, k, return_second, return_group_max)
     sums = torch.zeros(k, d, dtype=torch.float64, device=x.device)
     counts = torch.zeros(k, dtype=torch.int64, device=x.device)
+    m = k if return_moments else 0
+    sum_xz = torch.zeros(m, d, dtype=torch.float64, device=x.device)
+    sum_z = torch.zeros(m, 2, dtype=torch.float64, device=x.device)
     if n > 0:
         _C.assign_update(
             *_matrix_args(x), centroids.data_ptr(), k, index.data_ptr(), best.data_ptr(),
             second.data_ptr() if return_second else 0, sums.data_ptr(), counts.data_ptr(),
             bad.data_ptr(), num_threads, group_max.data_ptr() if return_group_max else 0,
             normalize, center.data_ptr() if center is not None else 0,
+            sum_xz.data_ptr() if return_moments else 0, sum_z.data_ptr() if return_moments else 0,
         )
-    return index, best, second, group_max, sums, counts, bad
+    return index, best, second, group_max, sums, counts, sum_xz, sum_z, bad
 
 
 @_assign_update_op.register_fake
 def _(x, centroids, return_second, return_group_max, num_threads, normalize=False,
-      center=None):
+      center=None, return_moments=False):
     n, d = x.shape
     k = centroids.shape[0]
+    m = k if return_moments else 0
     return (
         x.new_empty(n, dtype=torch.int64),
         x.new_empty(n, dtype=torch.float32),
@@ -450,6 +456,8 @@ def _(x, centroids, return_second, return_group_max, num_threads, normalize=Fals
         x.new_empty(n if return_group_max else 0, _n_groups(k), dtype=torch.float32),
         x.new_empty(k, d, dtype=torch.float64),
         x.new_empty(k, dtype=torch.int64),
+        x.new_empty(m, d, dtype=torch.float64),
+        x.new_empty(m, 2, dtype=torch.float64),
         x.new_empty(2, dtype=torch.int64),
     )
 
@@ -462,6 +470,7 @@ def assign_update(
     return_group_max: bool = False,
     normalize: bool = False,
     center: Optional[torch.Tensor] = None,
+    return_moments: bool = False,
     num_threads: Optional[int] = None,
 ) -> Tuple[torch.Tensor, ...]:
     """One Lloyd pass in one read of ``x``: ``cosine_assign`` fused with ``spherical_update``.
@@ -469,6 +478,10 @@ def assign_update(
     Returns what ``cosine_assign`` returns with the same flags, followed by
     ``sums float64 (K, D), counts int64 (K,)`` of the rows by their new assignment; with
     ``normalize`` the sums are of the unit rows ``x / ||x||`` (classic spherical k-means).
+    ``return_moments`` appends the signal-vector moments of the clusters from the same read
+    (METHOD.md section 3 with P_i = cluster i's members and z = c_i . v, v the row as
+    summed): ``sum_xz float64 (K, D)`` = sum v z and ``sum_z float64 (K, 2)`` = (sum z,
+    sum z^2) per cluster (``DirectionalClustering(signal=True)`` turns them into s_i).
     ``center`` (D,), optional: everything is of ``x - center`` (subtracted as rows are read). On CPU the
     fused kernel converts each block of rows once and adds it to its clusters while it is
     still in cache; the float64 sums are identical for any thread count. On CUDA it runs the
@@ -482,11 +495,21 @@ def assign_update(
         assigned = cosine_assign(x, centroids, return_second=return_second)
         # unit rows in float32: a float16 norm overflows beyond 65504
         rows = F.normalize(x.float(), dim=1, eps=1e-12) if normalize else x
-        sums, counts = spherical_update(rows, assigned[0], centroids.shape[0])
-        return (*assigned, sums, counts)
-    index, best, second, group_max, sums, counts, bad = torch.ops.pyconcepts.assign_update(
-        x, centroids, bool(return_second), bool(return_group_max), _threads(num_threads),
-        bool(normalize), center,
+        k = centroids.shape[0]
+        sums, counts = spherical_update(rows, assigned[0], k)
+        if not return_moments:
+            return (*assigned, sums, counts)
+        # the same moments from the native ops: z from the kernel's cosine, as on the CPU
+        # (fp32 products here, summed in float64 by spherical_update)
+        z = assigned[1] * (1.0 if normalize else x.float().norm(dim=1))
+        sum_xz, _ = spherical_update(rows.float() * z[:, None], assigned[0], k)
+        sum_z, _ = spherical_update(torch.stack([z, z * z], dim=1), assigned[0], k)
+        return (*assigned, sums, counts, sum_xz, sum_z)
+    index, best, second, group_max, sums, counts, sum_xz, sum_z, bad = (
+        torch.ops.pyconcepts.assign_update(
+            x, centroids, bool(return_second), bool(return_group_max), _threads(num_threads),
+            bool(normalize), center, bool(return_moments),
+        )
     )
     _raise_bad(bad)
     out = (index, best)
@@ -494,7 +517,8 @@ def assign_update(
         out += (second,)
     if return_group_max:
         out += (group_max,)
-    return (*out, sums, counts)
+    out += (sums, counts)
+    return (*out, sum_xz, sum_z) if return_moments else out
 
 
 # --------------------------------------------------------------------------- pruned_pass

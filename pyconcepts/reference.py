@@ -99,15 +99,25 @@ def masked_moments(
 
 def assign_update(
     x: torch.Tensor, centroids: torch.Tensor, *, return_second: bool = False,
-    normalize: bool = False,
+    normalize: bool = False, return_moments: bool = False,
 ) -> Tuple[torch.Tensor, ...]:
-    """cosine_assign, then spherical_update of x (or of its unit rows) by the new assignment."""
+    """cosine_assign, then spherical_update of x (or of its unit rows) by the new assignment;
+    with ``return_moments`` also sum v z (K, D) and (sum z, sum z^2) (K, 2) per cluster, v
+    the summed row and z = c_label . v."""
     assigned = cosine_assign(x, centroids, return_second=return_second)
     rows = x.double()
     if normalize:
         rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(_EPS)
-    sums, counts = spherical_update(rows, assigned[0], centroids.shape[0])
-    return (*assigned, sums, counts)
+    k = centroids.shape[0]
+    sums, counts = spherical_update(rows, assigned[0], k)
+    if not return_moments:
+        return (*assigned, sums, counts)
+    c_unit = centroids.double() / centroids.double().norm(dim=1, keepdim=True)
+    z = (rows * c_unit[assigned[0]]).sum(dim=1)
+    sum_xz, _ = spherical_update(rows * z[:, None], assigned[0], k)
+    sum_z, _ = spherical_update(torch.stack([z, z * z], dim=1), assigned[0], k)
+    return (*assigned, sums, counts, sum_xz, sum_z)
+
 
 
 def pruned_pass(

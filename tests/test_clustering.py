@@ -140,3 +140,31 @@ def test_labels_are_computed_for_the_last_fitted_tensor():
     assert torch.equal(km.labels_, km.predict(x[:500]))
     km.fit(list(x.split(400)))
     assert not hasattr(km, "labels_")
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_signal_vectors_from_the_last_pass(whiten):
+    x, _, _ = _blobs(n=4000, d=8, k=4, seed=3)
+    x = x + torch.tensor([3.0, -1, 0, 0, 2, 0, 0, 1])  # an offset the centring must remove
+    km = pc.DirectionalClustering(4, seed=0, whiten=whiten, max_iter=60, tol=0.0,
+                                  signal=True, chunk_size=1500).fit(x)
+    # converged: the last pass assigned with the final centroids, so the reference can use them
+    w = km.signal_decoding_.double()
+    labels = km.labels_
+    v = x.double() - x.double().mean(0)
+    for i in range(4):
+        members = v[labels == i]
+        z = members @ w[i]
+        cov = ((members - members.mean(0)) * (z - z.mean())[:, None]).mean(0)
+        want = cov / z.var(unbiased=False)
+        torch.testing.assert_close(km.signal_vectors_[i].double(), want, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close((w * km.signal_vectors_.double()).sum(1), torch.ones(4, dtype=torch.float64),
+                               atol=1e-4, rtol=0)
+    if not whiten:
+        torch.testing.assert_close(km.signal_decoding_, km.centroids_, atol=1e-5, rtol=0)
+    # the stream fit reads each chunk once per pass and gets the same moments
+    stream = pc.DirectionalClustering(4, seed=0, whiten=whiten, max_iter=60, tol=0.0,
+                                      signal=True).fit(list(x.split(1500)))
+    torch.testing.assert_close(stream.signal_vectors_, km.signal_vectors_, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="signal=True"):
+        pc.DirectionalClustering(4, signal=True, pruning=True).fit(x)

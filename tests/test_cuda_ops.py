@@ -336,3 +336,17 @@ def test_assign_update_on_cuda_matches_reference():
     torch.testing.assert_close(best.cpu(), ref_best, atol=2e-5, rtol=0)
     assert torch.equal(counts.sum().cpu(), torch.tensor(600))
     _check_update(x, index, 12)
+
+
+def test_assign_update_moments_on_cuda_match_the_cpu_kernel():
+    x, c = _data(3000, 30, 12, torch.float32, seed=13)
+    for normalize in (False, True):
+        index, _, sums, counts, sum_xz, sum_z = pc.ops.assign_update(
+            x, c, normalize=normalize, return_moments=True)
+        cpu = pc.ops.assign_update(x.cpu(), c.cpu(), normalize=normalize, return_moments=True)
+        same = index.cpu() == cpu[0]
+        assert float(same.double().mean()) > 0.99  # near-ties may resolve differently
+        if bool(same.all()):
+            torch.testing.assert_close(sum_xz.cpu(), cpu[4], atol=1e-3, rtol=1e-5)
+            torch.testing.assert_close(sum_z.cpu(), cpu[5], atol=1e-3, rtol=1e-5)
+        assert sum_xz.shape == (12, 30) and sum_z.shape == (12, 2)

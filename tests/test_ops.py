@@ -274,6 +274,9 @@ def test_ops_are_registered_with_torch_library():
     torch.library.opcheck(torch.ops.pyconcepts.masked_moments.default,
                           (x, c, torch.zeros(5), None, 1),
                           test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.pyconcepts.assign_update.default,
+                          (x, c, True, False, 1, False, torch.zeros(10), True),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_ops_work_under_torch_compile():
@@ -373,6 +376,39 @@ def test_assign_update_identical_for_any_thread_count():
     three = pc.ops.assign_update(x, c, num_threads=3)
     for a, b, e in zip(one, two, three):
         assert torch.equal(a, b) and torch.equal(a, e)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalize,centred", [(False, False), (True, False), (False, True)])
+def test_assign_update_moments_match_reference(dtype, normalize, centred):
+    x = (torch.randn(20000, 33) + (2.0 if centred else 0.0)).to(dtype)  # 3 super-blocks
+    x[5] = 0  # a zero row: z = 0
+    c = unit_rows(9, 33)
+    center = x.float().mean(0) if centred else None
+    index, best, sums, counts, sum_xz, sum_z = pc.ops.assign_update(
+        x, c, normalize=normalize, center=center, return_moments=True)
+    assert sum_xz.dtype == sum_z.dtype == torch.float64
+    assert sum_xz.shape == (9, 33) and sum_z.shape == (9, 2)
+    # by the kernel's own assignment (fp16 rows may tie differently in the reference)
+    rows = x.double() - (center.double() if centred else 0)
+    if normalize:
+        rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    z = (rows * c.double()[index]).sum(1)
+    want_xz = torch.zeros(9, 33, dtype=torch.float64).index_add_(0, index, rows * z[:, None])
+    want_z = torch.zeros(9, 2, dtype=torch.float64).index_add_(0, index, torch.stack([z, z * z], 1))
+    scale = float(want_xz.abs().max())
+    torch.testing.assert_close(sum_xz, want_xz, atol=1e-5 * scale, rtol=0)
+    torch.testing.assert_close(sum_z, want_z, atol=1e-5 * float(want_z.abs().max()), rtol=0)
+    if dtype == torch.float32 and not centred:  # the reference computes them the same way
+        r = ref.assign_update(x, c, normalize=normalize, return_moments=True)
+        assert torch.equal(r[0], index)
+        torch.testing.assert_close(sum_xz, r[4], atol=1e-5 * scale, rtol=0)
+    # the moments leave the rest untouched, and are identical for any thread count
+    plain = pc.ops.assign_update(x, c, normalize=normalize, center=center)
+    assert all(torch.equal(p, q) for p, q in zip(plain, (index, best, sums, counts)))
+    one = pc.ops.assign_update(x, c, normalize=normalize, center=center, return_moments=True,
+                               num_threads=1)
+    assert all(torch.equal(p, q) for p, q in zip(one, (index, best, sums, counts, sum_xz, sum_z)))
 
 
 def test_assign_update_rejects_nonfinite_rows():

@@ -20,10 +20,15 @@ constexpr int64_t kSuperBlockRows = 8192;
 void assign_update_cpu(const Matrix& x, const float* centroids, int64_t k, int64_t* index,
                        float* best_cos, float* second_cos, double* sums, int64_t* counts,
                        int64_t* bad, int num_threads, float* group_max, bool normalize,
-                       const float* center) {
+                       const float* center, double* sum_xz, double* sum_z) {
   const int64_t n = x.rows, d = x.cols;
+  const bool moments = sum_xz != nullptr;
   std::fill(sums, sums + k * d, 0.0);
   std::fill(counts, counts + k, int64_t{0});
+  if (moments) {
+    std::fill(sum_xz, sum_xz + k * d, 0.0);
+    std::fill(sum_z, sum_z + 2 * k, 0.0);
+  }
   bad[0] = bad[1] = 0;
   if (n == 0) return;
   const cpu::CentroidPanel panel(centroids, k, d);
@@ -37,6 +42,8 @@ void assign_update_cpu(const Matrix& x, const float* centroids, int64_t k, int64
     std::vector<double> partial(static_cast<size_t>(k * d));
     std::vector<int64_t> partial_counts(k);
     std::vector<char> touched(k);
+    std::vector<double> partial_xz(moments ? static_cast<size_t>(k * d) : 0);
+    std::vector<double> partial_z(moments ? static_cast<size_t>(2 * k) : 0);
 #pragma omp for ordered schedule(static, 1)
     for (int64_t sb = 0; sb < supers; ++sb) {
       std::fill(touched.begin(), touched.end(), 0);
@@ -51,16 +58,29 @@ void assign_update_cpu(const Matrix& x, const float* centroids, int64_t k, int64
           const int64_t c = index[r0 + r];
           double* dst = partial.data() + c * d;
           const float* src = ws.xb.data() + r * d;
-          const double scale =
-              normalize ? 1.0 / std::max(std::sqrt(static_cast<double>(ws.norms[r])), 1e-12) : 1.0;
+          const double norm = std::sqrt(static_cast<double>(ws.norms[r]));
+          const double scale = normalize ? 1.0 / std::max(norm, 1e-12) : 1.0;
           if (!touched[c]) {  // first member in this super-block: initialise, do not add
             touched[c] = 1;
             partial_counts[c] = 0;
             for (int64_t j = 0; j < d; ++j) dst[j] = scale * src[j];
+            if (moments) {
+              std::fill(partial_xz.begin() + c * d, partial_xz.begin() + (c + 1) * d, 0.0);
+              partial_z[2 * c] = partial_z[2 * c + 1] = 0.0;
+            }
           } else {
             for (int64_t j = 0; j < d; ++j) dst[j] += scale * src[j];
           }
           ++partial_counts[c];
+          if (moments) {
+            // z = c . v from the kernel's cosine: cos for unit rows, cos * ||x|| otherwise
+            const double z = static_cast<double>(best_cos[r0 + r]) * (normalize ? 1.0 : norm);
+            const double zs = z * scale;
+            double* xz = partial_xz.data() + c * d;
+            for (int64_t j = 0; j < d; ++j) xz[j] += zs * src[j];
+            partial_z[2 * c] += z;
+            partial_z[2 * c + 1] += z * z;
+          }
         }
       }
 #pragma omp ordered
@@ -71,6 +91,13 @@ void assign_update_cpu(const Matrix& x, const float* centroids, int64_t k, int64
           const double* src = partial.data() + c * d;
           for (int64_t j = 0; j < d; ++j) dst[j] += src[j];
           counts[c] += partial_counts[c];
+          if (moments) {
+            const double* pxz = partial_xz.data() + c * d;
+            double* oxz = sum_xz + c * d;
+            for (int64_t j = 0; j < d; ++j) oxz[j] += pxz[j];
+            sum_z[2 * c] += partial_z[2 * c];
+            sum_z[2 * c + 1] += partial_z[2 * c + 1];
+          }
         }
       }
     }

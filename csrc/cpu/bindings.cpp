@@ -52,7 +52,9 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t row_stride, uintptr_t c,
          int64_t k, uintptr_t index, uintptr_t best, uintptr_t second, uintptr_t sums,
          uintptr_t counts, uintptr_t bad, int num_threads, uintptr_t group_max, bool normalize,
-         uintptr_t center) {
+         uintptr_t center, uintptr_t sum_xz, uintptr_t sum_z) {
+        if ((sum_xz == 0) != (sum_z == 0))
+          throw std::invalid_argument("sum_xz and sum_z are given together or not at all");
         const Matrix mx = matrix(x, dtype, n, d, row_stride);
         check_k(k);
         py::gil_scoped_release release;
@@ -60,12 +62,15 @@ PYBIND11_MODULE(_C, m) {
                           second ? ptr<float>(second) : nullptr, ptr<double>(sums),
                           ptr<int64_t>(counts), ptr<int64_t>(bad), num_threads,
                           group_max ? ptr<float>(group_max) : nullptr, normalize,
-                          center ? ptr<const float>(center) : nullptr);
+                          center ? ptr<const float>(center) : nullptr,
+                          sum_xz ? ptr<double>(sum_xz) : nullptr,
+                          sum_z ? ptr<double>(sum_z) : nullptr);
       },
       py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("row_stride"),
       py::arg("centroids"), py::arg("k"), py::arg("index"), py::arg("best"), py::arg("second"),
       py::arg("sums"), py::arg("counts"), py::arg("bad"), py::arg("num_threads"),
-      py::arg("group_max") = 0, py::arg("normalize") = false, py::arg("center") = 0);
+      py::arg("group_max") = 0, py::arg("normalize") = false, py::arg("center") = 0,
+      py::arg("sum_xz") = 0, py::arg("sum_z") = 0);
 
   m.def(
       "spherical_update",
