@@ -69,7 +69,7 @@ MATCH_IOU = 0.2
 # Rule for the correction's strength and membership: at most this clean-accuracy cost on the
 # validation split (half the issue's 0.01 budget, to leave room for the test split's noise).
 VAL_CLEAN_DROP = 0.005
-STRENGTHS = (0.5, 1.0, 1.25, 1.5, 1.75, 2.0, 3.0, 4.0)
+STRENGTHS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
 # Rule for the mark's concepts: detection rate x MARK_RISE_RATIO or more with the mark, and up
 # by at least MARK_RISE_MIN (a fraction of positions).
 MARK_RISE_RATIO = 2.0
@@ -167,6 +167,16 @@ def _stage(progress, name: str, done: int, total: int) -> None:
         progress(name, done, total)
 
 
+def _candidate_sets(concepts: List[int]) -> List[Tuple[int, ...]]:
+    """Concept sets the validation sweep tries: every non-empty subset of up to 4 flagged
+    concepts, else each one alone and all together."""
+    from itertools import combinations
+
+    if len(concepts) <= 4:
+        return [c for r in range(1, len(concepts) + 1) for c in combinations(concepts, r)]
+    return [(c,) for c in concepts] + [tuple(concepts)]
+
+
 def run_demo(
     *,
     seed: int = 0,
@@ -253,30 +263,36 @@ def run_demo(
     # how strongly: the rest of the demo network after DEMO_LAYER is pooling + the linear head,
     # so the validation sweep edits cached activations with the very function the correction
     # hook applies (edit_rows) and only re-runs that head
-    def head_accuracy(acts, rows, labels, **edit) -> float:
-        if edit:
+    def head_accuracy(acts, rows, labels, remove=(), **edit) -> float:
+        if remove:
             rows = edit_rows(rows, basis.decoding, basis.bias, basis.encoding, basis.mean,
-                             remove=concepts, **edit)
+                             remove=list(remove), **edit)
         with torch.no_grad():
             logits = model.fc(torch.flatten(model.pool(tap.from_rows(rows, acts)), 1))
         return float((logits.argmax(1) == labels).float().mean())
 
     val_before = {"clean": head_accuracy(acts_clean, rows_clean, val_clean.labels),
                   "poisoned": head_accuracy(acts_marked, rows_marked, val_marked.labels)}
+    # Which of the flagged concepts to suppress is chosen on validation too: the rule can flag
+    # a real concept that the mark merely co-activates (suppressing it costs clean accuracy).
+    sets = _candidate_sets(concepts)
     sweep, chosen = [], {}
-    settings = [(d, m, k) for d in ("encoding", "decoding") for m in MEMBERSHIPS for k in STRENGTHS]
-    for j, (direction, membership, strength) in enumerate(settings):
+    settings = [(c, d, m, k) for c in sets for d in ("encoding", "decoding") for m in MEMBERSHIPS
+                for k in STRENGTHS]
+    for j, (remove, direction, membership, strength) in enumerate(settings):
         edit = dict(direction=direction, membership=membership, strength=strength)
-        row = {**edit,
-               "clean": head_accuracy(acts_clean, rows_clean, val_clean.labels, **edit),
-               "poisoned": head_accuracy(acts_marked, rows_marked, val_marked.labels, **edit)}
+        row = {"concepts": list(remove), **edit,
+               "clean": head_accuracy(acts_clean, rows_clean, val_clean.labels, remove, **edit),
+               "poisoned": head_accuracy(acts_marked, rows_marked, val_marked.labels, remove, **edit)}
         sweep.append(row)
         _stage(progress, "validation sweep", j + 1, len(settings))
     for direction in ("encoding", "decoding"):
         allowed = [r for r in sweep if r["direction"] == direction
                    and val_before["clean"] - r["clean"] <= VAL_CLEAN_DROP + 1e-9]
-        # highest poisoned accuracy; ties go to the gentler edit (soft, then smaller k)
-        allowed.sort(key=lambda r: (-r["poisoned"], MEMBERSHIPS.index(r["membership"]), r["strength"]))
+        # highest poisoned accuracy; ties go to the gentler edit (fewer concepts, soft, then
+        # smaller k)
+        allowed.sort(key=lambda r: (-r["poisoned"], len(r["concepts"]),
+                                    MEMBERSHIPS.index(r["membership"]), r["strength"]))
         chosen[direction] = allowed[0] if allowed else None
 
     clean = make_shapes(n_test, seed=seed + 30, watermark="none", with_masks=False)
@@ -293,8 +309,8 @@ def run_demo(
         if pick is None:  # no setting met the rule: the correction is not applied
             table[f"suppress_{direction}"] = dict(table["before"])
             continue
-        fix = correct(model, basis, concepts, direction=direction, strength=pick["strength"],
-                      membership=pick["membership"])
+        fix = correct(model, basis, pick["concepts"], direction=direction,
+                      strength=pick["strength"], membership=pick["membership"])
         try:
             table[f"suppress_{direction}"] = {"clean": accuracy(clean), "poisoned": accuracy(poisoned)}
         finally:
@@ -366,14 +382,14 @@ def print_demo(res: Dict[str, object], file=None) -> None:
     p(f"    their IoU with the true watermark masks: {res['watermark_concepts_iou']}; oracle check "
       f"(best watermark IoU, not used): concept {res['oracle_watermark_concept']} "
       f"({res['oracle_watermark_iou']:.2f}), {agree}")
-    p(f"  strength k and membership m chosen on {val['n_images']} + {val['n_images']} validation images "
+    p(f"  concepts removed, strength k and membership m chosen on {val['n_images']} + {val['n_images']} validation images "
       f"(clean / marked): highest poisoned accuracy with clean accuracy down by <= {val['max_clean_drop']}")
     for direction, label in (("encoding", "along s"), ("decoding", "along w")):
         c = val["chosen"][direction]
         if c is None:
             p(f"    {label}: no setting met the rule; not applied")
         else:
-            p(f"    {label}: k = {c['strength']}, membership {c['membership']} "
+            p(f"    {label}: concepts {c['concepts']}, k = {c['strength']}, membership {c['membership']} "
               f"(validation clean {c['clean']:.3f}, poisoned {c['poisoned']:.3f}; before "
               f"{val['before']['clean']:.3f}, {val['before']['poisoned']:.3f})")
     p("  test images (clean / the same images, every one marked):")
