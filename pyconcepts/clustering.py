@@ -17,7 +17,8 @@ from typing import Optional, Tuple
 import torch
 
 from . import ops
-from .stats import DEFAULT_CHUNK_SIZE, StreamingCovariance, iter_chunks
+from .stats import (DEFAULT_CHUNK_SIZE, StreamingCovariance, all_reduce_sum_, distributed,
+                    iter_chunks)
 
 __all__ = ["DirectionalClustering", "whitening_matrix"]
 
@@ -46,28 +47,14 @@ def _check_positive_int(value, name: str) -> int:
     return value
 
 
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def _all_reduce_(*tensors: torch.Tensor) -> None:
-    if _distributed():
-        import torch.distributed as dist
-
-        for t in tensors:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-
-
 def _global_sum_int(value: int, device) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device)
-    _all_reduce_(t)
+    all_reduce_sum_(t)
     return int(t.item())
 
 
 def _broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
-    if _distributed():
+    if distributed():
         import torch.distributed as dist
 
         t = t.contiguous()
@@ -240,7 +227,7 @@ class DirectionalClustering:
             n_rows += chunk.shape[0]
         self._local_rows = n_rows
         # Under torch.distributed every rank holds a shard: statistics and counts are global.
-        if _distributed():
+        if distributed():
             stats.all_reduce()
             n_rows = stats.count if (self.center or self.whiten) else _global_sum_int(n_rows, device)
         if self.n_concepts > n_rows:
@@ -295,14 +282,14 @@ class DirectionalClustering:
                 rows = (index[lo:hi] - offset).to(chunk.device)
                 sample[lo:hi] = self.transform(chunk.index_select(0, rows)).cpu()
             offset += n
-        _all_reduce_(sample)  # every rank filled its own rows: all ranks get the same sample
+        all_reduce_sum_(sample)  # every rank filled its own rows: all ranks get the same sample
         if not bool(torch.isfinite(sample).all()):
             raise ValueError("x contains NaN or Inf rows")
         return sample
 
     def _shard_offset(self) -> int:
         """Rows held by lower ranks (0 without torch.distributed)."""
-        if not _distributed():
+        if not distributed():
             return 0
         import torch.distributed as dist
 
@@ -391,7 +378,7 @@ class DirectionalClustering:
             else:
                 sums, counts, first_labels, pass_moments = self._lloyd_pass(x, centroids)
                 if pass_moments is not None:
-                    _all_reduce_(*pass_moments)
+                    all_reduce_sum_(*pass_moments)
                     moments = (sums, counts, *pass_moments, centroids)
                 n = int(counts.sum())  # rows with NaN/Inf raise before this point
                 moved = None
@@ -404,7 +391,7 @@ class DirectionalClustering:
                 log.append(PassStats(n_points=n, n_clusters=self.n_concepts, n_read=n, n_full=n,
                                       n_moved=moved, n_cosines=n * self.n_concepts))
             if not in_memory:
-                _all_reduce_(sums, counts)  # this rank's shard -> all rows (no-op on one process)
+                all_reduce_sum_(sums, counts)  # this rank's shard -> all rows (no-op on one process)
             previous_centroids = centroids
             centroids, counts = self._update_centroids(sums, counts, centroids, generator)
             if pruned is not None:

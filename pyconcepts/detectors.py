@@ -25,7 +25,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .stats import DEFAULT_CHUNK_SIZE, iter_chunks
+from .stats import DEFAULT_CHUNK_SIZE, all_reduce_sum_, distributed, iter_chunks
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -117,8 +117,17 @@ def detector_losses(
 
 
 def sample_rows(x, size: int, seed: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
-    """Up to ``size`` rows of ``x`` drawn uniformly (reservoir over the stream), float32."""
-    g = torch.Generator().manual_seed(seed)
+    """Up to ``size`` rows of ``x`` drawn uniformly (reservoir over the stream), float32, CPU.
+
+    Under torch.distributed ``x`` is this rank's shard and every rank gets the same sample of
+    all ranks' rows: each keeps its ``size`` rows of largest random keys, and the ``size``
+    largest keys over all ranks win (a uniform sample of the union)."""
+    rank = 0
+    if distributed():
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+    g = torch.Generator().manual_seed(seed + 1_000_003 * rank)  # independent keys per rank
     kept: Optional[torch.Tensor] = None
     keys: Optional[torch.Tensor] = None
     for chunk in iter_chunks(x, chunk_size):
@@ -131,7 +140,27 @@ def sample_rows(x, size: int, seed: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZ
         if kept.shape[0] > size:
             top = torch.topk(keys, size).indices  # the `size` largest keys: a uniform sample
             kept, keys = kept[top], keys[top]
-    return kept
+    if not distributed():
+        return kept
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    dims = torch.tensor([kept.shape[1] if kept is not None else 0])
+    dist.all_reduce(dims, op=dist.ReduceOp.MAX)
+    if kept is None:  # an empty shard still takes part in the collectives
+        kept, keys = torch.zeros(0, int(dims)), torch.zeros(0)
+    padded = torch.full((size,), -1.0)  # keys are in [0, 1): -1 marks no row
+    padded[: keys.shape[0]] = keys
+    gathered = [torch.empty(size) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    every = torch.cat(gathered)
+    top = torch.topk(every, min(size, int((every >= 0).sum()))).indices.sort().values
+    owner, position = top // size, top % size
+    out = torch.zeros(top.shape[0], int(dims))
+    mine = owner == rank
+    out[mine] = kept[position[mine]]
+    all_reduce_sum_(out)  # each row filled by its owner only
+    return out
 
 
 def pairwise_jaccard(detected: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,7 @@ import torch
 from . import ops
 from .basis import ConceptBasis
 from .clustering import DirectionalClustering
-from .stats import DEFAULT_CHUNK_SIZE, StreamingMoments, iter_chunks
+from .stats import DEFAULT_CHUNK_SIZE, StreamingMoments, all_reduce_sum_, iter_chunks
 
 __all__ = ["extract_directions", "pattern_to_filter", "f1_thresholds", "logistic_filters"]
 
@@ -165,6 +165,7 @@ def f1_thresholds(
         labels = labels_of(chunk).cpu()
         member_bins = bins.gather(1, labels[:, None]).flatten()
         hist_member += torch.bincount(member_bins, minlength=k * _HIST_BINS).to(torch.float64)
+    all_reduce_sum_(hist_all, hist_member)  # this rank's shard -> all rows (torchrun)
     hist_all = hist_all.view(k, _HIST_BINS)
     hist_member = hist_member.view(k, _HIST_BINS)
     # counts above each lower bin edge (detector fires for bins >= j when b = edge j)
@@ -285,6 +286,7 @@ def extract_directions(
         sums, counts = ops.spherical_update(chunk, labels_of(chunk), k)
         class_sums += sums.cpu()
         class_counts += counts.cpu()
+    all_reduce_sum_(class_sums, class_counts)
     total = class_counts.sum()
     if decoder == "logistic":
         from .detectors import sample_rows
@@ -334,7 +336,7 @@ def extract_directions(
         decoding, bias, encoding.to(torch.float32), mean.to(torch.float32),
         layer=layer, model_id=model_id,
         metadata={
-            "method": "directional-clustering+discriminant+f1-threshold+signal-vectors",
+            "method": f"directional-clustering+{decoder}+f1-threshold+signal-vectors",
             "settings": settings,
             "n_samples": km.n_samples_,
             "cluster_objective": km.objective_,

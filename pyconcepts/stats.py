@@ -114,11 +114,19 @@ class CompensatedSum:
         self.compensation += other.compensation
 
 
-def _all_reduce_(tensors) -> None:
+def distributed() -> bool:
+    """True under an initialised torch.distributed process group."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum_(*tensors: torch.Tensor) -> None:
+    """Sum each tensor in place over the process group (no-op without torch.distributed)."""
+    if not distributed():
         return
+    import torch.distributed as dist
+
     for t in tensors:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
@@ -180,7 +188,7 @@ class StreamingCovariance:
             return self
         count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.mean.device)
         weighted = self.mean * self.count
-        _all_reduce_([count, weighted])
+        all_reduce_sum_(count, weighted)
         n = float(count.item())
         if n == 0:
             return self
@@ -188,7 +196,7 @@ class StreamingCovariance:
         if self.with_covariance:
             delta = self.mean - global_mean
             self.scatter = self.scatter + torch.outer(delta, delta) * self.count
-            _all_reduce_([self.scatter])
+            all_reduce_sum_(self.scatter)
         self.count, self.mean = int(round(n)), global_mean
         return self
 
@@ -265,7 +273,7 @@ class StreamingMoments:
             s.total = s.value()
             s.compensation.zero_()
             tensors.append(s.total)
-        _all_reduce_(tensors)
+        all_reduce_sum_(*tensors)
         return self
 
     def _sums(self):

@@ -43,3 +43,48 @@ def test_two_ranks_match_one_process(pruning):
     assert got["n"] == 4000
     torch.testing.assert_close(got["mean"], single.mean_, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got["centroids"], single.centroids_, rtol=0, atol=1e-5)
+
+
+def _concept_data():
+    from pyconcepts.synthetic import SyntheticModel
+
+    sm = SyntheticModel(dim=16, n_concepts=3, n_distractors=2, seed=0)
+    return sm, sm.sample(6000, torch.Generator().manual_seed(1))
+
+
+def _extract_worker(rank, world, init_file, out_file):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        _, data = _concept_data()
+        shard = data.x[:2500] if rank == 0 else data.x[2500:]
+        basis = pc.extract_directions(list(shard.split(1000)), n_concepts=3, seed=0, n_init=4,
+                                      chunk_size=1000)
+        torch.save({"decoding": basis.decoding, "bias": basis.bias, "encoding": basis.encoding},
+                   out_file + str(rank))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_extract_directions_on_two_ranks():
+    # every statistic (clustering, class sums, threshold histograms, moments) and every
+    # sample (logistic filters) is global: both ranks hold the same basis, and it finds the
+    # concepts as the single process does
+    from pyconcepts.metrics import detector_iou, match_directions
+
+    sm, data = _concept_data()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "out")
+        mp.spawn(_extract_worker, args=(2, init_file, out_file), nprocs=2, join=True)
+        got = [torch.load(out_file + str(r)) for r in range(2)]
+    for key in ("decoding", "bias", "encoding"):
+        assert torch.equal(got[0][key], got[1][key]), key
+    single = pc.extract_directions(list(data.x.split(1000)), n_concepts=3, seed=0, n_init=4,
+                                   chunk_size=1000)
+    for basis in (got[0], {"decoding": single.decoding, "bias": single.bias,
+                           "encoding": single.encoding}):
+        enc = match_directions(basis["encoding"], sm.encoding)
+        assert float(enc["cosine"].min()) > 0.95
+        detected = data.x @ basis["decoding"].T > basis["bias"]
+        iou = detector_iou(detected[:, enc["truth_index"]], data.presence)
+        assert float(iou.min()) > 0.9
