@@ -6,8 +6,9 @@
 All methods get the same unit-normalised rows and the same number of Lloyd iterations, on
 all points (no subsampling), with the same thread count, in one run. Reported: wall time
 (median of --repeat runs), million point-iterations per second, the ratio of each baseline's
-time to ours (k-means++ seeding, unpruned fused passes; the other pyconcepts rows run the
-exact pruned passes, or seed like faiss and scikit-learn's init="random"), and the final
+time to ours (the defaults: k-means++ seeding, pruning="auto"; the other pyconcepts rows
+force plain fused passes or exact pruned passes from the start, or seed like faiss and
+scikit-learn's init="random"), and the final
 objective: the mean cosine of every row to its assigned
 centroid, computed the same way for every method, and for pyconcepts the share of the N x K
 cosines each pass skipped (negative: a pruned pass that recomputed the own cosine of the
@@ -68,7 +69,7 @@ def mean_cosine(x: torch.Tensor, centroids: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------- methods
-def run_ours(x, k, iters, seed, pruning=False, init="k-means++"):
+def run_ours(x, k, iters, seed, pruning="auto", init="k-means++"):
     km = pc.DirectionalClustering(n_concepts=k, seed=seed, center=False, max_iter=iters, tol=0.0,
                                   pruning=pruning, init=init)
     km.fit(x)
@@ -77,6 +78,10 @@ def run_ours(x, k, iters, seed, pruning=False, init="k-means++"):
 
 def run_ours_pruned(x, k, iters, seed):
     return run_ours(x, k, iters, seed, pruning=True)
+
+
+def run_ours_unpruned(x, k, iters, seed):
+    return run_ours(x, k, iters, seed, pruning=False)
 
 
 def run_ours_random_init(x, k, iters, seed):
@@ -112,7 +117,8 @@ def run_superkmeans(x, k, iters, seed):
 
 METHODS = {
     "pyconcepts": run_ours,
-    "pyconcepts (pruned)": run_ours_pruned,
+    "pyconcepts (pruning=False)": run_ours_unpruned,
+    "pyconcepts (pruning=True)": run_ours_pruned,
     "pyconcepts (random init)": run_ours_random_init,
     "faiss (spherical)": run_faiss,
     "superkmeans (angular)": run_superkmeans,

@@ -89,9 +89,9 @@ def test_auto_switches_to_pruned_passes_once_few_points_move():
     # then the switch: the bounds pass, then passes that skip cosines
     assert first_pruned >= 2 and moved[0] is None and moved[1] is not None
     assert min(fractions[first_pruned:]) < 0.5
-    # heavy overlap: >5% of the points still move in the passes that could switch, so auto
-    # stays on plain passes
-    noisy = pc.DirectionalClustering(n_concepts=24, seed=1, max_iter=6, tol=0.0).fit(
+    # heavy overlap: >10% of the points still move in the pass that could switch (the 2nd of
+    # 5: 3 must remain), so auto stays on plain passes
+    noisy = pc.DirectionalClustering(n_concepts=24, seed=1, max_iter=5, tol=0.0).fit(
         mixture(8000, 24, 16, 3.0, 5))
     assert all(s.distance_fraction == 1.0 for s in noisy.pass_stats_)
-    assert all(s.n_moved > 0.05 * 8000 for s in noisy.pass_stats_[1:3])
+    assert noisy.pass_stats_[1].n_moved > 0.1 * 8000
