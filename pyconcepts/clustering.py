@@ -29,6 +29,11 @@ __all__ = ["DirectionalClustering", "whitening_matrix"]
 # (noise 1.0, 9-37% of the points move per pass) stays on plain passes at 0.05 and 0.1
 # (3.65 / 3.56 s) but switches too early at 0.2 and loses (3.85 s).
 _PRUNE_BELOW_MOVED = 0.1
+# ... and stop again after a pruned pass that computed more than this share of the cosines
+# (real demo-CNN activations, D = K = 64: few points move, yet the pruned passes compute
+# ~70% of the cosines and cost more than plain ones; at D = K = 256 on the separated mixture
+# they compute 30-40% and take half the time).
+_STOP_ABOVE_COMPUTED = 0.5
 
 
 def whitening_matrix(covariance: torch.Tensor, shrinkage: float = 1e-3) -> torch.Tensor:
@@ -369,6 +374,7 @@ class DirectionalClustering:
         log = []
         pruned = None  # (engine, sums, counts) of the current assignment when pruning
         use_pruning = not in_memory and self._use_pruning(centroids)  # True, False, "adaptive"
+        adaptive = use_pruning == "adaptive"
         moments = None  # signal=True: (sums, counts, sum_xz, sum_z, centroids) of the last pass
         watched = None  # adaptive: the first chunk's labels in the last plain pass
         for n_iter in range(1, self.max_iter + 1):
@@ -378,6 +384,8 @@ class DirectionalClustering:
                 pruned = self._pruned_pass(x, centroids, pruned)
                 sums, counts = pruned[1].clone(), pruned[2].clone()
                 log.append(pruned[4])
+                if adaptive and self._pruning_stopped_paying(pruned[4]):
+                    use_pruning, pruned, watched = False, None, None  # plain passes from now on
             else:
                 sums, counts, first_labels, pass_moments = self._lloyd_pass(x, centroids)
                 if pass_moments is not None:
@@ -439,6 +447,18 @@ class DirectionalClustering:
 
     def _transformed_chunks(self, x):
         return (self.transform(chunk) for chunk in self._chunks(x, self.n_features_in_))
+
+    @staticmethod
+    def _pruning_stopped_paying(stats) -> bool:
+        """Adaptive pruning: a pruned pass that still computed more than
+        _STOP_ABOVE_COMPUTED of the cosines costs about what a plain pass does, or more (the
+        gathered rows, the bounds upkeep); go back to plain passes. Not judged on the pass that
+        builds the bounds (n_moved None). Global counts: every rank decides alike."""
+        if stats.n_moved is None:
+            return False
+        cosines = _global_sum_int(stats.n_cosines, torch.device("cpu"))
+        total = _global_sum_int(stats.n_points * stats.n_clusters, torch.device("cpu"))
+        return cosines > _STOP_ABOVE_COMPUTED * max(total, 1)
 
     def _lloyd_pass(self, x, centroids: torch.Tensor):
         """One assignment + accumulation pass over the data: float64 sums (K, D), counts (K,),

@@ -95,3 +95,20 @@ def test_auto_switches_to_pruned_passes_once_few_points_move():
         mixture(8000, 24, 16, 3.0, 5))
     assert all(s.distance_fraction == 1.0 for s in noisy.pass_stats_)
     assert noisy.pass_stats_[1].n_moved > 0.1 * 8000
+
+
+def test_auto_goes_back_to_plain_passes_when_pruning_stops_paying(monkeypatch):
+    import pyconcepts.clustering as clustering
+
+    # every pruned pass "costs too much": one pruned pass after the bounds pass, then plain
+    monkeypatch.setattr(clustering, "_STOP_ABOVE_COMPUTED", 0.0)
+    x = mixture(8000, 24, 16, 0.3, 5)
+    kwargs = dict(n_concepts=24, seed=1, max_iter=25, tol=0.0)
+    auto = pc.DirectionalClustering(**kwargs).fit(x)
+    plain = pc.DirectionalClustering(pruning=False, **kwargs).fit(x)
+    torch.testing.assert_close(plain.centroids_, auto.centroids_, rtol=0, atol=1e-6)
+    fractions = [s.distance_fraction for s in auto.pass_stats_]
+    pruned = [i for i, f in enumerate(fractions) if f < 1.0]
+    assert len(pruned) == 1 and pruned[0] + 1 < len(fractions)
+    assert auto.pass_stats_[pruned[0] - 1].n_moved is None  # the pass that built the bounds
+    assert all(f == 1.0 for f in fractions[pruned[0] + 1:])
