@@ -84,5 +84,6 @@ def test_demo_meets_the_correction_targets_and_beats_the_baselines():
     d = res["discovery"]
     ours = d["pyconcepts"]["one_to_one_mean_iou"]
     assert ours > max(d["kmeans"]["one_to_one_mean_iou"], d["pca"]["one_to_one_mean_iou"])
-    # with the refinement (the demo's default): measured 0.171 vs k-means 0.133, PCA 0.166
+    # these sizes, seed 0: 0.182 vs k-means 0.133, PCA 0.166 (one-to-one 0.205 / 0.162 / 0.182);
+    # the full demo wins on seeds 0-7 by 0.007-0.030 (README)
     assert d["pyconcepts"]["mean_best_iou"] > max(d["kmeans"]["mean_best_iou"], d["pca"]["mean_best_iou"])
