@@ -95,7 +95,8 @@ class DirectionalClustering:
         unpruned pass (one read of the data per pass, no per-point state). ``"auto"`` (the
         default), on CPU when the bounds fit in ``pruning_memory`` bytes: plain passes while
         many points change cluster (then no bound holds and a pruned pass costs more than a
-        plain one), pruned passes once few do. Every choice gives the same labels.
+        plain one; watched on the rows of the first chunk), pruned passes once few do, and
+        plain ones again if pruning stops paying. Every choice gives the same labels.
     pruning_memory: bound memory allowed for ``pruning="auto"`` (default 1 GiB).
     signal: also estimate each cluster's signal vector (METHOD.md section 3 with P_i = the
         cluster's members and z = c_i . v, v the row in clustering coordinates) from moments
@@ -107,11 +108,12 @@ class DirectionalClustering:
     ``n_iter_``, ``counts_`` (K,), ``n_samples_``, ``labels_`` (in-memory fit only),
     ``pass_stats_``: one ``pyconcepts.pruning.PassStats`` per Lloyd pass over the data (the
     share of the N x K cosines computed, points read and moved; an unpruned pass computes
-    all of them). Under torch.distributed they count this rank's rows.
+    all of them; on the plain passes of ``pruning="auto"`` the moved points are counted on
+    the first chunk only). Under torch.distributed they count this rank's rows.
     With ``signal=True``: ``signal_vectors_`` (K, D) float32 in the raw coordinates of x,
     from the last pass (its clusters and z = its centroids . v; the final update after it
     moves the centroids little at convergence), NaN for a cluster with fewer than two
-    members; ``signal_decoding_`` (K, D), the filters w_i in raw coordinates they pair with
+    members or no variance of z; ``signal_decoding_`` (K, D), the filters w_i in raw coordinates they pair with
     (w_i . s_i = 1): the last pass's centroids, mapped through the whitening if any.
     """
 
@@ -164,10 +166,12 @@ class DirectionalClustering:
         return {k: getattr(self, k) for k in keys}
 
     def set_params(self, **params) -> "DirectionalClustering":
-        for k, v in params.items():
-            if k not in self.get_params():
+        current = self.get_params()
+        for k in params:
+            if k not in current:
                 raise ValueError(f"unknown parameter {k!r}")
-            setattr(self, k, v)
+        # through the constructor: the same checks and conversions as at construction
+        self.__init__(**{**current, **params})
         return self
 
     # ------------------------------------------------------------------ coordinates
@@ -216,6 +220,14 @@ class DirectionalClustering:
             self._labels = self.predict(source)
             del self._labels_source
         return self._labels
+
+    def __getstate__(self):
+        # a pickled or copied model carries its labels, not the tensor it was fitted on
+        state = self.__dict__.copy()
+        if "_labels_source" in state:
+            state["_labels"] = self.labels_
+            del state["_labels_source"]
+        return state
 
     def _fit(self, x) -> None:
         self.__dict__.pop("_labels", None)
@@ -387,7 +399,8 @@ class DirectionalClustering:
                 if adaptive and self._pruning_stopped_paying(pruned[4]):
                     use_pruning, pruned, watched = False, None, None  # plain passes from now on
             else:
-                sums, counts, first_labels, pass_moments = self._lloyd_pass(x, centroids)
+                sums, counts, first_labels, pass_moments = self._lloyd_pass(
+                    x, centroids, watch=use_pruning == "adaptive")
                 if pass_moments is not None:
                     all_reduce_sum_(*pass_moments)
                     moments = (sums, counts, *pass_moments, centroids)
@@ -460,10 +473,10 @@ class DirectionalClustering:
         total = _global_sum_int(stats.n_points * stats.n_clusters, torch.device("cpu"))
         return cosines > _STOP_ABOVE_COMPUTED * max(total, 1)
 
-    def _lloyd_pass(self, x, centroids: torch.Tensor):
+    def _lloyd_pass(self, x, centroids: torch.Tensor, watch: bool = False):
         """One assignment + accumulation pass over the data: float64 sums (K, D), counts (K,),
-        the labels of the first chunk (CPU) and, with ``signal``, the moments (sum_xz,
-        sum_z) (else None).
+        with ``watch`` the labels of the first chunk on the CPU (else None) and, with
+        ``signal``, the moments (sum_xz, sum_z) (else None).
 
         The fused native op reads every chunk once per pass.
         """
@@ -475,7 +488,7 @@ class DirectionalClustering:
                 num_threads=self.num_threads,
             )
             if total is None:
-                total, first_labels = stats, labels.cpu()
+                total, first_labels = stats, (labels.cpu() if watch else None)
             else:  # on the chunks' device: one transfer per pass, not one per chunk
                 for acc, part in zip(total, stats):
                     acc += part

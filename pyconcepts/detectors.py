@@ -116,52 +116,80 @@ def detector_losses(
     }
 
 
+_KEY_BLOCK = 4096  # rows whose sampling keys come from one generator
+
+
+def _row_keys(seed: int, start: int, n: int) -> torch.Tensor:
+    """Uniform keys of global rows start .. start + n - 1: one seeded generator per block of
+    _KEY_BLOCK rows, so a row's key depends on its global number only, not on how the rows
+    are chunked or sharded over ranks."""
+    if n == 0:
+        return torch.zeros(0)
+    first, last = start // _KEY_BLOCK, (start + n - 1) // _KEY_BLOCK
+    blocks = [torch.rand(_KEY_BLOCK, generator=torch.Generator().manual_seed(
+        ((seed % (1 << 23)) << 40) | b)) for b in range(first, last + 1)]
+    lo = start - first * _KEY_BLOCK
+    return torch.cat(blocks)[lo: lo + n]
+
+
 def sample_rows(x, size: int, seed: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
     """Up to ``size`` rows of ``x`` drawn uniformly (reservoir over the stream), float32, CPU.
 
-    Under torch.distributed ``x`` is this rank's shard and every rank gets the same sample of
-    all ranks' rows: each keeps its ``size`` rows of largest random keys, and the ``size``
-    largest keys over all ranks win (a uniform sample of the union)."""
-    rank = 0
+    Every row gets a random key from its global row number and the ``size`` largest keys win,
+    so the sample is the same for any chunking. Under torch.distributed ``x`` is this rank's
+    shard (every rank must hold rows; one more pass counts them) and every rank gets the
+    sample a single process would draw from all ranks' rows, in rank order."""
+    offset = 0
     if distributed():
         import torch.distributed as dist
 
-        rank = dist.get_rank()
-    g = torch.Generator().manual_seed(seed + 1_000_003 * rank)  # independent keys per rank
+        local = sum(chunk.shape[0] for chunk in iter_chunks(x, chunk_size))
+        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
+        dist.all_gather(counts, torch.tensor([local], dtype=torch.int64))
+        offset = int(sum(c.item() for c in counts[: dist.get_rank()]))
     kept: Optional[torch.Tensor] = None
     keys: Optional[torch.Tensor] = None
+    index: Optional[torch.Tensor] = None  # global row numbers of the kept rows
+    start = offset
     for chunk in iter_chunks(x, chunk_size):
-        chunk_keys = torch.rand(chunk.shape[0], generator=g)
+        n = chunk.shape[0]
         rows = chunk.to(torch.float32).cpu()
+        chunk_keys = _row_keys(seed, start, n)
+        chunk_index = torch.arange(start, start + n)
+        start += n
         if kept is None:
-            kept, keys = rows, chunk_keys
+            kept, keys, index = rows, chunk_keys, chunk_index
         else:
             kept, keys = torch.cat([kept, rows]), torch.cat([keys, chunk_keys])
+            index = torch.cat([index, chunk_index])
         if kept.shape[0] > size:
-            top = torch.topk(keys, size).indices  # the `size` largest keys: a uniform sample
-            kept, keys = kept[top], keys[top]
+            top = torch.topk(keys, size).indices.sort().values  # the `size` largest keys
+            kept, keys, index = kept[top], keys[top], index[top]
     if not distributed():
         return kept
     import torch.distributed as dist
 
+    # the global winners: every rank's own top keys, tagged with their global row numbers
     world = dist.get_world_size()
-    dims = torch.tensor([kept.shape[1] if kept is not None else 0])
-    dist.all_reduce(dims, op=dist.ReduceOp.MAX)
-    if kept is None:  # an empty shard still takes part in the collectives
-        kept, keys = torch.zeros(0, int(dims)), torch.zeros(0)
     padded = torch.full((size,), -1.0)  # keys are in [0, 1): -1 marks no row
     padded[: keys.shape[0]] = keys
     gathered = [torch.empty(size) for _ in range(world)]
     dist.all_gather(gathered, padded)
     every = torch.cat(gathered)
-    top = torch.topk(every, min(size, int((every >= 0).sum()))).indices.sort().values
+    top = torch.topk(every, min(size, int((every >= 0).sum()))).indices
     owner, position = top // size, top % size
-    out = torch.zeros(top.shape[0], int(dims))
-    mine = owner == rank
+    # rows in global row order, as the single process keeps them
+    padded_index = torch.full((size,), -1, dtype=torch.int64)
+    padded_index[: index.shape[0]] = index
+    gathered_index = [torch.empty(size, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(gathered_index, padded_index)
+    order = torch.cat(gathered_index)[top].argsort()
+    owner, position = owner[order], position[order]
+    out = torch.zeros(top.shape[0], kept.shape[1])
+    mine = owner == dist.get_rank()
     out[mine] = kept[position[mine]]
     all_reduce_sum_(out)  # each row filled by its owner only
     return out
-
 
 def pairwise_jaccard(detected: torch.Tensor) -> torch.Tensor:
     """(K, K) Jaccard overlap |D_i & D_j| / |D_i | D_j| of the detections ``detected`` (N, K)

@@ -65,6 +65,8 @@ from .stats import DEFAULT_CHUNK_SIZE, StreamingMoments, all_reduce_sum_, iter_c
 __all__ = ["extract_directions", "pattern_to_filter", "f1_thresholds", "logistic_filters"]
 
 _HIST_BINS = 4096
+# fewer sampled members than this: a cluster's logistic filter is replaced by its discriminant
+_MIN_DECODER_MEMBERS = 5
 
 
 def pattern_to_filter(encoding: torch.Tensor, covariance: torch.Tensor, rtol: float = 1e-8) -> torch.Tensor:
@@ -261,6 +263,13 @@ def extract_directions(
         raise ValueError(f"alternations must be a non-negative int, got {alternations!r}")
     if decoder not in ("logistic", "discriminant"):
         raise ValueError(f"decoder must be 'logistic' or 'discriminant', got {decoder!r}")
+    for name, value in (("decoder_sample", decoder_sample), ("decoder_iter", decoder_iter)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(decoder_rounds, bool) or not isinstance(decoder_rounds, int) or decoder_rounds < 0:
+        raise ValueError(f"decoder_rounds must be a non-negative int, got {decoder_rounds!r}")
+    if not decoder_penalty > 0:
+        raise ValueError(f"decoder_penalty must be > 0, got {decoder_penalty!r}")
     settings = dict(
         n_concepts=n_concepts, seed=seed, n_init=n_init, max_iter=max_iter,
         whiten_shrinkage=whiten_shrinkage, alternations=alternations, decoder=decoder,
@@ -288,16 +297,22 @@ def extract_directions(
         class_counts += counts.cpu()
     all_reduce_sum_(class_sums, class_counts)
     total = class_counts.sum()
+    discriminants = _discriminants(class_sums, class_counts, class_sums.sum(0), total, covariance)
     if decoder == "logistic":
         from .detectors import sample_rows
 
         sample = sample_rows(x, decoder_sample, seed, chunk_size)
-        v, _ = logistic_filters(km.transform(sample), labels_of(sample), k,
+        sample_labels = labels_of(sample)
+        v, _ = logistic_filters(km.transform(sample), sample_labels, k,
                                 penalty=decoder_penalty, max_iter=decoder_iter, rounds=decoder_rounds)
         # back to raw coordinates: v . T (x - mean) = (T v) . (x - mean), T symmetric
         decoding = v @ km.transform_matrix_.to(torch.float64)
+        # a cluster with (almost) no member in the sample has no separator to fit: its filter
+        # comes from the class sums over all rows instead
+        scarce = torch.bincount(sample_labels.cpu(), minlength=k)[:k] < _MIN_DECODER_MEMBERS
+        decoding[scarce] = discriminants[scarce]
     else:
-        decoding = _discriminants(class_sums, class_counts, class_sums.sum(0), total, covariance)
+        decoding = discriminants
     decoding = decoding / decoding.norm(dim=1, keepdim=True).clamp_min(1e-300)
     decoding = decoding.to(torch.float32)
     bias, scale = f1_thresholds(x, decoding, labels_of, k, mean, covariance, chunk_size, return_scale=True)

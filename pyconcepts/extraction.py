@@ -60,6 +60,7 @@ DEFAULTS: Dict[str, object] = {
     "decoder": "logistic",       # filters of the clustering stage: 'logistic' (max-margin fit of
                                  # the cluster memberships) or 'discriminant' (LDA); see directions.py
     "decoder_penalty": 1e-6,     # L2 penalty of the logistic filters (whitened units)
+    "decoder_sample": 65536,     # patch rows the logistic filters are fitted on
     "alternations": 0,           # pattern-to-filter rounds of the encoding estimate: with the
                                  # logistic filters they only drift (paper synthetic, seeds 0-9:
                                  # min encoding cosine 0.984 with 0 rounds, 0.93 with 4)
@@ -235,7 +236,7 @@ def _extract(model, layer, images, k, seed, refine, ura, skip_tokens, opts, prog
     basis = extract_directions(source, k, seed=seed, n_init=int(opts["n_init"]),
                                max_iter=int(opts["max_iter"]), alternations=int(opts["alternations"]),
                                decoder=str(opts["decoder"]), decoder_penalty=float(opts["decoder_penalty"]),
-                               decoder_sample=int(opts["refine_sample"]),
+                               decoder_sample=int(opts["decoder_sample"]),
                                layer=layer, model_id=model_id)
     if progress:
         progress("clustering", 1, 1)

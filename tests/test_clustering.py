@@ -168,3 +168,19 @@ def test_signal_vectors_from_the_last_pass(whiten):
     torch.testing.assert_close(stream.signal_vectors_, km.signal_vectors_, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="signal=True"):
         pc.DirectionalClustering(4, signal=True, pruning=True).fit(x)
+
+
+def test_pickled_model_carries_labels_not_the_data_and_set_params_validates():
+    import pickle
+
+    x, _, _ = _blobs(n=1000)
+    km = pc.DirectionalClustering(4, seed=0, center=False).fit(x)
+    blob = pickle.dumps(km)
+    assert len(blob) < x.numel() * 4  # not the 1000 x 8 float32 training tensor
+    back = pickle.loads(blob)
+    assert torch.equal(back.labels_, km.predict(x))
+    with pytest.raises(ValueError, match="pruning must be"):
+        km.set_params(pruning="yes")
+    with pytest.raises(ValueError, match="unknown parameter"):
+        km.set_params(colour=1)
+    assert km.set_params(signal=1).signal is True

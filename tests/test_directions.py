@@ -57,6 +57,31 @@ def test_extract_directions_bad_input():
         pc.extract_directions([x, 3.0], 2)
     with pytest.raises(ValueError, match="empty"):
         pc.extract_directions([], 2)
+    for name, value in (("decoder_sample", 0), ("decoder_iter", 0), ("decoder_rounds", -1),
+                        ("decoder_penalty", 0.0)):
+        with pytest.raises(ValueError, match=name):
+            pc.extract_directions(x, 2, **{name: value})
+
+
+def test_cluster_missing_from_the_decoder_sample_gets_its_discriminant():
+    # a sample of 20 rows out of 2000 holds 4 / 5 / 11 members of the three clusters: a
+    # logistic fit with (almost) no positives is an arbitrary direction, the discriminant of
+    # the cluster's rows is not
+    data = paper_setup(2000, seed=1)
+    few = pc.extract_directions(data.x, 3, seed=2, n_init=1, decoder_sample=20)
+    full = pc.extract_directions(data.x, 3, seed=2, n_init=1, decoder="discriminant")
+    from pyconcepts.detectors import sample_rows
+    import pyconcepts.directions as directions
+
+    sample = sample_rows(data.x, 20, seed=2)
+    km = pc.DirectionalClustering(3, seed=2, whiten=True, n_init=1).fit(data.x)
+    members = torch.bincount(km.predict(sample), minlength=3)
+    scarce = members < directions._MIN_DECODER_MEMBERS
+    assert 0 < int(scarce.sum()) < 3  # both kinds of filter in one basis
+    assert torch.isfinite(few.decoding).all()
+    for i in torch.nonzero(scarce).flatten().tolist():
+        cos = torch.nn.functional.cosine_similarity(few.decoding[i], full.decoding, dim=1)
+        assert float(cos.max()) > 0.999
 
 
 def test_losses_follow_their_definitions():

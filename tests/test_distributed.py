@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import pyconcepts as pc
+from pyconcepts.detectors import sample_rows
 
 
 def _data():
@@ -58,10 +59,13 @@ def _extract_worker(rank, world, init_file, out_file):
     try:
         _, data = _concept_data()
         shard = data.x[:2500] if rank == 0 else data.x[2500:]
-        basis = pc.extract_directions(list(shard.split(1000)), n_concepts=3, seed=0, n_init=4,
-                                      chunk_size=1000)
-        torch.save({"decoding": basis.decoding, "bias": basis.bias, "encoding": basis.encoding},
-                   out_file + str(rank))
+        chunks = list(shard.split(1000))
+        # a decoder sample smaller than the data: which rows it holds must not depend on ranks
+        basis = pc.extract_directions(chunks, n_concepts=3, seed=0, n_init=4, chunk_size=1000,
+                                      decoder_sample=1500)
+        sample = sample_rows(chunks, 1500, seed=7, chunk_size=1000)
+        torch.save({"decoding": basis.decoding, "bias": basis.bias, "encoding": basis.encoding,
+                    "sample": sample}, out_file + str(rank))
     finally:
         dist.destroy_process_group()
 
@@ -77,10 +81,14 @@ def test_extract_directions_on_two_ranks():
         init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "out")
         mp.spawn(_extract_worker, args=(2, init_file, out_file), nprocs=2, join=True)
         got = [torch.load(out_file + str(r)) for r in range(2)]
-    for key in ("decoding", "bias", "encoding"):
+    for key in ("decoding", "bias", "encoding", "sample"):
         assert torch.equal(got[0][key], got[1][key]), key
+    # the sample a single process draws, row for row
+    assert torch.equal(got[0]["sample"], sample_rows(list(data.x.split(600)), 1500, seed=7))
     single = pc.extract_directions(list(data.x.split(1000)), n_concepts=3, seed=0, n_init=4,
-                                   chunk_size=1000)
+                                   chunk_size=1000, decoder_sample=1500)
+    torch.testing.assert_close(got[0]["decoding"], single.decoding, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got[0]["encoding"], single.encoding, atol=1e-3, rtol=1e-3)
     for basis in (got[0], {"decoding": single.decoding, "bias": single.bias,
                            "encoding": single.encoding}):
         enc = match_directions(basis["encoding"], sm.encoding)
