@@ -281,6 +281,11 @@ def cosine_assign(
         center,
     )
     _raise_bad(bad)
+    return _assigned(index, best, second, group_max, return_second, return_group_max)
+
+
+def _assigned(index, best, second, group_max, return_second, return_group_max):
+    """What the assignment ops return: (index, best[, second][, group_max])."""
     out = (index, best)
     if return_second:
         out += (second,)
@@ -512,12 +517,8 @@ def assign_update(
         )
     )
     _raise_bad(bad)
-    out = (index, best)
-    if return_second:
-        out += (second,)
-    if return_group_max:
-        out += (group_max,)
-    out += (sums, counts)
+    out = (*_assigned(index, best, second, group_max, return_second, return_group_max), sums,
+           counts)
     return (*out, sum_xz, sum_z) if return_moments else out
 
 
