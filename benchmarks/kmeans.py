@@ -2,13 +2,15 @@
 
     python -m benchmarks.kmeans [--quick] [--iters 10] [--json PATH]
     python -m benchmarks.kmeans --memory [--rows 20000000]
+    python -m benchmarks.kmeans_disk              # streams read from disk: where the bounds go
 
 All methods get the same unit-normalised rows and the same number of Lloyd iterations, on
 all points (no subsampling), with the same thread count, in one run. Reported: wall time
 (median of --repeat runs), million point-iterations per second, the ratio of each baseline's
 time to ours (the defaults: k-means++ seeding, pruning="auto"; the other pyconcepts rows
 force plain fused passes or exact pruned passes from the start, or seed like faiss and
-scikit-learn's init="random"), and the final
+scikit-learn's init="random", or run the defaults on one thread: its ratio is the thread
+scaling), and the final
 objective: the mean cosine of every row to its assigned
 centroid, computed the same way for every method, and for pyconcepts the share of the N x K
 cosines each pass skipped (negative: a pruned pass that recomputed the own cosine of the
@@ -69,9 +71,9 @@ def mean_cosine(x: torch.Tensor, centroids: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------- methods
-def run_ours(x, k, iters, seed, pruning="auto", init="k-means++"):
+def run_ours(x, k, iters, seed, pruning="auto", init="k-means++", num_threads=None):
     km = pc.DirectionalClustering(n_concepts=k, seed=seed, center=False, max_iter=iters, tol=0.0,
-                                  pruning=pruning, init=init)
+                                  pruning=pruning, init=init, num_threads=num_threads)
     km.fit(x)
     return km.centroids_, [s.distance_fraction for s in km.pass_stats_]
 
@@ -86,6 +88,11 @@ def run_ours_unpruned(x, k, iters, seed):
 
 def run_ours_random_init(x, k, iters, seed):
     return run_ours(x, k, iters, seed, init="random")
+
+
+def run_ours_one_thread(x, k, iters, seed):
+    """The defaults on one thread: its "time / ours" is the 1 -> N thread scaling."""
+    return run_ours(x, k, iters, seed, num_threads=1)
 
 
 def run_faiss(x, k, iters, seed):
@@ -120,6 +127,7 @@ METHODS = {
     "pyconcepts (pruning=False)": run_ours_unpruned,
     "pyconcepts (pruning=True)": run_ours_pruned,
     "pyconcepts (random init)": run_ours_random_init,
+    "pyconcepts (1 thread)": run_ours_one_thread,
     "faiss (spherical)": run_faiss,
     "superkmeans (angular)": run_superkmeans,
     "scikit-learn (lloyd)": run_sklearn,

@@ -12,6 +12,7 @@ increase it, so Lloyd iterations are monotone and stop when it improves by less 
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -97,7 +98,13 @@ class DirectionalClustering:
         many points change cluster (then no bound holds and a pruned pass costs more than a
         plain one; watched on the rows of the first chunk), pruned passes once few do, and
         plain ones again if pruning stops paying. Every choice gives the same labels.
-    pruning_memory: bound memory allowed for ``pruning="auto"`` (default 1 GiB).
+    pruning_memory: memory allowed for the bounds (default 1 GiB). When they need more,
+        ``pruning="auto"`` runs plain passes, unless ``pruning_dir`` is given.
+    pruning_dir: a directory for bounds that exceed ``pruning_memory``: they are then kept in
+        a scratch directory made there (removed after the fit), one file per chunk, read and
+        written once per pruned pass, with only one chunk's bounds in memory. Measured by
+        ``python -m benchmarks.kmeans_disk``: whether it pays depends on how the extra
+        2 x bytes-per-point of I/O per pass compares with the cosines pruning saves.
     signal: also estimate each cluster's signal vector (METHOD.md section 3 with P_i = the
         cluster's members and z = c_i . v, v the row in clustering coordinates) from moments
         accumulated by every pass in the same read of the data (``ops.assign_update``
@@ -134,6 +141,7 @@ class DirectionalClustering:
         num_threads: Optional[int] = None,
         pruning="auto",
         pruning_memory: int = 1 << 30,
+        pruning_dir: Optional[str] = None,
         signal: bool = False,
     ):
         self.n_concepts = _check_positive_int(n_concepts, "n_concepts")
@@ -156,13 +164,16 @@ class DirectionalClustering:
             raise ValueError(f"pruning must be True, False or 'auto', got {pruning!r}")
         self.pruning = pruning
         self.pruning_memory = int(pruning_memory)
+        if pruning_dir is not None and not isinstance(pruning_dir, (str, os.PathLike)):
+            raise ValueError(f"pruning_dir must be a directory path or None, got {pruning_dir!r}")
+        self.pruning_dir = pruning_dir
         self.signal = bool(signal)
 
     # scikit-learn style parameter access
     def get_params(self, deep: bool = True) -> dict:
         keys = ("n_concepts", "seed", "init", "center", "whiten", "whiten_shrinkage", "n_init",
                 "max_iter", "tol", "init_sample_size", "chunk_size", "num_threads", "pruning",
-                "pruning_memory", "signal")
+                "pruning_memory", "pruning_dir", "signal")
         return {k: getattr(self, k) for k in keys}
 
     def set_params(self, **params) -> "DirectionalClustering":
@@ -389,41 +400,50 @@ class DirectionalClustering:
         adaptive = use_pruning == "adaptive"
         moments = None  # signal=True: (sums, counts, sum_xz, sum_z, centroids) of the last pass
         watched = None  # adaptive: the first chunk's labels in the last plain pass
-        for n_iter in range(1, self.max_iter + 1):
-            if in_memory:
-                *_, sums, counts = ops.assign_update(x, centroids, num_threads=self.num_threads)
-            elif use_pruning is True:
-                pruned = self._pruned_pass(x, centroids, pruned)
-                sums, counts = pruned[1].clone(), pruned[2].clone()
-                log.append(pruned[4])
-                if adaptive and self._pruning_stopped_paying(pruned[4]):
-                    use_pruning, pruned, watched = False, None, None  # plain passes from now on
-            else:
-                sums, counts, first_labels, pass_moments = self._lloyd_pass(
-                    x, centroids, watch=use_pruning == "adaptive")
-                if pass_moments is not None:
-                    all_reduce_sum_(*pass_moments)
-                    moments = (sums, counts, *pass_moments, centroids)
-                n = int(counts.sum())  # rows with NaN/Inf raise before this point
-                moved = None
-                if use_pruning == "adaptive":
-                    if watched is not None:
-                        moved = int((first_labels != watched).sum())
-                        if self._bounds_will_pay(moved, watched.numel(), n_iter):
-                            use_pruning = True  # from the next pass on; same labels either way
-                    watched = first_labels
-                log.append(PassStats(n_points=n, n_clusters=self.n_concepts, n_read=n, n_full=n,
-                                      n_moved=moved, n_cosines=n * self.n_concepts))
-            if not in_memory:
-                all_reduce_sum_(sums, counts)  # this rank's shard -> all rows (no-op on one process)
-            previous_centroids = centroids
-            centroids, counts = self._update_centroids(sums, counts, centroids, generator)
+        try:
+            for n_iter in range(1, self.max_iter + 1):
+                if in_memory:
+                    *_, sums, counts = ops.assign_update(x, centroids,
+                                                         num_threads=self.num_threads)
+                elif use_pruning is True:
+                    pruned = self._pruned_pass(x, centroids, pruned)
+                    sums, counts = pruned[1].clone(), pruned[2].clone()
+                    log.append(pruned[4])
+                    if adaptive and self._pruning_stopped_paying(pruned[4]):
+                        pruned[0].close()  # plain passes from now on
+                        use_pruning, pruned, watched = False, None, None
+                else:
+                    sums, counts, first_labels, pass_moments = self._lloyd_pass(
+                        x, centroids, watch=use_pruning == "adaptive")
+                    if pass_moments is not None:
+                        all_reduce_sum_(*pass_moments)
+                        moments = (sums, counts, *pass_moments, centroids)
+                    n = int(counts.sum())  # rows with NaN/Inf raise before this point
+                    moved = None
+                    if use_pruning == "adaptive":
+                        if watched is not None:
+                            moved = int((first_labels != watched).sum())
+                            if self._bounds_will_pay(moved, watched.numel(), n_iter):
+                                # from the next pass on; same labels either way
+                                use_pruning = True
+                        watched = first_labels
+                    log.append(PassStats(n_points=n, n_clusters=self.n_concepts, n_read=n,
+                                         n_full=n, n_moved=moved,
+                                         n_cosines=n * self.n_concepts))
+                if not in_memory:
+                    # this rank's shard -> all rows (no-op on one process)
+                    all_reduce_sum_(sums, counts)
+                previous_centroids = centroids
+                centroids, counts = self._update_centroids(sums, counts, centroids, generator)
+                if pruned is not None:
+                    pruned = (*pruned[:3], previous_centroids, None)
+                objective = float(sums.norm(dim=1).sum())
+                if objective - previous <= self.tol * abs(objective):
+                    break
+                previous = objective
+        finally:
             if pruned is not None:
-                pruned = (*pruned[:3], previous_centroids, None)
-            objective = float(sums.norm(dim=1).sum())
-            if objective - previous <= self.tol * abs(objective):
-                break
-            previous = objective
+                pruned[0].close()  # the bounds, and their scratch directory if on disk
         return centroids, objective, n_iter, counts, log, moments
 
     def _use_pruning(self, centroids: torch.Tensor):
@@ -435,11 +455,17 @@ class DirectionalClustering:
             return False
         if self.pruning != "auto":
             return bool(self.pruning)
+        room = not self._bounds_on_disk() or self.pruning_dir is not None
+        return "adaptive" if self._data_device.type == "cpu" and room else False
+
+    def _bounds_on_disk(self) -> bool:
+        """Whether the bounds of all rows exceed ``pruning_memory`` (then they go to
+        ``pruning_dir``, or ``pruning="auto"`` runs plain passes). Global rows, so every rank
+        of a distributed fit decides alike."""
         from .pruning import BoundedLloyd
 
         bytes_per_row = BoundedLloyd(n_clusters=self.n_concepts).bytes_per_point
-        fits = self.n_samples_ * bytes_per_row <= self.pruning_memory
-        return "adaptive" if self._data_device.type == "cpu" and fits else False
+        return self.n_samples_ * bytes_per_row > self.pruning_memory
 
     def _bounds_will_pay(self, moved: int, watched: int, n_iter: int) -> bool:
         """Adaptive pruning: switch once at most _PRUNE_BELOW_MOVED of the watched rows changed
@@ -520,7 +546,9 @@ class DirectionalClustering:
         from .pruning import BoundedLloyd
 
         if state is None:
-            engine = BoundedLloyd(n_clusters=self.n_concepts, num_threads=self.num_threads)
+            on_disk = self.pruning_dir is not None and self._bounds_on_disk()
+            engine = BoundedLloyd(n_clusters=self.n_concepts, num_threads=self.num_threads,
+                                  storage_dir=self.pruning_dir if on_disk else None)
             sums, counts, stats = engine.first_pass(self._cpu_chunks(x), centroids)
             return engine, sums, counts, None, stats
         engine, sums, counts, assigned_to, _ = state

@@ -16,9 +16,17 @@ bound. One native call per chunk (``ops.pruned_pass``) then, per point:
 
 The cluster sums are corrected only for the points that changed cluster. The labels are
 those of unpruned Lloyd passes from the same start (tests/test_pruning.py checks it).
+
+The bounds live in RAM, or (``storage_dir``) in one scratch file per chunk, read before and
+written after that chunk's native call: then only one chunk's bounds are in memory at a
+time, for streams whose bounds do not fit in RAM.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -41,6 +49,90 @@ class _ChunkBounds:
     labels: torch.Tensor    # (n,) int64
     theta_lo: torch.Tensor  # (n,) float32: upper bound on the (rounding-shifted) own angle
     theta_up: torch.Tensor  # (n, G) float32: lower bound on the angle to group g's others
+
+
+class _RamBounds:
+    """Every chunk's bounds held in memory."""
+
+    def __init__(self):
+        self._chunks: List[_ChunkBounds] = []
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def rows(self, j: int) -> int:
+        return self._chunks[j].labels.shape[0]
+
+    def put(self, j: int, bounds: _ChunkBounds) -> None:
+        if j == len(self._chunks):
+            self._chunks.append(bounds)
+        else:
+            self._chunks[j] = bounds
+
+    def get(self, j: int) -> _ChunkBounds:
+        return self._chunks[j]
+
+    def truncate(self, n: int) -> None:
+        del self._chunks[n:]
+
+    def close(self) -> None:
+        self._chunks = []
+
+
+class _DiskBounds:
+    """Every chunk's bounds in its own file under a private scratch directory, created in
+    ``parent`` and removed by ``close`` (or when the object is collected). ``get`` reads one
+    chunk's bounds into fresh tensors, ``put`` writes them back: only the chunk being worked
+    on is in memory. Scratch state, not user data: nothing to keep if the process dies."""
+
+    def __init__(self, parent, n_groups: int):
+        try:
+            self.path = tempfile.mkdtemp(prefix="pyconcepts-bounds-", dir=os.fspath(parent))
+        except OSError as exc:
+            raise ValueError(f"pruning storage_dir {os.fspath(parent)!r} is not a writable "
+                             f"directory: {exc}") from exc
+        self._remove = weakref.finalize(self, shutil.rmtree, self.path, ignore_errors=True)
+        self._groups = n_groups
+        self._rows: List[int] = []
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def rows(self, j: int) -> int:
+        return self._rows[j]
+
+    def _file(self, j: int) -> str:
+        return os.path.join(self.path, f"chunk{j:06d}.bounds")
+
+    def put(self, j: int, bounds: _ChunkBounds) -> None:
+        with open(self._file(j), "wb") as f:
+            for t in (bounds.labels, bounds.theta_lo, bounds.theta_up):
+                f.write(t.contiguous().numpy().data)
+        if j == len(self._rows):
+            self._rows.append(bounds.labels.shape[0])
+        else:
+            self._rows[j] = bounds.labels.shape[0]
+
+    def get(self, j: int) -> _ChunkBounds:
+        n = self._rows[j]
+        out = _ChunkBounds(torch.empty(n, dtype=torch.int64), torch.empty(n),
+                           torch.empty(n, self._groups))
+        with open(self._file(j), "rb") as f:
+            for t in (out.labels, out.theta_lo, out.theta_up):
+                view = t.numpy().data.cast("B")
+                if f.readinto(view) != len(view):
+                    raise RuntimeError(f"pruning bounds file {self._file(j)} is truncated "
+                                       "(was the scratch directory modified during the fit?)")
+        return out
+
+    def truncate(self, n: int) -> None:
+        for j in range(n, len(self._rows)):
+            os.remove(self._file(j))
+        del self._rows[n:]
+
+    def close(self) -> None:
+        self._remove()
+        self._rows = []
 
 
 @dataclass
@@ -77,15 +169,19 @@ class BoundedLloyd:
     and bounds; each ``next_pass`` then reads only what its bounds cannot certify, in one
     native call per chunk. The chunks must be the same rows in the same order on every pass
     (a tensor list or a re-iterable stream). Centroids must be unit rows to
-    ``ops.PRUNED_NORM_TOL``. Memory: 12 + 4 * n_groups bytes per point. The rounding margin
-    is derived from D (``ops.pruned_pass_eps``) and folded into the stored angles.
+    ``ops.PRUNED_NORM_TOL``. Memory: 12 + 4 * n_groups bytes per point (``bytes_per_point``),
+    or with ``storage_dir`` that much disk in a scratch directory created there (removed by
+    ``close``) and in memory only the chunk being worked on; each pass then reads and writes
+    every chunk's bounds once. The rounding margin is derived from D
+    (``ops.pruned_pass_eps``) and folded into the stored angles.
     """
 
     n_clusters: int
     n_groups: int = 16
     normalize: bool = False  # sums of unit rows (see ops.assign_update)
     num_threads: Optional[int] = None
-    _chunks: List[_ChunkBounds] = field(default_factory=list, repr=False)
+    storage_dir: Optional[str] = None
+    _chunks: object = field(default=None, repr=False)
     _last_fraction: float = field(default=1.0, repr=False)
     _last_was_full: bool = field(default=True, repr=False)
 
@@ -100,6 +196,17 @@ class BoundedLloyd:
         self._group_size = strip * self._strips_per_group
         self._groups = ops.pruned_pass_groups(self.n_clusters, self._strips_per_group)
         self._group_of = torch.arange(self.n_clusters) // self._group_size
+        self._chunks = (_RamBounds() if self.storage_dir is None
+                        else _DiskBounds(self.storage_dir, self._groups))
+
+    @property
+    def storage_path(self) -> Optional[str]:
+        """The scratch directory holding the bounds (None when they are in memory)."""
+        return getattr(self._chunks, "path", None)
+
+    def close(self) -> None:
+        """Drop the bounds (and remove their scratch directory, if any)."""
+        self._chunks.close()
 
     @property
     def bytes_per_point(self) -> int:
@@ -131,9 +238,11 @@ class BoundedLloyd:
         """Full pass. Returns (sums float64 (K, D), counts int64 (K,), PassStats).
 
         ``expected_rows``: the chunk lengths of an earlier pass, checked chunk by chunk (the
-        stream is never held in memory)."""
+        stream is never held in memory); the points whose label differs from that pass's
+        are counted in ``n_moved`` (else it is None)."""
         _check_unit(centroids)
-        self._chunks = []
+        if expected_rows is None:
+            self._chunks.truncate(0)
         sums = counts = None
         stats = PassStats(n_clusters=self.n_clusters)
         for j, x in enumerate(chunks):
@@ -147,7 +256,9 @@ class BoundedLloyd:
                 normalize=self.normalize, num_threads=self.num_threads,
             )
             lo, up = self._bounds_from_full(x.shape[1], index, best, second, strip_max)
-            self._chunks.append(_ChunkBounds(index, lo, up))
+            if expected_rows is not None:
+                stats.n_moved += int((self._chunks.get(j).labels != index).sum())
+            self._chunks.put(j, _ChunkBounds(index, lo, up))
             sums = s if sums is None else sums + s
             counts = c if counts is None else counts + c
             stats.n_points += x.shape[0]
@@ -159,7 +270,8 @@ class BoundedLloyd:
         if expected_rows is not None and len(self._chunks) != len(expected_rows):
             raise ValueError("the chunks changed between passes (fewer chunks than before)")
         self._last_was_full = True
-        stats.n_moved = None  # no earlier labels to compare with
+        if expected_rows is None:
+            stats.n_moved = None  # no earlier labels to compare with
         return sums, counts, stats
 
     def next_pass(self, chunks, old_centroids: torch.Tensor, new_centroids: torch.Tensor,
@@ -175,18 +287,19 @@ class BoundedLloyd:
         stats = PassStats(n_clusters=self.n_clusters)
         n_seen = 0
         for j, x in enumerate(chunks):
-            if j >= len(self._chunks) or x.shape[0] != self._chunks[j].labels.shape[0]:
+            if j >= len(self._chunks) or x.shape[0] != self._chunks.rows(j):
                 raise ValueError(
                     "the chunks changed between passes (pruned passes need the same rows in "
                     "the same order every time)"
                 )
             n_seen += 1
-            state = self._chunks[j]
+            state = self._chunks.get(j)
             sum_corr, count_corr, pass_stats = ops.pruned_pass(
                 x, new_centroids, state.labels, state.theta_lo, state.theta_up, drift,
                 strips_per_group=self._strips_per_group, normalize=self.normalize,
                 num_threads=self.num_threads,
             )
+            self._chunks.put(j, state)  # bounds updated in place: written back if on disk
             sums += sum_corr
             counts += count_corr
             read, cosines, full, moved = (int(v) for v in pass_stats.tolist())
@@ -202,19 +315,17 @@ class BoundedLloyd:
 
     def _full_pass_in_place(self, chunks, centroids, sums, counts):
         """An unpruned pass that also rebuilds every bound; sums/counts overwritten."""
-        n_before = [c.labels.shape[0] for c in self._chunks]
-        old_labels = self.labels()
+        n_before = [self._chunks.rows(j) for j in range(len(self._chunks))]
         fresh_sums, fresh_counts, stats = self.first_pass(chunks, centroids, expected_rows=n_before)
-        stats.n_moved = int((self.labels() != old_labels).sum())
         sums.copy_(fresh_sums)
         counts.copy_(fresh_counts)
         return sums, counts, stats
 
     def labels(self) -> torch.Tensor:
         """The current labels of all points, in chunk order."""
-        if not self._chunks:
+        if not len(self._chunks):
             return torch.empty(0, dtype=torch.int64)
-        return torch.cat([c.labels for c in self._chunks])
+        return torch.cat([self._chunks.get(j).labels for j in range(len(self._chunks))])
 
 
 def _check_unit(centroids: torch.Tensor) -> None:

@@ -112,3 +112,40 @@ def test_auto_goes_back_to_plain_passes_when_pruning_stops_paying(monkeypatch):
     assert len(pruned) == 1 and pruned[0] + 1 < len(fractions)
     assert auto.pass_stats_[pruned[0] - 1].n_moved is None  # the pass that built the bounds
     assert all(f == 1.0 for f in fractions[pruned[0] + 1:])
+
+
+def test_bounds_over_the_memory_budget_go_to_pruning_dir(tmp_path):
+    x = mixture(8000, 24, 16, 0.3, 5)
+    chunks = list(x.split(3000))
+    kwargs = dict(n_concepts=24, seed=1, max_iter=20, tol=0.0, chunk_size=3000)
+    plain = pc.DirectionalClustering(pruning=False, **kwargs).fit(x)
+    # no room in memory and no directory: plain passes
+    nodir = pc.DirectionalClustering(pruning_memory=0, **kwargs).fit(x)
+    assert all(s.distance_fraction == 1.0 for s in nodir.pass_stats_)
+    # no room in memory, a directory: pruned passes with the bounds on disk, same result
+    for pruning in ("auto", True):
+        disk = pc.DirectionalClustering(pruning=pruning, pruning_memory=0, pruning_dir=tmp_path,
+                                        **kwargs).fit(chunks)
+        torch.testing.assert_close(plain.centroids_, disk.centroids_, rtol=0, atol=1e-6)
+        assert min(s.distance_fraction for s in disk.pass_stats_) < 0.5
+        assert list(tmp_path.iterdir()) == []  # scratch removed after the fit
+    assert disk.get_params()["pruning_dir"] == tmp_path
+    with pytest.raises(ValueError, match="pruning_dir must be"):
+        pc.DirectionalClustering(n_concepts=4, pruning_dir=3)
+
+
+def test_pruning_scratch_is_removed_when_the_fit_fails(tmp_path):
+    x = mixture(6000, 12, 8, 0.3, 2)
+
+    class Shrinking:  # the stream loses rows after the first passes: the fit must fail
+        passes = 0
+
+        def __iter__(self):  # passes 1, 2: statistics and seeding sample; 3: bounds pass
+            Shrinking.passes += 1
+            return iter(list(x.split(2000)) if Shrinking.passes < 4 else [x[:2000]])
+
+    km = pc.DirectionalClustering(n_concepts=8, pruning=True, pruning_memory=0,
+                                  pruning_dir=str(tmp_path), max_iter=20, tol=0.0)
+    with pytest.raises(ValueError, match="chunks changed"):
+        km.fit(Shrinking())
+    assert list(tmp_path.iterdir()) == []

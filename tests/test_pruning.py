@@ -97,3 +97,54 @@ def test_pruned_passes_need_unit_centroids():
     x = directional_mixture(200, 8, 4, 0.5, 0)
     with pytest.raises(ValueError, match="unit-norm rows"):
         BoundedLloyd(n_clusters=4).first_pass([x], F.normalize(x[:4], dim=1) * 1.001)
+
+
+@pytest.mark.parametrize("full_pass_fraction", [0.8, 0.0])
+def test_bounds_on_disk_equal_bounds_in_memory(tmp_path, monkeypatch, full_pass_fraction):
+    import pyconcepts.pruning as pruning
+
+    # 0.0: every other pass is a full pass rebuilding the bounds in place (and counting moves)
+    monkeypatch.setattr(pruning, "_FULL_PASS_FRACTION", full_pass_fraction)
+    x = directional_mixture(9000, 16, 12, 0.4, 3)
+    chunks = list(x.split(4000))
+    init = F.normalize(x[:12], dim=1)
+    runs = {}
+    for where in ("memory", "disk"):
+        engine = BoundedLloyd(n_clusters=12, n_groups=3,
+                              storage_dir=str(tmp_path) if where == "disk" else None)
+        c = init.clone()
+        sums, counts, _ = engine.first_pass(chunks, c)
+        log = []
+        for _ in range(8):
+            new_c = normalise_sums(sums, counts, c)
+            sums, counts, stats = engine.next_pass(chunks, c, new_c, sums, counts)
+            c = new_c
+            log.append((engine.labels(), sums.clone(), counts.clone(), stats))
+        if where == "disk":
+            files = sorted(p.name for p in tmp_path.glob("pyconcepts-bounds-*/*"))
+            assert files == ["chunk000000.bounds", "chunk000001.bounds", "chunk000002.bounds"]
+            # label (8) + own bound (4) + 3 group bounds (4 each) per point, nothing else
+            assert sum(p.stat().st_size for p in tmp_path.glob("*/*")) == 9000 * engine.bytes_per_point
+            engine.close()
+            assert list(tmp_path.iterdir()) == []  # the scratch directory is gone
+        runs[where] = log
+    for (la, sa, ca, st_a), (lb, sb, cb, st_b) in zip(runs["memory"], runs["disk"]):
+        assert torch.equal(la, lb) and torch.equal(sa, sb) and torch.equal(ca, cb)
+        assert st_a == st_b
+    if full_pass_fraction == 0.0:  # the in-place full passes counted moved points on disk too
+        assert any(s.n_read == s.n_points and s.n_moved for *_, s in runs["disk"])
+
+
+def test_bounds_on_disk_errors(tmp_path):
+    x = directional_mixture(3000, 8, 4, 0.5, 0)
+    c = F.normalize(x[:4], dim=1)
+    with pytest.raises(ValueError, match="storage_dir .* is not a writable directory"):
+        BoundedLloyd(n_clusters=4, storage_dir=str(tmp_path / "missing"))
+    engine = BoundedLloyd(n_clusters=4, storage_dir=str(tmp_path))
+    sums, counts, _ = engine.first_pass([x], c)
+    (path,) = list(tmp_path.glob("*/chunk000000.bounds"))
+    path.write_bytes(path.read_bytes()[:100])  # the scratch file cut short behind our back
+    with pytest.raises(RuntimeError, match="truncated"):
+        engine.next_pass([x], c, c, sums, counts)
+    del engine  # collected: the scratch directory goes with it
+    assert list(tmp_path.iterdir()) == []
