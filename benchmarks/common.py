@@ -45,3 +45,10 @@ def write_json(path: str, payload: dict) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(payload, f, indent=2)
     os.replace(tmp, path)
+
+
+def save_results(path, payload: dict) -> None:
+    """``write_json`` when a path was given (the benchmarks' --json), and say where."""
+    if path:
+        write_json(path, payload)
+        print(f"\nwrote {path}")

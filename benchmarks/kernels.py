@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import pyconcepts as pc
 
-from .common import median_time, print_table, write_json
+from .common import median_time, print_table, save_results
 
 
 def torch_assign(x: torch.Tensor, c: torch.Tensor, chunk: int = 65536):
@@ -173,9 +173,7 @@ def main(argv=None) -> int:
         results = run_cuda_benchmarks(args)
     else:
         results = run_cpu(args)
-    if args.json:
-        write_json(args.json, results)
-        print(f"\nwrote {args.json}")
+    save_results(args.json, results)
     return 0
 
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 import pyconcepts as pc
 
-from .common import median_time, print_table, write_json
+from .common import median_time, print_table, save_results
 
 
 # ---------------------------------------------------------------------------- data
@@ -245,9 +245,7 @@ def main(argv=None) -> int:
         real = None if args.no_demo else demo_activations(200_000 if not args.quick else 50_000)
         if real is not None:
             results["runs"].append(bench_shape("demo CNN activations", real, 64, args.iters, args.repeat))
-    if args.json:
-        write_json(args.json, results)
-        print(f"\nwrote {args.json}")
+    save_results(args.json, results)
     return 0
 
 

@@ -37,7 +37,7 @@ import torch
 import pyconcepts as pc
 from pyconcepts.pruning import BoundedLloyd
 
-from .common import print_table, write_json
+from .common import print_table, save_results
 from .kmeans import directional_mixture, mean_cosine
 
 
@@ -164,9 +164,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     results = run(args)
-    if args.json:
-        write_json(args.json, results)
-        print(f"\nwrote {args.json}")
+    save_results(args.json, results)
     return 0
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .signal import masked_signal_vectors
 from .taps import LayerTap, iter_batches
 
 __all__ = [
@@ -261,14 +262,10 @@ def rcav(
         alpha_t = torch.as_tensor(alpha, dtype=torch.float32).expand(len(idx)).clone()
 
     def push_directions(mask: torch.Tensor) -> torch.Tensor:
-        # signal vectors on the patches in `mask`: Cov[x, z] / Var[z], one per column
-        m = mask.float()
-        n = m.sum(0).clamp_min(2)
-        ex = (m.T @ rows) / n[:, None]
-        ez = (m * z).sum(0) / n
-        exz = (m * z).T @ rows / n[:, None]
-        var = ((m * z * z).sum(0) / n - ez ** 2).clamp_min(1e-12)
-        return (exz - ex * ez[:, None]) / var[:, None]
+        # signal vectors on the patches in `mask`, one per column; a column with fewer than
+        # two patches (or no variance) has none: a zero push
+        directions, ok = masked_signal_vectors(rows, z, mask)
+        return directions * ok[:, None]
 
     with torch.no_grad():
         base = [tap.forward_with(b, lambda out: out).softmax(-1).cpu() for b in batches]

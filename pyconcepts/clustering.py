@@ -19,7 +19,7 @@ import torch
 
 from . import ops
 from .stats import (DEFAULT_CHUNK_SIZE, StreamingCovariance, all_reduce_sum_, distributed,
-                    iter_chunks)
+                    iter_chunks, signal_from_moments)
 
 __all__ = ["DirectionalClustering", "whitening_matrix"]
 
@@ -526,12 +526,7 @@ class DirectionalClustering:
         """s_i = Cov[v, z] / Var[z] within cluster i, mapped to raw coordinates: with v =
         (x - mean) T (T the symmetric whitening, identity without), Cov[x, z] = T^-1 Cov[v, z]
         and z = (T c_i) . (x - mean), so the raw filter is T c_i."""
-        n = counts.to(torch.float64)[:, None]
-        mean_v, mean_z = sums / n, sum_z[:, :1] / n
-        cov = sum_xz / n - mean_v * mean_z
-        var = sum_z[:, 1:] / n - mean_z ** 2
-        ok = (counts[:, None] >= 2) & (var > 0)
-        signal = torch.where(ok, cov / torch.where(ok, var, torch.ones_like(var)), float("nan"))
+        signal = signal_from_moments(counts, sums, sum_z[:, 0], sum_z[:, 1], sum_xz)
         decoding = centroids.to(torch.float64)
         if self.transform_matrix_ is not None:
             t = self.transform_matrix_.to(torch.float64)

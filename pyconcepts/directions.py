@@ -60,7 +60,8 @@ import torch
 from . import ops
 from .basis import ConceptBasis
 from .clustering import DirectionalClustering
-from .stats import DEFAULT_CHUNK_SIZE, StreamingMoments, all_reduce_sum_, iter_chunks
+from .signal import streamed_signal_vectors
+from .stats import DEFAULT_CHUNK_SIZE, all_reduce_sum_, iter_chunks
 
 __all__ = ["extract_directions", "pattern_to_filter", "f1_thresholds", "logistic_filters"]
 
@@ -364,11 +365,7 @@ def _unit(t: torch.Tensor) -> torch.Tensor:
 
 
 def _signal_vectors(x, decoding, bias, center, chunk_size) -> torch.Tensor:
-    acc = StreamingMoments(decoding, bias, center)
-    for chunk in iter_chunks(x, chunk_size, dim=decoding.shape[1]):
-        acc.update(chunk)
-    acc.all_reduce()
-    out = acc.signal_vectors()
+    out = streamed_signal_vectors(x, decoding, bias, center, chunk_size)
     bad = torch.isnan(out).any(dim=1)
     if bool(bad.any()):
         # a detector that never fires: fall back to its direction (documented weak spot)

@@ -42,7 +42,7 @@ from torch import nn
 from . import detectors
 from .basis import ConceptBasis
 from .directions import extract_directions
-from .signal import signal_vectors
+from .signal import masked_signal_vectors, signal_vectors
 from .stats import DEFAULT_CHUNK_SIZE
 from .taps import LayerTap, iter_batches
 from .ura import URALoss
@@ -112,17 +112,9 @@ def batch_signal_vectors(x: torch.Tensor, decoding: torch.Tensor, bias: torch.Te
     hard detection masks P_i (no gradient through the masks). Detectors firing on fewer than
     two rows get w_i / ||w_i||^2."""
     z = x @ decoding.T                                           # (B, K)
-    m = (z > bias).detach().to(x.dtype)
-    n = m.sum(0)
-    safe = n.clamp_min(1)
-    ez = (m * z).sum(0) / safe
-    zc = (z - ez) * m
-    cov = (zc.T @ x) / safe[:, None]                             # sum_P (z - ez) x / n = Cov
-    var = (zc * zc).sum(0) / safe
-    s = cov / var.clamp_min(1e-12)[:, None]
+    s, ok = masked_signal_vectors(x, z, z > bias)
     fallback = decoding / (decoding * decoding).sum(1, keepdim=True).clamp_min(1e-12)
-    ok = (n >= 2)[:, None] & (var > 1e-12)[:, None]
-    return torch.where(ok, s, fallback)
+    return torch.where(ok[:, None], s, fallback)
 
 
 class _PatchSource:

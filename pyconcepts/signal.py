@@ -6,13 +6,13 @@ One read of the activations through ``ops.masked_moments``; float64 accumulation
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from .stats import DEFAULT_CHUNK_SIZE, StreamingCovariance, StreamingMoments, iter_chunks
 
-__all__ = ["signal_vectors", "streaming_mean"]
+__all__ = ["signal_vectors", "streaming_mean", "masked_signal_vectors"]
 
 
 def streaming_mean(x, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
@@ -46,11 +46,7 @@ def signal_vectors(
         raise ValueError(f"bias must be a ({decoding.shape[0]},) tensor")
     if center is None:
         center = streaming_mean(x, chunk_size)
-    acc = StreamingMoments(decoding, bias, center.to(decoding.device))
-    for chunk in iter_chunks(x, chunk_size, dim=decoding.shape[1]):
-        acc.update(chunk)
-    acc.all_reduce()
-    out = acc.signal_vectors()
+    out = streamed_signal_vectors(x, decoding, bias, center, chunk_size)
     bad = torch.isnan(out).any(dim=1)
     if bool(bad.any()):
         raise ValueError(
@@ -58,3 +54,33 @@ def signal_vectors(
             "(or z has no variance there): their signal vectors are undefined"
         )
     return out.to(torch.float32)
+
+
+def streamed_signal_vectors(x, decoding: torch.Tensor, bias: torch.Tensor, center: torch.Tensor,
+                            chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """(K, D) float64 signal vectors from one read of ``x`` (over all ranks under
+    torch.distributed); NaN rows for detectors with fewer than two rows or no variance of z
+    (the caller raises or substitutes)."""
+    acc = StreamingMoments(decoding, bias, center.to(decoding.device))
+    for chunk in iter_chunks(x, chunk_size, dim=decoding.shape[1]):
+        acc.update(chunk)
+    return acc.all_reduce().signal_vectors()
+
+
+def masked_signal_vectors(x: torch.Tensor, z: torch.Tensor,
+                          mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Signal vectors on one batch held in memory, differentiable in ``x`` and ``z``.
+
+    ``x`` (N, D) rows, ``z`` (N, K) their concept scores, ``mask`` (N, K) bool: concept i's
+    rows (the mask carries no gradient). Returns ((K, D) Cov[x, z_i] / Var[z_i] over those
+    rows, z centred by its mean there first; (K,) bool ``ok``: False where there are fewer
+    than two rows or no variance of z, whose rows are meaningless)."""
+    m = mask.detach().to(x.dtype)
+    n = m.sum(0)
+    safe = n.clamp_min(1)
+    mean_z = (m * z).sum(0) / safe
+    centred = (z - mean_z) * m
+    cov = (centred.T @ x) / safe[:, None]  # sum over P of (z - mean z) x / n = Cov
+    var = (centred * centred).sum(0) / safe
+    ok = (n >= 2) & (var > 1e-12)
+    return cov / var.clamp_min(1e-12)[:, None], ok

@@ -23,6 +23,7 @@ __all__ = [
     "CompensatedSum",
     "StreamingCovariance",
     "StreamingMoments",
+    "signal_from_moments",
     "DEFAULT_CHUNK_SIZE",
 ]
 
@@ -209,6 +210,22 @@ class StreamingCovariance:
         return self.scatter / self.count
 
 
+def signal_from_moments(count, sum_x, sum_z, sum_z2, sum_xz) -> torch.Tensor:
+    """(K, D) float64 signal vectors s_i = Cov[x, z_i] / Var[z_i] from per-concept sums over
+    the rows of concept i: counts (K,), sum x (K, D), sum z (K,), sum z^2 (K,), sum x z (K, D).
+    NaN rows where there are fewer than two rows or z has no variance."""
+    n = count.to(torch.float64)
+    safe = n.clamp_min(1)
+    mean_z = sum_z.to(torch.float64) / safe
+    mean_x = sum_x.to(torch.float64) / safe[:, None]
+    var_z = sum_z2.to(torch.float64) / safe - mean_z**2
+    cov_xz = sum_xz.to(torch.float64) / safe[:, None] - mean_x * mean_z[:, None]
+    ok = (n >= 2) & (var_z > 0)
+    out = cov_xz / torch.where(ok, var_z, torch.ones_like(var_z))[:, None]
+    out[~ok] = float("nan")
+    return out
+
+
 class StreamingMoments:
     """Accumulates ``ops.masked_moments`` over a stream: the signal-vector statistics.
 
@@ -291,13 +308,5 @@ class StreamingMoments:
         A concept with fewer than two detected rows or zero variance of z gives a NaN row;
         callers decide what to do with it.
         """
-        n = self.count.to(torch.float64)
-        safe = n.clamp_min(1)
-        mean_z = self._sum_z.value() / safe
-        mean_x = self._sum_x.value() / safe[:, None]
-        var_z = self._sum_z2.value() / safe - mean_z**2
-        cov_xz = self._sum_xz.value() / safe[:, None] - mean_x * mean_z[:, None]
-        ok = (n >= 2) & (var_z > 0)
-        out = cov_xz / torch.where(ok, var_z, torch.ones_like(var_z))[:, None]
-        out[~ok] = float("nan")
-        return out
+        return signal_from_moments(self.count, self._sum_x.value(), self._sum_z.value(),
+                                   self._sum_z2.value(), self._sum_xz.value())

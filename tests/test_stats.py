@@ -112,3 +112,24 @@ def test_compensated_sum_beats_naive():
     for _ in range(1000):
         acc.add(torch.tensor([1.0], dtype=torch.float64))
     assert float(acc.value()[0] - 1e16) == 1000.0
+
+
+def test_batch_signal_vectors_equal_the_streamed_ones():
+    """signal.masked_signal_vectors (one batch, autograd) and pc.signal_vectors (streamed,
+    float64 moments) are the same estimator; a concept with < 2 rows is flagged, not NaN."""
+    from pyconcepts.signal import masked_signal_vectors
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5000, 12, generator=gen, dtype=torch.float64) + 3
+    w = torch.randn(4, 12, generator=gen, dtype=torch.float64)
+    z = x @ w.T
+    bias = z.quantile(0.7, dim=0)
+    bias[3] = z[:, 3].max() - 1e-9  # fires on exactly one row
+    rows = x.clone().requires_grad_(True)
+    got, ok = masked_signal_vectors(rows, rows @ w.T, (x @ w.T) > bias)
+    assert ok.tolist() == [True, True, True, False]
+    streamed = pc.signal_vectors(x.float(), w[:3].float(), bias[:3].float())
+    torch.testing.assert_close(got[:3].float(), streamed, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(got).all()
+    got[:3].sum().backward()  # differentiable in the rows
+    assert rows.grad is not None and torch.isfinite(rows.grad).all() and rows.grad.abs().sum() > 0
