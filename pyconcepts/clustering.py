@@ -23,13 +23,14 @@ from .stats import (DEFAULT_CHUNK_SIZE, StreamingCovariance, all_reduce_sum_, di
 
 __all__ = ["DirectionalClustering", "whitening_matrix"]
 
-# pruning="auto": pruned passes start once at most this share of the rows of the first chunk
-# changed cluster in a pass. Measured on 300k x 256, K = 256, 10 passes, 2 threads (median of
-# 2): a well separated mixture (benchmarks.kmeans --noise 0.3) takes 2.89 / 2.79 / 2.75 s at
+# pruning="auto": pruned passes start once at most this share of the watched rows (every
+# _WATCH_STRIDE-th row of every chunk) changed cluster in a pass. Measured (on the first
+# chunk's rows) on 300k x 256, K = 256, 10 passes, 2 threads (median of 2): a well separated mixture (benchmarks.kmeans --noise 0.3) takes 2.89 / 2.79 / 2.75 s at
 # 0.05 / 0.1 / 0.2 (its pruned passes skip ~65% of the cosines); a heavily overlapping one
 # (noise 1.0, 9-37% of the points move per pass) stays on plain passes at 0.05 and 0.1
 # (3.65 / 3.56 s) but switches too early at 0.2 and loses (3.85 s).
 _PRUNE_BELOW_MOVED = 0.1
+_WATCH_STRIDE = 16
 # ... and stop again after a pruned pass that computed more than this share of the cosines
 # (real demo-CNN activations, D = K = 64: few points move, yet the pruned passes compute
 # ~70% of the cosines and cost more than plain ones; at D = K = 256 on the separated mixture
@@ -96,7 +97,7 @@ class DirectionalClustering:
         unpruned pass (one read of the data per pass, no per-point state). ``"auto"`` (the
         default), on CPU when the bounds fit in ``pruning_memory`` bytes: plain passes while
         many points change cluster (then no bound holds and a pruned pass costs more than a
-        plain one; watched on the rows of the first chunk), pruned passes once few do, and
+        plain one; watched on every 16th row), pruned passes once few do, and
         plain ones again if pruning stops paying. Every choice gives the same labels.
     pruning_memory: memory allowed for the bounds (default 1 GiB). When they need more,
         ``pruning="auto"`` runs plain passes, unless ``pruning_dir`` is given.
@@ -116,7 +117,7 @@ class DirectionalClustering:
     ``pass_stats_``: one ``pyconcepts.pruning.PassStats`` per Lloyd pass over the data (the
     share of the N x K cosines computed, points read and moved; an unpruned pass computes
     all of them; on the plain passes of ``pruning="auto"`` the moved points are counted on
-    the first chunk only). Under torch.distributed they count this rank's rows.
+    the watched rows only, every 16th). Under torch.distributed they count this rank's rows.
     With ``signal=True``: ``signal_vectors_`` (K, D) float32 in the raw coordinates of x,
     from the last pass (its clusters and z = its centroids . v; the final update after it
     moves the centroids little at convergence), NaN for a cluster with fewer than two
@@ -399,7 +400,7 @@ class DirectionalClustering:
         use_pruning = not in_memory and self._use_pruning(centroids)  # True, False, "adaptive"
         adaptive = use_pruning == "adaptive"
         moments = None  # signal=True: (sums, counts, sum_xz, sum_z, centroids) of the last pass
-        watched = None  # adaptive: the first chunk's labels in the last plain pass
+        watched = None  # adaptive: the watched rows' labels in the last plain pass
         try:
             for n_iter in range(1, self.max_iter + 1):
                 if in_memory:
@@ -413,7 +414,7 @@ class DirectionalClustering:
                         pruned[0].close()  # plain passes from now on
                         use_pruning, pruned, watched = False, None, None
                 else:
-                    sums, counts, first_labels, pass_moments = self._lloyd_pass(
+                    sums, counts, watched_labels, pass_moments = self._lloyd_pass(
                         x, centroids, watch=use_pruning == "adaptive")
                     if pass_moments is not None:
                         all_reduce_sum_(*pass_moments)
@@ -422,11 +423,11 @@ class DirectionalClustering:
                     moved = None
                     if use_pruning == "adaptive":
                         if watched is not None:
-                            moved = int((first_labels != watched).sum())
+                            moved = int((watched_labels != watched).sum())
                             if self._bounds_will_pay(moved, watched.numel(), n_iter):
                                 # from the next pass on; same labels either way
                                 use_pruning = True
-                        watched = first_labels
+                        watched = watched_labels
                     log.append(PassStats(n_points=n, n_clusters=self.n_concepts, n_read=n,
                                          n_full=n, n_moved=moved,
                                          n_cosines=n * self.n_concepts))
@@ -501,26 +502,29 @@ class DirectionalClustering:
 
     def _lloyd_pass(self, x, centroids: torch.Tensor, watch: bool = False):
         """One assignment + accumulation pass over the data: float64 sums (K, D), counts (K,),
-        with ``watch`` the labels of the first chunk on the CPU (else None) and, with
-        ``signal``, the moments (sum_xz, sum_z) (else None).
+        with ``watch`` the labels of every _WATCH_STRIDE-th row of every chunk, int32 on the
+        CPU (else None) and, with ``signal``, the moments (sum_xz, sum_z) (else None).
 
         The fused native op reads every chunk once per pass.
         """
-        total = first_labels = None
+        total, watched = None, []
         for chunk in self._chunks(x, self.n_features_in_):
             xt, center = self._kernel_input(chunk)
             labels, _, *stats = ops.assign_update(
                 xt, centroids.to(xt.device), center=center, return_moments=self.signal,
                 num_threads=self.num_threads,
             )
+            if watch:  # a spread-out subset: data sorted by cluster cannot mislead the switch
+                watched.append(labels[::_WATCH_STRIDE].to(device="cpu", dtype=torch.int32))
             if total is None:
-                total, first_labels = stats, (labels.cpu() if watch else None)
+                total = stats
             else:  # on the chunks' device: one transfer per pass, not one per chunk
                 for acc, part in zip(total, stats):
                     acc += part
         total = [t.cpu() for t in total]
         moments = (total[2], total[3]) if self.signal else None
-        return total[0], total[1], first_labels, moments
+        watched = torch.cat(watched) if watch else None
+        return total[0], total[1], watched, moments
 
     def _set_signal_vectors(self, sums, counts, sum_xz, sum_z, centroids) -> None:
         """s_i = Cov[v, z] / Var[z] within cluster i, mapped to raw coordinates: with v =

@@ -145,7 +145,7 @@ class PassStats:
     n_read: int = 0           # points not certified by the global filter
     n_full: int = 0           # points evaluated against every group
     # points that changed cluster; None when not tracked. DirectionalClustering's plain passes
-    # under pruning="auto" count it on the first chunk only (the rows watched to decide when
+    # under pruning="auto" count it on every 16th row only (the rows watched to decide when
     # to start pruning).
     n_moved: Optional[int] = 0
     n_cosines: int = 0        # point-centroid cosines computed

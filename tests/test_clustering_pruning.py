@@ -94,7 +94,18 @@ def test_auto_switches_to_pruned_passes_once_few_points_move():
     noisy = pc.DirectionalClustering(n_concepts=24, seed=1, max_iter=5, tol=0.0).fit(
         mixture(8000, 24, 16, 3.0, 5))
     assert all(s.distance_fraction == 1.0 for s in noisy.pass_stats_)
-    assert noisy.pass_stats_[1].n_moved > 0.1 * 8000
+    assert noisy.pass_stats_[1].n_moved > 0.1 * 8000 / 16  # of the watched rows: every 16th
+
+
+def test_auto_watches_rows_spread_over_all_chunks():
+    # rows sorted by cluster: the first chunk alone would see one cluster and few moves
+    x = mixture(6000, 10, 6, 0.5, 3)
+    x = x[torch.argsort(x[:, 0])]
+    km = pc.DirectionalClustering(n_concepts=6, seed=0, chunk_size=1000, max_iter=3).fit(x)
+    *_, watched, _ = km._lloyd_pass(x, km.centroids_, watch=True)
+    expected = torch.cat([km.predict(chunk)[::16] for chunk in x.split(1000)])
+    assert watched.dtype == torch.int32 and torch.equal(watched.long(), expected)
+    assert watched.numel() == 6 * 63  # ceil(1000 / 16) rows of each of the 6 chunks
 
 
 def test_auto_goes_back_to_plain_passes_when_pruning_stops_paying(monkeypatch):
