@@ -1,6 +1,6 @@
 """Pruned k-means on a stream read from disk: bounds in memory, bounds on disk, or no bounds.
 
-    python -m benchmarks.kmeans_disk [--n 1000000 --d 256 --k 256] [--noise 0.3] [--repeat 2]
+    python -m benchmarks.kmeans_disk [--n 1000000 --d 256 --k 256] [--noise 0.3] [--repeat 3]
 
 Answers issue 6's question for streams too large for RAM: keep the pruning bounds on disk
 (``pruning_dir``) or fall back to plain passes? The rows are written as .npy chunk files
@@ -120,10 +120,11 @@ def run(args) -> dict:
                 km.fit(stream)
                 total = time.perf_counter() - t0
                 # the fit reads the stream twice before the Lloyd passes (row count, seeding
-                # sample); per-pass times are those of the Lloyd passes
-                starts = stream.pass_starts[-args.iters:] + [t0 + total]
+                # sample); per-pass times are those of the n_iter_ Lloyd passes
+                starts = stream.pass_starts[-km.n_iter_:] + [t0 + total]
                 per_pass = [b - a for a, b in zip(starts, starts[1:])]
                 runs.append((total, per_pass, km))
+            # the run of median time (the slower middle one for an even --repeat)
             total, per_pass, km = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
             if reference is None:
                 reference = km.centroids_
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--noise", type=float, default=0.3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--chunk", type=int, default=65536)
-    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--dir", default=None, help="where the data and bounds files go (default: "
                                                "the system temporary directory)")
     p.add_argument("--json", metavar="PATH")

@@ -230,7 +230,8 @@ def rcav(
     change of every class probability is recorded per image. The null distribution comes
     from directions estimated like s_i but from randomly permuted detection labels (the
     same number of patches), pushed by the same alpha. p-values are (1 + #null >= observed)
-    / (1 + n_permutations) on |score - 0.5|; Bonferroni over concepts x classes.
+    / (1 + n_permutations) on |score - 0.5|; Bonferroni over concepts x classes. A concept
+    detected on fewer than two of the sampled patches cannot be tested (p = 1).
     """
     if not isinstance(n_permutations, int) or n_permutations < 1:
         raise ValueError(f"n_permutations must be a positive int, got {n_permutations!r}")
@@ -302,6 +303,9 @@ def rcav(
     null_t = torch.stack(nulls)                                   # (n_perm, K', C)
     extreme = ((null_t - 0.5).abs() >= (scores_t - 0.5).abs()[None] - 1e-12).sum(0)
     p = (1.0 + extreme.float()) / (1.0 + n_permutations)
+    # Fewer than two detected patches: the permuted-label directions are undefined (a zero
+    # push), so there is no null distribution to test against: not testable, p = 1.
+    p[detected.sum(0) < 2] = 1.0
     p_adj = (p * scores_t.numel()).clamp(max=1.0)
     return RCAVResult(idx, scores_t, p, p_adj, p_adj < level, alpha_t, null_t, level)
 

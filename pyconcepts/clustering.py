@@ -62,6 +62,16 @@ def _global_sum_int(value: int, device) -> int:
     return int(t.item())
 
 
+def _global_max_int(value: int, device) -> int:
+    if not distributed():
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def _broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
     if distributed():
         import torch.distributed as dist
@@ -93,14 +103,16 @@ class DirectionalClustering:
     chunk_size: rows per native call when ``x`` is one tensor.
     pruning: ``True`` runs exact pruned Lloyd passes (``pyconcepts.pruning.BoundedLloyd``:
         per-point angle bounds let most points skip most or all of their cosines; same labels
-        as unpruned passes) at 12 + 4 * 16 bytes of bounds per point; ``False`` runs the fused
-        unpruned pass (one read of the data per pass, no per-point state). ``"auto"`` (the
+        as unpruned passes) at up to 12 + 4 * 16 bytes of bounds per point; ``False`` runs the
+        fused unpruned pass (one read of the data per pass, no per-point state). ``"auto"`` (the
         default), on CPU when the bounds fit in ``pruning_memory`` bytes: plain passes while
         many points change cluster (then no bound holds and a pruned pass costs more than a
         plain one; watched on every 16th row), pruned passes once few do, and
         plain ones again if pruning stops paying. Every choice gives the same labels.
-    pruning_memory: memory allowed for the bounds (default 1 GiB). When they need more,
-        ``pruning="auto"`` runs plain passes, unless ``pruning_dir`` is given.
+    pruning_memory: memory allowed for the bounds (default 1 GiB; judged on the largest
+        shard under torch.distributed). When they need more, ``pruning="auto"`` runs plain
+        passes and ``pruning=True`` keeps them in memory anyway, unless ``pruning_dir`` is
+        given. ``"auto"`` also keeps the labels of every 16th row (0.5 byte per row).
     pruning_dir: a directory for bounds that exceed ``pruning_memory``: they are then kept in
         a scratch directory made there (removed after the fit), one file per chunk, read and
         written once per pruned pass, with only one chunk's bounds in memory. Measured by
@@ -166,7 +178,7 @@ class DirectionalClustering:
         self.pruning = pruning
         self.pruning_memory = int(pruning_memory)
         if pruning_dir is not None and not isinstance(pruning_dir, (str, os.PathLike)):
-            raise ValueError(f"pruning_dir must be a directory path or None, got {pruning_dir!r}")
+            raise TypeError(f"pruning_dir must be a directory path or None, got {pruning_dir!r}")
         self.pruning_dir = pruning_dir
         self.signal = bool(signal)
 
@@ -267,6 +279,9 @@ class DirectionalClustering:
         self.n_features_in_ = dim
         self.n_samples_ = n_rows
         self._data_device = device
+        # the bounds' memory is per process: the largest shard decides, alike on every rank
+        self._max_local_rows = _global_max_int(self._local_rows, device)
+        self._check_pruning_dir(device)
         self.mean_ = stats.mean.to(torch.float32) if (self.center or self.whiten) else None
         self.covariance_ = stats.covariance if self.whiten and n_rows > 1 else None
         if self.whiten:
@@ -422,7 +437,10 @@ class DirectionalClustering:
                     n = int(counts.sum())  # rows with NaN/Inf raise before this point
                     moved = None
                     if use_pruning == "adaptive":
-                        if watched is not None:
+                        if watched is not None and self._chunks_changed(watched, watched_labels):
+                            # pruned passes need the same chunks every pass: plain ones it is
+                            use_pruning, watched_labels = False, None
+                        elif watched is not None:
                             moved = int((watched_labels != watched).sum())
                             if self._bounds_will_pay(moved, watched.numel(), n_iter):
                                 # from the next pass on; same labels either way
@@ -456,17 +474,29 @@ class DirectionalClustering:
             return False
         if self.pruning != "auto":
             return bool(self.pruning)
-        room = not self._bounds_on_disk() or self.pruning_dir is not None
-        return "adaptive" if self._data_device.type == "cpu" and room else False
+        if self._data_device.type != "cpu":
+            return False
+        return "adaptive" if self.pruning_dir is not None or not self._bounds_on_disk() else False
 
     def _bounds_on_disk(self) -> bool:
-        """Whether the bounds of all rows exceed ``pruning_memory`` (then they go to
-        ``pruning_dir``, or ``pruning="auto"`` runs plain passes). Global rows, so every rank
-        of a distributed fit decides alike."""
+        """Whether this process's bounds may exceed ``pruning_memory`` (then they go to
+        ``pruning_dir``, or ``pruning="auto"`` runs plain passes). Judged on the largest
+        shard, so every rank of a distributed fit decides alike."""
         from .pruning import BoundedLloyd
 
         bytes_per_row = BoundedLloyd(n_clusters=self.n_concepts).bytes_per_point
-        return self.n_samples_ * bytes_per_row > self.pruning_memory
+        return self._max_local_rows * bytes_per_row > self.pruning_memory
+
+    def _check_pruning_dir(self, device) -> None:
+        """A ``pruning_dir`` that cannot be used fails the fit before any Lloyd pass, on every
+        rank together (one rank's bad path must not leave the others waiting)."""
+        if self.pruning_dir is None or self.pruning is False or self.signal:
+            return
+        path = os.fspath(self.pruning_dir)
+        usable = os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+        if _global_sum_int(0 if usable else 1, device):
+            where = "" if not usable else " on another rank"
+            raise ValueError(f"pruning_dir {path!r} is not a writable directory{where}")
 
     def _bounds_will_pay(self, moved: int, watched: int, n_iter: int) -> bool:
         """Adaptive pruning: switch once at most _PRUNE_BELOW_MOVED of the watched rows changed
@@ -487,6 +517,13 @@ class DirectionalClustering:
 
     def _transformed_chunks(self, x):
         return (self.transform(chunk) for chunk in self._chunks(x, self.n_features_in_))
+
+    @staticmethod
+    def _chunks_changed(before: torch.Tensor, now: torch.Tensor) -> bool:
+        """A stream that re-chunks between passes shows as a different number of watched
+        rows; decided on every rank alike."""
+        changed = int(before.numel() != now.numel())
+        return _global_sum_int(changed, torch.device("cpu")) > 0
 
     @staticmethod
     def _pruning_stopped_paying(stats) -> bool:
@@ -545,10 +582,16 @@ class DirectionalClustering:
         from .pruning import BoundedLloyd
 
         if state is None:
+            if self._data_device.type != "cpu":
+                raise ValueError("pruning=True runs on CPU tensors only; use pruning=False on GPU")
             on_disk = self.pruning_dir is not None and self._bounds_on_disk()
             engine = BoundedLloyd(n_clusters=self.n_concepts, num_threads=self.num_threads,
                                   storage_dir=self.pruning_dir if on_disk else None)
-            sums, counts, stats = engine.first_pass(self._cpu_chunks(x), centroids)
+            try:
+                sums, counts, stats = engine.first_pass(self._cpu_chunks(x), centroids)
+            except BaseException:
+                engine.close()  # not yet held by the caller: its scratch goes now
+                raise
             return engine, sums, counts, None, stats
         engine, sums, counts, assigned_to, _ = state
         sums, counts, stats = engine.next_pass(self._cpu_chunks(x), assigned_to, centroids, sums,

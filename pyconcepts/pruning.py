@@ -72,6 +72,9 @@ class _RamBounds:
     def get(self, j: int) -> _ChunkBounds:
         return self._chunks[j]
 
+    def labels(self, j: int) -> torch.Tensor:
+        return self._chunks[j].labels
+
     def truncate(self, n: int) -> None:
         del self._chunks[n:]
 
@@ -89,8 +92,8 @@ class _DiskBounds:
         try:
             self.path = tempfile.mkdtemp(prefix="pyconcepts-bounds-", dir=os.fspath(parent))
         except OSError as exc:
-            raise ValueError(f"pruning storage_dir {os.fspath(parent)!r} is not a writable "
-                             f"directory: {exc}") from exc
+            raise ValueError(f"storage_dir {os.fspath(parent)!r} is not a writable directory: "
+                             f"{exc}") from exc
         self._remove = weakref.finalize(self, shutil.rmtree, self.path, ignore_errors=True)
         self._groups = n_groups
         self._rows: List[int] = []
@@ -115,15 +118,25 @@ class _DiskBounds:
 
     def get(self, j: int) -> _ChunkBounds:
         n = self._rows[j]
-        out = _ChunkBounds(torch.empty(n, dtype=torch.int64), torch.empty(n),
-                           torch.empty(n, self._groups))
+        out = _ChunkBounds(torch.empty(n, dtype=torch.int64),
+                           torch.empty(n, dtype=torch.float32),
+                           torch.empty(n, self._groups, dtype=torch.float32))
+        self._read(j, (out.labels, out.theta_lo, out.theta_up))
+        return out
+
+    def labels(self, j: int) -> torch.Tensor:
+        """Only the labels of chunk j (the first 8 bytes per point of its file)."""
+        out = torch.empty(self._rows[j], dtype=torch.int64)
+        self._read(j, (out,))
+        return out
+
+    def _read(self, j: int, tensors) -> None:
         with open(self._file(j), "rb") as f:
-            for t in (out.labels, out.theta_lo, out.theta_up):
+            for t in tensors:
                 view = t.numpy().data.cast("B")
                 if f.readinto(view) != len(view):
                     raise RuntimeError(f"pruning bounds file {self._file(j)} is truncated "
                                        "(was the scratch directory modified during the fit?)")
-        return out
 
     def truncate(self, n: int) -> None:
         for j in range(n, len(self._rows)):
@@ -245,7 +258,9 @@ class BoundedLloyd:
             self._chunks.truncate(0)
         sums = counts = None
         stats = PassStats(n_clusters=self.n_clusters)
+        n_seen = 0
         for j, x in enumerate(chunks):
+            n_seen += 1
             if expected_rows is not None and (j >= len(expected_rows) or x.shape[0] != expected_rows[j]):
                 raise ValueError(
                     "the chunks changed between passes (pruned passes need the same rows in "
@@ -257,7 +272,7 @@ class BoundedLloyd:
             )
             lo, up = self._bounds_from_full(x.shape[1], index, best, second, strip_max)
             if expected_rows is not None:
-                stats.n_moved += int((self._chunks.get(j).labels != index).sum())
+                stats.n_moved += int((self._chunks.labels(j) != index).sum())
             self._chunks.put(j, _ChunkBounds(index, lo, up))
             sums = s if sums is None else sums + s
             counts = c if counts is None else counts + c
@@ -267,7 +282,7 @@ class BoundedLloyd:
             stats.n_cosines += x.shape[0] * self.n_clusters
         if sums is None:
             raise ValueError("the stream of chunks is empty")
-        if expected_rows is not None and len(self._chunks) != len(expected_rows):
+        if expected_rows is not None and n_seen != len(expected_rows):
             raise ValueError("the chunks changed between passes (fewer chunks than before)")
         self._last_was_full = True
         if expected_rows is None:
@@ -325,7 +340,7 @@ class BoundedLloyd:
         """The current labels of all points, in chunk order."""
         if not len(self._chunks):
             return torch.empty(0, dtype=torch.int64)
-        return torch.cat([self._chunks.get(j).labels for j in range(len(self._chunks))])
+        return torch.cat([self._chunks.labels(j) for j in range(len(self._chunks))])
 
 
 def _check_unit(centroids: torch.Tensor) -> None:

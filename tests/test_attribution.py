@@ -90,6 +90,27 @@ def test_rcav_finds_a_planted_influence_and_not_a_null_one():
     assert res.influence().shape == (2, 3)
 
 
+def test_rcav_does_not_test_a_concept_detected_on_one_patch():
+    # one detected patch: the permuted-label directions are undefined, so no null exists;
+    # the concept must come out untestable (p = 1), not significant against a flat null
+    torch.manual_seed(1)
+    model = SmallCNN(c=6).eval()
+    images = torch.rand(24, 3, 8, 8)
+    tap = LayerTap(model, "features.3")
+    rows = tap.to_rows(tap.activations(images))
+    v = model.fc.weight.detach()
+    s = torch.stack([v[0] - v[1:].mean(0), torch.randn(6)])
+    w = s / (s * s).sum(1, keepdim=True)
+    z = rows @ w.T
+    b = torch.stack([z[:, 0].sort().values[-2], torch.quantile(z[:, 1], 0.5)])
+    assert (z > b).sum(0).tolist()[0] == 1
+    basis = pc.ConceptBasis(w, b, s, rows.mean(0), layer="features.3")
+    res = attr.rcav(model, basis, images, alpha=2.0, n_permutations=39, seed=0)
+    assert torch.equal(res.p_values[0], torch.ones(3))
+    assert not res.significant[0].any()
+    assert (res.p_values[1] < 1).any()  # the other concept is still tested
+
+
 def test_maximize_concept_moves_the_representation_along_s():
     torch.manual_seed(0)
     model = SmallCNN().eval()

@@ -1,4 +1,6 @@
 """DirectionalClustering(pruning=True) reaches exactly what the unpruned fit reaches."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,14 +100,18 @@ def test_auto_switches_to_pruned_passes_once_few_points_move():
 
 
 def test_auto_watches_rows_spread_over_all_chunks():
-    # rows sorted by cluster: the first chunk alone would see one cluster and few moves
-    x = mixture(6000, 10, 6, 0.5, 3)
-    x = x[torch.argsort(x[:, 0])]
+    # rows sorted by cluster, one cluster per chunk: the first chunk alone would see one
+    # cluster; the watched rows (every 16th of every chunk) see all of them
+    gen = torch.Generator().manual_seed(3)
+    centres = F.normalize(torch.randn(6, 10, generator=gen), dim=1)
+    which = torch.arange(6).repeat_interleave(1000)
+    x = centres[which] + 0.1 * torch.randn(6000, 10, generator=gen)
     km = pc.DirectionalClustering(n_concepts=6, seed=0, chunk_size=1000, max_iter=3).fit(x)
     *_, watched, _ = km._lloyd_pass(x, km.centroids_, watch=True)
     expected = torch.cat([km.predict(chunk)[::16] for chunk in x.split(1000)])
     assert watched.dtype == torch.int32 and torch.equal(watched.long(), expected)
     assert watched.numel() == 6 * 63  # ceil(1000 / 16) rows of each of the 6 chunks
+    assert watched.unique().numel() == 6 and km.predict(x[:1000]).unique().numel() == 1
 
 
 def test_auto_goes_back_to_plain_passes_when_pruning_stops_paying(monkeypatch):
@@ -125,7 +131,24 @@ def test_auto_goes_back_to_plain_passes_when_pruning_stops_paying(monkeypatch):
     assert all(f == 1.0 for f in fractions[pruned[0] + 1:])
 
 
-def test_bounds_over_the_memory_budget_go_to_pruning_dir(tmp_path):
+def _spy_on_disk_bounds(monkeypatch):
+    """Records the scratch files the on-disk bounds write (and that they exist then)."""
+    import pyconcepts.pruning as pruning
+
+    written = []
+    original = pruning._DiskBounds.put
+
+    def put(self, j, bounds):
+        original(self, j, bounds)
+        assert os.path.getsize(self._file(j)) > 0
+        written.append(self._file(j))
+
+    monkeypatch.setattr(pruning._DiskBounds, "put", put)
+    return written
+
+
+def test_bounds_over_the_memory_budget_go_to_pruning_dir(tmp_path, monkeypatch):
+    written = _spy_on_disk_bounds(monkeypatch)
     x = mixture(8000, 24, 16, 0.3, 5)
     chunks = list(x.split(3000))
     kwargs = dict(n_concepts=24, seed=1, max_iter=20, tol=0.0, chunk_size=3000)
@@ -133,30 +156,72 @@ def test_bounds_over_the_memory_budget_go_to_pruning_dir(tmp_path):
     # no room in memory and no directory: plain passes
     nodir = pc.DirectionalClustering(pruning_memory=0, **kwargs).fit(x)
     assert all(s.distance_fraction == 1.0 for s in nodir.pass_stats_)
+    # room in memory: the bounds stay there even with a directory
+    pc.DirectionalClustering(pruning=True, pruning_dir=tmp_path, **kwargs).fit(chunks)
+    assert written == []
     # no room in memory, a directory: pruned passes with the bounds on disk, same result
     for pruning in ("auto", True):
         disk = pc.DirectionalClustering(pruning=pruning, pruning_memory=0, pruning_dir=tmp_path,
                                         **kwargs).fit(chunks)
         torch.testing.assert_close(plain.centroids_, disk.centroids_, rtol=0, atol=1e-6)
         assert min(s.distance_fraction for s in disk.pass_stats_) < 0.5
+        assert written and all(str(tmp_path) in f for f in written)
         assert list(tmp_path.iterdir()) == []  # scratch removed after the fit
+        written.clear()
     assert disk.get_params()["pruning_dir"] == tmp_path
-    with pytest.raises(ValueError, match="pruning_dir must be"):
+
+
+def test_a_bad_pruning_dir_fails_before_the_lloyd_passes(tmp_path):
+    x = mixture(3000, 8, 4, 0.3, 0)
+    passes = []
+
+    def stream():
+        passes.append(1)
+        return iter(x.split(1000))
+
+    km = pc.DirectionalClustering(n_concepts=4, pruning_dir=tmp_path / "missing", max_iter=20)
+    with pytest.raises(ValueError, match="pruning_dir .*missing.* is not a writable directory"):
+        km.fit(stream)
+    assert len(passes) == 1  # found after the statistics pass, before seeding and Lloyd
+    with pytest.raises(TypeError, match="pruning_dir must be"):
         pc.DirectionalClustering(n_concepts=4, pruning_dir=3)
 
 
-def test_pruning_scratch_is_removed_when_the_fit_fails(tmp_path):
+@pytest.mark.parametrize("fail_on_pass", [3, 4])  # 3: the pass that builds the bounds
+def test_pruning_scratch_is_removed_when_the_fit_fails(tmp_path, monkeypatch, fail_on_pass):
+    written = _spy_on_disk_bounds(monkeypatch)
     x = mixture(6000, 12, 8, 0.3, 2)
 
-    class Shrinking:  # the stream loses rows after the first passes: the fit must fail
+    class Failing:  # passes 1, 2: statistics and seeding sample; 3: bounds pass; 4: pruned
         passes = 0
 
-        def __iter__(self):  # passes 1, 2: statistics and seeding sample; 3: bounds pass
-            Shrinking.passes += 1
-            return iter(list(x.split(2000)) if Shrinking.passes < 4 else [x[:2000]])
+        def __iter__(self):
+            Failing.passes += 1
+            for i, chunk in enumerate(x.split(2000)):
+                if Failing.passes == fail_on_pass and i == 2:
+                    raise OSError("the disk went away")
+                yield chunk
 
     km = pc.DirectionalClustering(n_concepts=8, pruning=True, pruning_memory=0,
                                   pruning_dir=str(tmp_path), max_iter=20, tol=0.0)
-    with pytest.raises(ValueError, match="chunks changed"):
-        km.fit(Shrinking())
-    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(OSError, match="went away") as info:
+        km.fit(Failing())
+    assert written  # the bounds were on disk when it failed
+    assert info.value is not None and list(tmp_path.iterdir()) == []  # gone, traceback alive
+
+
+def test_auto_on_a_stream_that_rechunks_stays_on_plain_passes():
+    x = mixture(6000, 12, 8, 0.2, 2)
+
+    class Rechunking:  # the same rows, cut differently on every pass
+        passes = 0
+
+        def __iter__(self):
+            Rechunking.passes += 1
+            return iter(x.split(1000 + 7 * Rechunking.passes))
+
+    km = pc.DirectionalClustering(n_concepts=8, seed=0, max_iter=15, tol=0.0).fit(Rechunking())
+    plain = pc.DirectionalClustering(n_concepts=8, seed=0, max_iter=15, tol=0.0,
+                                     pruning=False).fit(x)
+    assert all(s.distance_fraction == 1.0 for s in km.pass_stats_)
+    torch.testing.assert_close(km.centroids_, plain.centroids_, rtol=0, atol=1e-6)

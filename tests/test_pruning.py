@@ -148,3 +148,35 @@ def test_bounds_on_disk_errors(tmp_path):
         engine.next_pass([x], c, c, sums, counts)
     del engine  # collected: the scratch directory goes with it
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_rebuild_pass_detects_a_lost_chunk(tmp_path, monkeypatch, on_disk):
+    import pyconcepts.pruning as pruning
+
+    monkeypatch.setattr(pruning, "_FULL_PASS_FRACTION", 0.0)  # pass 2 rebuilds in place
+    x = directional_mixture(9000, 8, 4, 0.5, 0)
+    chunks = list(x.split(3000))
+    c = F.normalize(x[:4], dim=1)
+    engine = BoundedLloyd(n_clusters=4, storage_dir=str(tmp_path) if on_disk else None)
+    sums, counts, _ = engine.first_pass(chunks, c)
+    sums, counts, _ = engine.next_pass(chunks, c, c, sums, counts)  # pruned
+    with pytest.raises(ValueError, match="fewer chunks"):
+        engine.next_pass(chunks[:2], c, c, sums, counts)  # the rebuild sees 2 of 3 chunks
+
+
+def test_bounds_on_disk_under_a_float64_default_dtype(tmp_path):
+    x = directional_mixture(3000, 8, 4, 0.5, 0)
+    c = F.normalize(x[:4], dim=1)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        engine = BoundedLloyd(n_clusters=4, storage_dir=str(tmp_path))
+        sums, counts, _ = engine.first_pass([x], c)
+        engine.next_pass([x], c, c, sums, counts)
+        memory = BoundedLloyd(n_clusters=4)
+        memory.first_pass([x], c)
+        assert torch.equal(engine.labels(), memory.labels())
+    finally:
+        torch.set_default_dtype(default)
+        engine.close()
