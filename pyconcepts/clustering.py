@@ -24,8 +24,9 @@ from .stats import (DEFAULT_CHUNK_SIZE, StreamingCovariance, all_reduce_sum_, di
 __all__ = ["DirectionalClustering", "whitening_matrix"]
 
 # pruning="auto": pruned passes start once at most this share of the watched rows (every
-# _WATCH_STRIDE-th row of every chunk) changed cluster in a pass. Measured (on the first
-# chunk's rows) on 300k x 256, K = 256, 10 passes, 2 threads (median of 2): a well separated mixture (benchmarks.kmeans --noise 0.3) takes 2.89 / 2.79 / 2.75 s at
+# _WATCH_STRIDE-th row of every chunk) changed cluster in a pass. Measured (when the first
+# chunk's rows were watched) on 300k x 256, K = 256, 10 passes, 2 threads (median of 2): a
+# well separated mixture (benchmarks.kmeans --noise 0.3) takes 2.89 / 2.79 / 2.75 s at
 # 0.05 / 0.1 / 0.2 (its pruned passes skip ~65% of the cosines); a heavily overlapping one
 # (noise 1.0, 9-37% of the points move per pass) stays on plain passes at 0.05 and 0.1
 # (3.65 / 3.56 s) but switches too early at 0.2 and loses (3.85 s).
