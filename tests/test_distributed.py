@@ -1,4 +1,5 @@
 """Two ranks (gloo, CPU) holding halves of the rows reach the single-process clustering."""
+import datetime
 import os
 import tempfile
 
@@ -18,32 +19,61 @@ def _data():
     return centres[which] + 0.3 * torch.randn(4000, 12, generator=gen) + 0.2
 
 
-def _worker(rank, world, init_file, out_file, pruning):
+def _worker(rank, world, init_file, out_file, options):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # a collective that one rank skips fails after the timeout instead of hanging the test
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         x = _data()
         shard = list(x[:2300].split(1000)) if rank == 0 else list(x[2300:].split(1000))
-        km = pc.DirectionalClustering(n_concepts=8, seed=3, max_iter=12, tol=0.0, pruning=pruning,
-                                      chunk_size=1000).fit(shard)
-        if rank == 0:
-            torch.save({"centroids": km.centroids_, "n": km.n_samples_, "mean": km.mean_}, out_file)
+        options = dict(options)
+        if isinstance(options.get("pruning_dir"), list):  # one directory per rank
+            options["pruning_dir"] = options["pruning_dir"][rank]
+        try:
+            km = pc.DirectionalClustering(n_concepts=8, seed=3, max_iter=12, tol=0.0,
+                                          chunk_size=1000, **options).fit(shard)
+            result = {"centroids": km.centroids_, "n": km.n_samples_, "mean": km.mean_,
+                      "computed": [s.distance_fraction for s in km.pass_stats_]}
+        except ValueError as exc:
+            result = {"error": str(exc)}
+        torch.save(result, out_file + str(rank))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("pruning", [False, True])
-def test_two_ranks_match_one_process(pruning):
-    x = _data()
-    single = pc.DirectionalClustering(n_concepts=8, seed=3, max_iter=12, tol=0.0, pruning=pruning,
-                                      chunk_size=1000).fit(list(x.split(1000)))
+def _run_two_ranks(options):
     with tempfile.TemporaryDirectory() as tmp:
         init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "out.pt")
-        mp.spawn(_worker, args=(2, init_file, out_file, pruning), nprocs=2, join=True)
-        got = torch.load(out_file)
-    assert got["n"] == 4000
-    torch.testing.assert_close(got["mean"], single.mean_, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(got["centroids"], single.centroids_, rtol=0, atol=1e-5)
+        mp.spawn(_worker, args=(2, init_file, out_file, options), nprocs=2, join=True)
+        return [torch.load(out_file + str(r)) for r in range(2)]
+
+
+@pytest.mark.parametrize("options", ["plain", "pruned", "bounds on disk"])
+def test_two_ranks_match_one_process(options, tmp_path):
+    kwargs = {"plain": dict(pruning=False), "pruned": dict(pruning=True),
+              "bounds on disk": dict(pruning="auto", pruning_memory=0,
+                                     pruning_dir=str(tmp_path))}[options]
+    x = _data()
+    single = pc.DirectionalClustering(n_concepts=8, seed=3, max_iter=12, tol=0.0,
+                                      chunk_size=1000, **kwargs).fit(list(x.split(1000)))
+    got = _run_two_ranks(kwargs)
+    for rank in got:
+        assert rank["n"] == 4000
+        torch.testing.assert_close(rank["mean"], single.mean_, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(rank["centroids"], single.centroids_, rtol=0, atol=1e-5)
+    # both ranks took the same pass decisions (pruned or not) as the single process
+    assert [c < 1 for c in got[0]["computed"]] == [c < 1 for c in got[1]["computed"]]
+    if options != "plain":
+        assert min(got[0]["computed"]) < 1.0
+    assert list(tmp_path.iterdir()) == []  # every rank removed its scratch
+
+
+def test_a_bad_pruning_dir_on_one_rank_fails_every_rank(tmp_path):
+    got = _run_two_ranks(dict(pruning="auto", pruning_memory=0,
+                              pruning_dir=[str(tmp_path), str(tmp_path / "missing")]))
+    assert "pruning_dir" in got[0]["error"] and "another rank" in got[0]["error"]
+    assert "pruning_dir" in got[1]["error"] and "missing" in got[1]["error"]
 
 
 def _concept_data():
