@@ -12,7 +12,7 @@ import torch
 
 from .stats import DEFAULT_CHUNK_SIZE, StreamingCovariance, StreamingMoments, iter_chunks
 
-__all__ = ["signal_vectors", "streaming_mean", "masked_signal_vectors"]
+__all__ = ["signal_vectors", "streaming_mean", "streamed_signal_vectors", "masked_signal_vectors"]
 
 
 def streaming_mean(x, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:

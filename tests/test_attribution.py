@@ -69,9 +69,9 @@ def test_contributions_add_up_for_a_complete_basis():
     assert torch.allclose(c.sum((1, 2, 3)), logits - at_mean, atol=1e-4)
 
 
-def test_rcav_finds_a_planted_influence_and_not_a_null_one():
-    # a concept direction aligned with class 0's weight raises class 0; its permutation
-    # null does not; Bonferroni-adjusted p-values are in [0, 1]
+def _planted_concepts():
+    """A SmallCNN, its images and patch rows, and two concepts: s[0] along class 0's weight
+    (it raises class 0), s[1] random; w = s / ||s||^2."""
     torch.manual_seed(1)
     model = SmallCNN(c=6).eval()
     images = torch.rand(24, 3, 8, 8)
@@ -79,7 +79,13 @@ def test_rcav_finds_a_planted_influence_and_not_a_null_one():
     rows = tap.to_rows(tap.activations(images))
     v = model.fc.weight.detach()
     s = torch.stack([v[0] - v[1:].mean(0), torch.randn(6)])
-    w = s / (s * s).sum(1, keepdim=True)
+    return model, images, rows, s / (s * s).sum(1, keepdim=True), s
+
+
+def test_rcav_finds_a_planted_influence_and_not_a_null_one():
+    # a concept direction aligned with class 0's weight raises class 0; its permutation
+    # null does not; Bonferroni-adjusted p-values are in [0, 1]
+    model, images, rows, w, s = _planted_concepts()
     b = torch.quantile(rows @ w.T, 0.5, dim=0)
     basis = pc.ConceptBasis(w, b, s, rows.mean(0), layer="features.3")
     res = attr.rcav(model, basis, images, alpha=2.0, n_permutations=19, seed=0)
@@ -93,14 +99,7 @@ def test_rcav_finds_a_planted_influence_and_not_a_null_one():
 def test_rcav_does_not_test_a_concept_detected_on_one_patch():
     # one detected patch: the permuted-label directions are undefined, so no null exists;
     # the concept must come out untestable (p = 1), not significant against a flat null
-    torch.manual_seed(1)
-    model = SmallCNN(c=6).eval()
-    images = torch.rand(24, 3, 8, 8)
-    tap = LayerTap(model, "features.3")
-    rows = tap.to_rows(tap.activations(images))
-    v = model.fc.weight.detach()
-    s = torch.stack([v[0] - v[1:].mean(0), torch.randn(6)])
-    w = s / (s * s).sum(1, keepdim=True)
+    model, images, rows, w, s = _planted_concepts()
     z = rows @ w.T
     b = torch.stack([z[:, 0].sort().values[-2], torch.quantile(z[:, 1], 0.5)])
     assert (z > b).sum(0).tolist()[0] == 1
