@@ -18,11 +18,9 @@ In row form (rows of ``decoding`` are w_i, rows of ``encoding`` are s_i): the re
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Protocol, Sequence, Tuple
 
 import torch
-
-from .taps import LayerTap
 
 __all__ = ["ura_shift", "entropy_bits", "URALoss", "FORMS"]
 
@@ -50,8 +48,16 @@ def entropy_bits(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1) / math.log(2.0)
 
 
+class RowEditingForward(Protocol):
+    """What URA needs of the network: the forward pass with the layer's patch rows edited
+    (``pyconcepts.taps.LayerTap`` is one; the model side sits a layer above this module)."""
+
+    def forward_rows(self, batch: torch.Tensor,
+                     edit_rows: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor: ...
+
+
 class URALoss:
-    """L_ura on a pool of images through a ``LayerTap``'s f+.
+    """L_ura on a pool of images through a ``LayerTap``'s f+ (any ``RowEditingForward``).
 
     ``images``: a small tensor (M, C, H, W) of images (the pool; each call uses a random
     batch of ``batch_size`` of them). ``form``: 'unconstrained', 'constrained' (needs the
@@ -61,7 +67,7 @@ class URALoss:
 
     def __init__(
         self,
-        tap: LayerTap,
+        tap: RowEditingForward,
         images: torch.Tensor,
         *,
         form: str = "both",
