@@ -263,6 +263,38 @@ def test_generic_simd_path_matches_reference():
     assert out.stdout.strip() == "ok"
 
 
+@pytest.mark.parametrize("simd", ["generic", "native"])
+def test_lane_reduction_breaks_exact_ties_to_the_lowest_index(simd):
+    """Both lane reductions (the portable one and the branch-free AVX2 one): with every
+    centroid duplicated the dot products tie exactly, and the lowest index must win with the
+    second best equal to the best; zero rows get index 0 and cosine 0; K = 1 has no second.
+    K below, at and not a multiple of the 16-lane strip."""
+    code = (
+        "import torch, torch.nn.functional as F, pyconcepts as pc\n"
+        "torch.manual_seed(3)\n"
+        "for k in (1, 5, 16, 37):\n"
+        "    m = max(1, k // 2)\n"
+        "    c = F.normalize(torch.randn(m, 24), dim=1)[torch.arange(k) % m].contiguous()\n"
+        "    x = torch.randn(301, 24); x[::7] = 0\n"
+        "    i, s, s2 = pc.ops.cosine_assign(x, c, return_second=True)\n"
+        "    assert bool((i < m).all()), (k, i.max())\n"
+        "    zero = torch.zeros(301, dtype=torch.bool); zero[::7] = True\n"
+        "    assert bool((i[zero] == 0).all()) and bool((s[zero] == 0).all())\n"
+        "    if k == 1:\n"
+        "        assert bool(torch.isinf(s2).all())\n"
+        "    else:\n"
+        "        assert torch.equal(s2, s), k\n"
+        "print(pc.ops.simd_level())\n"
+    )
+    env = dict(os.environ)
+    env.pop("PYCONCEPTS_SIMD", None)
+    if simd == "generic":
+        env["PYCONCEPTS_SIMD"] = "generic"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert (run.stdout.strip() == "generic") == (simd == "generic")
+
+
 def test_ops_are_registered_with_torch_library():
     x = torch.randn(33, 10)
     c = unit_rows(5, 10)

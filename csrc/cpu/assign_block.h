@@ -31,29 +31,6 @@ struct AssignWorkspace {
   std::vector<int32_t> top_index;
 };
 
-// One row's lanes of the running top-2 (top2_update) reduced to the row's result: the
-// largest value (lowest index among equal values), its index, and the second best.
-struct RowTop2 {
-  float best;
-  float second;
-  int32_t index;
-};
-
-inline RowTop2 reduce_lanes(const float* lane_best, const float* lane_second,
-                            const int32_t* lane_index) {
-  int lane = 0;
-  for (int j = 1; j < NR; ++j) {
-    if (lane_best[j] > lane_best[lane] ||
-        (lane_best[j] == lane_best[lane] && lane_index[j] < lane_index[lane]))
-      lane = j;
-  }
-  float second = lane_second[lane];
-  for (int j = 0; j < NR; ++j) {
-    if (j != lane && lane_best[j] > second) second = lane_best[j];
-  }
-  return RowTop2{lane_best[lane], second, lane_index[lane]};
-}
-
 // Assigns rows [r0, r0 + rows) of x (rows <= ws.rows_per_block), writing index/best/second
 // at those rows; afterwards ws.xb holds the block in fp32. With a non-null row_index, output
 // row i reads input row row_index[i] (a gather fused into the conversion, no copy of X).

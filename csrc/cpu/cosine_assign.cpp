@@ -84,8 +84,9 @@ int64_t assign_block(const Matrix& x, const CentroidPanel& panel, int64_t r0, in
   // Reduce the NR lanes of every row: largest value, lowest index among equal values.
   int64_t nonfinite = 0;
   for (int64_t r = 0; r < rows; ++r) {
-    const RowTop2 top = reduce_lanes(ws.top_best.data() + r * NR, ws.top_second.data() + r * NR,
-                                     ws.top_index.data() + r * NR);
+    const RowTop2 top = kern.reduce_lanes(ws.top_best.data() + r * NR,
+                                          ws.top_second.data() + r * NR,
+                                          ws.top_index.data() + r * NR);
     const float second = top.second;
     const int64_t row = r0 + r;
     if (!ws.finite[r]) {

@@ -113,6 +113,21 @@ void tile_row_max_generic(const float* tile, int valid, float* out) {
   }
 }
 
+RowTop2 reduce_lanes_generic(const float* lane_best, const float* lane_second,
+                             const int32_t* lane_index) {
+  int lane = 0;
+  for (int j = 1; j < NR; ++j) {
+    if (lane_best[j] > lane_best[lane] ||
+        (lane_best[j] == lane_best[lane] && lane_index[j] < lane_index[lane]))
+      lane = j;
+  }
+  float second = lane_second[lane];
+  for (int j = 0; j < NR; ++j) {
+    if (j != lane && lane_best[j] > second) second = lane_best[j];
+  }
+  return RowTop2{lane_best[lane], second, lane_index[lane]};
+}
+
 // ------------------------------------------------------------------ AVX2 + FMA + F16C
 #define PC_AVX2 __attribute__((target("avx2,fma,f16c")))
 
@@ -252,6 +267,49 @@ PC_AVX2 void tile_row_max_avx2(const float* tile, int valid, float* out) {
   }
 }
 
+// Horizontal max / min of 8 lanes, broadcast to every lane.
+PC_AVX2 inline __m256 all_lanes_max(__m256 v) {
+  v = _mm256_max_ps(v, _mm256_permute2f128_ps(v, v, 1));
+  v = _mm256_max_ps(v, _mm256_shuffle_ps(v, v, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm256_max_ps(v, _mm256_shuffle_ps(v, v, _MM_SHUFFLE(2, 3, 0, 1)));
+}
+
+PC_AVX2 inline __m256i all_lanes_min_epi32(__m256i v) {
+  v = _mm256_min_epi32(v, _mm256_permute2x128_si256(v, v, 1));
+  v = _mm256_min_epi32(v, _mm256_shuffle_epi32(v, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm256_min_epi32(v, _mm256_shuffle_epi32(v, _MM_SHUFFLE(2, 3, 0, 1)));
+}
+
+// The same result as reduce_lanes_generic without its data-dependent branches: the largest
+// value, the lowest index among the lanes holding it, and the largest of the other lanes'
+// bests and the winning lane's second.
+PC_AVX2 RowTop2 reduce_lanes_avx2(const float* lane_best, const float* lane_second,
+                                  const int32_t* lane_index) {
+  const __m256 b0 = _mm256_loadu_ps(lane_best), b1 = _mm256_loadu_ps(lane_best + 8);
+  const __m256 top = all_lanes_max(_mm256_max_ps(b0, b1));
+  const __m256 at0 = _mm256_cmp_ps(b0, top, _CMP_EQ_OQ), at1 = _mm256_cmp_ps(b1, top, _CMP_EQ_OQ);
+  // NaN lanes (a non-finite row, whose result is discarded) match nothing: the scalar rules
+  if (_mm256_movemask_ps(_mm256_or_ps(at0, at1)) == 0)
+    return reduce_lanes_generic(lane_best, lane_second, lane_index);
+  const __m256i i0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lane_index));
+  const __m256i i1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lane_index + 8));
+  const __m256i none = _mm256_set1_epi32(std::numeric_limits<int32_t>::max());
+  const __m256i index = all_lanes_min_epi32(
+      _mm256_min_epi32(_mm256_blendv_epi8(none, i0, _mm256_castps_si256(at0)),
+                       _mm256_blendv_epi8(none, i1, _mm256_castps_si256(at1))));
+  // the winning lane holds the top value and that index (lane indices are distinct among
+  // lanes that saw a column; the others hold -inf)
+  const __m256 win0 = _mm256_and_ps(at0, _mm256_castsi256_ps(_mm256_cmpeq_epi32(i0, index)));
+  const __m256 win1 = _mm256_and_ps(at1, _mm256_castsi256_ps(_mm256_cmpeq_epi32(i1, index)));
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m256 best = all_lanes_max(
+      _mm256_max_ps(_mm256_blendv_ps(neg_inf, b0, win0), _mm256_blendv_ps(neg_inf, b1, win1)));
+  const __m256 second = all_lanes_max(
+      _mm256_max_ps(_mm256_blendv_ps(b0, _mm256_loadu_ps(lane_second), win0),
+                    _mm256_blendv_ps(b1, _mm256_loadu_ps(lane_second + 8), win1)));
+  return RowTop2{_mm256_cvtss_f32(best), _mm256_cvtss_f32(second), _mm256_cvtsi256_si32(index)};
+}
+
 #undef PC_AVX2
 
 Kernels select_kernels() {
@@ -262,10 +320,10 @@ Kernels select_kernels() {
   if (allow_simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
       __builtin_cpu_supports("f16c")) {
     return Kernels{"avx2+fma", gemm_tile_avx2, convert_row_avx2, top2_update_avx2,
-                   tile_row_max_avx2};
+                   tile_row_max_avx2, reduce_lanes_avx2};
   }
   return Kernels{"generic", gemm_tile_generic, convert_row_generic, top2_update_generic,
-                 tile_row_max_generic};
+                 tile_row_max_generic, reduce_lanes_generic};
 }
 
 }  // namespace

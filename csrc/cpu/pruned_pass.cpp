@@ -220,7 +220,7 @@ void flush(const PassContext& ctx, EvalBlock& eb, Corrections& corr, Counters& c
   const int64_t group_width = NR * ctx.strips_per_group;
   for (int64_t i = 0; i < n; ++i) {
     // Largest dot, lowest index among equal ones: the reduction of assign_block.
-    const cpu::RowTop2 top = cpu::reduce_lanes(
+    const cpu::RowTop2 top = kern.reduce_lanes(
         eb.top_best.data() + i * NR, eb.top_second.data() + i * NR, eb.top_index.data() + i * NR);
     const float second = top.second;
     const int64_t e = eb.perm[i], r = eb.rows[e], old = eb.labels[e];

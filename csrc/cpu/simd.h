@@ -12,6 +12,14 @@ namespace cpu {
 constexpr int MR = 6;
 constexpr int NR = 16;
 
+// One row's lanes of the running top-2 (top2_update) reduced to the row's result: the
+// largest value (lowest index among equal values), its index, and the second best.
+struct RowTop2 {
+  float best;
+  float second;
+  int32_t index;
+};
+
 struct Kernels {
   const char* name;
   // c[i*ldc + j] = (accumulate ? c : 0) + sum_p a[i*lda + p] * b[p*ldb + j], i < MR, j < NR.
@@ -29,6 +37,10 @@ struct Kernels {
                       int32_t* index);
   // out[i] = max_{j < valid} tile[i][j] for the MR rows of one tile.
   void (*tile_row_max)(const float* tile, int valid, float* out);
+  // The NR lanes of one row's running top-2 reduced to the row's result (branch-free in the
+  // AVX2 version: with few centroids per row this reduction costs as much as the GEMM).
+  RowTop2 (*reduce_lanes)(const float* lane_best, const float* lane_second,
+                          const int32_t* lane_index);
 };
 
 const Kernels& kernels();
