@@ -32,6 +32,7 @@ void assign_update_cpu(const Matrix& x, const float* centroids, int64_t k, int64
   bad[0] = bad[1] = 0;
   if (n == 0) return;
   const cpu::CentroidPanel panel(centroids, k, d);
+  const auto& kern = cpu::kernels();
   const int64_t rb = cpu::AssignWorkspace::rows_for(d);
   const int64_t supers = (n + kSuperBlockRows - 1) / kSuperBlockRows;
   int64_t nonfinite = 0;
@@ -58,26 +59,26 @@ void assign_update_cpu(const Matrix& x, const float* centroids, int64_t k, int64
           const int64_t c = index[r0 + r];
           double* dst = partial.data() + c * d;
           const float* src = ws.xb.data() + r * d;
-          const double norm = std::sqrt(static_cast<double>(ws.norms[r]));
+          // the norm only when it is used (a square root per row shows at small D x K)
+          const double norm =
+              normalize || moments ? std::sqrt(static_cast<double>(ws.norms[r])) : 1.0;
           const double scale = normalize ? 1.0 / std::max(norm, 1e-12) : 1.0;
-          if (!touched[c]) {  // first member in this super-block: initialise, do not add
+          const bool first = !touched[c];  // first member in this super-block: initialise
+          if (first) {
             touched[c] = 1;
             partial_counts[c] = 0;
-            for (int64_t j = 0; j < d; ++j) dst[j] = scale * src[j];
             if (moments) {
               std::fill(partial_xz.begin() + c * d, partial_xz.begin() + (c + 1) * d, 0.0);
               partial_z[2 * c] = partial_z[2 * c + 1] = 0.0;
             }
-          } else {
-            for (int64_t j = 0; j < d; ++j) dst[j] += scale * src[j];
           }
+          kern.add_scaled_row(dst, src, d, scale, first);
           ++partial_counts[c];
           if (moments) {
             // z = c . v from the kernel's cosine: cos for unit rows, cos * ||x|| otherwise
             const double z = static_cast<double>(best_cos[r0 + r]) * (normalize ? 1.0 : norm);
             const double zs = z * scale;
-            double* xz = partial_xz.data() + c * d;
-            for (int64_t j = 0; j < d; ++j) xz[j] += zs * src[j];
+            kern.add_scaled_row(partial_xz.data() + c * d, src, d, zs, false);
             partial_z[2 * c] += z;
             partial_z[2 * c + 1] += z * z;
           }

@@ -128,6 +128,15 @@ RowTop2 reduce_lanes_generic(const float* lane_best, const float* lane_second,
   return RowTop2{lane_best[lane], second, lane_index[lane]};
 }
 
+void add_scaled_row_generic(double* dst, const float* src, int64_t n, double scale,
+                            bool overwrite) {
+  if (overwrite) {
+    for (int64_t j = 0; j < n; ++j) dst[j] = scale * static_cast<double>(src[j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] += scale * static_cast<double>(src[j]);
+  }
+}
+
 // ------------------------------------------------------------------ AVX2 + FMA + F16C
 #define PC_AVX2 __attribute__((target("avx2,fma,f16c")))
 
@@ -310,6 +319,23 @@ PC_AVX2 RowTop2 reduce_lanes_avx2(const float* lane_best, const float* lane_seco
   return RowTop2{_mm256_cvtss_f32(best), _mm256_cvtss_f32(second), _mm256_cvtsi256_si32(index)};
 }
 
+// AVX2 without FMA on purpose: the multiply and the add must round separately, as in the
+// portable loop (a fused multiply-add would change the sums' last bits).
+__attribute__((target("avx2"))) void add_scaled_row_avx2(double* dst, const float* src,
+                                                         int64_t n, double scale,
+                                                         bool overwrite) {
+  int64_t j = 0;
+  const __m256d s = _mm256_set1_pd(scale);
+  const bool unit = scale == 1.0;  // 1.0 * x is exact: no multiply needed
+  for (; j + 4 <= n; j += 4) {
+    __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(src + j));
+    if (!unit) v = _mm256_mul_pd(s, v);
+    if (!overwrite) v = _mm256_add_pd(_mm256_loadu_pd(dst + j), v);
+    _mm256_storeu_pd(dst + j, v);
+  }
+  add_scaled_row_generic(dst + j, src + j, n - j, scale, overwrite);
+}
+
 #undef PC_AVX2
 
 Kernels select_kernels() {
@@ -320,10 +346,10 @@ Kernels select_kernels() {
   if (allow_simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
       __builtin_cpu_supports("f16c")) {
     return Kernels{"avx2+fma", gemm_tile_avx2, convert_row_avx2, top2_update_avx2,
-                   tile_row_max_avx2, reduce_lanes_avx2};
+                   tile_row_max_avx2, reduce_lanes_avx2, add_scaled_row_avx2};
   }
   return Kernels{"generic", gemm_tile_generic, convert_row_generic, top2_update_generic,
-                 tile_row_max_generic, reduce_lanes_generic};
+                 tile_row_max_generic, reduce_lanes_generic, add_scaled_row_generic};
 }
 
 }  // namespace

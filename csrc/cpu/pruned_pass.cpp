@@ -102,14 +102,13 @@ struct Corrections {
   std::vector<int64_t> touched_list;
   void add(int64_t c, const float* src, double scale, int64_t d) {
     double* dst = sums.data() + c * d;
-    if (!touched[c]) {  // first change of this cluster in the super-block: initialise
+    const bool first = !touched[c];  // first change of this cluster in the super-block
+    if (first) {
       touched[c] = 1;
       touched_list.push_back(c);
       counts[c] = 0;
-      for (int64_t j = 0; j < d; ++j) dst[j] = scale * src[j];
-    } else {
-      for (int64_t j = 0; j < d; ++j) dst[j] += scale * src[j];
     }
+    cpu::kernels().add_scaled_row(dst, src, d, scale, first);
   }
 };
 

@@ -41,6 +41,10 @@ struct Kernels {
   // AVX2 version: with few centroids per row this reduction costs as much as the GEMM).
   RowTop2 (*reduce_lanes)(const float* lane_best, const float* lane_second,
                           const int32_t* lane_index);
+  // dst[j] (= or +=) scale * src[j] for j < n, in float64, the product rounded before the
+  // sum (never fused), so every path gives the same bits.
+  void (*add_scaled_row)(double* dst, const float* src, int64_t n, double scale,
+                         bool overwrite);
 };
 
 const Kernels& kernels();
