@@ -91,8 +91,14 @@ def run_ours_random_init(x, k, iters, seed):
 
 
 def run_ours_one_thread(x, k, iters, seed):
-    """The defaults on one thread: its "time / ours" is the 1 -> N thread scaling."""
-    return run_ours(x, k, iters, seed, num_threads=1)
+    """The defaults on one thread (native kernels and torch alike): its "time / ours" is the
+    1 -> N thread scaling."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_ours(x, k, iters, seed, num_threads=1)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_faiss(x, k, iters, seed):

@@ -212,11 +212,6 @@ class BoundedLloyd:
         self._chunks = (_RamBounds() if self.storage_dir is None
                         else _DiskBounds(self.storage_dir, self._groups))
 
-    @property
-    def storage_path(self) -> Optional[str]:
-        """The scratch directory holding the bounds (None when they are in memory)."""
-        return getattr(self._chunks, "path", None)
-
     def close(self) -> None:
         """Drop the bounds (and remove their scratch directory, if any)."""
         self._chunks.close()
