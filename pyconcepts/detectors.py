@@ -153,10 +153,17 @@ def sample_rows(x, size: int, seed: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZ
     start = offset
     for chunk in iter_chunks(x, chunk_size):
         n = chunk.shape[0]
-        rows = chunk.to(torch.float32).cpu()
         chunk_keys = _row_keys(seed, start, n)
         chunk_index = torch.arange(start, start + n)
         start += n
+        if n > size:  # only rows that can be among the `size` largest keys (ties kept) are
+            # copied: not every chunk of activations to the host
+            cut = torch.topk(chunk_keys, size).values[-1]
+            keep = torch.nonzero(chunk_keys >= cut).flatten()
+            chunk_keys, chunk_index = chunk_keys[keep], chunk_index[keep]
+            rows = chunk.index_select(0, keep.to(chunk.device)).to(torch.float32).cpu()
+        else:
+            rows = chunk.to(torch.float32).cpu()
         if kept is None:
             kept, keys, index = rows, chunk_keys, chunk_index
         else:
