@@ -119,8 +119,8 @@ def run(args) -> dict:
                 t0 = time.perf_counter()
                 km.fit(stream)
                 total = time.perf_counter() - t0
-                # the fit reads the stream twice before the Lloyd passes (row count, seeding
-                # sample); per-pass times are those of the n_iter_ Lloyd passes
+                # the fit reads the stream once before the Lloyd passes (row count and seeding
+                # sample together); per-pass times are those of the n_iter_ Lloyd passes
                 starts = stream.pass_starts[-km.n_iter_:] + [t0 + total]
                 per_pass = [b - a for a, b in zip(starts, starts[1:])]
                 runs.append((total, per_pass, km))

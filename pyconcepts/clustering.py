@@ -18,8 +18,8 @@ from typing import Optional, Tuple
 import torch
 
 from . import ops
-from .stats import (DEFAULT_CHUNK_SIZE, StreamingCovariance, all_reduce_sum_, distributed,
-                    iter_chunks, signal_from_moments)
+from .stats import (DEFAULT_CHUNK_SIZE, KeyedRowSample, StreamingCovariance, all_reduce_sum_,
+                    distributed, iter_chunks, signal_from_moments)
 
 __all__ = ["DirectionalClustering", "whitening_matrix"]
 
@@ -100,7 +100,8 @@ class DirectionalClustering:
         sample rows, as faiss and scikit-learn's ``init="random"``).
     n_init: independent seedings; the one with the best objective is kept.
     max_iter, tol: Lloyd iterations cap; stop when the objective improves by < tol relative.
-    init_sample_size: rows drawn (uniformly, by global row index) for k-means++ seeding.
+    init_sample_size: rows drawn (uniformly without replacement, keyed by global row number,
+        in the same read as the statistics) for k-means++ seeding.
     chunk_size: rows per native call when ``x`` is one tensor.
     pruning: ``True`` runs exact pruned Lloyd passes (``pyconcepts.pruning.BoundedLloyd``:
         per-point angle bounds let most points skip most or all of their cosines; same labels
@@ -257,10 +258,14 @@ class DirectionalClustering:
     def _fit(self, x) -> None:
         self.__dict__.pop("_labels", None)
         self.__dict__.pop("_labels_source", None)
-        # Pass 1: count, mean (and covariance when whitening), all chunk-validated.
+        # Pass 1: count, mean (and covariance when whitening), all chunk-validated, and on
+        # one process the seeding sample (keyed by global row number, so it needs no count
+        # first); under torch.distributed a rank's row numbers start after the earlier
+        # ranks' rows, known only after this pass, so the sample takes a second one there.
         dim = None
         stats = None
         n_rows = 0
+        sample = None if distributed() else KeyedRowSample(self._sample_size(), self.seed)
         for chunk in self._chunks(x):
             if stats is None:
                 dim, device = chunk.shape[1], chunk.device
@@ -269,6 +274,8 @@ class DirectionalClustering:
             # of the first Lloyd pass (no extra read of the data just to check it)
             if self.center or self.whiten:
                 stats.update(chunk)
+            if sample is not None:
+                sample.update(chunk, n_rows)
             n_rows += chunk.shape[0]
         self._local_rows = n_rows
         # Under torch.distributed every rank holds a shard: statistics and counts are global.
@@ -293,7 +300,7 @@ class DirectionalClustering:
             self.transform_matrix_ = None
 
         generator = torch.Generator().manual_seed(self.seed)
-        sample = self._draw_sample(x, n_rows, generator)
+        sample = self._seeding_sample(x, sample)
         # With much more data than the seeding sample, the restarts compete on the sample
         # (cheap: Lloyd to convergence on its rows) and only the winner runs on all rows;
         # otherwise every restart runs on all rows.
@@ -314,26 +321,23 @@ class DirectionalClustering:
         if isinstance(x, torch.Tensor):
             self._labels_source = x  # labels_ is one more assignment pass: only when asked
 
-    def _draw_sample(self, x, n_rows: int, generator: torch.Generator) -> torch.Tensor:
-        """Rows at uniformly drawn global indices, the same for any chunking of the rows."""
-        size = self.init_sample_size or max(10_000, 40 * self.n_concepts)
-        size = min(size, n_rows)
-        index = torch.randint(0, n_rows, (size,), generator=generator).unique()  # sorted
-        # Global row numbers: under torch.distributed rank r's shard follows ranks 0..r-1.
-        offset = self._shard_offset()
-        sample = torch.zeros(index.shape[0], self.n_features_in_, dtype=torch.float32)
-        for chunk in self._chunks(x, self.n_features_in_):
-            n = chunk.shape[0]
-            lo = int(torch.searchsorted(index, offset))
-            hi = int(torch.searchsorted(index, offset + n))
-            if hi > lo:
-                rows = (index[lo:hi] - offset).to(chunk.device)
-                sample[lo:hi] = self.transform(chunk.index_select(0, rows)).cpu()
-            offset += n
-        all_reduce_sum_(sample)  # every rank filled its own rows: all ranks get the same sample
-        if not bool(torch.isfinite(sample).all()):
+    def _sample_size(self) -> int:
+        return self.init_sample_size or max(10_000, 40 * self.n_concepts)
+
+    def _seeding_sample(self, x, sample: Optional[KeyedRowSample]) -> torch.Tensor:
+        """The seeding rows in clustering coordinates: uniformly drawn without replacement,
+        the same for any chunking and any number of ranks. ``sample``: drawn during the
+        statistics pass (one process), or None (distributed: drawn here, in one more pass)."""
+        if sample is None:
+            sample = KeyedRowSample(self._sample_size(), self.seed)
+            start = self._shard_offset()
+            for chunk in self._chunks(x, self.n_features_in_):
+                sample.update(chunk, start)
+                start += chunk.shape[0]
+        rows = self.transform(sample.all_reduce().rows())
+        if not bool(torch.isfinite(rows).all()):
             raise ValueError("x contains NaN or Inf rows")
-        return sample
+        return rows
 
     def _shard_offset(self) -> int:
         """Rows held by lower ranks (0 without torch.distributed)."""

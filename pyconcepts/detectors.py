@@ -25,7 +25,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .stats import DEFAULT_CHUNK_SIZE, all_reduce_sum_, distributed, iter_chunks
+from .stats import DEFAULT_CHUNK_SIZE, KeyedRowSample, distributed, iter_chunks
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -116,87 +116,28 @@ def detector_losses(
     }
 
 
-_KEY_BLOCK = 4096  # rows whose sampling keys come from one generator
-
-
-def _row_keys(seed: int, start: int, n: int) -> torch.Tensor:
-    """Uniform keys of global rows start .. start + n - 1: one seeded generator per block of
-    _KEY_BLOCK rows, so a row's key depends on its global number only, not on how the rows
-    are chunked or sharded over ranks."""
-    if n == 0:
-        return torch.zeros(0)
-    first, last = start // _KEY_BLOCK, (start + n - 1) // _KEY_BLOCK
-    blocks = [torch.rand(_KEY_BLOCK, generator=torch.Generator().manual_seed(
-        ((seed % (1 << 23)) << 40) | b)) for b in range(first, last + 1)]
-    lo = start - first * _KEY_BLOCK
-    return torch.cat(blocks)[lo: lo + n]
-
-
 def sample_rows(x, size: int, seed: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
     """Up to ``size`` rows of ``x`` drawn uniformly (reservoir over the stream), float32, CPU.
 
     Every row gets a random key from its global row number and the ``size`` largest keys win,
-    so the sample is the same for any chunking. Under torch.distributed ``x`` is this rank's
-    shard (every rank must hold rows; one more pass counts them) and every rank gets the
-    sample a single process would draw from all ranks' rows, in rank order."""
-    offset = 0
+    so the sample is the same for any chunking (``stats.KeyedRowSample``). Under
+    torch.distributed ``x`` is this rank's shard (every rank must hold rows; one more pass
+    counts them) and every rank gets the sample a single process would draw from all ranks'
+    rows, in rank order."""
+    start = 0
     if distributed():
         import torch.distributed as dist
 
         local = sum(chunk.shape[0] for chunk in iter_chunks(x, chunk_size))
         counts = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
         dist.all_gather(counts, torch.tensor([local], dtype=torch.int64))
-        offset = int(sum(c.item() for c in counts[: dist.get_rank()]))
-    kept: Optional[torch.Tensor] = None
-    keys: Optional[torch.Tensor] = None
-    index: Optional[torch.Tensor] = None  # global row numbers of the kept rows
-    start = offset
+        start = int(sum(c.item() for c in counts[: dist.get_rank()]))
+    sample = KeyedRowSample(size, seed)
     for chunk in iter_chunks(x, chunk_size):
-        n = chunk.shape[0]
-        chunk_keys = _row_keys(seed, start, n)
-        chunk_index = torch.arange(start, start + n)
-        start += n
-        if n > size:  # only rows that can be among the `size` largest keys (ties kept) are
-            # copied: not every chunk of activations to the host
-            cut = torch.topk(chunk_keys, size).values[-1]
-            keep = torch.nonzero(chunk_keys >= cut).flatten()
-            chunk_keys, chunk_index = chunk_keys[keep], chunk_index[keep]
-            rows = chunk.index_select(0, keep.to(chunk.device)).to(torch.float32).cpu()
-        else:
-            rows = chunk.to(torch.float32).cpu()
-        if kept is None:
-            kept, keys, index = rows, chunk_keys, chunk_index
-        else:
-            kept, keys = torch.cat([kept, rows]), torch.cat([keys, chunk_keys])
-            index = torch.cat([index, chunk_index])
-        if kept.shape[0] > size:
-            top = torch.topk(keys, size).indices.sort().values  # the `size` largest keys
-            kept, keys, index = kept[top], keys[top], index[top]
-    if not distributed():
-        return kept
-    import torch.distributed as dist
+        sample.update(chunk, start)
+        start += chunk.shape[0]
+    return sample.all_reduce().rows()
 
-    # the global winners: every rank's own top keys, tagged with their global row numbers
-    world = dist.get_world_size()
-    padded = torch.full((size,), -1.0)  # keys are in [0, 1): -1 marks no row
-    padded[: keys.shape[0]] = keys
-    gathered = [torch.empty(size) for _ in range(world)]
-    dist.all_gather(gathered, padded)
-    every = torch.cat(gathered)
-    top = torch.topk(every, min(size, int((every >= 0).sum()))).indices
-    owner, position = top // size, top % size
-    # rows in global row order, as the single process keeps them
-    padded_index = torch.full((size,), -1, dtype=torch.int64)
-    padded_index[: index.shape[0]] = index
-    gathered_index = [torch.empty(size, dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(gathered_index, padded_index)
-    order = torch.cat(gathered_index)[top].argsort()
-    owner, position = owner[order], position[order]
-    out = torch.zeros(top.shape[0], kept.shape[1])
-    mine = owner == dist.get_rank()
-    out[mine] = kept[position[mine]]
-    all_reduce_sum_(out)  # each row filled by its owner only
-    return out
 
 def pairwise_jaccard(detected: torch.Tensor) -> torch.Tensor:
     """(K, K) Jaccard overlap |D_i & D_j| / |D_i | D_j| of the detections ``detected`` (N, K)

@@ -23,6 +23,7 @@ __all__ = [
     "CompensatedSum",
     "StreamingCovariance",
     "StreamingMoments",
+    "KeyedRowSample",
     "signal_from_moments",
     "DEFAULT_CHUNK_SIZE",
 ]
@@ -310,3 +311,139 @@ class StreamingMoments:
         """
         return signal_from_moments(self.count, self._sum_x.value(), self._sum_z.value(),
                                    self._sum_z2.value(), self._sum_xz.value())
+
+
+# ----------------------------------------------------------------------------- row sampling
+_MASK64 = (1 << 64) - 1
+
+
+def _as_int64(v: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    v &= _MASK64
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+_GOLDEN, _MIX1, _MIX2 = (_as_int64(0x9E3779B97F4A7C15), _as_int64(0xBF58476D1CE4E5B9),
+                         _as_int64(0x94D049BB133111EB))
+
+
+def _xor_shift_right_(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """z ^= z >>> bits (a logical shift of the int64 bits; torch's >> is arithmetic)."""
+    return z.bitwise_xor_(torch.bitwise_right_shift(z, bits).bitwise_and_((1 << (64 - bits)) - 1))
+
+
+def _row_keys(seed: int, start: int, n: int) -> torch.Tensor:
+    """Uniform float64 keys in [0, 1) of global rows start .. start + n - 1: a SplitMix64 hash
+    of (seed, row number), so a row's key depends on its global number only, not on how the
+    rows are chunked or sharded over ranks. (Not torch generators seeded per block: a CPU
+    generator keeps only the low 32 bits of its seed, which made every seed draw alike.)"""
+    z = torch.arange(start, start + n, dtype=torch.int64)
+    z.mul_(_GOLDEN).add_(_as_int64(seed * 0xD1B54A32D192ED03 + 0x632BE59BD9B4E019))
+    _xor_shift_right_(z, 30).mul_(_MIX1)
+    _xor_shift_right_(z, 27).mul_(_MIX2)
+    _xor_shift_right_(z, 31)
+    return torch.bitwise_right_shift(z, 11).bitwise_and_((1 << 53) - 1).to(torch.float64).mul_(2.0 ** -53)
+
+
+class KeyedRowSample:
+    """Up to ``size`` rows drawn uniformly without replacement from a stream, in the same read
+    as any other statistic (float32, on the CPU).
+
+    Every row gets a random key from its global row number (``start`` passed to ``update``
+    plus its position in the chunk) and the ``size`` largest keys win, so the sample is the
+    same for any chunking; after ``all_reduce`` every rank holds the sample a single process
+    would draw from all ranks' rows, given each rank's ``start`` counts the rows of the ranks
+    before it. Only the rows of a chunk that can still win are copied to the host.
+    """
+
+    def __init__(self, size: int, seed: int = 0):
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        self.size, self.seed = int(size), int(seed)
+        self._rows: Optional[torch.Tensor] = None
+        self._keys = torch.zeros(0, dtype=torch.float64)
+        self._index = torch.zeros(0, dtype=torch.int64)  # global row numbers of the kept rows
+
+    def update(self, chunk: torch.Tensor, start: int) -> "KeyedRowSample":
+        """Offer the rows of ``chunk`` (n, D), global row numbers start .. start + n - 1."""
+        n = chunk.shape[0]
+        if n == 0:
+            return self
+        keys = _row_keys(self.seed, start, n)
+        index = torch.arange(start, start + n)
+        keep = None
+        if n > self.size:  # only rows among the chunk's `size` largest keys (ties kept)
+            keep = keys >= torch.topk(keys, self.size).values[-1]
+        if self._keys.numel() >= self.size:  # and only rows that beat a kept one (ties kept)
+            beats = keys >= self._keys.min()
+            keep = beats if keep is None else keep & beats
+        if keep is None:
+            # a copy: a stream may refill the same buffer for its next chunk
+            rows = chunk.to(device="cpu", dtype=torch.float32, copy=True)
+        else:
+            sel = torch.nonzero(keep).flatten()
+            if sel.numel() == 0:
+                return self
+            keys, index = keys[sel], index[sel]
+            rows = chunk.index_select(0, sel.to(chunk.device)).to(device="cpu",
+                                                                   dtype=torch.float32)
+        self._add(rows, keys, index)
+        return self
+
+    def merge(self, other: "KeyedRowSample") -> "KeyedRowSample":
+        """Add another sample's rows (drawn with the same seed and size, disjoint rows)."""
+        if other._rows is not None:
+            self._add(other._rows, other._keys, other._index)
+        return self
+
+    def _add(self, rows, keys, index) -> None:
+        if self._rows is None:
+            self._rows, self._keys, self._index = rows, keys, index
+        else:
+            self._rows = torch.cat([self._rows, rows])
+            self._keys = torch.cat([self._keys, keys])
+            self._index = torch.cat([self._index, index])
+        if self._keys.numel() > self.size:
+            top = torch.topk(self._keys, self.size).indices
+            top = top[self._index[top].argsort()]  # kept in global row order
+            self._rows, self._keys, self._index = self._rows[top], self._keys[top], self._index[top]
+
+    def all_reduce(self) -> "KeyedRowSample":
+        """Every rank ends with the global sample (no-op without torch.distributed); every
+        rank must have offered at least one row."""
+        if not distributed():
+            return self
+        import torch.distributed as dist
+
+        if self._rows is None:
+            raise ValueError("every rank must hold at least one row")
+        size, world = self.size, dist.get_world_size()
+        # the global winners: every rank's own top keys, tagged with their global row numbers
+        padded = torch.full((size,), -1.0, dtype=torch.float64)  # keys in [0, 1): -1 is no row
+        padded[: self._keys.shape[0]] = self._keys
+        gathered = [torch.empty(size, dtype=torch.float64) for _ in range(world)]
+        dist.all_gather(gathered, padded)
+        every = torch.cat(gathered)
+        top = torch.topk(every, min(size, int((every >= 0).sum()))).indices
+        owner, position = top // size, top % size
+        # rows in global row order, as the single process keeps them
+        padded_index = torch.full((size,), -1, dtype=torch.int64)
+        padded_index[: self._index.shape[0]] = self._index
+        gathered_index = [torch.empty(size, dtype=torch.int64) for _ in range(world)]
+        dist.all_gather(gathered_index, padded_index)
+        order = torch.cat(gathered_index)[top].argsort()
+        owner, position = owner[order], position[order]
+        out = torch.zeros(top.shape[0], self._rows.shape[1])
+        mine = owner == dist.get_rank()
+        out[mine] = self._rows[position[mine]]
+        all_reduce_sum_(out)  # each row filled by its owner only
+        self._rows = out
+        self._keys = every[top][order]
+        self._index = torch.cat(gathered_index)[top][order]
+        return self
+
+    def rows(self) -> torch.Tensor:
+        """The sampled rows (m, D) float32 on the CPU, in global row order (m <= size)."""
+        if self._rows is None:
+            raise ValueError("no rows were offered to the sample")
+        return self._rows

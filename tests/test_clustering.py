@@ -184,3 +184,21 @@ def test_pickled_model_carries_labels_not_the_data_and_set_params_validates():
     with pytest.raises(ValueError, match="unknown parameter"):
         km.set_params(colour=1)
     assert km.set_params(signal=1).signal is True
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_stream_fit_reads_the_data_once_before_its_lloyd_passes(center):
+    x, _, _ = _blobs(n=4000)
+    reads = []
+
+    def stream():
+        reads.append(1)
+        return iter(x.split(900))
+
+    km = pc.DirectionalClustering(4, seed=1, center=center, max_iter=4, tol=0.0,
+                                  pruning=False).fit(stream)
+    # statistics, row count and seeding sample in one read, then one read per Lloyd pass
+    assert len(reads) == 1 + km.n_iter_
+    tensor_fit = pc.DirectionalClustering(4, seed=1, center=center, max_iter=4, tol=0.0,
+                                          pruning=False).fit(x)
+    torch.testing.assert_close(km.centroids_, tensor_fit.centroids_, rtol=0, atol=1e-6)

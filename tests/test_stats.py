@@ -4,7 +4,8 @@ import torch
 
 import pyconcepts as pc
 from pyconcepts.reference import masked_moments as ref_moments
-from pyconcepts.stats import CompensatedSum, StreamingCovariance, StreamingMoments, iter_chunks
+from pyconcepts.stats import (CompensatedSum, KeyedRowSample, StreamingCovariance, StreamingMoments,
+                             iter_chunks)
 
 
 def test_iter_chunks_forms_and_bad_input():
@@ -133,3 +134,49 @@ def test_batch_signal_vectors_equal_the_streamed_ones():
     assert torch.isfinite(got).all()
     got[:3].sum().backward()  # differentiable in the rows
     assert rows.grad is not None and torch.isfinite(rows.grad).all() and rows.grad.abs().sum() > 0
+
+
+def _offer(sample, chunks):
+    start = 0
+    for chunk in chunks:
+        sample.update(chunk, start)
+        start += chunk.shape[0]
+    return sample.rows()
+
+
+def test_keyed_row_sample_is_uniform_and_the_same_for_any_chunking():
+    x = torch.arange(5000, dtype=torch.float32)[:, None].repeat(1, 3)
+    whole = _offer(KeyedRowSample(400, seed=5), [x])
+    assert whole.shape == (400, 3)
+    rows = whole[:, 0].long()
+    assert torch.equal(rows, rows.sort().values) and rows.unique().numel() == 400  # no repeats
+    for size in (1, 7, 399, 401, 1234):
+        assert torch.equal(_offer(KeyedRowSample(400, seed=5), x.split(size)), whole)
+    # merge: the halves drawn apart, then combined, as one stream
+    a = KeyedRowSample(400, seed=5)
+    a.update(x[:2100], 0)
+    b = KeyedRowSample(400, seed=5)
+    b.update(x[2100:], 2100)
+    assert torch.equal(a.merge(b).rows(), whole)
+    # uniform: over 60 seeds every tenth of the rows gets about a tenth of the draws
+    hits = torch.zeros(10)
+    for seed in range(60):
+        drawn = _offer(KeyedRowSample(400, seed=seed), x.split(777))[:, 0].long()
+        hits += torch.bincount(drawn // 500, minlength=10)
+    expected = 60 * 400 / 10
+    assert float((hits - expected).abs().max()) < 5 * expected ** 0.5
+    # fewer rows than the size: all of them, in order
+    assert torch.equal(_offer(KeyedRowSample(400), x[:30].split(7)), x[:30])
+
+
+def test_keyed_row_sample_copies_rows_a_stream_overwrites():
+    buffer = torch.zeros(50, 2)
+    sample = KeyedRowSample(1000)
+    for i in range(3):  # a loader refilling one buffer for every chunk
+        buffer.fill_(float(i))
+        sample.update(buffer, 50 * i)
+    assert torch.equal(sample.rows()[:, 0], torch.arange(3.0).repeat_interleave(50))
+    with pytest.raises(ValueError, match="size"):
+        KeyedRowSample(0)
+    with pytest.raises(ValueError, match="no rows"):
+        KeyedRowSample(5).rows()
