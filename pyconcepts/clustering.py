@@ -73,6 +73,30 @@ def _global_max_int(value: int, device) -> int:
     return int(t.item())
 
 
+class _RankFailed(RuntimeError):
+    """Raised on the ranks that did not fail themselves when another rank failed."""
+
+
+def _agree_on_failure(error: Optional[Exception], where: str) -> None:
+    """Raise ``error`` on its rank and a ``_RankFailed`` on every other rank, together.
+
+    Under torch.distributed a rank that raised alone (an empty shard, a NaN row found by its
+    kernels) would leave the others waiting in the next collective until the process group's
+    timeout; this tiny all-reduce, right before that collective, makes every rank stop. A
+    no-op without torch.distributed (the error, if any, is raised as it is)."""
+    if distributed():
+        import torch.distributed as dist
+
+        device = torch.device("cpu")
+        if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+            device = torch.device("cuda", torch.cuda.current_device())
+        failed = _global_sum_int(0 if error is None else 1, device)
+        if error is None and failed:
+            raise _RankFailed(f"{failed} other rank(s) failed during {where}; see their errors")
+    if error is not None:
+        raise error
+
+
 def _broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
     if distributed():
         import torch.distributed as dist
@@ -266,17 +290,22 @@ class DirectionalClustering:
         stats = None
         n_rows = 0
         sample = None if distributed() else KeyedRowSample(self._sample_size(), self.seed)
-        for chunk in self._chunks(x):
-            if stats is None:
-                dim, device = chunk.shape[1], chunk.device
-                stats = StreamingCovariance(dim, device=device, with_covariance=self.whiten)
-            # NaN/Inf: caught by StreamingCovariance here when centring, else by the kernels
-            # of the first Lloyd pass (no extra read of the data just to check it)
-            if self.center or self.whiten:
-                stats.update(chunk)
-            if sample is not None:
-                sample.update(chunk, n_rows)
-            n_rows += chunk.shape[0]
+        error = None
+        try:
+            for chunk in self._chunks(x):
+                if stats is None:
+                    dim, device = chunk.shape[1], chunk.device
+                    stats = StreamingCovariance(dim, device=device, with_covariance=self.whiten)
+                # NaN/Inf: caught by StreamingCovariance here when centring, else by the
+                # kernels of the first Lloyd pass (no extra read of the data just to check it)
+                if self.center or self.whiten:
+                    stats.update(chunk)
+                if sample is not None:
+                    sample.update(chunk, n_rows)
+                n_rows += chunk.shape[0]
+        except Exception as exc:  # e.g. this rank's shard is empty
+            error = exc
+        _agree_on_failure(error, "the statistics pass")
         self._local_rows = n_rows
         # Under torch.distributed every rank holds a shard: statistics and counts are global.
         if distributed():
@@ -549,20 +578,24 @@ class DirectionalClustering:
 
         The fused native op reads every chunk once per pass.
         """
-        total, watched = None, []
-        for chunk in self._chunks(x, self.n_features_in_):
-            xt, center = self._kernel_input(chunk)
-            labels, _, *stats = ops.assign_update(
-                xt, centroids.to(xt.device), center=center, return_moments=self.signal,
-                num_threads=self.num_threads,
-            )
-            if watch:  # a spread-out subset: data sorted by cluster cannot mislead the switch
-                watched.append(labels[::_WATCH_STRIDE].to(device="cpu", dtype=torch.int32))
-            if total is None:
-                total = stats
-            else:  # on the chunks' device: one transfer per pass, not one per chunk
-                for acc, part in zip(total, stats):
-                    acc += part
+        total, watched, error = None, [], None
+        try:
+            for chunk in self._chunks(x, self.n_features_in_):
+                xt, center = self._kernel_input(chunk)
+                labels, _, *stats = ops.assign_update(
+                    xt, centroids.to(xt.device), center=center, return_moments=self.signal,
+                    num_threads=self.num_threads,
+                )
+                if watch:  # spread-out rows: data sorted by cluster cannot mislead the switch
+                    watched.append(labels[::_WATCH_STRIDE].to(device="cpu", dtype=torch.int32))
+                if total is None:
+                    total = stats
+                else:  # on the chunks' device: one transfer per pass, not one per chunk
+                    for acc, part in zip(total, stats):
+                        acc += part
+        except Exception as exc:  # e.g. NaN rows in this rank's shard
+            error = exc
+        _agree_on_failure(error, "a Lloyd pass")
         total = [t.cpu() for t in total]
         moments = (total[2], total[3]) if self.signal else None
         watched = torch.cat(watched) if watch else None
@@ -592,15 +625,24 @@ class DirectionalClustering:
             on_disk = self.pruning_dir is not None and self._bounds_on_disk()
             engine = BoundedLloyd(n_clusters=self.n_concepts, num_threads=self.num_threads,
                                   storage_dir=self.pruning_dir if on_disk else None)
+            error = None
             try:
                 sums, counts, stats = engine.first_pass(self._cpu_chunks(x), centroids)
-            except BaseException:
+            except BaseException as exc:
                 engine.close()  # not yet held by the caller: its scratch goes now
-                raise
+                if not isinstance(exc, Exception):
+                    raise  # an interrupt stops at once
+                error = exc
+            _agree_on_failure(error, "a Lloyd pass")
             return engine, sums, counts, None, stats
         engine, sums, counts, assigned_to, _ = state
-        sums, counts, stats = engine.next_pass(self._cpu_chunks(x), assigned_to, centroids, sums,
-                                               counts)
+        error = None
+        try:
+            sums, counts, stats = engine.next_pass(self._cpu_chunks(x), assigned_to, centroids,
+                                                   sums, counts)
+        except Exception as exc:  # the caller's finally closes the engine
+            error = exc
+        _agree_on_failure(error, "a Lloyd pass")
         return engine, sums, counts, None, stats
 
     def _cpu_chunks(self, x):

@@ -76,6 +76,42 @@ def test_a_bad_pruning_dir_on_one_rank_fails_every_rank(tmp_path):
     assert "pruning_dir" in got[1]["error"] and "missing" in got[1]["error"]
 
 
+def _failing_worker(rank, world, init_file, out_file, case):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        x = _data()
+        shard = x[:2000] if rank == 0 else x[2000:]
+        if rank == 1 and case == "empty shard":
+            shard = x[:0]
+        if rank == 1 and case.startswith("nan row"):
+            shard = shard.clone()
+            shard[1500, 3] = float("nan")  # outside the seeding sample: the kernels find it
+        km = pc.DirectionalClustering(n_concepts=8, seed=3, max_iter=5, center=False,
+                                      init_sample_size=100, chunk_size=1000,
+                                      pruning=case == "nan row, pruned")
+        try:
+            km.fit(list(shard.split(1000)) if shard.shape[0] else [shard])
+            result = {"error": None}
+        except Exception as exc:
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+        torch.save(result, out_file + str(rank))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", ["empty shard", "nan row", "nan row, pruned"])
+def test_a_rank_that_fails_alone_stops_every_rank(case):
+    # without the agreement the healthy rank waits in its next all-reduce until the timeout
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "out.pt")
+        mp.spawn(_failing_worker, args=(2, init_file, out_file, case), nprocs=2, join=True)
+        got = [torch.load(out_file + str(r))["error"] for r in range(2)]
+    assert got[0].startswith("_RankFailed") and "other rank" in got[0], got
+    assert ("empty stream" if case == "empty shard" else "NaN") in got[1], got
+
+
 def _concept_data():
     from pyconcepts.synthetic import SyntheticModel
 
