@@ -19,34 +19,42 @@ def _data():
     return centres[which] + 0.3 * torch.randn(4000, 12, generator=gen) + 0.2
 
 
-def _worker(rank, world, init_file, out_file, options):
+def _rank_main(rank, world, init_file, out_file, body, args):
     torch.set_num_threads(1)
     # a collective that one rank skips fails after the timeout instead of hanging the test
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        x = _data()
-        shard = list(x[:2300].split(1000)) if rank == 0 else list(x[2300:].split(1000))
-        options = dict(options)
-        if isinstance(options.get("pruning_dir"), list):  # one directory per rank
-            options["pruning_dir"] = options["pruning_dir"][rank]
-        try:
-            km = pc.DirectionalClustering(n_concepts=8, seed=3, max_iter=12, tol=0.0,
-                                          chunk_size=1000, **options).fit(shard)
-            result = {"centroids": km.centroids_, "n": km.n_samples_, "mean": km.mean_,
-                      "computed": [s.distance_fraction for s in km.pass_stats_]}
-        except ValueError as exc:
-            result = {"error": str(exc)}
-        torch.save(result, out_file + str(rank))
+        torch.save(body(rank, *args), out_file + str(rank))
     finally:
         dist.destroy_process_group()
 
 
-def _run_two_ranks(options):
+def _on_two_ranks(body, *args):
+    """Runs body(rank, *args) on two gloo ranks; returns what each returned."""
     with tempfile.TemporaryDirectory() as tmp:
         init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "out.pt")
-        mp.spawn(_worker, args=(2, init_file, out_file, options), nprocs=2, join=True)
+        mp.spawn(_rank_main, args=(2, init_file, out_file, body, args), nprocs=2, join=True)
         return [torch.load(out_file + str(r)) for r in range(2)]
+
+
+def _fit_shard(rank, options):
+    x = _data()
+    shard = list(x[:2300].split(1000)) if rank == 0 else list(x[2300:].split(1000))
+    options = dict(options)
+    if isinstance(options.get("pruning_dir"), list):  # one directory per rank
+        options["pruning_dir"] = options["pruning_dir"][rank]
+    try:
+        km = pc.DirectionalClustering(n_concepts=8, seed=3, max_iter=12, tol=0.0,
+                                      chunk_size=1000, **options).fit(shard)
+        return {"centroids": km.centroids_, "n": km.n_samples_, "mean": km.mean_,
+                "computed": [s.distance_fraction for s in km.pass_stats_]}
+    except ValueError as exc:
+        return {"error": str(exc)}
+
+
+def _run_two_ranks(options):
+    return _on_two_ranks(_fit_shard, options)
 
 
 @pytest.mark.parametrize("options", ["plain", "pruned", "bounds on disk"])
@@ -76,38 +84,28 @@ def test_a_bad_pruning_dir_on_one_rank_fails_every_rank(tmp_path):
     assert "pruning_dir" in got[1]["error"] and "missing" in got[1]["error"]
 
 
-def _failing_worker(rank, world, init_file, out_file, case):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+def _fit_failing_shard(rank, case):
+    x = _data()
+    shard = x[:2000] if rank == 0 else x[2000:]
+    if rank == 1 and case == "empty shard":
+        shard = x[:0]
+    if rank == 1 and case.startswith("nan row"):
+        shard = shard.clone()
+        shard[1500, 3] = float("nan")  # outside the seeding sample: the kernels find it
+    km = pc.DirectionalClustering(n_concepts=8, seed=3, max_iter=5, center=False,
+                                  init_sample_size=100, chunk_size=1000,
+                                  pruning=case == "nan row, pruned")
     try:
-        x = _data()
-        shard = x[:2000] if rank == 0 else x[2000:]
-        if rank == 1 and case == "empty shard":
-            shard = x[:0]
-        if rank == 1 and case.startswith("nan row"):
-            shard = shard.clone()
-            shard[1500, 3] = float("nan")  # outside the seeding sample: the kernels find it
-        km = pc.DirectionalClustering(n_concepts=8, seed=3, max_iter=5, center=False,
-                                      init_sample_size=100, chunk_size=1000,
-                                      pruning=case == "nan row, pruned")
-        try:
-            km.fit(list(shard.split(1000)) if shard.shape[0] else [shard])
-            result = {"error": None}
-        except Exception as exc:
-            result = {"error": f"{type(exc).__name__}: {exc}"}
-        torch.save(result, out_file + str(rank))
-    finally:
-        dist.destroy_process_group()
+        km.fit(list(shard.split(1000)) if shard.shape[0] else [shard])
+        return None
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
 
 
 @pytest.mark.parametrize("case", ["empty shard", "nan row", "nan row, pruned"])
 def test_a_rank_that_fails_alone_stops_every_rank(case):
     # without the agreement the healthy rank waits in its next all-reduce until the timeout
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "out.pt")
-        mp.spawn(_failing_worker, args=(2, init_file, out_file, case), nprocs=2, join=True)
-        got = [torch.load(out_file + str(r))["error"] for r in range(2)]
+    got = _on_two_ranks(_fit_failing_shard, case)
     assert got[0].startswith("_RankFailed") and "other rank" in got[0], got
     assert ("empty stream" if case == "empty shard" else "NaN") in got[1], got
 
