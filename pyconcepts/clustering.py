@@ -18,8 +18,8 @@ from typing import Optional, Tuple
 import torch
 
 from . import ops
-from .stats import (DEFAULT_CHUNK_SIZE, KeyedRowSample, StreamingCovariance, all_reduce_sum_,
-                    distributed, iter_chunks, signal_from_moments)
+from .stats import (DEFAULT_CHUNK_SIZE, KeyedRowSample, StreamingCovariance, agree_on_failure,
+                    all_reduce_sum_, distributed, iter_chunks, signal_from_moments)
 
 __all__ = ["DirectionalClustering", "whitening_matrix"]
 
@@ -73,30 +73,6 @@ def _global_max_int(value: int, device) -> int:
     return int(t.item())
 
 
-class _RankFailed(RuntimeError):
-    """Raised on the ranks that did not fail themselves when another rank failed."""
-
-
-def _agree_on_failure(error: Optional[Exception], where: str) -> None:
-    """Raise ``error`` on its rank and a ``_RankFailed`` on every other rank, together.
-
-    Under torch.distributed a rank that raised alone (an empty shard, a NaN row found by its
-    kernels) would leave the others waiting in the next collective until the process group's
-    timeout; this tiny all-reduce, right before that collective, makes every rank stop. A
-    no-op without torch.distributed (the error, if any, is raised as it is)."""
-    if distributed():
-        import torch.distributed as dist
-
-        device = torch.device("cpu")
-        if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
-            device = torch.device("cuda", torch.cuda.current_device())
-        failed = _global_sum_int(0 if error is None else 1, device)
-        if error is None and failed:
-            raise _RankFailed(f"{failed} other rank(s) failed during {where}; see their errors")
-    if error is not None:
-        raise error
-
-
 def _broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
     if distributed():
         import torch.distributed as dist
@@ -124,8 +100,9 @@ class DirectionalClustering:
         sample rows, as faiss and scikit-learn's ``init="random"``).
     n_init: independent seedings; the one with the best objective is kept.
     max_iter, tol: Lloyd iterations cap; stop when the objective improves by < tol relative.
-    init_sample_size: rows drawn (uniformly without replacement, keyed by global row number,
-        in the same read as the statistics) for k-means++ seeding.
+    init_sample_size: rows drawn (uniformly without replacement, keyed by global row number)
+        for k-means++ seeding, in the same read as the statistics on one process (a second
+        read under torch.distributed).
     chunk_size: rows per native call when ``x`` is one tensor.
     pruning: ``True`` runs exact pruned Lloyd passes (``pyconcepts.pruning.BoundedLloyd``:
         per-point angle bounds let most points skip most or all of their cosines; same labels
@@ -305,7 +282,7 @@ class DirectionalClustering:
                 n_rows += chunk.shape[0]
         except Exception as exc:  # e.g. this rank's shard is empty
             error = exc
-        _agree_on_failure(error, "the statistics pass")
+        agree_on_failure(error, "the statistics pass")
         self._local_rows = n_rows
         # Under torch.distributed every rank holds a shard: statistics and counts are global.
         if distributed():
@@ -359,10 +336,14 @@ class DirectionalClustering:
         statistics pass (one process), or None (distributed: drawn here, in one more pass)."""
         if sample is None:
             sample = KeyedRowSample(self._sample_size(), self.seed)
-            start = self._shard_offset()
-            for chunk in self._chunks(x, self.n_features_in_):
-                sample.update(chunk, start)
-                start += chunk.shape[0]
+            start, error = self._shard_offset(), None
+            try:
+                for chunk in self._chunks(x, self.n_features_in_):
+                    sample.update(chunk, start)
+                    start += chunk.shape[0]
+            except Exception as exc:  # e.g. this rank's stream failed to read
+                error = exc
+            agree_on_failure(error, "the seeding-sample pass")
         rows = self.transform(sample.all_reduce().rows())
         if not bool(torch.isfinite(rows).all()):
             raise ValueError("x contains NaN or Inf rows")
@@ -595,7 +576,7 @@ class DirectionalClustering:
                         acc += part
         except Exception as exc:  # e.g. NaN rows in this rank's shard
             error = exc
-        _agree_on_failure(error, "a Lloyd pass")
+        agree_on_failure(error, "a Lloyd pass")
         total = [t.cpu() for t in total]
         moments = (total[2], total[3]) if self.signal else None
         watched = torch.cat(watched) if watch else None
@@ -623,17 +604,19 @@ class DirectionalClustering:
             if self._data_device.type != "cpu":
                 raise ValueError("pruning=True runs on CPU tensors only; use pruning=False on GPU")
             on_disk = self.pruning_dir is not None and self._bounds_on_disk()
-            engine = BoundedLloyd(n_clusters=self.n_concepts, num_threads=self.num_threads,
-                                  storage_dir=self.pruning_dir if on_disk else None)
-            error = None
+            engine, error = None, None
             try:
-                sums, counts, stats = engine.first_pass(self._cpu_chunks(x), centroids)
-            except BaseException as exc:
-                engine.close()  # not yet held by the caller: its scratch goes now
-                if not isinstance(exc, Exception):
-                    raise  # an interrupt stops at once
-                error = exc
-            _agree_on_failure(error, "a Lloyd pass")
+                try:
+                    engine = BoundedLloyd(n_clusters=self.n_concepts, num_threads=self.num_threads,
+                                          storage_dir=self.pruning_dir if on_disk else None)
+                    sums, counts, stats = engine.first_pass(self._cpu_chunks(x), centroids)
+                except Exception as exc:
+                    error = exc
+                agree_on_failure(error, "a Lloyd pass")
+            except BaseException:
+                if engine is not None:
+                    engine.close()  # not yet held by the caller: its scratch goes now
+                raise
             return engine, sums, counts, None, stats
         engine, sums, counts, assigned_to, _ = state
         error = None
@@ -642,7 +625,7 @@ class DirectionalClustering:
                                                    sums, counts)
         except Exception as exc:  # the caller's finally closes the engine
             error = exc
-        _agree_on_failure(error, "a Lloyd pass")
+        agree_on_failure(error, "a Lloyd pass")
         return engine, sums, counts, None, stats
 
     def _cpu_chunks(self, x):

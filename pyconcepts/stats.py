@@ -24,6 +24,8 @@ __all__ = [
     "StreamingCovariance",
     "StreamingMoments",
     "KeyedRowSample",
+    "RankFailed",
+    "agree_on_failure",
     "signal_from_moments",
     "DEFAULT_CHUNK_SIZE",
 ]
@@ -131,6 +133,32 @@ def all_reduce_sum_(*tensors: torch.Tensor) -> None:
 
     for t in tensors:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+class RankFailed(RuntimeError):
+    """Raised on the ranks that did not fail themselves when another rank failed."""
+
+
+def agree_on_failure(error: Optional[Exception], where: str) -> None:
+    """Raise ``error`` on its rank and a ``RankFailed`` on every other rank, together.
+
+    Under torch.distributed a rank that raised alone (an empty shard, a NaN row found by its
+    kernels, a read error) would leave the others waiting in the next collective until the
+    process group's timeout; this tiny all-reduce, placed right before that collective,
+    makes every rank stop. Without torch.distributed the error, if any, is raised as is."""
+    if distributed():
+        import torch.distributed as dist
+
+        device = torch.device("cpu")
+        if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+            device = torch.device("cuda", torch.cuda.current_device())
+        flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+        failed = int(flag.item())
+        if error is None and failed:
+            raise RankFailed(f"{failed} other rank(s) failed during {where}; see their errors")
+    if error is not None:
+        raise error
 
 
 class StreamingCovariance:
@@ -363,6 +391,7 @@ class KeyedRowSample:
         self._rows: Optional[torch.Tensor] = None
         self._keys = torch.zeros(0, dtype=torch.float64)
         self._index = torch.zeros(0, dtype=torch.int64)  # global row numbers of the kept rows
+        self._reduced = False
 
     def update(self, chunk: torch.Tensor, start: int) -> "KeyedRowSample":
         """Offer the rows of ``chunk`` (n, D), global row numbers start .. start + n - 1."""
@@ -393,30 +422,52 @@ class KeyedRowSample:
     def merge(self, other: "KeyedRowSample") -> "KeyedRowSample":
         """Add another sample's rows (drawn with the same seed and size, disjoint rows)."""
         if other._rows is not None:
-            self._add(other._rows, other._keys, other._index)
+            self._add(other._rows[: other._keys.numel()], other._keys, other._index)
         return self
 
     def _add(self, rows, keys, index) -> None:
-        if self._rows is None:
-            self._rows, self._keys, self._index = rows, keys, index
-        else:
-            self._rows = torch.cat([self._rows, rows])
+        """Keep the `size` largest keys of the kept and the new rows. The kept rows live in
+        one buffer of at most `size` rows, in no particular order (``rows`` sorts them); new
+        winners overwrite the losers' slots, so no second copy of the sample is ever held."""
+        n_old, n_new = self._keys.numel(), keys.numel()
+        total = n_old + n_new
+        if total <= self.size:  # room for every row: append
+            self._reserve(total, rows.shape[1])
+            self._rows[n_old:total] = rows
             self._keys = torch.cat([self._keys, keys])
             self._index = torch.cat([self._index, index])
-        if self._keys.numel() > self.size:
-            top = torch.topk(self._keys, self.size).indices
-            top = top[self._index[top].argsort()]  # kept in global row order
-            self._rows, self._keys, self._index = self._rows[top], self._keys[top], self._index[top]
+            return
+        winners = torch.topk(torch.cat([self._keys, keys]), self.size).indices
+        taken = winners[winners >= n_old] - n_old  # the new rows that win a slot
+        kept_old = torch.zeros(n_old, dtype=torch.bool)
+        kept_old[winners[winners < n_old]] = True
+        # the losers' slots, then the empty ones: exactly as many as new winners
+        free = torch.cat([torch.nonzero(~kept_old).flatten(), torch.arange(n_old, self.size)])
+        self._reserve(self.size, rows.shape[1])
+        self._rows[free] = rows[taken]
+        self._keys = torch.cat([self._keys, self._keys.new_zeros(self.size - n_old)])
+        self._index = torch.cat([self._index, self._index.new_zeros(self.size - n_old)])
+        self._keys[free], self._index[free] = keys[taken], index[taken]
+
+    def _reserve(self, n: int, d: int) -> None:
+        """A buffer of at least n rows (grown by doubling, never beyond `size`)."""
+        have = 0 if self._rows is None else self._rows.shape[0]
+        if n <= have:
+            return
+        grown = torch.empty(min(self.size, max(n, 2 * have)), d, dtype=torch.float32)
+        if have:
+            grown[:have] = self._rows
+        self._rows = grown
 
     def all_reduce(self) -> "KeyedRowSample":
-        """Every rank ends with the global sample (no-op without torch.distributed); every
-        rank must have offered at least one row."""
-        if not distributed():
+        """Every rank ends with the global sample (no-op without torch.distributed, and after
+        the first call); every rank must have offered at least one row."""
+        if not distributed() or self._reduced:
             return self
         import torch.distributed as dist
 
-        if self._rows is None:
-            raise ValueError("every rank must hold at least one row")
+        agree_on_failure(None if self._rows is not None else
+                         ValueError("every rank must hold at least one row"), "a row sample")
         size, world = self.size, dist.get_world_size()
         # the global winners: every rank's own top keys, tagged with their global row numbers
         padded = torch.full((size,), -1.0, dtype=torch.float64)  # keys in [0, 1): -1 is no row
@@ -440,10 +491,12 @@ class KeyedRowSample:
         self._rows = out
         self._keys = every[top][order]
         self._index = torch.cat(gathered_index)[top][order]
+        self._reduced = True
         return self
 
     def rows(self) -> torch.Tensor:
-        """The sampled rows (m, D) float32 on the CPU, in global row order (m <= size)."""
+        """The sampled rows (m, D) float32 on the CPU, in global row order (m <= size); a
+        new tensor, so the caller may change it."""
         if self._rows is None:
             raise ValueError("no rows were offered to the sample")
-        return self._rows
+        return self._rows[: self._keys.numel()][self._index.argsort()]

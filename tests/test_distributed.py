@@ -62,6 +62,8 @@ def test_two_ranks_match_one_process(options, tmp_path):
     kwargs = {"plain": dict(pruning=False), "pruned": dict(pruning=True),
               "bounds on disk": dict(pruning="auto", pruning_memory=0,
                                      pruning_dir=str(tmp_path))}[options]
+    if options == "plain":  # a seeding sample of 300 of the 4000 rows: the ranks must agree
+        kwargs["init_sample_size"] = 300                     # on which rows it holds
     x = _data()
     single = pc.DirectionalClustering(n_concepts=8, seed=3, max_iter=12, tol=0.0,
                                       chunk_size=1000, **kwargs).fit(list(x.split(1000)))
@@ -84,7 +86,20 @@ def test_a_bad_pruning_dir_on_one_rank_fails_every_rank(tmp_path):
     assert "pruning_dir" in got[1]["error"] and "missing" in got[1]["error"]
 
 
-def _fit_failing_shard(rank, case):
+class _FailingRead:
+    """A chunk stream whose reads fail from the `fail_from`-th on (a disk error, say)."""
+
+    def __init__(self, chunks, fail_from):
+        self.chunks, self.fail_from, self.reads = chunks, fail_from, 0
+
+    def __call__(self):
+        self.reads += 1
+        if self.reads >= self.fail_from:
+            raise OSError("disk read failed on this rank")
+        return iter(self.chunks)
+
+
+def _fit_failing_shard(rank, case, scratch):
     x = _data()
     shard = x[:2000] if rank == 0 else x[2000:]
     if rank == 1 and case == "empty shard":
@@ -92,22 +107,32 @@ def _fit_failing_shard(rank, case):
     if rank == 1 and case.startswith("nan row"):
         shard = shard.clone()
         shard[1500, 3] = float("nan")  # outside the seeding sample: the kernels find it
+    stream = list(shard.split(1000)) if shard.shape[0] else [shard]
+    if rank == 1 and case == "read error in the seeding pass":
+        stream = _FailingRead(stream, fail_from=2)  # the statistics pass reads fine
+    pruned = case == "nan row, pruned"
     km = pc.DirectionalClustering(n_concepts=8, seed=3, max_iter=5, center=False,
-                                  init_sample_size=100, chunk_size=1000,
-                                  pruning=case == "nan row, pruned")
+                                  init_sample_size=100, chunk_size=1000, pruning=pruned,
+                                  pruning_memory=0, pruning_dir=scratch[rank])
     try:
-        km.fit(list(shard.split(1000)) if shard.shape[0] else [shard])
-        return None
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
+        km.fit(stream)
+        return None, []
+    except Exception as exc:  # the scratch must be gone while the traceback still lives
+        return f"{type(exc).__name__}: {exc}", os.listdir(scratch[rank])
 
 
-@pytest.mark.parametrize("case", ["empty shard", "nan row", "nan row, pruned"])
-def test_a_rank_that_fails_alone_stops_every_rank(case):
+@pytest.mark.parametrize("case", ["empty shard", "nan row", "nan row, pruned",
+                                  "read error in the seeding pass"])
+def test_a_rank_that_fails_alone_stops_every_rank(case, tmp_path):
     # without the agreement the healthy rank waits in its next all-reduce until the timeout
-    got = _on_two_ranks(_fit_failing_shard, case)
-    assert got[0].startswith("_RankFailed") and "other rank" in got[0], got
-    assert ("empty stream" if case == "empty shard" else "NaN") in got[1], got
+    scratch = [str(tmp_path / "0"), str(tmp_path / "1")]
+    for path in scratch:
+        os.mkdir(path)
+    got = _on_two_ranks(_fit_failing_shard, case, scratch)
+    assert got[0][0].startswith("RankFailed") and "other rank" in got[0][0], got
+    expected = {"empty shard": "empty stream", "read error in the seeding pass": "disk read"}
+    assert expected.get(case, "NaN") in got[1][0], got
+    assert got[0][1] == [] and got[1][1] == []  # both ranks' pruning scratch removed
 
 
 def _concept_data():

@@ -169,6 +169,22 @@ def test_keyed_row_sample_is_uniform_and_the_same_for_any_chunking():
     assert torch.equal(_offer(KeyedRowSample(400), x[:30].split(7)), x[:30])
 
 
+def test_keyed_row_sample_keeps_global_row_order_whatever_the_offer_order():
+    x = torch.arange(1000, dtype=torch.float32)[:, None].repeat(1, 2)
+    whole = _offer(KeyedRowSample(100, seed=3), [x])
+    a, b = KeyedRowSample(100, seed=3), KeyedRowSample(100, seed=3)
+    a.update(x[:500], 0)
+    b.update(x[500:], 500)
+    assert torch.equal(b.merge(a).rows(), whole)  # the later rows' sample merged the earlier
+    backwards = KeyedRowSample(2000, seed=3)  # room for every row: no trimming sorts them
+    backwards.update(x[500:], 500)
+    backwards.update(x[:500], 0)
+    assert torch.equal(backwards.rows(), x)
+    rows = backwards.rows()
+    rows.zero_()  # a copy: the sample is unchanged
+    assert torch.equal(backwards.rows(), x)
+
+
 def test_keyed_row_sample_copies_rows_a_stream_overwrites():
     buffer = torch.zeros(50, 2)
     sample = KeyedRowSample(1000)
