@@ -18,8 +18,8 @@ from typing import Optional, Tuple
 import torch
 
 from . import ops
-from .stats import (DEFAULT_CHUNK_SIZE, KeyedRowSample, StreamingCovariance, agree_on_failure,
-                    all_reduce_sum_, distributed, iter_chunks, signal_from_moments)
+from .stats import (DEFAULT_CHUNK_SIZE, KeyedRowSample, StreamingCovariance, all_reduce_sum_,
+                    distributed, fail_together, iter_chunks, signal_from_moments)
 
 __all__ = ["DirectionalClustering", "whitening_matrix"]
 
@@ -267,8 +267,7 @@ class DirectionalClustering:
         stats = None
         n_rows = 0
         sample = None if distributed() else KeyedRowSample(self._sample_size(), self.seed)
-        error = None
-        try:
+        with fail_together("the statistics pass"):  # e.g. this rank's shard is empty
             for chunk in self._chunks(x):
                 if stats is None:
                     dim, device = chunk.shape[1], chunk.device
@@ -280,9 +279,6 @@ class DirectionalClustering:
                 if sample is not None:
                     sample.update(chunk, n_rows)
                 n_rows += chunk.shape[0]
-        except Exception as exc:  # e.g. this rank's shard is empty
-            error = exc
-        agree_on_failure(error, "the statistics pass")
         self._local_rows = n_rows
         # Under torch.distributed every rank holds a shard: statistics and counts are global.
         if distributed():
@@ -336,14 +332,11 @@ class DirectionalClustering:
         statistics pass (one process), or None (distributed: drawn here, in one more pass)."""
         if sample is None:
             sample = KeyedRowSample(self._sample_size(), self.seed)
-            start, error = self._shard_offset(), None
-            try:
+            start = self._shard_offset()
+            with fail_together("the seeding-sample pass"):
                 for chunk in self._chunks(x, self.n_features_in_):
                     sample.update(chunk, start)
                     start += chunk.shape[0]
-            except Exception as exc:  # e.g. this rank's stream failed to read
-                error = exc
-            agree_on_failure(error, "the seeding-sample pass")
         rows = self.transform(sample.all_reduce().rows())
         if not bool(torch.isfinite(rows).all()):
             raise ValueError("x contains NaN or Inf rows")
@@ -559,8 +552,8 @@ class DirectionalClustering:
 
         The fused native op reads every chunk once per pass.
         """
-        total, watched, error = None, [], None
-        try:
+        total, watched = None, []
+        with fail_together("a Lloyd pass"):  # e.g. NaN rows in this rank's shard
             for chunk in self._chunks(x, self.n_features_in_):
                 xt, center = self._kernel_input(chunk)
                 labels, _, *stats = ops.assign_update(
@@ -574,9 +567,6 @@ class DirectionalClustering:
                 else:  # on the chunks' device: one transfer per pass, not one per chunk
                     for acc, part in zip(total, stats):
                         acc += part
-        except Exception as exc:  # e.g. NaN rows in this rank's shard
-            error = exc
-        agree_on_failure(error, "a Lloyd pass")
         total = [t.cpu() for t in total]
         moments = (total[2], total[3]) if self.signal else None
         watched = torch.cat(watched) if watch else None
@@ -604,28 +594,21 @@ class DirectionalClustering:
             if self._data_device.type != "cpu":
                 raise ValueError("pruning=True runs on CPU tensors only; use pruning=False on GPU")
             on_disk = self.pruning_dir is not None and self._bounds_on_disk()
-            engine, error = None, None
+            engine = None
             try:
-                try:
+                with fail_together("a Lloyd pass"):
                     engine = BoundedLloyd(n_clusters=self.n_concepts, num_threads=self.num_threads,
                                           storage_dir=self.pruning_dir if on_disk else None)
                     sums, counts, stats = engine.first_pass(self._cpu_chunks(x), centroids)
-                except Exception as exc:
-                    error = exc
-                agree_on_failure(error, "a Lloyd pass")
             except BaseException:
                 if engine is not None:
                     engine.close()  # not yet held by the caller: its scratch goes now
                 raise
             return engine, sums, counts, None, stats
         engine, sums, counts, assigned_to, _ = state
-        error = None
-        try:
+        with fail_together("a Lloyd pass"):  # on failure, the caller's finally closes engine
             sums, counts, stats = engine.next_pass(self._cpu_chunks(x), assigned_to, centroids,
                                                    sums, counts)
-        except Exception as exc:  # the caller's finally closes the engine
-            error = exc
-        agree_on_failure(error, "a Lloyd pass")
         return engine, sums, counts, None, stats
 
     def _cpu_chunks(self, x):

@@ -25,7 +25,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .stats import DEFAULT_CHUNK_SIZE, KeyedRowSample, agree_on_failure, distributed, iter_chunks
+from .stats import DEFAULT_CHUNK_SIZE, KeyedRowSample, distributed, fail_together, iter_chunks
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -124,27 +124,20 @@ def sample_rows(x, size: int, seed: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZ
     torch.distributed ``x`` is this rank's shard (every rank must hold rows; one more pass
     counts them) and every rank gets the sample a single process would draw from all ranks'
     rows, in rank order."""
-    start, error = 0, None
+    start = 0
     if distributed():
         import torch.distributed as dist
 
-        local = 0
-        try:
+        with fail_together("the row count of sample_rows"):
             local = sum(chunk.shape[0] for chunk in iter_chunks(x, chunk_size))
-        except Exception as exc:  # every rank must stop, not only this one
-            error = exc
-        agree_on_failure(error, "the row count of sample_rows")
         counts = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
         dist.all_gather(counts, torch.tensor([local], dtype=torch.int64))
         start = int(sum(c.item() for c in counts[: dist.get_rank()]))
     sample = KeyedRowSample(size, seed)
-    try:
+    with fail_together("sample_rows"):
         for chunk in iter_chunks(x, chunk_size):
             sample.update(chunk, start)
             start += chunk.shape[0]
-    except Exception as exc:
-        error = exc
-    agree_on_failure(error, "sample_rows")
     return sample.all_reduce().rows()
 
 

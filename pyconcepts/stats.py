@@ -12,6 +12,7 @@ tensors: a tensor (split into row chunks), a list/tuple of tensors, a generator 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Optional, Union
 
 import torch
@@ -25,7 +26,7 @@ __all__ = [
     "StreamingMoments",
     "KeyedRowSample",
     "RankFailed",
-    "agree_on_failure",
+    "fail_together",
     "signal_from_moments",
     "DEFAULT_CHUNK_SIZE",
 ]
@@ -139,26 +140,36 @@ class RankFailed(RuntimeError):
     """Raised on the ranks that did not fail themselves when another rank failed."""
 
 
-def agree_on_failure(error: Optional[Exception], where: str) -> None:
-    """Raise ``error`` on its rank and a ``RankFailed`` on every other rank, together.
+@contextmanager
+def fail_together(where: str):
+    """Run a rank's local work so that, under torch.distributed, all ranks raise if any does.
 
-    Under torch.distributed a rank that raised alone (an empty shard, a NaN row found by its
-    kernels, a read error) would leave the others waiting in the next collective until the
-    process group's timeout; this tiny all-reduce, placed right before that collective,
-    makes every rank stop. Without torch.distributed the error, if any, is raised as is."""
-    if distributed():
-        import torch.distributed as dist
+    A rank that raised alone (an empty shard, a NaN row found by its kernels, a read error)
+    would leave the others waiting in the next collective until the process group's timeout.
+    On leaving the block every rank takes part in one tiny all-reduce of "did I fail": the
+    failing rank re-raises its own error, every other rank raises ``RankFailed``. Without
+    torch.distributed an error simply propagates. Interrupts are not caught."""
+    try:
+        yield
+    except Exception as exc:
+        _agree_on_failure(exc, where)
+        raise
+    _agree_on_failure(None, where)
 
-        device = torch.device("cpu")
-        if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
-            device = torch.device("cuda", torch.cuda.current_device())
-        flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.SUM)
-        failed = int(flag.item())
-        if error is None and failed:
-            raise RankFailed(f"{failed} other rank(s) failed during {where}; see their errors")
-    if error is not None:
-        raise error
+
+def _agree_on_failure(error: Optional[Exception], where: str) -> None:
+    if not distributed():
+        return
+    import torch.distributed as dist
+
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+        device = torch.device("cuda", torch.cuda.current_device())
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+    failed = int(flag.item())
+    if error is None and failed:
+        raise RankFailed(f"{failed} other rank(s) failed during {where}; see their errors")
 
 
 class StreamingCovariance:
@@ -407,8 +418,9 @@ class KeyedRowSample:
             beats = keys >= self._keys.min()
             keep = beats if keep is None else keep & beats
         if keep is None:
-            # a copy: a stream may refill the same buffer for its next chunk
-            rows = chunk.to(device="cpu", dtype=torch.float32, copy=True)
+            # no copy needed here: _add copies the rows into its own buffer (a stream may
+            # refill this chunk's memory for its next chunk)
+            rows = chunk.to(device="cpu", dtype=torch.float32)
         else:
             sel = torch.nonzero(keep).flatten()
             if sel.numel() == 0:
@@ -466,8 +478,9 @@ class KeyedRowSample:
             return self
         import torch.distributed as dist
 
-        agree_on_failure(None if self._rows is not None else
-                         ValueError("every rank must hold at least one row"), "a row sample")
+        with fail_together("a row sample"):
+            if self._rows is None:
+                raise ValueError("every rank must hold at least one row")
         size, world = self.size, dist.get_world_size()
         # the global winners: every rank's own top keys, tagged with their global row numbers
         padded = torch.full((size,), -1.0, dtype=torch.float64)  # keys in [0, 1): -1 is no row
