@@ -61,7 +61,7 @@ from . import ops
 from .basis import ConceptBasis
 from .clustering import DirectionalClustering
 from .signal import streamed_signal_vectors
-from .stats import DEFAULT_CHUNK_SIZE, all_reduce_sum_, iter_chunks
+from .stats import DEFAULT_CHUNK_SIZE, all_reduce_sum_, fail_together, iter_chunks
 
 __all__ = ["extract_directions", "pattern_to_filter", "f1_thresholds", "logistic_filters"]
 
@@ -161,13 +161,14 @@ def f1_thresholds(
     hist_member = torch.zeros(k * _HIST_BINS, dtype=torch.float64)
     offsets = torch.arange(k) * _HIST_BINS
     w32 = decoding.to(torch.float32)
-    for chunk in iter_chunks(x, chunk_size, dim=decoding.shape[1]):
-        z = (chunk.to(torch.float32) @ w32.to(chunk.device).T).cpu().to(torch.float64)
-        bins = ((z - lo) / width).floor().clamp(0, _HIST_BINS - 1).long() + offsets
-        hist_all += torch.bincount(bins.flatten(), minlength=k * _HIST_BINS).to(torch.float64)
-        labels = labels_of(chunk).cpu()
-        member_bins = bins.gather(1, labels[:, None]).flatten()
-        hist_member += torch.bincount(member_bins, minlength=k * _HIST_BINS).to(torch.float64)
+    with fail_together("the threshold histograms"):
+        for chunk in iter_chunks(x, chunk_size, dim=decoding.shape[1]):
+            z = (chunk.to(torch.float32) @ w32.to(chunk.device).T).cpu().to(torch.float64)
+            bins = ((z - lo) / width).floor().clamp(0, _HIST_BINS - 1).long() + offsets
+            hist_all += torch.bincount(bins.flatten(), minlength=k * _HIST_BINS).to(torch.float64)
+            labels = labels_of(chunk).cpu()
+            member_bins = bins.gather(1, labels[:, None]).flatten()
+            hist_member += torch.bincount(member_bins, minlength=k * _HIST_BINS).to(torch.float64)
     all_reduce_sum_(hist_all, hist_member)  # this rank's shard -> all rows (torchrun)
     hist_all = hist_all.view(k, _HIST_BINS)
     hist_member = hist_member.view(k, _HIST_BINS)
@@ -292,10 +293,11 @@ def extract_directions(
     # class sums of raw rows by cluster: the discriminants
     class_sums = torch.zeros(k, d, dtype=torch.float64)
     class_counts = torch.zeros(k, dtype=torch.int64)
-    for chunk in iter_chunks(x, chunk_size, dim=d):
-        sums, counts = ops.spherical_update(chunk, labels_of(chunk), k)
-        class_sums += sums.cpu()
-        class_counts += counts.cpu()
+    with fail_together("the class sums"):
+        for chunk in iter_chunks(x, chunk_size, dim=d):
+            sums, counts = ops.spherical_update(chunk, labels_of(chunk), k)
+            class_sums += sums.cpu()
+            class_counts += counts.cpu()
     all_reduce_sum_(class_sums, class_counts)
     total = class_counts.sum()
     discriminants = _discriminants(class_sums, class_counts, class_sums.sum(0), total, covariance)

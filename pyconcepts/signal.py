@@ -10,7 +10,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .stats import DEFAULT_CHUNK_SIZE, StreamingCovariance, StreamingMoments, iter_chunks
+from .stats import (DEFAULT_CHUNK_SIZE, StreamingCovariance, StreamingMoments, fail_together,
+                    iter_chunks)
 
 __all__ = ["signal_vectors", "streaming_mean", "streamed_signal_vectors", "masked_signal_vectors"]
 
@@ -19,10 +20,12 @@ def streaming_mean(x, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
     """(D,) float64 mean of a tensor or chunk stream (Chan merging; over all ranks under
     torch.distributed). Raises ValueError for NaN/Inf in x."""
     stats = None
-    for chunk in iter_chunks(x, chunk_size):
-        if stats is None:
-            stats = StreamingCovariance(chunk.shape[1], device=chunk.device, with_covariance=False)
-        stats.update(chunk)
+    with fail_together("streaming_mean"):  # e.g. NaN rows in this rank's shard
+        for chunk in iter_chunks(x, chunk_size):
+            if stats is None:
+                stats = StreamingCovariance(chunk.shape[1], device=chunk.device,
+                                            with_covariance=False)
+            stats.update(chunk)
     return stats.all_reduce().mean
 
 
@@ -62,8 +65,9 @@ def streamed_signal_vectors(x, decoding: torch.Tensor, bias: torch.Tensor, cente
     torch.distributed); NaN rows for detectors with fewer than two rows or no variance of z
     (the caller raises or substitutes)."""
     acc = StreamingMoments(decoding, bias, center.to(decoding.device))
-    for chunk in iter_chunks(x, chunk_size, dim=decoding.shape[1]):
-        acc.update(chunk)
+    with fail_together("the signal-vector moments"):
+        for chunk in iter_chunks(x, chunk_size, dim=decoding.shape[1]):
+            acc.update(chunk)
     return acc.all_reduce().signal_vectors()
 
 

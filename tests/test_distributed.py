@@ -135,6 +135,24 @@ def test_a_rank_that_fails_alone_stops_every_rank(case, tmp_path):
     assert got[0][1] == [] and got[1][1] == []  # both ranks' pruning scratch removed
 
 
+def _fail_on_rank_1(rank):
+    from pyconcepts.stats import fail_together
+
+    try:
+        with fail_together("the test block"):
+            if rank == 1:
+                raise KeyError("rank 1's own error")
+        return "no error"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def test_fail_together_raises_on_every_rank():
+    got = _on_two_ranks(_fail_on_rank_1)
+    assert got[0].startswith("RankFailed") and "the test block" in got[0]
+    assert got[1] == "KeyError: \"rank 1's own error\""
+
+
 def _concept_data():
     from pyconcepts.synthetic import SyntheticModel
 
