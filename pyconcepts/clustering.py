@@ -19,7 +19,8 @@ import torch
 
 from . import ops
 from .stats import (DEFAULT_CHUNK_SIZE, KeyedRowSample, StreamingCovariance, all_reduce_sum_,
-                    distributed, fail_together, iter_chunks, signal_from_moments)
+                    distributed, fail_together, iter_chunks, shard_offset,
+                    signal_from_moments)
 
 __all__ = ["DirectionalClustering", "whitening_matrix"]
 
@@ -332,25 +333,13 @@ class DirectionalClustering:
         statistics pass (one process), or None (distributed: drawn here, in one more pass)."""
         if sample is None:
             sample = KeyedRowSample(self._sample_size(), self.seed)
-            start = self._shard_offset()
+            start = shard_offset(self._local_rows)
             with fail_together("the seeding-sample pass"):
-                for chunk in self._chunks(x, self.n_features_in_):
-                    sample.update(chunk, start)
-                    start += chunk.shape[0]
+                sample.update_stream(self._chunks(x, self.n_features_in_), start)
         rows = self.transform(sample.all_reduce().rows())
         if not bool(torch.isfinite(rows).all()):
             raise ValueError("x contains NaN or Inf rows")
         return rows
-
-    def _shard_offset(self) -> int:
-        """Rows held by lower ranks (0 without torch.distributed)."""
-        if not distributed():
-            return 0
-        import torch.distributed as dist
-
-        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
-        dist.all_gather(counts, torch.tensor([self._local_rows], dtype=torch.int64))
-        return int(sum(c.item() for c in counts[: dist.get_rank()]))
 
     def _kmeans_pp(self, sample: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """k-means++ on cosine distance 1 - cos over the sample (float32 unit rows).

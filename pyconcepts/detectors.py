@@ -25,7 +25,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .stats import DEFAULT_CHUNK_SIZE, KeyedRowSample, distributed, fail_together, iter_chunks
+from .stats import (DEFAULT_CHUNK_SIZE, KeyedRowSample, distributed, fail_together, iter_chunks,
+                    shard_offset)
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -126,18 +127,12 @@ def sample_rows(x, size: int, seed: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZ
     rows, in rank order."""
     start = 0
     if distributed():
-        import torch.distributed as dist
-
         with fail_together("the row count of sample_rows"):
             local = sum(chunk.shape[0] for chunk in iter_chunks(x, chunk_size))
-        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
-        dist.all_gather(counts, torch.tensor([local], dtype=torch.int64))
-        start = int(sum(c.item() for c in counts[: dist.get_rank()]))
+        start = shard_offset(local)
     sample = KeyedRowSample(size, seed)
     with fail_together("sample_rows"):
-        for chunk in iter_chunks(x, chunk_size):
-            sample.update(chunk, start)
-            start += chunk.shape[0]
+        sample.update_stream(iter_chunks(x, chunk_size), start)
     return sample.all_reduce().rows()
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "KeyedRowSample",
     "RankFailed",
     "fail_together",
+    "shard_offset",
     "signal_from_moments",
     "DEFAULT_CHUNK_SIZE",
 ]
@@ -134,6 +135,18 @@ def all_reduce_sum_(*tensors: torch.Tensor) -> None:
 
     for t in tensors:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def shard_offset(local_rows: int) -> int:
+    """Global number of this rank's first row: the rows held by lower ranks (0 without
+    torch.distributed). Every rank must call it."""
+    if not distributed():
+        return 0
+    import torch.distributed as dist
+
+    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([int(local_rows)], dtype=torch.int64))
+    return int(sum(c.item() for c in counts[: dist.get_rank()]))
 
 
 class RankFailed(RuntimeError):
@@ -429,6 +442,13 @@ class KeyedRowSample:
             rows = chunk.index_select(0, sel.to(chunk.device)).to(device="cpu",
                                                                    dtype=torch.float32)
         self._add(rows, keys, index)
+        return self
+
+    def update_stream(self, chunks, start: int = 0) -> "KeyedRowSample":
+        """Offer every chunk of ``chunks`` in turn, the first row being global row ``start``."""
+        for chunk in chunks:
+            self.update(chunk, start)
+            start += chunk.shape[0]
         return self
 
     def merge(self, other: "KeyedRowSample") -> "KeyedRowSample":

@@ -137,11 +137,7 @@ def test_batch_signal_vectors_equal_the_streamed_ones():
 
 
 def _offer(sample, chunks):
-    start = 0
-    for chunk in chunks:
-        sample.update(chunk, start)
-        start += chunk.shape[0]
-    return sample.rows()
+    return sample.update_stream(chunks).rows()
 
 
 def test_keyed_row_sample_is_uniform_and_the_same_for_any_chunking():
