@@ -228,3 +228,28 @@ def test_receptive_field_of_two_convolutions():
     assert (top, left) == (0, 0) and bottom - top == rf.size == right - left      # slid inside the image
     top, left, bottom, right = rf.box(7, 7)
     assert (bottom, right) == (16, 16)
+
+
+def test_demo_source_names_masks_and_classes(tmp_path):
+    from pyconcepts.datasets.shapes import CLASSES, CONCEPTS, make_shapes
+    from pyconcepts.demo.model import DEMO_LAYER
+    from pyconcepts.demo.run import load_model, shapes_source
+
+    data = make_shapes(6, seed=3, watermark="random", watermark_rate=0.5)
+    src = shapes_source(data)
+    assert len(src) == 6 and src.class_names == list(CLASSES)
+    masks, names = src.concept_masks
+    assert names == list(CONCEPTS) and torch.equal(masks([1, 4]), data.masks[[1, 4]])
+    assert src.names[0].startswith("0000 ") and src.names[0].split()[-1] in ("circle", "square", "triangle", "+mark")
+    assert torch.equal(src.display([2])[0], (data.images[2].permute(1, 2, 0) * 255).round().to(torch.uint8))
+    index = write_report(tmp_path, _basis(k=2, d=64), load_model(), DEMO_LAYER, src, rcav=False, top=2, maps=1)
+    text = index.read_text(encoding="utf-8")
+    assert "best mask IoU" in text and "watermark" in (tmp_path / "concepts" / "concept-000.html").read_text()
+
+
+def test_nan_activations_are_refused(tmp_path):
+    model = TinyNet().eval()
+    with torch.no_grad():
+        model.conv1.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        write_report(tmp_path, _basis(), model, "act", _source(n=4, masks=False), rcav=False)

@@ -240,6 +240,12 @@ def write_report(
             f"permutations, Bonferroni over {len(tested)} x {c} tests; * = p (Bonferroni) < {level:g}. The smallest "
             f"attainable Bonferroni p is {floor:.3g}" + (" (raise rcav_permutations to reach significance)."
                                                       if floor >= level else "."))
+        saturated = float(((result.null_scores == 0) | (result.null_scores == 1)).float().mean())
+        if saturated >= 0.5:
+            rcav_note += (
+                f" Here {saturated:.0%} of the null scores are 0% or 100%: random directions, too, move every "
+                "image's probability the same way, so the test cannot tell a concept from chance (typical when "
+                "the rest of the network is close to linear, such as pooling and a linear head).")
     crop_note = (f"One patch per image: the {top} images whose best patch scores highest, that patch outlined "
                  f"(its cell of the {m.grid[0]} x {m.grid[1]} grid). {rf.describe()[0].upper()}{rf.describe()[1:]}. "
                  "Captions: image name and detector score.")

@@ -308,6 +308,7 @@ def measure(
     grid = input_size = None
     seen = 0
     decoding, bias = basis.decoding.cpu(), basis.bias.cpu()
+    layer = tap.layer[len("inner."):] if isinstance(model, OutputSelected) else tap.layer
     for j, batch in enumerate(source.batches(batch_size)):
         if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
             raise ValueError(f"source.batches() must yield (B, C, H, W) tensors, got "
@@ -317,9 +318,12 @@ def measure(
         acts = tap.activations(batch)
         rows = tap.to_rows(acts).float()
         if rows.shape[1] != basis.dim:
-            raise ValueError(f"the basis has D = {basis.dim} but layer {tap.layer!r} has {rows.shape[1]} channels; "
+            raise ValueError(f"the basis has D = {basis.dim} but layer {layer!r} has {rows.shape[1]} channels; "
                              "was the basis extracted at another layer or model?")
         rows = rows.cpu()
+        if not bool(torch.isfinite(rows).all()):
+            raise ValueError(f"layer {layer!r} gave NaN or Inf activations for images {seen}..{seen + b - 1} "
+                             "of the source")
         if grid is None:
             probe = batch[:16].detach().cpu()
             maps_probe = tap.rows_to_maps(rows[:, :1], b)

@@ -133,6 +133,8 @@ figcaption { font-size: 11px; color: var(--muted); margin-top: 3px; overflow: hi
 .effects td, .effects th { padding: 5px 6px; }
 @media (max-width: 900px) { .two { grid-template-columns: 1fr; } }
 .two > .col > .card:first-child { margin-top: 0; }
+svg.hist { width: 100%; height: auto; max-width: 640px; display: block; }
+td .cls { display: block; }
 .caption { color: var(--muted); font-size: 12px; margin: 6px 0 0; }
 svg text { font: 11px system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; fill: #59636e; }
 footer { color: var(--muted); font-size: 12px; margin-top: 24px; }
@@ -179,11 +181,11 @@ def _facts(facts: Sequence[Tuple[str, str]]) -> str:
 # ------------------------------------------------------------------------------ index
 def index_page(view: ReportView) -> str:
     top_tv = max((c.tv for c in view.concepts), default=0.0) or 1.0
-    head = ["#", "concept", "influence", "flips", "fires on", "pushes up", "pushes down"]
+    head = ["#", "concept", "influence", "flips", "fires on patches", "pushes up", "pushes down"]
     if view.has_masks:
         head.append("best mask IoU")
     head.append("top patches")
-    num = {"flips", "fires on", "best mask IoU"}
+    num = {"flips", "fires on patches", "best mask IoU"}
     rows = []
     for c in view.concepts:
         up, down = c.up_down(2)
@@ -193,7 +195,7 @@ def index_page(view: ReportView) -> str:
             f"<td class=\"num\"><span class=\"bar\"><span style=\"width:{100 * c.tv / top_tv:.1f}%\"></span></span>"
             f"{c.tv:.3f}</td>",
             f"<td class=\"num\">{esc(_pct(c.flips))}</td>",
-            f"<td class=\"num\">{esc(_pct(c.patch_share))} <span class=\"muted\">of patches</span></td>",
+            f"<td class=\"num\" title=\"{esc(_pct(c.image_share))} of the images\">{esc(_pct(c.patch_share))}</td>",
             "<td>" + (" ".join(_class_tag(e, "up") for e in up) or "<span class=\"muted\">-</span>") + "</td>",
             "<td>" + (" ".join(_class_tag(e, "down") for e in down) or "<span class=\"muted\">-</span>") + "</td>",
         ]
@@ -257,7 +259,7 @@ def histogram_svg(counts: Sequence[int], edges: Sequence[float], width: int = 56
     peak = max(counts)
     ly = lambda c: ph * math.log10(1 + c) / math.log10(1 + peak)  # noqa: E731
     xv = lambda v: left + pw * (v - lo) / (hi - lo)  # noqa: E731
-    parts = [f"<svg class=\"hist\" viewBox=\"0 0 {width} {height}\" width=\"{width}\" height=\"{height}\" "
+    parts = [f"<svg class=\"hist\" viewBox=\"0 0 {width} {height}\" "
              "role=\"img\" aria-label=\"histogram of the detector score\" xmlns=\"http://www.w3.org/2000/svg\">"]
     decade = 1
     while decade <= peak:
