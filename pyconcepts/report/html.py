@@ -93,7 +93,7 @@ a { color: var(--accent); text-decoration: none; }
 a:hover { text-decoration: underline; }
 .facts { display: flex; flex-wrap: wrap; gap: 6px 18px; color: var(--muted); margin: 4px 0 16px; }
 .facts b { color: var(--ink); font-weight: 600; }
-.card { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: 16px 18px;
+.card { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: 16px 18px; overflow-x: auto;
   margin: 14px 0; }
 .notes { color: var(--muted); font-size: 13px; margin: 0; padding-left: 18px; }
 .notes li { margin: 2px 0; }
@@ -109,7 +109,7 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-sp
   display: inline-block; vertical-align: middle; margin-right: 8px; }
 .bar > span { position: absolute; left: 0; top: 0; bottom: 0; background: var(--accent); border-radius: 5px; }
 .thumbs { display: flex; gap: 3px; }
-.thumbs img { width: 44px; height: 44px; border-radius: 3px; image-rendering: pixelated; display: block; }
+.thumbs img { width: 40px; height: 40px; border-radius: 3px; image-rendering: pixelated; display: block; }
 .cls { white-space: nowrap; }
 .up { color: var(--up); } .down { color: var(--down); }
 .sig { font-weight: 700; }
