@@ -34,7 +34,7 @@ _LAZY = {
 _SUBMODULES = {
     "reference", "stats", "clustering", "pruning", "signal", "detectors", "directions", "basis",
     "synthetic", "metrics", "taps", "ura", "extraction", "interventions", "attribution",
-    "datasets", "demo", "cli", "images",
+    "datasets", "demo", "cli", "images", "outputs",
 }
 
 

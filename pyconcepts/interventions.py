@@ -31,6 +31,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .outputs import OutputSpec, check_output_spec, read_scores, scores_kind
 from .taps import LayerTap, iter_batches, resolve_layer
 
 __all__ = [
@@ -362,20 +363,29 @@ def counterfactual(
     batch_size: Optional[int] = None,
     skip_tokens: int = 0,
     membership: str = "soft",
+    output: OutputSpec = None,
 ) -> Counterfactual:
     """The model's outputs on ``images`` as they are and with ``concepts`` removed (or with
-    the ``set`` / ``scale`` edits). ``images``: a tensor (B, C, H, W) or an iterable of batches."""
+    the ``set`` / ``scale`` edits). ``images``: a tensor (B, C, H, W) or an iterable of batches.
+    ``output``: which part of the model's output holds the class scores (an index, a key or
+    a callable; ``pyconcepts.outputs``). A model that ends in probabilities is recorded as
+    log-probabilities, so ``probs_before`` / ``probs_after`` are its own probabilities."""
     basis = _check_basis(basis)
+    output = check_output_spec(output)
     tap = LayerTap(model, _layer_name(basis, layer), skip_tokens=skip_tokens)
     before, after = [], []
+    kind = "auto"
     with tap.eval_mode(), torch.no_grad():
         for batch in iter_batches(images, batch_size):
             batch = tap._check_images(batch)
-            before.append(model(batch).float().cpu())
+            raw = read_scores(model(batch), output, "logits")
+            if kind == "auto":
+                kind = scores_kind(raw)
+            before.append(read_scores(raw, None, kind).float().cpu())
             with intervene(model, basis, layer=tap.layer, remove=concepts, set=set, scale=scale,
                            strength=strength, direction=direction, skip_tokens=skip_tokens,
                            membership=membership):
-                after.append(model(batch).float().cpu())
+                after.append(read_scores(model(batch), output, kind).float().cpu())
     if not before:
         raise ValueError("images is empty")
     return Counterfactual(torch.cat(before), torch.cat(after))
