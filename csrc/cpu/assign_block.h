@@ -25,11 +25,24 @@ struct AssignWorkspace {
   static int64_t rows_for(int64_t d);
   int64_t rows_per_block;
   std::vector<float> xb;      // rows_per_block x d, fp32 copy of the block
-  std::vector<float> norms;   // squared row norms
+  std::vector<float> norms;   // squared row norms (of the rows as held in xb)
+  std::vector<double> unscale;  // xb row * unscale = the row as read (see rescale_row)
   std::vector<char> finite;   // row holds no NaN/Inf
   std::vector<float> top_best, top_second;
   std::vector<int32_t> top_index;
 };
+
+// Squared norms within which the fp32 squares and dot products of a row neither overflow
+// nor lose its small elements to underflow.
+constexpr float kMinSafeSumsq = 0x1p-60f;
+constexpr float kMaxSafeSumsq = 0x1p+60f;
+
+// A converted row whose squared norm `sumsq` is outside [kMinSafeSumsq, kMaxSafeSumsq] is
+// scaled by a power of two (exact) so its largest element lies in [1, 2); sumsq is then
+// recomputed and `unscale` receives the factor that undoes the scaling (1 when the row is
+// left as it is; a zero row stays zero). Cosines are scale-free, so any finite row gets the
+// cosine of the row as read. Returns false when the row holds Inf (x - center overflowed).
+bool rescale_row(float* row, int64_t d, float& sumsq, double& unscale);
 
 // Assigns rows [r0, r0 + rows) of x (rows <= ws.rows_per_block), writing index/best/second
 // at those rows; afterwards ws.xb holds the block in fp32. With a non-null row_index, output

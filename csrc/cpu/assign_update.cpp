@@ -59,10 +59,11 @@ void assign_update_cpu(const Matrix& x, const float* centroids, int64_t k, int64
           const int64_t c = index[r0 + r];
           double* dst = partial.data() + c * d;
           const float* src = ws.xb.data() + r * d;
-          // the norm only when it is used (a square root per row shows at small D x K)
+          // the norm only when it is used (a square root per row shows at small D x K); the
+          // block holds the row times 1 / unscale (rescale_row), norm is of the block's row
           const double norm =
               normalize || moments ? std::sqrt(static_cast<double>(ws.norms[r])) : 1.0;
-          const double scale = normalize ? 1.0 / std::max(norm, 1e-12) : 1.0;
+          const double scale = normalize ? 1.0 / std::max(norm, 1e-12) : ws.unscale[r];
           const bool first = !touched[c];  // first member in this super-block: initialise
           if (first) {
             touched[c] = 1;
@@ -76,7 +77,8 @@ void assign_update_cpu(const Matrix& x, const float* centroids, int64_t k, int64
           ++partial_counts[c];
           if (moments) {
             // z = c . v from the kernel's cosine: cos for unit rows, cos * ||x|| otherwise
-            const double z = static_cast<double>(best_cos[r0 + r]) * (normalize ? 1.0 : norm);
+            const double z =
+                static_cast<double>(best_cos[r0 + r]) * (normalize ? 1.0 : norm * ws.unscale[r]);
             const double zs = z * scale;
             kern.add_scaled_row(partial_xz.data() + c * d, src, d, zs, false);
             partial_z[2 * c] += z;

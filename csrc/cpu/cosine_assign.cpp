@@ -39,10 +39,34 @@ AssignWorkspace::AssignWorkspace(int64_t d)
     : rows_per_block(rows_for(d)),
       xb(static_cast<size_t>(rows_per_block * d)),
       norms(rows_per_block),
+      unscale(rows_per_block),
       finite(rows_per_block),
       top_best(rows_per_block * NR),
       top_second(rows_per_block * NR),
       top_index(rows_per_block * NR) {}
+
+bool rescale_row(float* row, int64_t d, float& sumsq, double& unscale) {
+  unscale = 1.0;
+  if (sumsq >= kMinSafeSumsq && sumsq <= kMaxSafeSumsq) return true;
+  float amax = 0.0f;
+  for (int64_t p = 0; p < d; ++p) amax = std::max(amax, std::abs(row[p]));
+  if (!std::isfinite(amax)) return false;
+  if (amax == 0.0f) {
+    sumsq = 0.0f;
+    return true;
+  }
+  int e;
+  std::frexp(amax, &e);  // amax = m 2^e, m in [0.5, 1)
+  const int shift = 1 - e;
+  double acc = 0.0;
+  for (int64_t p = 0; p < d; ++p) {
+    row[p] = std::ldexp(row[p], shift);
+    acc += static_cast<double>(row[p]) * row[p];
+  }
+  sumsq = static_cast<float>(acc);
+  unscale = std::ldexp(1.0, -shift);
+  return true;
+}
 
 int64_t assign_block(const Matrix& x, const CentroidPanel& panel, int64_t r0, int64_t rows,
                      AssignWorkspace& ws, int64_t* index, float* best_cos, float* second_cos,
@@ -53,8 +77,9 @@ int64_t assign_block(const Matrix& x, const CentroidPanel& panel, int64_t r0, in
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t src = row_index ? row_index[r0 + r] : r0 + r;
-    ws.finite[r] = kern.convert_row(row_ptr(x, src), x.dtype, d, center, ws.xb.data() + r * d,
-                                    &ws.norms[r]);
+    float* row = ws.xb.data() + r * d;
+    ws.finite[r] = kern.convert_row(row_ptr(x, src), x.dtype, d, center, row, &ws.norms[r]) &&
+                   rescale_row(row, d, ws.norms[r], ws.unscale[r]);
   }
   std::fill(ws.xb.begin() + rows * d, ws.xb.begin() + padded * d, 0.0f);
   std::fill(ws.top_best.begin(), ws.top_best.begin() + padded * NR, neg_inf);

@@ -124,6 +124,7 @@ struct EvalBlock {
         staged(static_cast<size_t>(cap * d)),
         sorted(static_cast<size_t>(cap * d)),
         norms(cap),
+        unscale(cap),
         rows(cap),
         labels(cap),
         perm(cap),
@@ -136,6 +137,7 @@ struct EvalBlock {
         top_index(cap * NR) {}
   int64_t cap, g, n = 0;
   std::vector<float> staged, sorted, norms;
+  std::vector<double> unscale;  // staged row * unscale = the row as read (rescale_row)
   std::vector<int64_t> rows, labels, perm;
   std::vector<char> masks, tile_need;
   std::vector<float> group_max;
@@ -246,7 +248,7 @@ void flush(const PassContext& ctx, EvalBlock& eb, Corrections& corr, Counters& c
       const double scale =
           ctx.normalize
               ? 1.0 / std::max(std::sqrt(static_cast<double>(eb.norms[e])), 1e-12)
-              : 1.0;
+              : eb.unscale[e];
       const float* src = xs + i * d;
       corr.add(winner, src, scale, d);
       corr.add(old, src, -scale, d);
@@ -328,7 +330,9 @@ void pruned_pass_cpu(const Matrix& x, const float* centroids, int64_t k,
         ++cnt.read;
         float* xr = eb.staged.data() + eb.n * d;
         float sumsq = 0.0f;
-        if (!kern.convert_row(row_ptr(x, r), x.dtype, d, nullptr, xr, &sumsq)) {
+        double unscale = 1.0;
+        if (!kern.convert_row(row_ptr(x, r), x.dtype, d, nullptr, xr, &sumsq) ||
+            !cpu::rescale_row(xr, d, sumsq, unscale)) {
           ++cnt.nonfinite;
           theta_lo[r] = lo;
           continue;
@@ -349,6 +353,7 @@ void pruned_pass_cpu(const Matrix& x, const float* centroids, int64_t k,
         eb.rows[eb.n] = r;
         eb.labels[eb.n] = own;
         eb.norms[eb.n] = sumsq;
+        eb.unscale[eb.n] = unscale;
         if (++eb.n == eb.cap) flush(ctx, eb, corr, cnt);
       }
       flush(ctx, eb, corr, cnt);
