@@ -143,10 +143,11 @@ def _check_vector(t, name: str, n: int, device: torch.device) -> torch.Tensor:
     return _to_float32(t, name)
 
 
-def _raise_bad(bad: torch.Tensor, name: str = "x") -> None:
+def _raise_bad(bad: torch.Tensor, name: str = "x", centered: bool = False) -> None:
     nonfinite, out_of_range = (int(v) for v in bad.tolist())
     if nonfinite:
-        raise ValueError(f"{name} contains NaN or Inf in {nonfinite} row(s)")
+        also = f", or {name} - center leaves the float32 range there" if centered else ""
+        raise ValueError(f"{name} contains NaN or Inf in {nonfinite} row(s){also}")
     if out_of_range:
         raise ValueError(f"index has {out_of_range} value(s) outside [0, n_clusters)")
 
@@ -195,6 +196,37 @@ def _require_finite_on_device(*named) -> None:
         if t is not None and t.is_cuda and t.is_floating_point() \
                 and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN or Inf")
+
+
+# --------------------------------------------------------------------- extreme magnitudes
+# The kernels multiply in float32. Row magnitudes (largest |element|) within
+# [2^-_SAFE_EXP, 2^_SAFE_EXP] keep every square, dot product and moment product of a row
+# far from overflow and underflow; outside it, powers of two (exact) bring values back.
+# The CPU assignment kernels do this per row themselves (csrc/cpu/assign_block.h).
+_SAFE_EXP = 20
+
+
+def _power_of_two_below(v: torch.Tensor) -> torch.Tensor:
+    """2^e with v in [2^e, 2^(e+1)), elementwise for positive finite float64 v."""
+    return torch.ldexp(torch.ones_like(v), torch.frexp(v).exponent - 1)
+
+
+def _unsafe(magnitude: torch.Tensor) -> torch.Tensor:
+    lo, hi = 2.0 ** -_SAFE_EXP, 2.0 ** _SAFE_EXP
+    # a non-finite magnitude (x - center overflowed) is left for the kernel to report
+    return (magnitude > 0) & torch.isfinite(magnitude) & ((magnitude < lo) | (magnitude > hi))
+
+
+def _rescale_rows(x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """CUDA kernels: x with each row of extreme magnitude scaled by a power of two to a
+    largest element in [1, 2) (cosines are scale-free), and the float64 factors that undo
+    it; (x, None) when every row is in range (one read of x, no copy)."""
+    magnitude = torch.linalg.vector_norm(x, float("inf"), dim=1).double()
+    unsafe = _unsafe(magnitude)
+    if not bool(unsafe.any()):
+        return x, None
+    unscale = torch.where(unsafe, _power_of_two_below(magnitude), torch.ones_like(magnitude))
+    return (x.double() / unscale[:, None]).float(), unscale
 
 
 # ------------------------------------------------------------------------- cosine_assign
@@ -330,12 +362,15 @@ def cosine_assign(
         rows = _check_rows(rows, x)
         if x.is_cuda:
             x, rows = x.index_select(0, rows), None
+    centered = center is not None
     x, center = _apply_center(x, center)
+    if x.is_cuda:
+        x, _ = _rescale_rows(x)
     index, best, second, group_max, bad = torch.ops.pyconcepts.cosine_assign(
         x, centroids, bool(return_second), bool(return_group_max), _threads(num_threads), rows,
         center,
     )
-    _raise_bad(bad)
+    _raise_bad(bad, centered=centered)
     return _assigned(index, best, second, group_max, return_second, return_group_max)
 
 
@@ -471,11 +506,46 @@ def masked_moments(
     bias = _check_vector(bias, "bias", decoding.shape[0], x.device)
     if center is not None:
         center = _check_vector(center, "center", x.shape[1], x.device)
-    *stats, bad = torch.ops.pyconcepts.masked_moments(
-        x, decoding, bias, center, _threads(num_threads)
+    scales = _moment_scales(x, decoding, center)
+    if scales is None:
+        *stats, bad = torch.ops.pyconcepts.masked_moments(
+            x, decoding, bias, center, _threads(num_threads)
+        )
+        _raise_bad(bad, centered=center is not None)
+        return Moments(*stats)
+    # z and the masks are invariant under x -> beta x, w -> alpha w, b -> alpha beta b;
+    # the sums scale by powers of alpha and beta, undone in float64
+    alpha, beta = scales
+    ab = alpha * beta
+    bias_s = bias.double() * ab
+    # the sign of a bias that underflows still decides z = 0 (a row equal to center)
+    tiny = torch.finfo(torch.float32).smallest_normal * 2.0**-23
+    bias_s = torch.where((bias_s.abs() < tiny) & (bias != 0), bias.sign().double() * tiny, bias_s)
+    bias_s = bias_s.clamp(-torch.finfo(torch.float32).max, torch.finfo(torch.float32).max)
+    count, sum_z, sum_z2, sum_x, sum_xz, bad = torch.ops.pyconcepts.masked_moments(
+        (x.double() * beta).float(), (decoding.double() * alpha).float(), bias_s.float(),
+        None if center is None else (center.double() * beta).float(), _threads(num_threads),
     )
-    _raise_bad(bad)
-    return Moments(*stats)
+    _raise_bad(bad, centered=center is not None)
+    return Moments(count, sum_z / ab, sum_z2 / (ab * ab), sum_x / beta, sum_xz / (ab * beta))
+
+
+def _moment_scales(x: torch.Tensor, decoding: torch.Tensor, center: Optional[torch.Tensor]):
+    """Powers of two (alpha for decoding, beta for x and center) that bring the float32
+    products of masked_moments into range, or None when they already are (the usual case:
+    one read of x, no copy). One scale for all of x: rows many orders of magnitude apart
+    keep the precision of the largest."""
+    x_mag = float(torch.linalg.vector_norm(x, float("inf"))) if x.numel() else 0.0
+    if center is not None:
+        x_mag += float(center.abs().max())
+    w_mag = float(decoding.double().norm(dim=1).max())
+    mags = torch.tensor([x_mag, w_mag], dtype=torch.float64)
+    if not bool(_unsafe(mags).any()):
+        return None
+    unscale = torch.where(mags > 0, _power_of_two_below(mags.clamp_min(1e-300)),
+                          torch.ones_like(mags))
+    beta, alpha = (1.0 / unscale).tolist()
+    return alpha, beta
 
 
 # ------------------------------------------------------------------------- assign_update
@@ -552,15 +622,25 @@ def assign_update(
     x = _check_activations(x)
     centroids = _check_centroids(centroids, x)
     _check_group_max(return_group_max, x)
+    centered = center is not None
     x, center = _apply_center(x, center)
     if x.is_cuda:
-        assigned = cosine_assign(x, centroids, return_second=return_second)
-        # unit rows in float32: a float16 norm overflows beyond 65504
-        rows = F.normalize(x.float(), dim=1, eps=1e-12) if normalize else x
+        scaled, _ = _rescale_rows(x)
+        assigned = cosine_assign(scaled, centroids, return_second=return_second)
+        # unit rows in float32 (a float16 norm overflows beyond 65504), from rows in range
+        rows = F.normalize(scaled.float(), dim=1, eps=1e-12) if normalize else x
         k = centroids.shape[0]
         sums, counts = spherical_update(rows, assigned[0], k)
         if not return_moments:
             return (*assigned, sums, counts)
+        if not normalize:
+            magnitude = torch.linalg.vector_norm(x, float("inf"), dim=1).double()
+            if bool(((magnitude > 0) & ((magnitude < 2.0**-50) | (magnitude > 2.0**40))).any()):
+                raise ValueError(
+                    "return_moments on CUDA needs rows whose largest |element| lies in "
+                    "[2^-50, 2^40] (zero rows aside), or normalize=True: the moment "
+                    "products are float32; rescale x"
+                )
         # the same moments from the native ops: z from the kernel's cosine, as on the CPU
         # (fp32 products here, summed in float64 by spherical_update)
         z = assigned[1] * (1.0 if normalize else x.float().norm(dim=1))
@@ -573,7 +653,7 @@ def assign_update(
             bool(normalize), center, bool(return_moments),
         )
     )
-    _raise_bad(bad)
+    _raise_bad(bad, centered=centered)
     out = (*_assigned(index, best, second, group_max, return_second, return_group_max), sums,
            counts)
     return (*out, sum_xz, sum_z) if return_moments else out
