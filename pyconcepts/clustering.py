@@ -308,8 +308,9 @@ class DirectionalClustering:
         if not (isinstance(self.pruning, bool)
                 or (isinstance(self.pruning, str) and self.pruning == "auto")):
             raise ValueError(f"pruning must be True, False or 'auto', got {self.pruning!r}")
-        if (isinstance(self.pruning_memory, (bool, np.bool_))
-                or not isinstance(self.pruning_memory, numbers.Integral) or self.pruning_memory < 0):
+        memory = self.pruning_memory
+        if (isinstance(memory, (bool, np.bool_)) or not isinstance(memory, numbers.Integral)
+                or memory < 0):
             raise ValueError(f"pruning_memory must be an int >= 0 (bytes), got "
                              f"{self.pruning_memory!r}")
         if self.pruning_dir is not None and not isinstance(self.pruning_dir, (str, os.PathLike)):
@@ -535,7 +536,8 @@ class DirectionalClustering:
         if self.whiten:
             if n_rows < 2:
                 raise ValueError("whitening needs at least two rows")
-            self.transform_matrix_ = whitening_matrix(stats.covariance, float(self.whiten_shrinkage)).to(torch.float32)
+            self.transform_matrix_ = whitening_matrix(
+                stats.covariance, float(self.whiten_shrinkage)).to(torch.float32)
         else:
             self.transform_matrix_ = None
 
@@ -664,7 +666,8 @@ class DirectionalClustering:
                         use_pruning, pruned, watched = False, None, None
                 else:
                     sums, counts, watched_labels, pass_moments = self._lloyd_pass(
-                        x, centroids, watch=use_pruning == "adaptive", where=f"Lloyd pass {n_iter}")
+                        x, centroids, watch=use_pruning == "adaptive",
+                        where=f"Lloyd pass {n_iter}")
                     if pass_moments is not None:
                         all_reduce_sum_(*pass_moments)
                         moments = (sums, counts, *pass_moments, centroids)
