@@ -246,6 +246,15 @@ class DirectionalClustering:
     moves the centroids little at convergence), NaN for a cluster with fewer than two
     members or no variance of z; ``signal_decoding_`` (K, D), the filters w_i in raw coordinates they pair with
     (w_i . s_i = 1): the last pass's centroids, mapped through the whitening if any.
+
+    ``x`` may be a tensor, a numpy array or array-like (N, D), or a re-iterable stream of
+    (n, D) tensor chunks that yields the same rows on every pass (a pass that yields another
+    number of rows or another D raises a ValueError naming it). ``predict``, ``transform``,
+    ``labels_``, ``fit_predict`` and ``fit_transform`` give numpy arrays for numpy input and
+    tensors otherwise; the fitted attributes are tensors. The estimator follows
+    scikit-learn's conventions without depending on it (``get_params``/``set_params``,
+    ``clone``, pipelines, ``check_estimator``): parameters are stored as given and checked by
+    ``fit``, and methods that need a fitted model raise ``NotFittedError`` before it.
     """
 
     def __init__(
