@@ -246,6 +246,15 @@ class DirectionalClustering:
     moves the centroids little at convergence), NaN for a cluster with fewer than two
     members or no variance of z; ``signal_decoding_`` (K, D), the filters w_i in raw coordinates they pair with
     (w_i . s_i = 1): the last pass's centroids, mapped through the whitening if any.
+
+    ``x`` may be a tensor, a numpy array or array-like (N, D), or a re-iterable stream of
+    (n, D) tensor chunks that yields the same rows on every pass (a pass that yields another
+    number of rows or another D raises a ValueError naming it). ``predict``, ``transform``,
+    ``labels_``, ``fit_predict`` and ``fit_transform`` give numpy arrays for numpy input and
+    tensors otherwise; the fitted attributes are tensors. The estimator follows
+    scikit-learn's conventions without depending on it (``get_params``/``set_params``,
+    ``clone``, pipelines, ``check_estimator``): parameters are stored as given and checked by
+    ``fit``, and methods that need a fitted model raise ``NotFittedError`` before it.
     """
 
     def __init__(
@@ -308,8 +317,9 @@ class DirectionalClustering:
         if not (isinstance(self.pruning, bool)
                 or (isinstance(self.pruning, str) and self.pruning == "auto")):
             raise ValueError(f"pruning must be True, False or 'auto', got {self.pruning!r}")
-        if (isinstance(self.pruning_memory, (bool, np.bool_))
-                or not isinstance(self.pruning_memory, numbers.Integral) or self.pruning_memory < 0):
+        memory = self.pruning_memory
+        if (isinstance(memory, (bool, np.bool_)) or not isinstance(memory, numbers.Integral)
+                or memory < 0):
             raise ValueError(f"pruning_memory must be an int >= 0 (bytes), got "
                              f"{self.pruning_memory!r}")
         if self.pruning_dir is not None and not isinstance(self.pruning_dir, (str, os.PathLike)):
@@ -535,7 +545,8 @@ class DirectionalClustering:
         if self.whiten:
             if n_rows < 2:
                 raise ValueError("whitening needs at least two rows")
-            self.transform_matrix_ = whitening_matrix(stats.covariance, float(self.whiten_shrinkage)).to(torch.float32)
+            self.transform_matrix_ = whitening_matrix(
+                stats.covariance, float(self.whiten_shrinkage)).to(torch.float32)
         else:
             self.transform_matrix_ = None
 
@@ -664,7 +675,8 @@ class DirectionalClustering:
                         use_pruning, pruned, watched = False, None, None
                 else:
                     sums, counts, watched_labels, pass_moments = self._lloyd_pass(
-                        x, centroids, watch=use_pruning == "adaptive", where=f"Lloyd pass {n_iter}")
+                        x, centroids, watch=use_pruning == "adaptive",
+                        where=f"Lloyd pass {n_iter}")
                     if pass_moments is not None:
                         all_reduce_sum_(*pass_moments)
                         moments = (sums, counts, *pass_moments, centroids)

@@ -168,7 +168,8 @@ def test_repr_shows_the_parameters_that_differ_from_their_defaults():
     assert repr(pc.DirectionalClustering(8)) == "DirectionalClustering(n_concepts=8)"
     assert (repr(pc.DirectionalClustering(n_concepts=4, whiten=True, seed=3, pruning=False))
             == "DirectionalClustering(n_concepts=4, seed=3, whiten=True, pruning=False)")
-    assert repr(pc.DirectionalClustering(4, center=1)) == "DirectionalClustering(n_concepts=4, center=1)"
+    assert (repr(pc.DirectionalClustering(4, center=1))  # 1 is not the default True
+            == "DirectionalClustering(n_concepts=4, center=1)")
 
 
 # scikit-learn checks that cannot apply to DirectionalClustering, with the reason. Empty: it
