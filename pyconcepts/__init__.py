@@ -28,6 +28,7 @@ _LAZY = {
     "correct": "interventions",
     "counterfactual": "interventions",
     "restore_corrections": "interventions",
+    "rank_concepts": "interventions",
     "contribution_maps": "attribution",
     "rcav": "attribution",
 }
