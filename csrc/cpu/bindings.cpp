@@ -1,6 +1,7 @@
 // pybind11 bindings of the CPU module pyconcepts._C. Arguments are raw addresses, sizes and
 // strides (validated by pyconcepts/ops.py); no torch type crosses this boundary.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
@@ -22,8 +23,20 @@ using bind::ptr;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyconcepts CPU kernels (torch-free; called by pyconcepts.ops)";
+  // Chosen now, so that a PYCONCEPTS_SIMD path this CPU lacks fails the import with its
+  // reason instead of inside a parallel region later.
+  cpu::kernels();
   m.def("simd_level", [] { return std::string(cpu::kernels().name); },
         "The SIMD code path selected for this CPU at import time.");
+  m.def("simd_path", [] { return std::string(cpu::kernels().path); },
+        "The PYCONCEPTS_SIMD value of the code path in use (generic, avx2, avx512).");
+  m.def("simd_paths", &cpu::available_paths,
+        "The PYCONCEPTS_SIMD values this CPU and build can run.");
+  m.def("cpu_features", [] {
+    py::dict d;
+    for (const auto& f : cpu::cpu_features()) d[py::str(f.first)] = f.second;
+    return d;
+  }, "Instruction-set features of this CPU the kernels look at.");
 
   m.def(
       "cosine_assign",

@@ -61,21 +61,27 @@ int64_t assign_block(const Matrix& x, const CentroidPanel& panel, int64_t r0, in
   std::fill(ws.top_second.begin(), ws.top_second.begin() + padded * NR, neg_inf);
   std::fill(ws.top_index.begin(), ws.top_index.begin() + padded * NR, 0);
 
-  alignas(64) float tile[MR * NR];
+  alignas(64) float tiles[kMaxTiles * MR * NR];
   float row_max[MR];
+  const int64_t step = kern.tiles_per_call * MR;
   for (int64_t s = 0; s < panel.strips; ++s) {
     const float* b = panel.data.data() + s * d * NR;
     const int valid = static_cast<int>(std::min<int64_t>(NR, k - s * NR));
-    for (int64_t m = 0; m < padded; m += MR) {
-      kern.gemm_tile(d, ws.xb.data() + m * d, d, b, NR, tile, NR, false);
-      kern.top2_update(tile, static_cast<int32_t>(s * NR), valid, ws.top_best.data() + m * NR,
-                       ws.top_second.data() + m * NR, ws.top_index.data() + m * NR);
-      if (group_max) {
-        kern.tile_row_max(tile, valid, row_max);
-        for (int64_t i = 0; i < MR && m + i < rows; ++i) {
-          const float inv = 1.0f / std::max(std::sqrt(ws.norms[m + i]), 1e-12f);
-          group_max[(r0 + m + i) * panel.strips + s] =
-              ws.finite[m + i] ? row_max[i] * inv : std::numeric_limits<float>::quiet_NaN();
+    for (int64_t m0 = 0; m0 < padded; m0 += step) {
+      const int count = static_cast<int>(std::min<int64_t>(step, padded - m0) / MR);
+      kern.gemm_tiles(d, ws.xb.data() + m0 * d, d, count, b, NR, tiles, NR);
+      for (int t = 0; t < count; ++t) {
+        const int64_t m = m0 + t * MR;
+        const float* tile = tiles + t * MR * NR;
+        kern.top2_update(tile, static_cast<int32_t>(s * NR), valid, ws.top_best.data() + m * NR,
+                         ws.top_second.data() + m * NR, ws.top_index.data() + m * NR);
+        if (group_max) {
+          kern.tile_row_max(tile, valid, row_max);
+          for (int64_t i = 0; i < MR && m + i < rows; ++i) {
+            const float inv = 1.0f / std::max(std::sqrt(ws.norms[m + i]), 1e-12f);
+            group_max[(r0 + m + i) * panel.strips + s] =
+                ws.finite[m + i] ? row_max[i] * inv : std::numeric_limits<float>::quiet_NaN();
+          }
         }
       }
     }
