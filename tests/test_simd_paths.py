@@ -48,6 +48,17 @@ for name, dt in (("f32", torch.float32), ("f16", torch.float16), ("bf16", torch.
                                                             center=center, num_threads=th))
         out["spherical_" + key] = pc.ops.spherical_update(x, out["assign_" + key][0], 37,
                                                           num_threads=th)
+        out["plain_" + key] = pc.ops.cosine_assign(x, c, center=center, num_threads=th)
+# many clearly assigned rows (what the int16 screen certifies), some at extreme scales
+gm = torch.Generator().manual_seed(11)
+cm = F.normalize(torch.randn(256, 64, generator=gm), dim=1)
+xm = cm[torch.randint(0, 256, (2000,), generator=gm)] + 0.05 * torch.randn(2000, 64, generator=gm)
+xm[:100] *= 1e-18
+xm[100:200] *= 1e15
+xm[200:210] = 0.0
+out["mixture"] = pc.ops.cosine_assign(xm, cm) + pc.ops.assign_update(xm, cm, normalize=True,
+                                                                     return_moments=True)
+out["single_centroid"] = pc.ops.cosine_assign(xm, cm[:1])
 # exact ties: every centroid twice, the lowest index must win
 dup = c[torch.arange(34) % 17].contiguous()
 out["ties"] = pc.ops.cosine_assign(x32, dup, return_second=True)
@@ -71,6 +82,7 @@ for th in (1, 2):
         drift = _drift_angles(cc, new)
         cc = new
     out[f"pruned_t{th}"] = passes
+out["screen_counts"] = torch.tensor(pc._C.screen_counts())
 torch.save(out, sys.argv[1])
 """
 
@@ -83,9 +95,9 @@ def _skip_reason(path: str) -> str:
     return f"this CPU lacks the {path} path (it runs {', '.join(AVAILABLE)})"
 
 
-def _run(path: str, tmp_path_factory) -> dict:
-    target = tmp_path_factory.mktemp(f"simd_{path}") / "out.pt"
-    env = dict(os.environ, PYCONCEPTS_SIMD=path)
+def _run(path: str, tmp_path_factory, screen: str = "off") -> dict:
+    target = tmp_path_factory.mktemp(f"simd_{path}_{screen}") / "out.pt"
+    env = dict(os.environ, PYCONCEPTS_SIMD=path, PYCONCEPTS_SCREEN=screen)
     run = subprocess.run([sys.executable, "-c", _WORKER, str(target)], env=env,
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
@@ -96,10 +108,10 @@ def _run(path: str, tmp_path_factory) -> dict:
 def path_outputs(tmp_path_factory):
     cache: dict = {}
 
-    def get(path: str) -> dict:
-        if path not in cache:
-            cache[path] = _run(path, tmp_path_factory)
-        return cache[path]
+    def get(path: str, screen: str = "off") -> dict:
+        if (path, screen) not in cache:
+            cache[path, screen] = _run(path, tmp_path_factory, screen)
+        return cache[path, screen]
 
     return get
 
@@ -195,7 +207,7 @@ def test_fma_paths_are_bit_identical(path_outputs):
         pytest.skip(f"needs avx2 and avx512; this CPU runs {', '.join(AVAILABLE)}")
     a, b = path_outputs(fma_paths[0]), path_outputs(fma_paths[1])
     for key in a:
-        if key == "path":
+        if key in ("path", "screen_counts"):
             continue
         ta, tb = _flatten(a[key]), _flatten(b[key])
         assert len(ta) == len(tb) and ta, key
@@ -237,3 +249,32 @@ def test_default_path_is_the_best_available():
                          env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == AVAILABLE[-1]
+
+
+def test_int16_screen_gives_the_fp32_path_bits(path_outputs):
+    """PYCONCEPTS_SCREEN=int16: rows whose integer top-2 gap clears the proven bound skip the
+    fp32 sweep; labels, cosines, sums and moments must still be those of the fp32 path, bit
+    for bit (zero rows, rows scaled by 1e-18 and 1e15, K = 1, fp16/bf16 input, a centre)."""
+    if "avx512" not in AVAILABLE or not pc.ops.cpu_features().get("avx512vnni"):
+        pytest.skip("the int16 screen needs the avx512 path and AVX-512 VNNI")
+    plain, screened = path_outputs("avx512"), path_outputs("avx512", "int16")
+    certified, screened_rows = screened["screen_counts"].tolist()
+    assert screened_rows > 0 and certified > 0.5 * screened_rows, (certified, screened_rows)
+    for key in plain:
+        if key in ("path", "screen_counts"):
+            continue
+        ta, tb = _flatten(plain[key]), _flatten(screened[key])
+        assert len(ta) == len(tb) and ta, key
+        for p, q in zip(ta, tb):
+            assert torch.equal(p, q), key
+
+
+def test_unknown_or_unavailable_screen_fails_the_import_clearly():
+    env = dict(os.environ, PYCONCEPTS_SCREEN="int4")
+    run = subprocess.run([sys.executable, "-c", "import pyconcepts"], env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 1 and "PYCONCEPTS_SCREEN=int4" in run.stderr, run.stderr
+    env = dict(os.environ, PYCONCEPTS_SCREEN="int16", PYCONCEPTS_SIMD="generic")
+    run = subprocess.run([sys.executable, "-c", "import pyconcepts"], env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 1 and "needs the avx512 path" in run.stderr, run.stderr

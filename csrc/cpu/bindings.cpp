@@ -9,6 +9,7 @@
 #include "assign_update.h"
 #include "binding_args.h"
 #include "cosine_assign.h"
+#include "cpu/screen.h"
 #include "cpu/simd.h"
 #include "masked_moments.h"
 #include "pruned_pass.h"
@@ -26,12 +27,20 @@ PYBIND11_MODULE(_C, m) {
   // Chosen now, so that a PYCONCEPTS_SIMD path this CPU lacks fails the import with its
   // reason instead of inside a parallel region later.
   cpu::kernels();
+  cpu::screen_enabled();
   m.def("simd_level", [] { return std::string(cpu::kernels().name); },
         "The SIMD code path selected for this CPU at import time.");
   m.def("simd_path", [] { return std::string(cpu::kernels().path); },
         "The PYCONCEPTS_SIMD value of the code path in use (generic, avx2, avx512).");
   m.def("simd_paths", &cpu::available_paths,
         "The PYCONCEPTS_SIMD values this CPU and build can run.");
+  m.def("screen_enabled", &cpu::screen_enabled,
+        "Whether the exact int16 screen runs (PYCONCEPTS_SCREEN=int16).");
+  m.def("screen_counts", [] {
+    int64_t certified = 0, screened = 0;
+    cpu::screen_counts(&certified, &screened);
+    return py::make_tuple(certified, screened);
+  }, "(rows certified, rows screened) by the integer screen since import (all threads).");
   m.def("cpu_features", [] {
     py::dict d;
     for (const auto& f : cpu::cpu_features()) d[py::str(f.first)] = f.second;
