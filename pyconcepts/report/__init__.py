@@ -28,10 +28,10 @@ from torch import nn
 
 from ..attribution import rcav as _rcav
 from ..taps import LayerTap, resolve_layer
-from .collect import Measurements, OutputSelected, ReceptiveField, measure, receptive_field, select_output
+from .collect import Measurements, OutputSelected, ReceptiveField, measure, receptive_field
 from .html import CSS, ClassEffect, ConceptView, Picture, ReportView, concept_page, index_page
 
-__all__ = ["write_report", "select_output", "OPTIONS"]
+__all__ = ["write_report", "OPTIONS"]
 
 # Options of write_report(**options) and their defaults.
 OPTIONS: Dict[str, object] = {
@@ -133,8 +133,8 @@ def write_report(
     """Write the report of ``basis`` (concepts of ``model`` at ``layer``, default the basis's
     layer) over the images of ``source`` into ``out_dir``; returns the path of index.html.
 
-    ``output`` selects the logits when the model returns a tuple/dict (an index, a key or a
-    callable). ``top``: patches per concept; ``maps``: detection maps per concept; ``rcav``:
+    ``output`` selects the class scores when the model returns a tuple/dict (an index, a key
+    or a callable; see ``pyconcepts.outputs``); probabilities are read as log-probabilities. ``top``: patches per concept; ``maps``: detection maps per concept; ``rcav``:
     run the RCAV test (the slowest part). ``options``: see ``OPTIONS``.
     """
     unknown = sorted(set(options) - set(OPTIONS))

@@ -16,58 +16,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..interventions import intervene
+from ..outputs import OutputSpec, check_output_spec, read_scores
 from ..taps import LayerTap
 
-__all__ = ["select_output", "OutputSelected", "ReceptiveField", "receptive_field", "Measurements", "measure"]
+__all__ = ["OutputSelected", "ReceptiveField", "receptive_field", "Measurements", "measure"]
 
 
 # ------------------------------------------------------------------------------ outputs
-def select_output(out, output):
-    """The logits ``(B, C)`` of a model's output: ``output`` is None (the output is the
-    logits), an int (index into a tuple/list), a str (key of a dict, or attribute) or a
-    callable applied to the output."""
-    if output is None:
-        value = out
-    elif callable(output):
-        value = output(out)
-    elif isinstance(output, bool):
-        raise TypeError(f"output must be None, an int, a str or a callable, got {output!r}")
-    elif isinstance(output, int):
-        if not isinstance(out, (tuple, list)):
-            raise TypeError(f"output={output} selects an item of a tuple, but the model returns a {type(out).__name__}")
-        if not -len(out) <= output < len(out):
-            raise IndexError(f"output={output} is out of range: the model returns {len(out)} items")
-        value = out[output]
-    elif isinstance(output, str):
-        if isinstance(out, dict):
-            if output not in out:
-                raise KeyError(f"output={output!r} is not a key of the model's output (keys: {list(out)})")
-            value = out[output]
-        elif hasattr(out, output):
-            value = getattr(out, output)
-        else:
-            raise TypeError(f"output={output!r}: the model returns a {type(out).__name__} without that key or attribute")
-    else:
-        raise TypeError(f"output must be None, an int, a str or a callable, got {type(output).__name__}")
-    if not isinstance(value, torch.Tensor):
-        hint = "" if output is not None else "; pass output= (an index, a key or a callable) to select the logits"
-        raise TypeError(f"the model's selected output is a {type(value).__name__}, not a logits tensor{hint}")
-    if value.dim() != 2:
-        raise ValueError(f"the model's selected output must be logits (B, C), got shape {tuple(value.shape)}")
-    return value
-
-
 class OutputSelected(nn.Module):
-    """``model`` whose forward returns only the logits chosen by ``output``. Its layer names
-    are the model's with the prefix ``inner.``, so taps and interventions work through it."""
+    """``model`` whose forward returns only its class logits, read with
+    ``pyconcepts.outputs.read_scores`` (``output`` picks them from a tuple/dict; probabilities
+    become log-probabilities). Its layer names are the model's with the prefix ``inner.``, so
+    taps, interventions and RCAV work through it."""
 
-    def __init__(self, model: nn.Module, output):
+    def __init__(self, model: nn.Module, output: OutputSpec):
         super().__init__()
         self.inner = model
-        self.output = output
+        self.output = check_output_spec(output)
 
     def forward(self, x):
-        return select_output(self.inner(x), self.output)
+        return read_scores(self.inner(x), self.output)
 
 
 # ----------------------------------------------------------------------- receptive field
