@@ -39,6 +39,9 @@ __all__ = [
     "CopyWarning",
     "cuda_available",
     "simd_level",
+    "simd_path",
+    "simd_paths",
+    "cpu_features",
 ]
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -65,6 +68,23 @@ def cuda_available() -> bool:
 def simd_level() -> str:
     """The CPU code path the native module selected at run time (e.g. 'avx2+fma')."""
     return _C.simd_level()
+
+
+def simd_path() -> str:
+    """The ``PYCONCEPTS_SIMD`` value of the CPU code path in use: 'generic', 'avx2' or
+    'avx512'. Set ``PYCONCEPTS_SIMD`` before the import to force one; a path this CPU lacks
+    makes the import fail with the reason."""
+    return _C.simd_path()
+
+
+def simd_paths() -> list:
+    """The CPU code paths this machine can run (values for ``PYCONCEPTS_SIMD``)."""
+    return list(_C.simd_paths())
+
+
+def cpu_features() -> dict:
+    """Which instruction-set extensions this CPU has, as the kernels see them."""
+    return dict(_C.cpu_features())
 
 
 # ----------------------------------------------------------------------------- validation

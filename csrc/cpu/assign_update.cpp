@@ -5,9 +5,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "cpu/assign_block.h"
+#include "cpu/screen.h"
 
 namespace pyconcepts {
 
@@ -32,6 +34,10 @@ void assign_update_cpu(const Matrix& x, const float* centroids, int64_t k, int64
   bad[0] = bad[1] = 0;
   if (n == 0) return;
   const cpu::CentroidPanel panel(centroids, k, d);
+  std::unique_ptr<cpu::ScreenPanel> screen;
+  if (!second_cos && !group_max && cpu::screen_enabled())
+    screen.reset(new cpu::ScreenPanel(centroids, k, d));
+  if (screen && !screen->usable) screen.reset();
   const auto& kern = cpu::kernels();
   const int64_t rb = cpu::AssignWorkspace::rows_for(d);
   const int64_t supers = (n + kSuperBlockRows - 1) / kSuperBlockRows;
@@ -53,7 +59,7 @@ void assign_update_cpu(const Matrix& x, const float* centroids, int64_t k, int64
         const int64_t rows = std::min(rb, s1 - r0);
         nonfinite +=
             cpu::assign_block(x, panel, r0, rows, ws, index, best_cos, second_cos, group_max,
-                              nullptr, center);
+                              nullptr, center, screen.get());
         for (int64_t r = 0; r < rows; ++r) {
           if (!ws.finite[r]) continue;
           const int64_t c = index[r0 + r];

@@ -2,6 +2,7 @@
 // (see csrc/binding_args.h) and are checked here, before any kernel runs; no torch type
 // crosses this boundary.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <cmath>
@@ -10,6 +11,7 @@
 
 #include "assign_update.h"
 #include "cosine_assign.h"
+#include "cpu/screen.h"
 #include "cpu/simd.h"
 #include "masked_moments.h"
 #include "op_args.h"
@@ -47,10 +49,30 @@ void expect_unit_rows(const View& c, int64_t k, int64_t d) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyconcepts CPU kernels (torch-free; called by pyconcepts.ops)";
+  // Chosen now, so that a PYCONCEPTS_SIMD path this CPU lacks fails the import with its
+  // reason instead of inside a parallel region later.
+  cpu::kernels();
+  cpu::screen_enabled();
   m.def("simd_level", [] { return std::string(cpu::kernels().name); },
         "The SIMD code path selected for this CPU at import time.");
   m.attr("ASSIGN_GROUP") = kAssignGroup;
   m.attr("MAX_THREADS") = kMaxThreads;
+  m.def("simd_path", [] { return std::string(cpu::kernels().path); },
+        "The PYCONCEPTS_SIMD value of the code path in use (generic, avx2, avx512).");
+  m.def("simd_paths", &cpu::available_paths,
+        "The PYCONCEPTS_SIMD values this CPU and build can run.");
+  m.def("screen_enabled", &cpu::screen_enabled,
+        "Whether the exact int16 screen runs (PYCONCEPTS_SCREEN=int16).");
+  m.def("screen_counts", [] {
+    int64_t certified = 0, screened = 0;
+    cpu::screen_counts(&certified, &screened);
+    return py::make_tuple(certified, screened);
+  }, "(rows certified, rows screened) by the integer screen since import (all threads).");
+  m.def("cpu_features", [] {
+    py::dict d;
+    for (const auto& f : cpu::cpu_features()) d[py::str(f.first)] = f.second;
+    return d;
+  }, "Instruction-set features of this CPU the kernels look at.");
 
   m.def(
       "cosine_assign",

@@ -195,26 +195,37 @@ void flush(const PassContext& ctx, EvalBlock& eb, Corrections& corr, Counters& c
     for (int64_t g = 0; g < G; ++g) need[g] |= mk[g];
   }
 
-  alignas(64) float tile[MR * NR];
+  alignas(64) float tile_buf[cpu::kMaxTiles * MR * NR];
   float row_max[MR];
   for (int64_t s = 0; s < ctx.panel.strips; ++s) {
     const int64_t g = s / ctx.strips_per_group;
     const float* b = ctx.panel.data.data() + s * d * NR;
     const int valid = static_cast<int>(std::min<int64_t>(NR, ctx.k - s * NR));
-    for (int64_t t = 0; t < tiles; ++t) {
-      if (!eb.tile_need[t * G + g]) continue;
-      const int64_t m = t * MR;
-      kern.gemm_tile(d, xs + m * d, d, b, NR, tile, NR, false);
-      kern.top2_update(tile, static_cast<int32_t>(s * NR), valid, eb.top_best.data() + m * NR,
-                       eb.top_second.data() + m * NR, eb.top_index.data() + m * NR);
-      kern.tile_row_max(tile, valid, row_max);
-      const int64_t real = std::min<int64_t>(MR, n - m);
-      for (int64_t i = 0; i < real; ++i) {
-        float& gm = eb.group_max[(m + i) * G + g];
-        gm = std::max(gm, row_max[i]);
-        eb.evaluated[(m + i) * G + g] = 1;
+    for (int64_t t0 = 0; t0 < tiles;) {
+      if (!eb.tile_need[t0 * G + g]) {
+        ++t0;
+        continue;
       }
-      cnt.cosines += real * valid;
+      // consecutive tiles that need this strip share one gemm_tiles call
+      int run = 1;
+      while (run < kern.tiles_per_call && t0 + run < tiles && eb.tile_need[(t0 + run) * G + g])
+        ++run;
+      kern.gemm_tiles(d, xs + t0 * MR * d, d, run, b, NR, tile_buf, NR);
+      for (int u = 0; u < run; ++u) {
+        const int64_t m = (t0 + u) * MR;
+        const float* tile = tile_buf + u * MR * NR;
+        kern.top2_update(tile, static_cast<int32_t>(s * NR), valid, eb.top_best.data() + m * NR,
+                         eb.top_second.data() + m * NR, eb.top_index.data() + m * NR);
+        kern.tile_row_max(tile, valid, row_max);
+        const int64_t real = std::min<int64_t>(MR, n - m);
+        for (int64_t i = 0; i < real; ++i) {
+          float& gm = eb.group_max[(m + i) * G + g];
+          gm = std::max(gm, row_max[i]);
+          eb.evaluated[(m + i) * G + g] = 1;
+        }
+        cnt.cosines += real * valid;
+      }
+      t0 += run;
     }
   }
 
