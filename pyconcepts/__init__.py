@@ -17,6 +17,7 @@ _LAZY = {
     # statistics and algorithms
     "StreamingMoments": "stats",
     "DirectionalClustering": "clustering",
+    "NotFittedError": "clustering",
     "signal_vectors": "signal",
     "extract_directions": "directions",
     "ConceptBasis": "basis",
