@@ -190,7 +190,7 @@ def _build_model(spec: str) -> torch.nn.Module:
         defined = sorted(n for n, v in vars(module).items()
                          if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__)
         hint = f" (it defines: {', '.join(defined[:12])})" if defined else ""
-        raise UserError(f"--model {spec}: {module_part} has no {attr!r}{hint}")
+        raise UserError(f"--model {spec}: {os.path.basename(module_part)} has no {attr!r}{hint}")
     factory = getattr(module, attr)
     if isinstance(factory, torch.nn.Module):
         model = factory
@@ -956,7 +956,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed as one line
+        return exc.code if isinstance(exc.code, int) else 2
     debug = bool(getattr(args, "debug", False))
     try:
         code = int(args.run(args) or 0)
