@@ -679,6 +679,12 @@ def _cmd_extract(args) -> int:
     finally:
         bar.close()
     basis.record_model(model)
+    if world > 1:  # n_patches counted this rank's shard
+        import torch.distributed as dist
+
+        n_patches = torch.tensor([int(basis.metadata.get("n_patches") or 0)], dtype=torch.int64)
+        dist.all_reduce(n_patches)
+        basis.metadata["n_patches"] = int(n_patches)
     basis.metadata.update({"n_images": total, "images": os.path.abspath(args.images) if args.images else "demo",
                            "output": output if not callable(output) else None,
                            "input_shape": list(probe.input_shape)})
