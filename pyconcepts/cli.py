@@ -580,9 +580,33 @@ def _model_setup(args, layer_from_basis=None):
     return model, layer
 
 
+class _SourceView:
+    """An image source with other class names: the model's output classes, when the folder's
+    subfolders do not name them (its labels then mean nothing to the model and are dropped)."""
+
+    def __init__(self, source, class_names: Optional[List[str]]):
+        self.source, self.class_names = source, class_names
+        self.names, self.concept_masks = source.names, getattr(source, "concept_masks", None)
+        self.labels = source.labels if class_names == source.class_names else None
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def batches(self, batch_size: int = 64):
+        return self.source.batches(batch_size)
+
+    def display(self, indices):
+        return self.source.display(indices)
+
+
 def _class_namer(args, source, n_outputs: int):
+    names = _output_class_names(args, source, n_outputs)
+    return (lambda i: names[i]) if names else (lambda i: f"class {i}")
+
+
+def _output_class_names(args, source, n_outputs: int) -> Optional[List[str]]:
     """Names of the model's output classes: --classes, the demo's, or the folder's class
-    subfolders when there are as many as outputs (torchvision ImageFolder order)."""
+    subfolders when there are as many as outputs (torchvision ImageFolder order); else None."""
     names = None
     if args.classes:
         try:
@@ -603,7 +627,7 @@ def _class_namer(args, source, n_outputs: int):
         names = list(CLASSES)
     elif source.class_names and len(source.class_names) == n_outputs:
         names = list(source.class_names)
-    return (lambda i: names[i]) if names else (lambda i: f"class {i}")
+    return names
 
 
 def _true_name(source, j: int) -> Optional[str]:
@@ -726,6 +750,12 @@ def _cmd_report(args) -> int:
     output = parse_output(args.output)
     probe = _Probe(model, layer, source, output, _skip_tokens(args, basis))
     _check_basis_fits(basis, model, probe, layer, args.allow_mismatch)
+    names = _output_class_names(args, source, probe.n_outputs)
+    if names != source.class_names:
+        source = _SourceView(source, names)
+    report_options.setdefault("skip_tokens", _skip_tokens(args, basis))
+    report_options.setdefault("batch_size", args.batch_size or 64)
+    report_options.setdefault("seed", args.seed)
     bar = ProgressBar(enabled=not args.quiet)
     try:
         result = write_report(args.out, basis, model, layer, source, output=output, progress=bar, **report_options)
@@ -926,7 +956,8 @@ def build_parser() -> argparse.ArgumentParser:
     image_options(p, 200)
     p.add_argument("--layer", help=argparse.SUPPRESS)
     p.add_argument("--out", help="folder to write index.html into (made if missing; its parent must exist)")
-    p.add_argument("--options", help="JSON object of report options")
+    p.add_argument("--options", help="JSON object of report options (top, maps, rcav, influence_images, ...)")
+    p.add_argument("--classes", help="class names of the model's outputs: a text file, one per line, or a JSON list")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_cmd_report)
 

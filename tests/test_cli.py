@@ -301,3 +301,73 @@ def test_console_script_imports_module_factory_from_the_working_directory(ws, tm
 
 class _Note:
     pass
+
+
+def test_report_calls_write_report_with_the_model_output_classes(ws, capsys, monkeypatch, tmp_path):
+    import types
+
+    seen = {}
+
+    def write_report(out_dir, basis, model, layer, source, *, output=None, progress=None, **options):
+        seen.update(out_dir=out_dir, layer=layer, source=source, output=output, options=options)
+        os.makedirs(out_dir, exist_ok=True)
+        return os.path.join(out_dir, "index.html")
+
+    monkeypatch.setitem(sys.modules, "pyconcepts.report", types.SimpleNamespace(write_report=write_report))
+    (tmp_path / "classes.txt").write_text("left\nright\n")
+    rc, out, err = _run(capsys, "report", ws / "basis.safetensors", *_model_args(ws), "--images", ws / "photos",
+                        "--out", tmp_path / "rep", "--classes", tmp_path / "classes.txt", "--options",
+                        '{"top": 4}', "--quiet")
+    assert rc == 0, err
+    assert seen["layer"] == "features.3" and seen["options"]["top"] == 4 and seen["output"] is None
+    source = seen["source"]
+    assert len(source) == 12 and source.class_names == ["left", "right"] and source.labels is None
+    assert source.names[0] == os.path.join("cat", "0.jpg")
+    assert "index.html" in out
+
+
+def test_transform_from_a_file(ws, capsys, tmp_path):
+    (tmp_path / "prep.py").write_text(textwrap.dedent('''
+        import numpy as np
+        import torch
+
+        def to_input(picture):
+            return torch.from_numpy(np.asarray(picture.convert("RGB").resize((8, 8)), dtype=np.float32)).permute(2, 0, 1) / 255
+    '''))
+    rc, out, err = _run(capsys, "explain", ws / "basis.safetensors", *_model_args(ws), "--images", ws / "photos",
+                        "--transform", f"{tmp_path / 'prep.py'}:to_input", "--limit", 2)
+    assert rc == 0, err
+    line = _one_line_error(*_run(capsys, "explain", ws / "basis.safetensors", *_model_args(ws), "--images",
+                                 ws / "photos", "--transform", f"{tmp_path / 'prep.py'}:to_input", "--crop", 8)[::2])
+    assert "--transform replaces" in line
+
+
+def test_torchvision_names_build_without_download(ws, capsys, monkeypatch):
+    import types
+
+    calls = []
+
+    def get_model(name, weights=None):
+        calls.append((name, weights))
+        if name != "tiny":
+            raise ValueError(f"Unknown model {name}")
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("_tv_fake_model", ws / "model.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod.make()
+
+    fake = types.SimpleNamespace(models=types.SimpleNamespace(get_model=get_model))
+    monkeypatch.setitem(sys.modules, "torchvision", fake)
+    rc, out, err = _run(capsys, "explain", ws / "basis.safetensors", "--model", "torchvision:tiny", "--weights",
+                        ws / "w.safetensors", "--images", ws / "photos", "--limit", 1)
+    assert rc == 0, err
+    assert calls == [("tiny", None)]
+    line = _one_line_error(*_run(capsys, "explain", ws / "basis.safetensors", "--model", "torchvision:huge",
+                                 "--images", ws / "photos")[::2])
+    assert "Unknown model huge" in line
+    monkeypatch.setitem(sys.modules, "timm", None)
+    line = _one_line_error(*_run(capsys, "explain", ws / "basis.safetensors", "--model", "timm:vit_tiny",
+                                 "--images", ws / "photos")[::2])
+    assert "needs timm, which is not installed" in line
