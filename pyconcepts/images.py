@@ -326,7 +326,7 @@ class FolderImages:
     def __init__(self, root: Union[str, os.PathLike], *, preprocess: Optional[Preprocess] = None,
                  workers: Optional[int] = None, _entries=None, _class_names=None, _skipped=None):
         try:
-            import PIL  # noqa: F401
+            import PIL  # noqa: F401  (a clear error before any file is read)
         except ImportError:  # pragma: no cover - Pillow is a dependency
             raise ImportError("reading a folder of images needs Pillow (pip install pillow)") from None
         self.root = os.fspath(root)
@@ -411,8 +411,6 @@ class FolderImages:
 
 
 def _scan_folder(root: str, preprocess: Preprocess):
-    from PIL import Image, UnidentifiedImageError
-
     if not os.path.exists(root):
         raise FileNotFoundError(f"no such folder: {root!r}")
     if not os.path.isdir(root):
@@ -427,6 +425,13 @@ def _scan_folder(root: str, preprocess: Preprocess):
     if not paths:
         raise ValueError(f"no image files in {root!r} (looked for {', '.join(IMAGE_EXTENSIONS)}, "
                          "also in subfolders)")
+    return _scan_files(root, paths, preprocess)
+
+
+def _scan_files(root: str, paths: List[str], preprocess: Preprocess):
+    """Headers of the files ``paths`` (relative to ``root``): entries, class names, skipped."""
+    from PIL import Image, UnidentifiedImageError
+
     entries, skipped = [], []
     for rel in paths:
         try:
@@ -437,7 +442,7 @@ def _scan_folder(root: str, preprocess: Preprocess):
             continue
         entries.append((rel, size))
     if not entries:
-        raise ValueError(f"none of the {len(paths)} image files in {root!r} could be read "
+        raise ValueError(f"none of the {len(paths)} image file(s) in {root!r} could be read "
                          f"(first: {skipped[0][0]}: {skipped[0][1]})")
     classes = None
     if all(os.sep in rel for rel, _ in entries):
@@ -575,6 +580,12 @@ def open_images(path: Union[str, os.PathLike], *, preprocess: Optional[Preproces
         return FolderImages(path, preprocess=preprocess, workers=workers)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file or folder: {path!r}")
+    if path.lower().endswith(IMAGE_EXTENSIONS):  # one picture
+        folder, name = os.path.split(os.path.abspath(path))
+        preprocess = preprocess or Preprocess()
+        entries, _, skipped = _scan_files(folder, [name], preprocess)
+        return FolderImages(folder, preprocess=preprocess, workers=workers, _entries=entries, _class_names=None,
+                            _skipped=skipped)
     if preprocess is not None and preprocess.transform is not None:
         raise ValueError("a transform applies to image files; the tensor file's images are used as they are")
     images, labels, class_names = load_tensor_images(path, allow_pickle=allow_pickle)

@@ -227,7 +227,6 @@ def test_every_mistake_is_one_line(ws, capsys, case):
 
 
 def test_pickled_weights_are_refused_unless_allowed(ws, capsys, tmp_path):
-    state = torch.load(ws / "w.safetensors.pt") if False else None  # noqa: F841
     from safetensors.torch import load_file
 
     torch.save({"state_dict": load_file(str(ws / "w.safetensors")), "note": _Note()}, tmp_path / "w.pt")

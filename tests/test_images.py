@@ -146,3 +146,14 @@ def test_bad_tensor_files(tmp_path):
 
 class _Note:
     pass
+
+
+def test_one_image_file(tmp_path):
+    _write(str(tmp_path / "one.png"), _pixels(0))
+    src = open_images(tmp_path / "one.png")
+    assert len(src) == 1 and src.names == ["one.png"] and src.labels is None
+    torch.testing.assert_close(next(iter(src.batches(4)))[0],
+                               torch.from_numpy(_pixels(0)).permute(2, 0, 1).float() / 255)
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    with pytest.raises(ValueError, match="could be read"):
+        open_images(tmp_path / "bad.png")
