@@ -370,3 +370,25 @@ def test_torchvision_names_build_without_download(ws, capsys, monkeypatch):
     line = _one_line_error(*_run(capsys, "explain", ws / "basis.safetensors", "--model", "timm:vit_tiny",
                                  "--images", ws / "photos")[::2])
     assert "needs timm, which is not installed" in line
+
+
+def test_basis_records_and_checks_the_model_fingerprint():
+    from torch import nn
+
+    from pyconcepts.basis import model_fingerprint
+
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    b = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    b.load_state_dict(a.state_dict())
+    c = nn.Sequential(nn.Conv2d(3, 4, 5), nn.ReLU())
+    assert model_fingerprint(a) == model_fingerprint(b)
+    basis = ConceptBasis(torch.randn(2, 4), torch.zeros(2), torch.randn(2, 4), torch.zeros(4), layer="1")
+    assert basis.compatibility_problems(model=a) == []  # nothing recorded: nothing to compare
+    basis.record_model(a)
+    assert basis.compatibility_problems(layer="1", width=4, model=b) == []
+    assert "another architecture" in basis.compatibility_problems(model=c)[0]
+    with torch.no_grad():
+        b[0].bias[0] += 1e-6
+    assert "other weights" in basis.compatibility_problems(model=b)[0]
+    assert len(basis.compatibility_problems(layer="0", width=5)) == 2
