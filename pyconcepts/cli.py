@@ -106,14 +106,13 @@ class ProgressBar:
         self.stage = None
 
 
-
-
 # ------------------------------------------------------------------------------ errors
 class UserError(Exception):
     """A mistake in what the user asked for: reported as one line, exit code 2."""
 
 
-def _first_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException) -> str:
+    """The exception's message on one line (torch's run over several), at most 400 characters."""
     text = " ".join(str(exc).split())
     if not text:
         return type(exc).__name__
@@ -121,30 +120,30 @@ def _first_line(exc: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------ model loading
-def _import_factory_module(module_part: str, spec: str):
-    """The module named by ``--model``'s part before the colon: a ``.py`` file or a module name
+def _import_factory_module(module_part: str, spec: str, option: str = "--model"):
+    """The module named by the part of ``spec`` before the colon: a ``.py`` file or a module name
     (the working directory is importable)."""
     import importlib.util
 
     if module_part.endswith(".py") or os.sep in module_part or "/" in module_part:
         path = os.path.abspath(module_part)
         if not os.path.isfile(path):
-            raise UserError(f"--model {spec}: no such file {module_part!r}")
+            raise UserError(f"{option} {spec}: no such file {module_part!r}")
         folder = os.path.dirname(path)
         if folder not in sys.path:
             sys.path.insert(0, folder)  # so that the file can import its neighbours
         name = os.path.splitext(os.path.basename(path))[0]
         module_spec = importlib.util.spec_from_file_location(name, path)
         if module_spec is None or module_spec.loader is None:
-            raise UserError(f"--model {spec}: cannot import {module_part!r} as Python")
+            raise UserError(f"{option} {spec}: cannot import {module_part!r} as Python")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module
         try:
             module_spec.loader.exec_module(module)
         except Exception as exc:
             sys.modules.pop(name, None)
-            raise UserError(f"--model {spec}: importing {module_part} raised "
-                            f"{type(exc).__name__}: {_first_line(exc)}") from exc
+            raise UserError(f"{option} {spec}: importing {module_part} raised "
+                            f"{type(exc).__name__}: {_one_line(exc)}") from exc
         return module
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
@@ -153,13 +152,13 @@ def _import_factory_module(module_part: str, spec: str):
         return importlib.import_module(module_part)
     except ModuleNotFoundError as exc:
         if exc.name and (module_part == exc.name or module_part.startswith(exc.name + ".")):
-            raise UserError(f"--model {spec}: no module named {module_part!r} in the working directory "
+            raise UserError(f"{option} {spec}: no module named {module_part!r} in the working directory "
                             "or the installed packages (for a file, give path/to/file.py:factory)") from exc
-        raise UserError(f"--model {spec}: importing {module_part} raised ModuleNotFoundError: "
-                        f"{_first_line(exc)}") from exc
+        raise UserError(f"{option} {spec}: importing {module_part} raised ModuleNotFoundError: "
+                        f"{_one_line(exc)}") from exc
     except Exception as exc:
-        raise UserError(f"--model {spec}: importing {module_part} raised "
-                        f"{type(exc).__name__}: {_first_line(exc)}") from exc
+        raise UserError(f"{option} {spec}: importing {module_part} raised "
+                        f"{type(exc).__name__}: {_one_line(exc)}") from exc
 
 
 def _build_model(spec: str) -> torch.nn.Module:
@@ -175,7 +174,7 @@ def _build_model(spec: str) -> torch.nn.Module:
         try:
             return torchvision.models.get_model(attr, weights=None)  # never downloads: weights=None
         except ValueError as exc:
-            raise UserError(f"--model {spec}: {_first_line(exc)}") from exc
+            raise UserError(f"--model {spec}: {_one_line(exc)}") from exc
     if module_part == "timm":
         try:
             import timm
@@ -184,7 +183,7 @@ def _build_model(spec: str) -> torch.nn.Module:
         try:
             return timm.create_model(attr, pretrained=False)  # never downloads: pretrained=False
         except RuntimeError as exc:
-            raise UserError(f"--model {spec}: {_first_line(exc)}") from exc
+            raise UserError(f"--model {spec}: {_one_line(exc)}") from exc
     module = _import_factory_module(module_part, spec)
     if not hasattr(module, attr):
         defined = sorted(n for n, v in vars(module).items()
@@ -198,7 +197,7 @@ def _build_model(spec: str) -> torch.nn.Module:
         try:
             model = factory()
         except Exception as exc:
-            raise UserError(f"--model {spec}: {attr}() raised {type(exc).__name__}: {_first_line(exc)}") from exc
+            raise UserError(f"--model {spec}: {attr}() raised {type(exc).__name__}: {_one_line(exc)}") from exc
     else:
         raise UserError(f"--model {spec}: {attr} is a {type(factory).__name__}, not a factory or a module")
     if not isinstance(model, torch.nn.Module):
@@ -224,17 +223,17 @@ def _read_state_dict(path: str, allow_pickle: bool) -> dict:
         try:
             return load_file(path)
         except Exception as exc:  # safetensors raises its own error types for bad bytes
-            raise UserError(f"--weights: {path!r} is not a readable safetensors file: {_first_line(exc)}") from exc
+            raise UserError(f"--weights: {path!r} is not a readable safetensors file: {_one_line(exc)}") from exc
     try:
         state = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as exc:
         if allow_pickle:
-            raise UserError(f"--weights: cannot read {path!r}: {_first_line(exc)}") from exc
+            raise UserError(f"--weights: cannot read {path!r}: {_one_line(exc)}") from exc
         raise UserError(f"--weights: {path!r} holds more than tensors (a pickle); pass --allow-pickle "
                         "only if you trust the file (unpickling runs code)") from exc
     except Exception as exc:
         raise UserError(f"--weights: cannot read {path!r} as safetensors or a torch.save file: "
-                        f"{_first_line(exc)}") from exc
+                        f"{_one_line(exc)}") from exc
     if isinstance(state, torch.nn.Module):
         state = state.state_dict()
     if isinstance(state, dict) and not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -378,10 +377,10 @@ class _Probe:
             except UserError:
                 raise
             except ValueError as exc:
-                raise UserError(f"{_first_line(exc)} (first image {name!r})") from exc
+                raise UserError(f"{_one_line(exc)} (first image {name!r})") from exc
             except Exception as exc:
                 raise UserError(f"the model fails on the first image ({name!r}, input shape "
-                                f"{tuple(first.shape[1:])}): {type(exc).__name__}: {_first_line(exc)}") from exc
+                                f"{tuple(first.shape[1:])}): {type(exc).__name__}: {_one_line(exc)}") from exc
         if "out" not in seen:
             raise UserError(f"layer {layer!r} is not called by the model's forward")
         logits = select_output(out, output)
@@ -438,7 +437,7 @@ def _load_callable(spec: str, option: str):
     module_part, sep, attr = spec.rpartition(":")
     if not sep or not module_part or not attr:
         raise UserError(f"{option} must be path/to/file.py:function or module:function, got {spec!r}")
-    module = _import_factory_module(module_part, spec)
+    module = _import_factory_module(module_part, spec, option)
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise UserError(f"{option} {spec}: {module_part} has no function {attr!r}")
@@ -457,7 +456,7 @@ def _preprocess(args, channels: int = 3):
         return Preprocess(resize=args.resize, crop=args.crop, mean=mean, std=std, channels=channels,
                           transform=transform)
     except (ValueError, TypeError) as exc:
-        raise UserError(_first_line(exc)) from exc
+        raise UserError(_one_line(exc)) from exc
 
 
 def _demo_images(n: int, seed: int):
@@ -482,9 +481,9 @@ def _open_source(args, model, default_count: int):
     try:
         source = open_images(args.images, preprocess=_preprocess(args, channels), allow_pickle=args.allow_pickle)
     except (FileNotFoundError, NotADirectoryError) as exc:
-        raise UserError(f"--images: {_first_line(exc)}") from exc
+        raise UserError(f"--images: {_one_line(exc)}") from exc
     except (ValueError, TypeError) as exc:
-        raise UserError(f"--images: {_first_line(exc)}") from exc
+        raise UserError(f"--images: {_one_line(exc)}") from exc
     skipped = getattr(source, "skipped", None)
     if skipped:
         name, why = skipped[0]
@@ -546,7 +545,7 @@ def _load_basis(path: str):
     except FileNotFoundError as exc:
         raise UserError(f"no basis file at {path!r}") from exc
     except ValueError as exc:
-        raise UserError(_first_line(exc)) from exc
+        raise UserError(_one_line(exc)) from exc
 
 
 def _check_basis_fits(basis, model, probe: "_Probe", layer: str, allow_mismatch: bool) -> None:
@@ -576,7 +575,7 @@ def _model_setup(args, layer_from_basis=None):
     try:
         resolve_layer(model, layer)
     except ValueError as exc:
-        raise UserError(f"--layer: {_first_line(exc)}") from exc
+        raise UserError(f"--layer: {_one_line(exc)}") from exc
     return model, layer
 
 
@@ -1017,9 +1016,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         if isinstance(exc, (UserError, ValueError, TypeError, FileNotFoundError, IndexError,
                             NotADirectoryError, PermissionError)):
-            message = _first_line(exc)
+            message = _one_line(exc)
         else:
-            message = f"{type(exc).__name__}: {_first_line(exc)}"
+            message = f"{type(exc).__name__}: {_one_line(exc)}"
         print(f"pyconcepts {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
         return 2
 
