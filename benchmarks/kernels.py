@@ -3,14 +3,20 @@
     python -m benchmarks.kernels [--n N --d D --k K] [--repeat R] [--json PATH]
     python -m benchmarks.kernels --device cuda [...]
 
-CPU: every op is timed against plain torch on the same data, cosine_assign also against
-faiss IndexFlatIP (when installed), and every rate is divided by this machine's torch.mm
-fp32 rate on the same shape, measured in this run. Times are medians of --repeat runs.
+CPU: the host's ISA and its fp32 and bf16 torch.mm rates are printed first; every op is
+timed against plain torch on the same data, cosine_assign also against faiss IndexFlatIP
+(when installed) and on every SIMD path this CPU runs (PYCONCEPTS_SIMD, one process each),
+and every rate is divided by this machine's torch.mm rates, measured in this run. Times
+are medians of --repeat runs.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
+import statistics
+import subprocess
 import sys
 
 import torch
@@ -19,6 +25,7 @@ import torch.nn.functional as F
 import pyconcepts as pc
 
 from .common import median_time, print_table, save_results
+from .host import gemm_rates, host_isa, print_host
 
 
 def torch_assign(x: torch.Tensor, c: torch.Tensor, chunk: int = 65536):
@@ -52,6 +59,34 @@ def torch_moments(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, chunk: int 
     return sx, sxz
 
 
+def _assign_child(n: int, d: int, k: int, repeat: int) -> None:
+    """Child process (PYCONCEPTS_SIMD set by the parent): cosine_assign GFLOP/s as JSON."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=gen)
+    c = F.normalize(torch.randn(k, d, generator=gen), dim=1)
+    t = median_time(lambda: pc.ops.cosine_assign(x, c), repeat=repeat)
+    print(json.dumps({"path": pc.ops.simd_path(), "gflops": 2.0 * n * d * k / t / 1e9}))
+
+
+def assign_by_path(n: int, d: int, k: int, repeat: int, rounds: int = 3) -> dict:
+    """cosine_assign on every vector SIMD path this CPU runs, one fresh process per path and round,
+    paths interleaved within each round (the machine's load drifts); median over rounds."""
+    paths = [p for p in pc.ops.simd_paths() if p != "generic"]  # the no-AVX2 fallback
+    if len(paths) < 2:
+        return {}
+    n = min(n, 262144)
+    rates: dict = {p: [] for p in paths}
+    for _ in range(rounds):
+        for p in paths:
+            env = dict(os.environ, PYCONCEPTS_SIMD=p)
+            out = subprocess.run(
+                [sys.executable, "-m", "benchmarks.kernels", "--assign-child", "--n", str(n),
+                 "--d", str(d), "--k", str(k), "--repeat", str(repeat)],
+                env=env, capture_output=True, text=True, check=True)
+            rates[p].append(json.loads(out.stdout.strip().splitlines()[-1])["gflops"])
+    return {p: {"gflops": statistics.median(v), "runs": v} for p, v in rates.items()}
+
+
 def run_cpu(args) -> dict:
     n, d, k, rep = args.n, args.d, args.k, args.repeat
     gen = torch.Generator().manual_seed(0)
@@ -69,23 +104,20 @@ def run_cpu(args) -> dict:
         "repeat": rep,
     }
 
-    # The machine's fp32 GEMM rate, the strictest we can measure with torch.mm: the best of
-    # this problem's shape on a row block whose output stays in cache (a 65536-row block
-    # writes 64 MiB and measures memory bandwidth instead) and a square 2048^3 product.
-    mm_rates = {}
-    xc = x[:8192]
-    out = torch.empty(xc.shape[0], k)
-    t_mm = median_time(lambda: torch.mm(xc, c.T, out=out), repeat=max(rep, 7))
-    mm_rates[f"({xc.shape[0]}x{d}) @ ({d}x{k})"] = 2.0 * xc.shape[0] * d * k / t_mm
-    a = torch.randn(2048, 2048, generator=gen)
-    sq = torch.empty(2048, 2048)
-    t_sq = median_time(lambda: torch.mm(a, a, out=sq), repeat=max(rep, 5))
-    mm_rates["2048^3"] = 2.0 * 2048**3 / t_sq
-    mm_rate = max(mm_rates.values())
-    same_shape_rate = mm_rates[f"({xc.shape[0]}x{d}) @ ({d}x{k})"]
+    # The machine's GEMM rates, the strictest baselines we can measure with torch.mm: the
+    # best of this problem's shape on a row block whose output stays in cache (a 65536-row
+    # block writes 64 MiB and measures memory bandwidth instead) and a square 2048^3 product;
+    # fp32 (the kernels' arithmetic) and bf16 (what low-precision hardware offers).
+    host = host_isa()
+    rates = gemm_rates((8192, d, k), repeat=rep)
+    results["host"] = host
+    results["torch_mm_gflops_by_dtype"] = rates
+    mm_rate = rates["fp32"]["best"] * 1e9
+    bf16_rate = rates["bf16"]["best"] * 1e9
+    same_shape_rate = rates["fp32"]["same_shape"] * 1e9
     results["torch_mm_same_shape_gflops"] = same_shape_rate / 1e9
     results["torch_mm_gflops"] = mm_rate / 1e9
-    results["torch_mm_gflops_by_shape"] = {key: v / 1e9 for key, v in mm_rates.items()}
+    results["torch_mm_bf16_gflops"] = bf16_rate / 1e9
 
     rows = []
     t_ours = median_time(lambda: pc.ops.cosine_assign(x, c), repeat=rep)
@@ -119,6 +151,7 @@ def run_cpu(args) -> dict:
     assign["one_thread_seconds"] = t1
     assign["thread_scaling"] = t1 / t_ours
     assign["ratio_to_mm_same_shape"] = flops / t_ours / same_shape_rate
+    assign["ratio_to_bf16_mm"] = flops / t_ours / bf16_rate
     results["cosine_assign"] = assign
 
     idx = torch.randint(0, k, (n,), generator=gen)
@@ -142,16 +175,27 @@ def run_cpu(args) -> dict:
     rows.append(["  torch chunked GEMMs", t_torch, mflops / t_torch / 1e9, mflops / t_torch / mm_rate,
                  t_ours / t_torch])
 
+    by_path = assign_by_path(n, d, k, rep)
+    results["cosine_assign_by_path"] = by_path
+
     print(f"pyconcepts kernels, CPU: N={n} D={d} K={k}, {torch.get_num_threads()} threads, "
           f"SIMD path {results['simd_path']}, medians of {rep} runs")
-    shapes = ", ".join(f"{key}: {v / 1e9:.1f}" for key, v in mm_rates.items())
-    print(f"torch.mm fp32 rate (GFLOP/s) {shapes}; the best, {mm_rate / 1e9:.1f}, is the baseline")
+    print_host(host, rates)
+    print(f"ratios below are to the best fp32 torch.mm rate, {mm_rate / 1e9:.1f} GFLOP/s")
     print_table("op timings", ["op", "seconds", "GFLOP/s", "ratio to torch.mm", "speed vs ours"], rows)
     print(f"\nratio to torch.mm on the same shape: cosine_assign "
           f"{assign['ratio_to_mm_same_shape']:.2f}, masked_moments "
-          f"{results['masked_moments']['ratio_to_mm_same_shape']:.2f}")
+          f"{results['masked_moments']['ratio_to_mm_same_shape']:.2f}; cosine_assign to the "
+          f"bf16 torch.mm rate: {assign['ratio_to_bf16_mm']:.2f}")
     print(f"\ncosine_assign thread scaling 1 -> {torch.get_num_threads()} threads: "
           f"{assign['thread_scaling']:.2f}x")
+    if by_path:
+        fastest = max(v["gflops"] for v in by_path.values())
+        print_table("cosine_assign fp32 by SIMD path (each in a fresh process, rounds "
+                    "interleaved; medians)",
+                    ["path", "GFLOP/s", "ratio to fp32 torch.mm", "ratio to fastest path"],
+                    [[p, v["gflops"], v["gflops"] * 1e9 / mm_rate, v["gflops"] / fastest]
+                     for p, v in by_path.items()])
     return results
 
 
@@ -164,7 +208,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     p.add_argument("--json", metavar="PATH", help="write the figures to PATH")
+    p.add_argument("--assign-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.assign_child:
+        _assign_child(args.n, args.d, args.k, args.repeat)
+        return 0
     if args.quick:
         args.n, args.repeat = min(args.n, 100_000), min(args.repeat, 3)
     if args.device == "cuda":

@@ -6,7 +6,9 @@
 
 All methods get the same unit-normalised rows and the same number of Lloyd iterations, on
 all points (no subsampling), with the same thread count, in one run. Reported: wall time
-(median of --repeat runs), million point-iterations per second, the ratio of each baseline's
+(median of --repeat runs), million point-iterations per second, the dense-assignment flops
+per second as a ratio to the host's fp32 torch.mm rate (host ISA and fp32/bf16 GEMM rates
+are printed before each shape), the ratio of each baseline's
 time to ours (the defaults: k-means++ seeding, pruning="auto"; the other pyconcepts rows
 force plain fused passes or exact pruned passes from the start, or seed like faiss and
 scikit-learn's init="random", or run the defaults on one thread: its ratio is the thread
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 import pyconcepts as pc
 
 from .common import median_time, print_table, save_results
+from .host import gemm_rates, host_isa, print_host
 
 
 # ---------------------------------------------------------------------------- data
@@ -140,8 +143,12 @@ METHODS = {
 }
 
 
-def bench_shape(name, x, k, iters, repeat, seed=0):
+def bench_shape(name, x, k, iters, repeat, seed=0, mm_gflops=None):
+    """Every method on x; the 'GEMM-equivalent' rate counts 2 N D K flops per iteration (one
+    dense assignment), whatever a method actually computes, so it can be set against the
+    host's fp32 torch.mm rate (mm_gflops)."""
     n = x.shape[0]
+    pass_flops = 2.0 * n * x.shape[1] * k * iters
     rows, out = [], {"data": name, "n": n, "d": x.shape[1], "k": k, "iters": iters}
     ours_time = None
     for method, fn in METHODS.items():
@@ -152,10 +159,10 @@ def bench_shape(name, x, k, iters, repeat, seed=0):
                 centroids, fractions = centroids
             t = median_time(lambda: fn(x, k, iters, seed), repeat=repeat, warmup=0)
         except ImportError:
-            rows.append([method, "not installed", "-", "-", "-", "-"])
+            rows.append([method, "not installed", "-", "-", "-", "-", "-"])
             continue
         except Exception as exc:  # a baseline failing must not hide the others
-            rows.append([method, f"failed: {type(exc).__name__}", "-", "-", "-", "-"])
+            rows.append([method, f"failed: {type(exc).__name__}", "-", "-", "-", "-", "-"])
             continue
         obj = mean_cosine(x, centroids)
         if method == "pyconcepts":
@@ -164,14 +171,18 @@ def bench_shape(name, x, k, iters, repeat, seed=0):
         ratio = t / ours_time if ours_time else float("nan")
         # share of the N x K cosines skipped, per pass (1 - computed / N K); baselines: none
         skipped = "-" if fractions is None else " ".join(f"{1 - f:.2f}" for f in fractions)
-        rows.append([method, t, mpi, ratio, obj, skipped])
+        gemm_eq = pass_flops / t / 1e9
+        to_mm = f"{gemm_eq / mm_gflops:.2f}" if mm_gflops else "-"
+        rows.append([method, t, mpi, ratio, to_mm, obj, skipped])
         out[method] = {"seconds": t, "million_point_iters_per_s": mpi,
+                       "gemm_equivalent_gflops": gemm_eq,
+                       "gemm_equivalent_ratio_to_fp32_mm": gemm_eq / mm_gflops if mm_gflops else None,
                        "time_ratio_vs_pyconcepts": ratio, "mean_cosine": obj,
                        "skipped_per_pass": None if fractions is None else [1 - f for f in fractions]}
     print_table(f"{name}: N={n} D={x.shape[1]} K={k}, {iters} iterations, "
                 f"{torch.get_num_threads()} threads",
-                ["method", "seconds", "M point-iter/s", "time / ours", "mean cosine",
-                 "cosines skipped per pass"], rows)
+                ["method", "seconds", "M point-iter/s", "time / ours",
+                 "2NDK*iters/s / fp32 mm", "mean cosine", "cosines skipped per pass"], rows)
     return out
 
 
@@ -223,9 +234,21 @@ def main(argv=None) -> int:
     p.add_argument("--shape", nargs=3, type=int, action="append", metavar=("N", "D", "K"),
                    help="run only these shapes (repeatable)")
     p.add_argument("--no-demo", action="store_true", help="skip the demo-activation run")
-    p.add_argument("--noise", type=float, default=1.0, help="noise of the directional mixtures")
+    p.add_argument("--noise", type=float, action="append",
+                   help="noise of the directional mixtures (repeatable; default 1.0, and the "
+                        "full run adds 300k x 256, K = 256 at 0.3)")
+    p.add_argument("--methods", help="comma-separated subset of the methods to run "
+                                     "(pyconcepts always runs: the ratios are to it)")
     p.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.methods:
+        keep = {"pyconcepts"} | {m.strip() for m in args.methods.split(",")}
+        unknown = keep - set(METHODS)
+        if unknown:
+            p.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
+        for m in list(METHODS):
+            if m not in keep:
+                del METHODS[m]
     if args.memory_child is not None:
         _memory_child(args.memory_child, args.d, args.k, args.chunk)
         return 0
@@ -240,17 +263,31 @@ def main(argv=None) -> int:
         else:
             shapes = [(500_000, 256, 256), (300_000, 256, 256), (2_000_000, 64, 16),
                       (200_000, 1024, 128), (200_000, 128, 1024)]
-        results = {"threads": torch.get_num_threads(), "simd_path": pc.ops.simd_level(), "runs": []}
-        runs = [(n, d, k, args.noise) for n, d, k in shapes]
-        if not args.shape and not args.quick:
+        host = host_isa()
+        results = {"threads": torch.get_num_threads(), "simd_path": pc.ops.simd_level(),
+                   "host": host, "runs": []}
+        runs = [(n, d, k, noise) for n, d, k in shapes for noise in (args.noise or [1.0])]
+        if not args.shape and not args.quick and not args.noise:
             runs.append((300_000, 256, 256, 0.3))
         for n, d, k, noise in runs:
+            # the host's GEMM rates for this D x K, measured next to the run they scale
+            rates = gemm_rates((8192, d, k))
+            print()
+            print_host(host, rates)
             x = directional_mixture(n, d, max(8, k // 2), noise=noise)
-            results["runs"].append(bench_shape(f"directional mixture, noise {noise:g}", x, k,
-                                               args.iters, args.repeat))
+            run = bench_shape(f"directional mixture, noise {noise:g}", x, k, args.iters,
+                              args.repeat, mm_gflops=rates["fp32"]["best"])
+            run["torch_mm_gflops"] = rates
+            results["runs"].append(run)
         real = None if args.no_demo else demo_activations(200_000 if not args.quick else 50_000)
         if real is not None:
-            results["runs"].append(bench_shape("demo CNN activations", real, 64, args.iters, args.repeat))
+            rates = gemm_rates((8192, real.shape[1], 64))
+            print()
+            print_host(host, rates)
+            run = bench_shape("demo CNN activations", real, 64, args.iters, args.repeat,
+                              mm_gflops=rates["fp32"]["best"])
+            run["torch_mm_gflops"] = rates
+            results["runs"].append(run)
     save_results(args.json, results)
     return 0
 

@@ -17,6 +17,7 @@ _LAZY = {
     # statistics and algorithms
     "StreamingMoments": "stats",
     "DirectionalClustering": "clustering",
+    "NotFittedError": "clustering",
     "signal_vectors": "signal",
     "extract_directions": "directions",
     "ConceptBasis": "basis",
@@ -27,6 +28,7 @@ _LAZY = {
     "correct": "interventions",
     "counterfactual": "interventions",
     "restore_corrections": "interventions",
+    "rank_concepts": "interventions",
     "contribution_maps": "attribution",
     "rcav": "attribution",
 }
@@ -34,7 +36,7 @@ _LAZY = {
 _SUBMODULES = {
     "reference", "stats", "clustering", "pruning", "signal", "detectors", "directions", "basis",
     "synthetic", "metrics", "taps", "ura", "extraction", "interventions", "attribution",
-    "datasets", "demo", "cli", "images",
+    "datasets", "demo", "cli", "images", "outputs",
 }
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .outputs import OutputSpec, check_output_spec, read_scores, scores_kind
 from .signal import masked_signal_vectors
 from .taps import LayerTap, iter_batches
 
@@ -129,11 +130,15 @@ def contribution_maps(
     batch_size: Optional[int] = None,
     skip_tokens: int = 0,
     grid=None,
+    output: OutputSpec = None,
 ) -> torch.Tensor:
     """(B, K', h, w) contribution of each concept at each position to class ``target``'s
     score (a logit). ``method``: 'linear' (needs ``head``, the nn.Linear after global average
     pooling of this layer: exact), 'gradient' (any network), 'auto' (linear when ``head``
-    is given)."""
+    is given). ``output``: which part of the model's output holds the class scores (an
+    index, a key or a callable; for a model ending in probabilities the score is the
+    log-probability)."""
+    output = check_output_spec(output)
     if method not in ("auto", "linear", "gradient"):
         raise ValueError(f"method must be 'auto', 'linear' or 'gradient', got {method!r}")
     if method == "auto":
@@ -168,7 +173,7 @@ def contribution_maps(
                 return leaf.to(out_.dtype)
 
             with torch.enable_grad():
-                logits = tap.forward_with(batch, replace)
+                logits = read_scores(tap.forward_with(batch, replace), output, "auto")
                 cls = _targets(target, b, logits.device)
                 logits.gather(1, cls[:, None]).sum().backward()
             leaf = captured["leaf"]
@@ -222,6 +227,7 @@ def rcav(
     batch_size: Optional[int] = None,
     skip_tokens: int = 0,
     progress=None,
+    output: OutputSpec = None,
 ) -> RCAVResult:
     """Global influence of concepts on classes by RCAV with a label-permutation test.
 
@@ -231,8 +237,10 @@ def rcav(
     from directions estimated like s_i but from randomly permuted detection labels (the
     same number of patches), pushed by the same alpha. p-values are (1 + #null >= observed)
     / (1 + n_permutations) on |score - 0.5|; Bonferroni over concepts x classes. A concept
-    detected on fewer than two of the sampled patches cannot be tested (p = 1).
+    detected on fewer than two of the sampled patches cannot be tested (p = 1). ``output``:
+    which part of the model's output holds the class scores (index, key or callable).
     """
+    output = check_output_spec(output)
     if not isinstance(n_permutations, int) or n_permutations < 1:
         raise ValueError(f"n_permutations must be a positive int, got {n_permutations!r}")
     if not 0 < level < 1:
@@ -243,6 +251,12 @@ def rcav(
     if not batches:
         raise ValueError("images is empty")
     gen = torch.Generator().manual_seed(seed)
+    # the class scores are checked (and logits told from probabilities) before any other work
+    with torch.no_grad():
+        kind = scores_kind(read_scores(tap.forward_with(batches[0][:2], lambda out: out), output, "logits"))
+
+    def probs(value):
+        return read_scores(value, output, kind).softmax(-1)
 
     # A sample of patch rows for the alphas and the permuted-label directions.
     rows = torch.cat([tap.to_rows(tap.activations(b)).float().cpu() for b in batches])
@@ -269,14 +283,14 @@ def rcav(
         return directions * ok[:, None]
 
     with torch.no_grad():
-        base = [tap.forward_with(b, lambda out: out).softmax(-1).cpu() for b in batches]
+        base = [probs(tap.forward_with(b, lambda out: out)).cpu() for b in batches]
 
     def score(direction: torch.Tensor, amount: float) -> torch.Tensor:
         shift = (amount * direction).to(batches[0].device)
         ups = []
         with torch.no_grad():
             for b, p0 in zip(batches, base):
-                p1 = tap.forward_rows(b, lambda r: r + shift.to(r.dtype)).softmax(-1).cpu()
+                p1 = probs(tap.forward_rows(b, lambda r: r + shift.to(r.dtype))).cpu()
                 ups.append(p1 > p0)
         return torch.cat(ups).float().mean(0)                     # (C,)
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import re
+import secrets
+import socket
 from typing import Any, Dict, List, Optional, Union
 
 import torch
@@ -35,7 +37,10 @@ def _as_float_tensor(value, name: str) -> torch.Tensor:
         raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} contains NaN or Inf")
-    return value.detach().to(torch.float32)
+    value = value.detach().to(torch.float32)
+    if not bool(torch.isfinite(value).all()):  # finite in float64, beyond float32
+        raise ValueError(f"{name} has values beyond the float32 range (|v| > 3.4e38)")
+    return value
 
 
 class ConceptBasis:
@@ -81,6 +86,8 @@ class ConceptBasis:
             json.dumps(metadata)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"metadata must be JSON-serialisable: {exc}") from None
+        except RecursionError:
+            raise ValueError("metadata is nested too deeply to be saved") from None
         self.decoding = decoding.contiguous()
         self.bias = bias.contiguous()
         self.encoding = encoding.contiguous()
@@ -183,7 +190,10 @@ class ConceptBasis:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write the basis to ``path`` as safetensors, atomically (temp file + rename)."""
+        """Write the basis to ``path`` as safetensors, atomically: a temp file in the same
+        directory, renamed over ``path``. The file gets the usual mode for new files (0666
+        less the umask). A failure leaves ``path`` as it was and raises an error naming it;
+        temp files of writers that were killed are removed by the next save to ``path``."""
         from safetensors.torch import save_file
 
         path = os.fspath(path)
@@ -198,16 +208,24 @@ class ConceptBasis:
             "settings": json.dumps(self.metadata.get("settings")),
             "metadata": json.dumps(self.metadata),
         }
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-        os.close(fd)
+        _remove_stale_temps(path)
+        tmp = _temp_name(path)
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot save a ConceptBasis to {path!r}: "
+                          f"{exc.strerror}") from None
         try:
             save_file(tensors, tmp, metadata=header)
+            os.chmod(tmp, 0o666 & ~_umask())  # safetensors itself creates files 0600
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-            raise
+            renamed = _naming_target(exc, path) if isinstance(exc, Exception) else exc
+            if renamed is exc:
+                raise
+            raise renamed from exc
 
     @classmethod
     def load(
@@ -254,6 +272,8 @@ class ConceptBasis:
             metadata = json.loads(header.get("metadata", "{}"))
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path!r} has corrupt metadata: {exc}") from None
+        except RecursionError:
+            raise ValueError(f"{path!r} has corrupt metadata: nested too deeply") from None
         try:
             basis = cls(
                 tensors["decoding"], tensors["bias"], tensors["encoding"], tensors["mean"],
@@ -281,6 +301,70 @@ def model_fingerprint(model) -> Dict[str, str]:
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         weights.update(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
     return {"architecture": arch.hexdigest(), "weights": weights.hexdigest()}
+
+
+# Temp files: ".<target name>.tmp-<host>-<pid>-<random>" next to the target, so a later save
+# can tell the leftovers of a writer that was killed (same host, process gone) from a
+# concurrent writer's file.
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def _temp_name(path: str) -> str:
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{name}.tmp-{_HOST}-{os.getpid()}-{secrets.token_hex(6)}")
+
+
+def _remove_stale_temps(path: str) -> None:
+    directory, name = os.path.split(os.path.abspath(path))
+    prefix = f".{name}.tmp-{_HOST}-"
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return  # the save itself reports an unusable directory
+    for entry in entries:
+        if not entry.startswith(prefix):
+            continue
+        pid = entry[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            try:
+                os.unlink(os.path.join(directory, entry))
+            except OSError:
+                pass  # another save removed it first
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # exists but belongs to someone else (or cannot be asked)
+    return True
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _naming_target(exc: Exception, path: str) -> Exception:
+    """exc, reworded to name the file being saved rather than the temp file."""
+    if isinstance(exc, OSError):
+        reason = exc.strerror or exc
+        return OSError(exc.errno, f"cannot save a ConceptBasis to {path!r}: {reason}")
+    try:
+        return type(exc)(f"cannot save a ConceptBasis to {path!r}: {exc}")
+    except Exception:  # an exception type with another constructor
+        return exc
 
 
 def _package_version() -> str:

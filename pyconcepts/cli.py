@@ -298,14 +298,13 @@ def parse_output(text: Optional[str]):
 
 
 def select_output(out, output):
-    """The logits in what a model returned: ``out`` itself when it is a tensor and ``output``
-    is None, else ``out[output]`` (a tuple index or a mapping key; an attribute name also
-    works for output objects)."""
+    """The logits in what a model returned (``pyconcepts.outputs.select_output``), with
+    ``UserError``s that speak of ``--output``."""
     from collections.abc import Mapping
 
-    if output is None:
-        if isinstance(out, torch.Tensor):
-            return out
+    from .outputs import select_output as select
+
+    if output is None and not isinstance(out, torch.Tensor):
         if isinstance(out, Mapping):
             raise UserError(f"the model returns a mapping with keys {list(out)[:8]}; pass --output KEY "
                             "to pick the logits")
@@ -313,19 +312,10 @@ def select_output(out, output):
             raise UserError(f"the model returns a {type(out).__name__} of {len(out)}; pass --output INDEX "
                             f"(0..{len(out) - 1}) to pick the logits")
         raise UserError(f"the model returns a {type(out).__name__}, not a tensor; pass --output to pick the logits")
-    if callable(output):
-        return output(out)
-    if isinstance(out, Mapping):
-        if output not in out:
-            raise UserError(f"--output {output!r}: the model's output has keys {list(out)[:8]}")
-        return out[output]
-    if isinstance(out, (tuple, list)) and isinstance(output, int):
-        if not -len(out) <= output < len(out):
-            raise UserError(f"--output {output}: the model returns {len(out)} outputs (0..{len(out) - 1})")
-        return out[output]
-    if isinstance(output, str) and hasattr(out, output):
-        return getattr(out, output)
-    raise UserError(f"--output {output!r} does not select anything from a {type(out).__name__}")
+    try:
+        return select(out, output)
+    except (ValueError, TypeError) as exc:
+        raise UserError(_one_line(exc).replace("output=", "--output ")) from exc
 
 
 @contextlib.contextmanager

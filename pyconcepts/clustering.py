@@ -11,10 +11,14 @@ increase it, so Lloyd iterations are monotone and stop when it improves by less 
 """
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
 import os
+import warnings
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from . import ops
@@ -22,7 +26,7 @@ from .stats import (DEFAULT_CHUNK_SIZE, KeyedRowSample, StreamingCovariance, all
                     distributed, fail_together, iter_chunks, shard_offset,
                     signal_from_moments)
 
-__all__ = ["DirectionalClustering", "whitening_matrix"]
+__all__ = ["DirectionalClustering", "NotFittedError", "whitening_matrix"]
 
 # pruning="auto": pruned passes start once at most this share of the watched rows (every
 # _WATCH_STRIDE-th row of every chunk) changed cluster in a pass. Measured (when the first
@@ -52,10 +56,113 @@ def whitening_matrix(covariance: torch.Tensor, shrinkage: float = 1e-3) -> torch
     return (vectors * (eigenvalues + floor).rsqrt()) @ vectors.T
 
 
+class _NotFittedError(ValueError, AttributeError):
+    """Raised by a method that needs a fitted model, before ``fit``. Without scikit-learn
+    this class is ``pyconcepts.clustering.NotFittedError``; with it, scikit-learn's own
+    ``sklearn.exceptions.NotFittedError`` (the same two bases) is used instead."""
+
+
+_NotFittedError.__name__ = _NotFittedError.__qualname__ = "NotFittedError"
+_not_fitted_error = None
+
+
+def _not_fitted_error_type() -> type:
+    """scikit-learn's NotFittedError when it is importable, else ours. Resolved on first
+    use: importing scikit-learn takes about a second, so ``import pyconcepts`` does not."""
+    global _not_fitted_error
+    if _not_fitted_error is None:
+        try:
+            from sklearn.exceptions import NotFittedError
+        except ImportError:
+            NotFittedError = _NotFittedError
+        _not_fitted_error = NotFittedError
+    return _not_fitted_error
+
+
+def __getattr__(name: str):
+    if name == "NotFittedError":
+        return _not_fitted_error_type()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _check_positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+def _check_bool(value, name: str) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_real(value, name: str, *, finite: bool = True) -> None:
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)
+            or not value >= 0 or (finite and not math.isfinite(value))):
+        kind = "a finite number >= 0" if finite else "a number >= 0"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
+def _is_sparse(x) -> bool:
+    return type(x).__module__.startswith("scipy.sparse")
+
+
+def _is_array_like(x) -> bool:
+    """numpy arrays and what converts to one (pandas frames, lists of rows), as opposed to
+    a tensor or a stream of chunks (tensors, or DataLoader batches holding tensors)."""
+    if isinstance(x, torch.Tensor):
+        return False
+    if isinstance(x, np.ndarray) or hasattr(x, "__array__"):
+        return True
+    if isinstance(x, (list, tuple)) and len(x):
+        first = x[0]
+        if isinstance(first, (list, tuple)) and len(first):
+            first = first[0]
+        return not isinstance(first, torch.Tensor)
+    return False
+
+
+def _as_input(x) -> Tuple[object, bool]:
+    """(x for the algorithms, whether results go back as numpy).
+
+    Tensors and chunk streams pass through. A numpy array (or array-like: a list of rows, a
+    pandas frame) becomes a CPU tensor sharing its memory when its dtype allows (float64
+    rows are converted to float32 chunk by chunk, as for tensors); integer and boolean
+    arrays are converted to float32, object arrays of numbers to float64; an array whose
+    rows are not contiguous (Fortran order, a strided view) is copied once."""
+    if _is_sparse(x):
+        raise TypeError("x is a scipy sparse matrix; DirectionalClustering needs dense data "
+                        "(x.toarray(), if it fits in memory)")
+    if not _is_array_like(x):
+        if isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] == 0:
+            raise ValueError(f"x has 0 feature(s) (shape={tuple(x.shape)}) while a minimum "
+                             "of 1 is required.")
+        return x, False
+    array = np.asarray(x)
+    if array.dtype.kind == "c":
+        raise ValueError("Complex data not supported: x is complex")
+    if array.dtype.kind in "biu":
+        array = array.astype(np.float32)
+    elif array.dtype.kind != "f" or array.dtype.itemsize > 8:
+        try:
+            array = array.astype(np.float64)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"x must hold numbers: {exc}") from None
+    if array.ndim != 2:
+        raise ValueError(f"x must be 2-D (N, D), got shape {array.shape}. Reshape your data "
+                         "either using array.reshape(-1, 1) if your data has a single "
+                         "feature or array.reshape(1, -1) if it contains a single sample.")
+    if array.shape[1] == 0:
+        raise ValueError(f"x has 0 feature(s) (shape={array.shape}) while a minimum of 1 is "
+                         "required.")
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    if array.strides[1] != array.itemsize or array.strides[0] < array.strides[1] * array.shape[1]:
+        # Fortran order or a strided view: the kernels read rows; one copy, not one per pass
+        array = np.ascontiguousarray(array)
+    with warnings.catch_warnings():  # read-only arrays: torch warns, but nothing writes to x
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array), True
 
 
 def _global_sum_int(value: int, device) -> int:
@@ -139,6 +246,15 @@ class DirectionalClustering:
     moves the centroids little at convergence), NaN for a cluster with fewer than two
     members or no variance of z; ``signal_decoding_`` (K, D), the filters w_i in raw coordinates they pair with
     (w_i . s_i = 1): the last pass's centroids, mapped through the whitening if any.
+
+    ``x`` may be a tensor, a numpy array or array-like (N, D), or a re-iterable stream of
+    (n, D) tensor chunks that yields the same rows on every pass (a pass that yields another
+    number of rows or another D raises a ValueError naming it). ``predict``, ``transform``,
+    ``labels_``, ``fit_predict`` and ``fit_transform`` give numpy arrays for numpy input and
+    tensors otherwise; the fitted attributes are tensors. The estimator follows
+    scikit-learn's conventions without depending on it (``get_params``/``set_params``,
+    ``clone``, pipelines, ``check_estimator``): parameters are stored as given and checked by
+    ``fit``, and methods that need a fitted model raise ``NotFittedError`` before it.
     """
 
     def __init__(
@@ -161,54 +277,160 @@ class DirectionalClustering:
         pruning_dir: Optional[str] = None,
         signal: bool = False,
     ):
-        self.n_concepts = _check_positive_int(n_concepts, "n_concepts")
-        self.seed = int(seed)
-        if init not in ("k-means++", "random"):
-            raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
+        # stored as given (scikit-learn's convention: get_params returns what was set,
+        # clone and set_params never fail); fit checks them before it reads any data
+        self.n_concepts = n_concepts
+        self.seed = seed
         self.init = init
-        self.center = bool(center)
-        self.whiten = bool(whiten)
-        self.whiten_shrinkage = float(whiten_shrinkage)
-        self.n_init = _check_positive_int(n_init, "n_init")
-        self.max_iter = _check_positive_int(max_iter, "max_iter")
-        if not tol >= 0:
-            raise ValueError(f"tol must be >= 0, got {tol!r}")
-        self.tol = float(tol)
+        self.center = center
+        self.whiten = whiten
+        self.whiten_shrinkage = whiten_shrinkage
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.tol = tol
         self.init_sample_size = init_sample_size
-        self.chunk_size = _check_positive_int(chunk_size, "chunk_size")
+        self.chunk_size = chunk_size
         self.num_threads = num_threads
-        if pruning not in (True, False, "auto"):
-            raise ValueError(f"pruning must be True, False or 'auto', got {pruning!r}")
         self.pruning = pruning
-        self.pruning_memory = int(pruning_memory)
-        if pruning_dir is not None and not isinstance(pruning_dir, (str, os.PathLike)):
-            raise TypeError(f"pruning_dir must be a directory path or None, got {pruning_dir!r}")
+        self.pruning_memory = pruning_memory
         self.pruning_dir = pruning_dir
-        self.signal = bool(signal)
+        self.signal = signal
 
-    # scikit-learn style parameter access
+    def _validate_params(self) -> None:
+        """Raise a ValueError (TypeError for pruning_dir) naming the first bad parameter."""
+        _check_positive_int(self.n_concepts, "n_concepts")
+        if isinstance(self.seed, (bool, np.bool_)) or not isinstance(self.seed, numbers.Integral):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if not isinstance(self.init, str) or self.init not in ("k-means++", "random"):
+            raise ValueError(f"init must be 'k-means++' or 'random', got {self.init!r}")
+        for name in ("center", "whiten", "signal"):
+            _check_bool(getattr(self, name), name)
+        _check_real(self.whiten_shrinkage, "whiten_shrinkage")
+        _check_positive_int(self.n_init, "n_init")
+        _check_positive_int(self.max_iter, "max_iter")
+        _check_real(self.tol, "tol", finite=False)
+        if self.init_sample_size is not None:
+            _check_positive_int(self.init_sample_size, "init_sample_size")
+        _check_positive_int(self.chunk_size, "chunk_size")
+        if self.num_threads is not None:
+            _check_positive_int(self.num_threads, "num_threads")
+        if not (isinstance(self.pruning, bool)
+                or (isinstance(self.pruning, str) and self.pruning == "auto")):
+            raise ValueError(f"pruning must be True, False or 'auto', got {self.pruning!r}")
+        memory = self.pruning_memory
+        if (isinstance(memory, (bool, np.bool_)) or not isinstance(memory, numbers.Integral)
+                or memory < 0):
+            raise ValueError(f"pruning_memory must be an int >= 0 (bytes), got "
+                             f"{self.pruning_memory!r}")
+        if self.pruning_dir is not None and not isinstance(self.pruning_dir, (str, os.PathLike)):
+            raise TypeError(f"pruning_dir must be a directory path or None, got "
+                            f"{self.pruning_dir!r}")
+
+    # ------------------------------------------------------------------ scikit-learn API
+    # Duck-typed rather than inherited, so scikit-learn stays optional and is not imported.
+    @classmethod
+    def _get_param_names(cls) -> list:
+        return [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+
     def get_params(self, deep: bool = True) -> dict:
-        keys = ("n_concepts", "seed", "init", "center", "whiten", "whiten_shrinkage", "n_init",
-                "max_iter", "tol", "init_sample_size", "chunk_size", "num_threads", "pruning",
-                "pruning_memory", "pruning_dir", "signal")
-        return {k: getattr(self, k) for k in keys}
+        """The constructor's parameters as set (no nested estimators: ``deep`` changes nothing)."""
+        return {name: getattr(self, name) for name in self._get_param_names()}
 
     def set_params(self, **params) -> "DirectionalClustering":
-        current = self.get_params()
-        for k in params:
-            if k not in current:
-                raise ValueError(f"unknown parameter {k!r}")
-        # through the constructor: the same checks and conversions as at construction
-        self.__init__(**{**current, **params})
+        """Set constructor parameters; they are checked by the next ``fit``."""
+        valid = self._get_param_names()
+        for name in params:
+            if name not in valid:
+                raise ValueError(f"unknown parameter {name!r} for {type(self).__name__}; "
+                                 f"valid parameters: {', '.join(valid)}")
+        for name, value in params.items():
+            setattr(self, name, value)
         return self
+
+    def __repr__(self) -> str:
+        """The class and the parameters that differ from their defaults, as constructor
+        arguments: ``DirectionalClustering(n_concepts=8, whiten=True)``."""
+        defaults = {name: p.default
+                    for name, p in inspect.signature(type(self).__init__).parameters.items()}
+        shown = []
+        for name, value in self.get_params().items():
+            default = defaults[name]
+            try:
+                same = type(value) is type(default) and bool(value == default)
+            except (TypeError, ValueError):  # e.g. an array: not the default
+                same = False
+            if default is inspect.Parameter.empty or not same:
+                shown.append(f"{name}={value!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+    def __sklearn_tags__(self):
+        from sklearn.utils import InputTags, Tags, TargetTags, TransformerTags
+
+        return Tags(estimator_type="clusterer", target_tags=TargetTags(required=False),
+                    # transform computes in float32 whatever the input's precision
+                    transformer_tags=TransformerTags(preserves_dtype=["float32"]),
+                    input_tags=InputTags(allow_nan=False, sparse=False))
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return "centroids_" in self.__dict__
 
     # ------------------------------------------------------------------ coordinates
     def _chunks(self, x, dim=None):
         return iter_chunks(x, self.chunk_size, dim=dim)
 
-    def transform(self, chunk: torch.Tensor) -> torch.Tensor:
-        """Map raw rows to the clustering coordinates (centred, optionally whitened), float32."""
+    def _pass_chunks(self, x, where: str):
+        """The chunks of one more pass over ``x`` (``where`` names the pass in errors),
+        checked against the statistics pass: the same D and the same number of rows on this
+        process, counted from the chunk shapes (no device synchronisation). A stream whose
+        passes differ would otherwise give centroids, counts and ``n_samples_`` of different
+        data, silently."""
+        expected, rows = self._local_rows, 0
+        chunks = self._chunks(x, self.n_features_in_)
+        while True:
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                break
+            except (ValueError, TypeError) as exc:  # another D, no rows at all, not a tensor
+                if type(exc) not in (ValueError, TypeError):
+                    raise
+                raise type(exc)(f"{where}: {exc}") from exc
+            rows += chunk.shape[0]
+            if rows > expected:
+                raise ValueError(self._rows_changed_message(where, f"more than {expected}"))
+            yield chunk
+        if rows != expected:
+            raise ValueError(self._rows_changed_message(where, str(rows)))
+
+    def _rows_changed_message(self, where: str, rows: str) -> str:
+        shard = " on this rank" if distributed() else ""
+        return (f"{where} read {rows} rows of x{shard}, but the statistics pass read "
+                f"{self._local_rows}: the stream changed between passes (every pass over x "
+                "must yield the same rows)")
+
+    def transform(self, x):
+        """Map the rows of ``x`` (N, D) to the clustering coordinates (centred, optionally
+        whitened), float32. A numpy array (or array-like) gives a numpy array, a tensor a
+        tensor on its device. NaN/Inf rows, a D other than the fitted one and a model not
+        fitted yet raise (ValueError, ``NotFittedError``)."""
         self._check_fitted()
+        x, as_numpy = _as_input(x)
+        self._check_rows(x, "transform")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or Inf")
+        out = self._transform(x).to(torch.float32)
+        if not as_numpy:
+            return out
+        out = out.cpu().numpy()
+        return out.copy() if np.may_share_memory(out, x.numpy()) else out
+
+    def fit_transform(self, x, y=None):
+        """``fit(x)`` then ``transform(x)``: ``x`` is a tensor or an array (N, D) here."""
+        return self.fit(x).transform(x)
+
+    def _transform(self, chunk: torch.Tensor) -> torch.Tensor:
+        """``transform`` for rows already validated (or read by the kernels, which check
+        them): float32 when centring or whitening, else ``chunk`` itself."""
         if self.mean_ is None and self.transform_matrix_ is None:
             return chunk
         out = chunk.to(torch.float32)
@@ -219,33 +441,57 @@ class DirectionalClustering:
         return out.contiguous()
 
     def _check_fitted(self):
-        if not hasattr(self, "centroids_") and not hasattr(self, "_fitting"):
-            raise RuntimeError("DirectionalClustering is not fitted yet; call fit(x) first")
+        if "centroids_" not in self.__dict__ and not hasattr(self, "_fitting"):
+            raise _not_fitted_error_type()(
+                f"This {type(self).__name__} instance is not fitted yet; call fit(x) first")
+
+    def _check_rows(self, x, method: str) -> None:
+        """A whole tensor given to ``method`` must be (N, D) with the fitted D."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{method} takes a tensor or an array (N, D), got "
+                            f"{type(x).__name__}; map a stream chunk by chunk")
+        if x.dim() != 2:
+            raise ValueError(f"x must be 2-D (N, D), got shape {tuple(x.shape)}. Reshape your "
+                             "data either using array.reshape(-1, 1) if your data has a "
+                             "single feature or array.reshape(1, -1) if it contains a single "
+                             "sample.")
+        if x.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {x.shape[1]} features, but {type(self).__name__} is "
+                             f"expecting {self.n_features_in_} features as input")
 
     # ------------------------------------------------------------------ fit
     def fit(self, x, y=None) -> "DirectionalClustering":
-        """Cluster ``x``: a tensor (N, D) or a re-iterable of (n, D) chunks."""
+        """Cluster ``x``: a tensor (N, D), a numpy array (or array-like) (N, D), or a
+        re-iterable of (n, D) chunks. ``y`` is ignored."""
+        self._validate_params()
+        x, as_numpy = _as_input(x)
         self._fitting = True
         try:
             self._fit(x)
         finally:
             del self._fitting
+        self._numpy_output = as_numpy
         return self
 
     @property
-    def labels_(self) -> torch.Tensor:
-        """(N,) nearest centroid of every row of the tensor given to ``fit``.
+    def labels_(self):
+        """(N,) nearest centroid of every row of the tensor (or array) given to ``fit``.
 
         Computed on first access (one assignment pass the fit itself does not need), from the
         fitted tensor, which is kept by reference: modify it in place before reading
         ``labels_`` and the labels follow the new values. Not defined after a fit on a stream
-        (no per-row state is kept)."""
+        (no per-row state is kept). A numpy array after a fit on one, else a tensor."""
+        labels = self._label_tensor()
+        return labels.numpy() if self.__dict__.get("_numpy_output") else labels
+
+    def _label_tensor(self) -> torch.Tensor:
         if "_labels" not in self.__dict__:
             source = self.__dict__.get("_labels_source")
             if source is None:
+                self._check_fitted()
                 raise AttributeError("labels_ is defined after fit on a tensor only (a stream "
                                      "fit keeps no per-row state); use predict(x)")
-            self._labels = self.predict(source)
+            self._labels = self._predict(source)
             del self._labels_source
         return self._labels
 
@@ -253,7 +499,7 @@ class DirectionalClustering:
         # a pickled or copied model carries its labels, not the tensor it was fitted on
         state = self.__dict__.copy()
         if "_labels_source" in state:
-            state["_labels"] = self.labels_
+            state["_labels"] = self._label_tensor()
             del state["_labels_source"]
         return state
 
@@ -267,7 +513,7 @@ class DirectionalClustering:
         dim = None
         stats = None
         n_rows = 0
-        sample = None if distributed() else KeyedRowSample(self._sample_size(), self.seed)
+        sample = None if distributed() else KeyedRowSample(self._sample_size(), int(self.seed))
         with fail_together("the statistics pass"):  # e.g. this rank's shard is empty
             for chunk in self._chunks(x):
                 if stats is None:
@@ -286,7 +532,8 @@ class DirectionalClustering:
             stats.all_reduce()
             n_rows = stats.count if (self.center or self.whiten) else _global_sum_int(n_rows, device)
         if self.n_concepts > n_rows:
-            raise ValueError(f"n_concepts = {self.n_concepts} exceeds the number of rows N = {n_rows}")
+            raise ValueError(f"n_concepts = {self.n_concepts} exceeds the number of rows "
+                             f"(n_samples = {n_rows})")
         self.n_features_in_ = dim
         self.n_samples_ = n_rows
         self._data_device = device
@@ -298,11 +545,12 @@ class DirectionalClustering:
         if self.whiten:
             if n_rows < 2:
                 raise ValueError("whitening needs at least two rows")
-            self.transform_matrix_ = whitening_matrix(stats.covariance, self.whiten_shrinkage).to(torch.float32)
+            self.transform_matrix_ = whitening_matrix(
+                stats.covariance, float(self.whiten_shrinkage)).to(torch.float32)
         else:
             self.transform_matrix_ = None
 
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(int(self.seed))
         sample = self._seeding_sample(x, sample)
         # With much more data than the seeding sample, the restarts compete on the sample
         # (cheap: Lloyd to convergence on its rows) and only the winner runs on all rows;
@@ -332,11 +580,11 @@ class DirectionalClustering:
         the same for any chunking and any number of ranks. ``sample``: drawn during the
         statistics pass (one process), or None (distributed: drawn here, in one more pass)."""
         if sample is None:
-            sample = KeyedRowSample(self._sample_size(), self.seed)
+            sample = KeyedRowSample(self._sample_size(), int(self.seed))
             start = shard_offset(self._local_rows)
             with fail_together("the seeding-sample pass"):
-                sample.update_stream(self._chunks(x, self.n_features_in_), start)
-        rows = self.transform(sample.all_reduce().rows())
+                sample.update_stream(self._pass_chunks(x, "the seeding-sample pass"), start)
+        rows = self._transform(sample.all_reduce().rows())
         if not bool(torch.isfinite(rows).all()):
             raise ValueError("x contains NaN or Inf rows")
         return rows
@@ -419,7 +667,7 @@ class DirectionalClustering:
                     *_, sums, counts = ops.assign_update(x, centroids,
                                                          num_threads=self.num_threads)
                 elif use_pruning is True:
-                    pruned = self._pruned_pass(x, centroids, pruned)
+                    pruned = self._pruned_pass(x, centroids, pruned, f"Lloyd pass {n_iter}")
                     sums, counts = pruned[1].clone(), pruned[2].clone()
                     log.append(pruned[4])
                     if adaptive and self._pruning_stopped_paying(pruned[4]):
@@ -427,7 +675,8 @@ class DirectionalClustering:
                         use_pruning, pruned, watched = False, None, None
                 else:
                     sums, counts, watched_labels, pass_moments = self._lloyd_pass(
-                        x, centroids, watch=use_pruning == "adaptive")
+                        x, centroids, watch=use_pruning == "adaptive",
+                        where=f"Lloyd pass {n_iter}")
                     if pass_moments is not None:
                         all_reduce_sum_(*pass_moments)
                         moments = (sums, counts, *pass_moments, centroids)
@@ -510,10 +759,10 @@ class DirectionalClustering:
         read the rows (no centred copy of the chunk); whitening needs the transformed copy."""
         if self.transform_matrix_ is None and self.mean_ is not None:
             return chunk, self.mean_.to(chunk.device)
-        return self.transform(chunk), None
+        return self._transform(chunk), None
 
-    def _transformed_chunks(self, x):
-        return (self.transform(chunk) for chunk in self._chunks(x, self.n_features_in_))
+    def _transformed_chunks(self, x, where: str):
+        return (self._transform(chunk) for chunk in self._pass_chunks(x, where))
 
     @staticmethod
     def _chunks_changed(before: torch.Tensor, now: torch.Tensor) -> bool:
@@ -534,7 +783,8 @@ class DirectionalClustering:
         total = _global_sum_int(stats.n_points * stats.n_clusters, torch.device("cpu"))
         return cosines > _STOP_ABOVE_COMPUTED * max(total, 1)
 
-    def _lloyd_pass(self, x, centroids: torch.Tensor, watch: bool = False):
+    def _lloyd_pass(self, x, centroids: torch.Tensor, watch: bool = False,
+                    where: str = "a Lloyd pass"):
         """One assignment + accumulation pass over the data: float64 sums (K, D), counts (K,),
         with ``watch`` the labels of every _WATCH_STRIDE-th row of every chunk, int32 on the
         CPU (else None) and, with ``signal``, the moments (sum_xz, sum_z) (else None).
@@ -543,10 +793,10 @@ class DirectionalClustering:
         """
         total, watched = None, []
         with fail_together("a Lloyd pass"):  # e.g. NaN rows in this rank's shard
-            for chunk in self._chunks(x, self.n_features_in_):
+            for chunk in self._pass_chunks(x, where):
                 xt, center = self._kernel_input(chunk)
                 labels, _, *stats = ops.assign_update(
-                    xt, centroids.to(xt.device), center=center, return_moments=self.signal,
+                    xt, centroids.to(xt.device), center=center, return_moments=bool(self.signal),
                     num_threads=self.num_threads,
                 )
                 if watch:  # spread-out rows: data sorted by cluster cannot mislead the switch
@@ -574,10 +824,10 @@ class DirectionalClustering:
         self.signal_vectors_ = signal.to(torch.float32)
         self.signal_decoding_ = decoding.to(torch.float32)
 
-    def _pruned_pass(self, x, centroids: torch.Tensor, state):
+    def _pruned_pass(self, x, centroids: torch.Tensor, state, where: str):
         """The same pass with exact pruning; ``state`` carries the engine, the sums and counts
         of the current assignment and the centroids they were assigned to."""
-        from .pruning import BoundedLloyd
+        from .pruning import BoundedLloyd, ChunksChanged
 
         if state is None:
             if self._data_device.type != "cpu":
@@ -588,7 +838,8 @@ class DirectionalClustering:
                 with fail_together("a Lloyd pass"):
                     engine = BoundedLloyd(n_clusters=self.n_concepts, num_threads=self.num_threads,
                                           storage_dir=self.pruning_dir if on_disk else None)
-                    sums, counts, stats = engine.first_pass(self._cpu_chunks(x), centroids)
+                    sums, counts, stats = engine.first_pass(self._cpu_chunks(x, where),
+                                                            centroids)
             except BaseException:
                 if engine is not None:
                     engine.close()  # not yet held by the caller: its scratch goes now
@@ -596,12 +847,15 @@ class DirectionalClustering:
             return engine, sums, counts, None, stats
         engine, sums, counts, assigned_to, _ = state
         with fail_together("a Lloyd pass"):  # on failure, the caller's finally closes engine
-            sums, counts, stats = engine.next_pass(self._cpu_chunks(x), assigned_to, centroids,
-                                                   sums, counts)
+            try:
+                sums, counts, stats = engine.next_pass(self._cpu_chunks(x, where), assigned_to,
+                                                       centroids, sums, counts)
+            except ChunksChanged as exc:  # the same rows, chunked differently
+                raise ValueError(f"{where}: {exc}") from exc
         return engine, sums, counts, None, stats
 
-    def _cpu_chunks(self, x):
-        for xt in self._transformed_chunks(x):
+    def _cpu_chunks(self, x, where: str):
+        for xt in self._transformed_chunks(x, where):
             if xt.device.type != "cpu":
                 raise ValueError("pruning=True runs on CPU tensors only; use pruning=False on GPU")
             yield xt
@@ -631,9 +885,18 @@ class DirectionalClustering:
         return centroids.to(torch.float32), counts
 
     # ------------------------------------------------------------------ predict
-    def predict(self, x) -> torch.Tensor:
-        """(N,) int64 index of the nearest centroid (by cosine) of every row of ``x``."""
+    def predict(self, x):
+        """(N,) int64 index of the nearest centroid (by cosine) of every row of ``x``: a
+        tensor or a stream of chunks gives a tensor, a numpy array (or array-like) a numpy
+        array."""
         self._check_fitted()
+        x, as_numpy = _as_input(x)
+        if isinstance(x, torch.Tensor):
+            self._check_rows(x, "predict")
+        labels = self._predict(x)
+        return labels.cpu().numpy() if as_numpy else labels
+
+    def _predict(self, x) -> torch.Tensor:
         out = []
         for chunk in self._chunks(x, self.n_features_in_):
             xt, center = self._kernel_input(chunk)
@@ -642,5 +905,6 @@ class DirectionalClustering:
             out.append(index)
         return torch.cat(out)
 
-    def fit_predict(self, x, y=None) -> torch.Tensor:
+    def fit_predict(self, x, y=None):
+        """``fit(x)`` then the labels of its rows (``predict(x)``)."""
         return self.fit(x).predict(x)

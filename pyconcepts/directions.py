@@ -282,7 +282,18 @@ def extract_directions(
     km = DirectionalClustering(
         n_concepts, seed=seed, whiten=True, whiten_shrinkage=whiten_shrinkage,
         n_init=n_init, max_iter=max_iter, chunk_size=chunk_size,
-    ).fit(x)
+    )
+    try:
+        km.fit(x)
+    except ValueError:
+        # finite rows whose whitening scale leaves float32 fail as non-finite rows: say why
+        whitening = getattr(km, "transform_matrix_", None)
+        if whitening is not None and not bool(torch.isfinite(whitening).all()):
+            raise ValueError(
+                "x has no spread to whiten: its rows are all identical, or so small (e.g. "
+                "denormal) that the whitening scale exceeds float32; rescale x"
+            ) from None
+        raise
     mean, covariance = km.mean_.to(torch.float64), km.covariance_
     k, d = n_concepts, km.n_features_in_
 

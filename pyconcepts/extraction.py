@@ -44,6 +44,7 @@ from .basis import ConceptBasis
 from .directions import extract_directions
 from .signal import masked_signal_vectors, signal_vectors
 from .stats import DEFAULT_CHUNK_SIZE
+from .outputs import OutputSpec, check_output_spec, read_scores, scores_kind
 from .taps import LayerTap, iter_batches
 from .ura import URALoss
 
@@ -82,11 +83,12 @@ DEFAULTS: Dict[str, object] = {
     # URA
     "ura_weight": 0.25,
     "ura_form": "both",          # 'unconstrained', 'constrained' or 'both'
-    "ura_images": 64,            # size of the image pool f+ is run on
+    "ura_images": 64,            # size of the image pool f+ is run on (a seeded random sample)
     "ura_batch": 16,             # images per URA evaluation
     "ura_every": 1,              # evaluate URA every n-th step
     "kappa_range": (0.5, 0.9),
-    "outputs": "logits",         # what the model returns: 'logits' or 'probs'
+    "outputs": "auto",           # what the class scores are: 'logits', 'probs' or 'auto' (told
+                                 # apart on the first batch)
     # joint step with L_fso
     "joint_steps": 25,
     "joint_lr": 2e-3,
@@ -119,20 +121,27 @@ def batch_signal_vectors(x: torch.Tensor, decoding: torch.Tensor, bias: torch.Te
 
 class _PatchSource:
     """A re-iterable of patch-row chunks: cached in memory up to ``cache_rows`` rows, else
-    recomputed through the tap on every pass (images must then be re-iterable)."""
+    recomputed through the tap on every pass (images must then be re-iterable).
+
+    While streaming it also keeps the URA image pool: ``ura_images`` images drawn uniformly
+    at random (seeded) from the whole stream, so that class-sorted data still gives URA every
+    class. ``probe(batch)``, when given, runs once on the first batch (after its layer output
+    was checked) so a model whose output cannot be used fails before any clustering."""
 
     def __init__(self, tap: LayerTap, images, batch_size: int, cache_rows: int, ura_images: int,
-                 progress: Optional[Callable]):
+                 progress: Optional[Callable], seed: int = 0,
+                 probe: Optional[Callable[[torch.Tensor], None]] = None):
         self.tap, self.images, self.batch_size = tap, images, batch_size
         self.cached: Optional[List[torch.Tensor]] = []
-        self.pool: List[torch.Tensor] = []
         self.n_rows = 0
+        pool = _ImagePool(ura_images, seed)
         one_shot = not isinstance(images, torch.Tensor) and iter(images) is images
         total = _count_batches(images, batch_size)
         for j, batch in enumerate(iter_batches(images, batch_size)):
-            if sum(p.shape[0] for p in self.pool) < ura_images:
-                self.pool.append(batch[: ura_images - sum(p.shape[0] for p in self.pool)].cpu())
             rows = tap.to_rows(tap.activations(batch)).float().contiguous()
+            if j == 0 and probe is not None:
+                probe(batch)
+            pool.offer(batch)
             self.n_rows += rows.shape[0]
             if self.cached is not None:
                 if self.n_rows <= cache_rows or one_shot:
@@ -143,6 +152,7 @@ class _PatchSource:
                 progress("patches", j + 1, total)
         if self.n_rows == 0:
             raise ValueError("images is empty: no patches to extract concepts from")
+        self.pool: List[torch.Tensor] = pool.images()
         if self.cached is not None:
             self.cached = _coalesce(self.cached, DEFAULT_CHUNK_SIZE)
 
@@ -151,6 +161,44 @@ class _PatchSource:
             return iter(self.cached)
         return (self.tap.to_rows(self.tap.activations(b)).float().contiguous()
                 for b in iter_batches(self.images, self.batch_size))
+
+
+class _ImagePool:
+    """A seeded uniform sample of ``size`` images from a stream of batches: every image gets
+    a random key and the ``size`` smallest keys are kept (the pool is in stream order)."""
+
+    def __init__(self, size: int, seed: int):
+        self.size = max(0, int(size))
+        self.generator = torch.Generator().manual_seed(int(seed) + 0x5EED)
+        self.keys = torch.empty(0)
+        self.order = torch.empty(0, dtype=torch.long)
+        self.kept: Optional[torch.Tensor] = None
+        self.seen = 0
+
+    def offer(self, batch: torch.Tensor) -> None:
+        n = batch.shape[0]
+        keys = torch.rand(n, generator=self.generator)
+        order = torch.arange(self.seen, self.seen + n)
+        self.seen += n
+        if self.size == 0:
+            return
+        batch = batch.detach().cpu()
+        if self.kept is not None and batch.shape[1:] != self.kept.shape[1:]:
+            raise ValueError(
+                f"image batches differ in shape ({tuple(self.kept.shape[1:])} then {tuple(batch.shape[1:])}); "
+                "URA needs images of one size"
+            )
+        keys = torch.cat([self.keys, keys])
+        order = torch.cat([self.order, order])
+        images = batch if self.kept is None else torch.cat([self.kept, batch])
+        if keys.numel() > self.size:
+            keep = torch.topk(keys, self.size, largest=False).indices
+            keep = keep[torch.argsort(order[keep])]
+            keys, order, images = keys[keep], order[keep], images[keep]
+        self.keys, self.order, self.kept = keys, order, images
+
+    def images(self) -> List[torch.Tensor]:
+        return [] if self.kept is None else [self.kept]
 
 
 def _coalesce(pieces: List[torch.Tensor], rows: int) -> List[torch.Tensor]:
@@ -195,13 +243,18 @@ def extract(
     options: Optional[Dict[str, object]] = None,
     progress: Optional[Callable[[str, int, Optional[int]], None]] = None,
     model_id: Optional[str] = None,
+    output: OutputSpec = None,
 ) -> ConceptBasis:
     """Concept direction pairs at ``layer`` of ``model`` from ``images``.
 
     ``images``: a tensor (B, C, H, W) or an iterable of batches (tensors or tuples whose first
     item is the batch). ``refine``: the gradient refinement (paper losses, joint L_fso step);
-    ``ura``: add URA to it. ``options`` overrides ``DEFAULTS``. Returns a ``ConceptBasis``
-    recording the layer, the settings and the refinement's last loss values.
+    ``ura``: add URA to it. ``output``: which part of the model's output holds the class
+    scores URA reads (an index into a tuple, a dict key, or a callable; see
+    ``pyconcepts.outputs``); with URA on, the first batch is run through the whole model and
+    an output that is not (B, C) logits or probabilities raises before any clustering.
+    ``options`` overrides ``DEFAULTS``. Returns a ``ConceptBasis`` recording the layer, the
+    settings and the refinement's last loss values.
     """
     if isinstance(n_concepts, bool) or not isinstance(n_concepts, int) or n_concepts < 1:
         raise ValueError(f"n_concepts must be a positive int, got {n_concepts!r}")
@@ -210,19 +263,39 @@ def extract(
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)}; known: {sorted(opts)}")
     opts.update(options or {})
+    output = check_output_spec(output)
+    if opts["outputs"] not in ("auto", "logits", "probs"):
+        raise ValueError(f"options['outputs'] must be 'auto', 'logits' or 'probs', got {opts['outputs']!r}")
     torch_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
         return _extract(model, layer, images, n_concepts, seed, refine, ura, skip_tokens, opts,
-                        progress, model_id)
+                        progress, model_id, output)
     finally:
         torch.random.set_rng_state(torch_state)
 
 
-def _extract(model, layer, images, k, seed, refine, ura, skip_tokens, opts, progress, model_id):
+def _output_probe(tap: LayerTap, output, opts):
+    """Run the whole model on two images of the first batch and check that ``output`` reads
+    (B, C) class scores from it; fixes options['outputs'] when it is 'auto'."""
+
+    def probe(batch):
+        with torch.no_grad():
+            value = tap.forward_with(batch[:2], lambda out: out)
+        scores = read_scores(value, output, "logits")
+        if opts["outputs"] == "auto":
+            opts["outputs"] = scores_kind(scores)
+
+    return probe
+
+
+def _extract(model, layer, images, k, seed, refine, ura, skip_tokens, opts, progress, model_id,
+             output=None):
     tap = LayerTap(model, layer, skip_tokens=skip_tokens)
+    uses_output = bool(refine and ura)
     source = _PatchSource(tap, images, int(opts["batch_size"]), int(opts["cache_rows"]),
-                         int(opts["ura_images"]), progress)
+                          int(opts["ura_images"]) if uses_output else 0, progress, seed=seed,
+                          probe=_output_probe(tap, output, opts) if uses_output else None)
     if progress:
         progress("clustering", 0, 1)
     basis = extract_directions(source, k, seed=seed, n_init=int(opts["n_init"]),
@@ -243,7 +316,7 @@ def _extract(model, layer, images, k, seed, refine, ura, skip_tokens, opts, prog
             pool = torch.cat(source.pool)
             ura_loss = URALoss(tap, pool, form=str(opts["ura_form"]),
                                kappa_range=tuple(opts["kappa_range"]), batch_size=int(opts["ura_batch"]),
-                               outputs=str(opts["outputs"]), seed=seed)
+                               outputs=str(opts["outputs"]), seed=seed, output=output)
         decoding, bias = _refine(sample, decoding, bias, encoding, mean, ura_loss, opts, seed,
                                  progress, history, guards.setdefault("refinement", {}))
         if int(opts["joint_steps"]) > 0:

@@ -14,6 +14,9 @@ a_hat_i(x) = (w_i . x - w_i . mean) / g_i (``ConceptBasis.latent``):
   ``membership="hard"`` uses ``m = 1[w_i . x > b_i]`` instead of the sigmoid: the sigmoid's
   sharpness is set by the detector's scale ``||w_i||``, and a soft detector (unit-norm w_i)
   gives every patch m ~ 0.3-0.5, so the edit leaks onto patches where the concept is absent.
+  ``membership="all"`` uses ``m = 1`` at every patch: the positive part of the latent factor
+  is taken out wherever it is above its mean, detected or not (weak occurrences too), and a
+  patch below the mean is left alone, so the edit never adds the concept.
 
 ``direction="decoding"`` replaces s_i by w_i / ||w_i||^2 (the paper's control: editing along
 the filter instead of the signal vector).
@@ -31,16 +34,17 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .outputs import OutputSpec, check_output_spec, read_scores, scores_kind
 from .taps import LayerTap, iter_batches, resolve_layer
 
 __all__ = [
     "intervene", "correct", "counterfactual", "Correction", "Counterfactual",
-    "restore_corrections", "edit_rows",
+    "restore_corrections", "edit_rows", "rank_concepts", "ConceptRanking",
 ]
 
 _PREFIX = "pyconcepts_correction_"
 _DIRECTIONS = ("encoding", "decoding")
-_MEMBERSHIPS = ("soft", "hard")
+_MEMBERSHIPS = ("soft", "hard", "all")
 
 
 def _check_basis(basis):
@@ -115,12 +119,12 @@ def edit_rows(
     if remove:
         for i in remove:
             proj = x @ w[i]
-            if membership == "soft":
-                member = torch.sigmoid(proj - b[i])
-            else:
-                member = (proj > b[i]).to(x.dtype)
             amount = strength * torch.clamp((proj - offset[i]) / gain[i], min=0)
-            x = x - (member * amount)[:, None] * s[i]
+            if membership == "soft":
+                amount = torch.sigmoid(proj - b[i]) * amount
+            elif membership == "hard":
+                amount = (proj > b[i]).to(x.dtype) * amount
+            x = x - amount[:, None] * s[i]
         if nonneg:
             x = torch.relu(x)
     return x
@@ -174,8 +178,8 @@ def intervene(
 ):
     """Within the ``with`` block, ``model`` sees edited activations at ``layer`` (default: the
     layer recorded in the basis). ``set={i: t}`` sets latent factors, ``scale={i: c}`` scales
-    them, ``remove=[i, ...]`` suppresses concepts where detected (``membership``: 'soft' or
-    'hard', see the module docstring). Yields the model."""
+    them, ``remove=[i, ...]`` suppresses concepts where detected (``membership``: 'soft',
+    'hard' or 'all', see the module docstring). Yields the model."""
     basis = _check_basis(basis)
     if direction not in _DIRECTIONS:
         raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
@@ -210,12 +214,12 @@ class _CorrectionHook:
         direction = _DIRECTIONS[int(get("direction"))]
         clamp_code = int(get("clamp"))
         # corrections saved before the membership option existed are soft
-        hard = hasattr(module, _PREFIX + "membership") and int(get("membership")) == 1
+        code = int(get("membership")) if hasattr(module, _PREFIX + "membership") else 0
         new = edit_rows(
             rows, decoding, get("bias"), get("encoding"), get("mean"),
             remove=list(range(decoding.shape[0])), strength=float(get("strength")),
             direction=direction, clamp=None if clamp_code < 0 else bool(clamp_code),
-            membership="hard" if hard else "soft",
+            membership=_MEMBERSHIPS[code],
         )
         return tap.from_rows(new, output)
 
@@ -362,20 +366,167 @@ def counterfactual(
     batch_size: Optional[int] = None,
     skip_tokens: int = 0,
     membership: str = "soft",
+    output: OutputSpec = None,
 ) -> Counterfactual:
     """The model's outputs on ``images`` as they are and with ``concepts`` removed (or with
-    the ``set`` / ``scale`` edits). ``images``: a tensor (B, C, H, W) or an iterable of batches."""
+    the ``set`` / ``scale`` edits). ``images``: a tensor (B, C, H, W) or an iterable of batches.
+    ``output``: which part of the model's output holds the class scores (an index, a key or
+    a callable; ``pyconcepts.outputs``). A model that ends in probabilities is recorded as
+    log-probabilities, so ``probs_before`` / ``probs_after`` are its own probabilities."""
     basis = _check_basis(basis)
+    output = check_output_spec(output)
     tap = LayerTap(model, _layer_name(basis, layer), skip_tokens=skip_tokens)
     before, after = [], []
+    kind = "auto"
     with tap.eval_mode(), torch.no_grad():
         for batch in iter_batches(images, batch_size):
             batch = tap._check_images(batch)
-            before.append(model(batch).float().cpu())
+            raw = read_scores(model(batch), output, "logits")
+            if kind == "auto":
+                kind = scores_kind(raw)
+            before.append(read_scores(raw, None, kind).float().cpu())
             with intervene(model, basis, layer=tap.layer, remove=concepts, set=set, scale=scale,
                            strength=strength, direction=direction, skip_tokens=skip_tokens,
                            membership=membership):
-                after.append(model(batch).float().cpu())
+                after.append(read_scores(model(batch), output, kind).float().cpu())
     if not before:
         raise ValueError("images is empty")
     return Counterfactual(torch.cat(before), torch.cat(after))
+
+
+# ------------------------------------------------------------------------------ ranking
+_RANK_METHODS = ("removal", "gradient")
+
+
+@dataclass
+class ConceptRanking:
+    """Concepts ordered by their effect on an output, largest first.
+
+    ``concepts``: basis indices; ``effects``: (len(concepts),) the mean drop of the score over
+    the images when the concept is removed (``method='removal'``: measured;
+    ``'gradient'``: its first-order estimate, the removal's change of the layer dotted with
+    the score's gradient). With ``greedy`` the i-th effect is the drop when the first i + 1
+    concepts are removed together."""
+
+    concepts: List[int]
+    effects: torch.Tensor
+    method: str
+    greedy: bool
+    base_score: float
+
+
+def _score_fn(target, n_classes: int):
+    if callable(target):
+        return target
+    if isinstance(target, bool) or not isinstance(target, int):
+        raise TypeError(f"target must be a class index (int) or a callable on the (B, C) logits, got {target!r}")
+    if not -n_classes <= target < n_classes:
+        raise IndexError(f"target {target} is out of range for {n_classes} classes")
+    return lambda logits: logits[:, target]
+
+
+def rank_concepts(
+    model: nn.Module,
+    basis,
+    images,
+    *,
+    target,
+    layer: Optional[str] = None,
+    output: OutputSpec = None,
+    method: str = "removal",
+    greedy: int = 0,
+    concepts: Optional[Sequence[int]] = None,
+    strength: float = 1.0,
+    direction: str = "encoding",
+    membership: str = "soft",
+    batch_size: Optional[int] = None,
+    skip_tokens: int = 0,
+) -> ConceptRanking:
+    """Rank concepts by their effect on a chosen output of ``model`` over ``images``.
+
+    ``target``: a class index (its logit; the log-probability for a model that ends in
+    probabilities) or a callable ``f(logits (B, C)) -> (B,)`` (e.g. a margin).
+    ``output``: which part of the model's output holds the class scores (index, key or
+    callable). ``method='removal'`` removes each concept (as ``intervene(remove=...)`` does,
+    with the same ``strength``, ``direction`` and ``membership``) and measures the drop of the
+    mean score; ``greedy=m`` instead picks m concepts one at a time, each the one whose
+    removal together with those already picked lowers the score most. ``method='gradient'``
+    estimates each removal's drop to first order from one backward pass per batch.
+    ``concepts`` restricts the candidates (default: all). Returns a ``ConceptRanking``."""
+    basis = _check_basis(basis)
+    output = check_output_spec(output)
+    if method not in _RANK_METHODS:
+        raise ValueError(f"method must be one of {_RANK_METHODS}, got {method!r}")
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
+    if membership not in _MEMBERSHIPS:
+        raise ValueError(f"membership must be one of {_MEMBERSHIPS}, got {membership!r}")
+    if isinstance(greedy, bool) or not isinstance(greedy, int) or greedy < 0:
+        raise ValueError(f"greedy must be a non-negative int (the number of concepts to pick), got {greedy!r}")
+    if greedy and method != "removal":
+        raise ValueError("greedy ranking measures removals: use method='removal'")
+    k = basis.decoding.shape[0]
+    candidates = list(range(k)) if concepts is None else _normalise_edits(basis, None, None, list(concepts))[2]
+    if not candidates:
+        raise ValueError("concepts is empty: name at least one concept to rank")
+    greedy = min(greedy, len(candidates))
+    tap = LayerTap(model, _layer_name(basis, layer), skip_tokens=skip_tokens)
+    edit = dict(strength=float(strength), direction=direction, membership=membership)
+    batches, kind, score = [], "auto", None
+    for batch in iter_batches(images, batch_size):
+        batch = tap._check_images(batch)
+        with torch.no_grad():
+            acts = tap.activations(batch)
+            value = tap.forward_with(batch, lambda out: out)
+        raw = read_scores(value, output, "logits")
+        if score is None:  # the output and the target are checked on the first batch
+            kind = scores_kind(raw)
+            score = _score_fn(target, raw.shape[1])
+        base = score(read_scores(raw, None, kind)).float()
+        if base.shape != (batch.shape[0],):
+            raise ValueError(f"target must give one score per image ({batch.shape[0]}), got shape {tuple(base.shape)}")
+        rows = tap.to_rows(acts)
+        _check_dim(basis.decoding.shape[1], rows, tap.layer)
+        batches.append((batch, acts, rows, base))
+    if not batches:
+        raise ValueError("images is empty")
+    n_images = sum(b[0].shape[0] for b in batches)
+    base_score = float(sum(b[3].sum() for b in batches) / n_images)
+    tensors = (basis.decoding, basis.bias, basis.encoding, basis.mean)
+
+    def drop(removed: List[int]) -> float:
+        total = 0.0
+        with torch.no_grad():
+            for batch, acts, rows, base in batches:
+                new = tap.from_rows(edit_rows(rows, *tensors, remove=removed, **edit), acts)
+                after = score(read_scores(tap.forward_with(batch, lambda _: new), output, kind)).float()
+                total += float((base - after).sum())
+        return total / n_images
+
+    if method == "gradient":
+        effects = torch.zeros(len(candidates), dtype=torch.float64)
+        for batch, acts, rows, _ in batches:
+            leaf = acts.detach().float().requires_grad_(True)
+            with torch.enable_grad():
+                out = tap.forward_with(batch, lambda o: leaf.to(o.dtype))
+                score(read_scores(out, output, kind)).float().sum().backward()
+            grads = tap.to_rows(leaf.grad).double()
+            rows_f = rows.float()
+            for j, c in enumerate(candidates):
+                delta = (rows_f - edit_rows(rows_f, *tensors, remove=[c], **edit)).double()
+                effects[j] += float((delta * grads).sum())
+        effects = (effects / n_images).float()
+        order = torch.argsort(effects, descending=True, stable=True)
+        return ConceptRanking([candidates[i] for i in order], effects[order], method, False, base_score)
+    if greedy:
+        chosen: List[int] = []
+        effects_g: List[float] = []
+        for _ in range(greedy):
+            trials = [(drop(chosen + [c]), c) for c in candidates if c not in chosen]
+            best = max(trials, key=lambda t: t[0])
+            chosen.append(best[1])
+            effects_g.append(best[0])
+        return ConceptRanking(chosen, torch.tensor(effects_g), method, True, base_score)
+    effects = torch.tensor([drop([c]) for c in candidates])
+    order = torch.argsort(effects, descending=True, stable=True)
+    return ConceptRanking([candidates[i] for i in order], effects[order], method, False, base_score)

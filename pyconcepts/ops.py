@@ -39,9 +39,18 @@ __all__ = [
     "CopyWarning",
     "cuda_available",
     "simd_level",
+    "simd_path",
+    "simd_paths",
+    "cpu_features",
 ]
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# Element and device codes of the tensor descriptions the native modules check
+# (csrc/binding_args.h); the first three element codes are those of _DTYPE_CODES.
+_ELEM_CODES = {**_DTYPE_CODES, torch.float64: 3, torch.int64: 4, torch.int32: 5}
+_OTHER_ELEM = 6
+_DEVICE_CODES = {"cpu": 0, "cuda": 1}
+_OTHER_DEVICE = 2
 
 #: Consecutive centroids per group in ``return_group_max`` outputs.
 ASSIGN_GROUP: int = _C.ASSIGN_GROUP
@@ -59,6 +68,23 @@ def cuda_available() -> bool:
 def simd_level() -> str:
     """The CPU code path the native module selected at run time (e.g. 'avx2+fma')."""
     return _C.simd_level()
+
+
+def simd_path() -> str:
+    """The ``PYCONCEPTS_SIMD`` value of the CPU code path in use: 'generic', 'avx2' or
+    'avx512'. Set ``PYCONCEPTS_SIMD`` before the import to force one; a path this CPU lacks
+    makes the import fail with the reason."""
+    return _C.simd_path()
+
+
+def simd_paths() -> list:
+    """The CPU code paths this machine can run (values for ``PYCONCEPTS_SIMD``)."""
+    return list(_C.simd_paths())
+
+
+def cpu_features() -> dict:
+    """Which instruction-set extensions this CPU has, as the kernels see them."""
+    return dict(_C.cpu_features())
 
 
 # ----------------------------------------------------------------------------- validation
@@ -96,6 +122,20 @@ def _check_activations(x, name: str = "x") -> torch.Tensor:
     return x
 
 
+def _to_float32(t: torch.Tensor, name: str) -> torch.Tensor:
+    """t as contiguous float32, after checking it is finite there: a float64 value beyond
+    the float32 range is finite before the cast and Inf after it."""
+    t32 = t.to(torch.float32).contiguous()
+    if not bool(torch.isfinite(t32).all()):
+        if t.dtype != torch.float32 and bool(torch.isfinite(t).all()):
+            raise ValueError(
+                f"{name} has values beyond the float32 range (|v| > 3.4e38), which the "
+                "kernels compute in"
+            )
+        raise ValueError(f"{name} contains NaN or Inf")
+    return t32
+
+
 def _check_param_matrix(t, name: str, d: int, device: torch.device) -> torch.Tensor:
     """A small (K, D) parameter matrix, converted to contiguous float32 on x's device."""
     t = _check_tensor(t, name)
@@ -109,9 +149,7 @@ def _check_param_matrix(t, name: str, d: int, device: torch.device) -> torch.Ten
         raise ValueError(f"{name} has D = {t.shape[1]} columns but x has D = {d}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but x is on {device}")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
-    return t.to(torch.float32).contiguous()
+    return _to_float32(t, name)
 
 
 def _check_vector(t, name: str, n: int, device: torch.device) -> torch.Tensor:
@@ -122,24 +160,26 @@ def _check_vector(t, name: str, n: int, device: torch.device) -> torch.Tensor:
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but x is on {device}")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
-    return t.to(torch.float32).contiguous()
+    return _to_float32(t, name)
 
 
-def _raise_bad(bad: torch.Tensor, name: str = "x") -> None:
+def _raise_bad(bad: torch.Tensor, name: str = "x", centered: bool = False) -> None:
     nonfinite, out_of_range = (int(v) for v in bad.tolist())
     if nonfinite:
-        raise ValueError(f"{name} contains NaN or Inf in {nonfinite} row(s)")
+        also = f", or {name} - center leaves the float32 range there" if centered else ""
+        raise ValueError(f"{name} contains NaN or Inf in {nonfinite} row(s){also}")
     if out_of_range:
         raise ValueError(f"index has {out_of_range} value(s) outside [0, n_clusters)")
 
 
 def _threads(num_threads: Optional[int]) -> int:
     if num_threads is None:
-        return torch.get_num_threads()
-    if not isinstance(num_threads, int) or num_threads < 1:
-        raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
+        return min(torch.get_num_threads(), _C.MAX_THREADS)
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) \
+            or not 1 <= num_threads <= _C.MAX_THREADS:
+        raise ValueError(
+            f"num_threads must be an int in [1, {_C.MAX_THREADS}], got {num_threads!r}"
+        )
     return num_threads
 
 
@@ -150,8 +190,63 @@ def _backend_args(x: torch.Tensor, num_threads: int):
     return _C, num_threads
 
 
-def _matrix_args(x: torch.Tensor):
-    return (x.data_ptr(), _DTYPE_CODES[x.dtype], x.shape[0], x.shape[1], x.stride(0))
+def _desc(t: Optional[torch.Tensor]):
+    """The description of a tensor that the native modules check before any kernel runs:
+    (address, element code, device type, device index, shape, strides)."""
+    if t is None:
+        return None
+    return (
+        t.data_ptr(), _ELEM_CODES.get(t.dtype, _OTHER_ELEM),
+        _DEVICE_CODES.get(t.device.type, _OTHER_DEVICE), t.device.index or 0,
+        tuple(t.shape), tuple(t.stride()),
+    )
+
+
+def _require_dim(t, name: str, dim: int) -> None:
+    """The registered ops size their outputs from their inputs: the rank must be right
+    before anything is allocated (everything else is checked by the native module)."""
+    if not isinstance(t, torch.Tensor) or t.dim() != dim:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be {dim}-D, got {shape}")
+
+
+def _require_finite_on_device(*named) -> None:
+    """CUDA parameters: the native module cannot read device memory to check them."""
+    for t, name in named:
+        if t is not None and t.is_cuda and t.is_floating_point() \
+                and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or Inf")
+
+
+# --------------------------------------------------------------------- extreme magnitudes
+# The kernels multiply in float32. Row magnitudes (largest |element|) within
+# [2^-_SAFE_EXP, 2^_SAFE_EXP] keep every square, dot product and moment product of a row
+# far from overflow and underflow; outside it, powers of two (exact) bring values back.
+# The CPU assignment kernels do this per row themselves (csrc/cpu/assign_block.h).
+_SAFE_EXP = 20
+
+
+def _power_of_two_below(v: torch.Tensor) -> torch.Tensor:
+    """2^e with v in [2^e, 2^(e+1)), elementwise for positive finite float64 v."""
+    return torch.ldexp(torch.ones_like(v), torch.frexp(v).exponent - 1)
+
+
+def _unsafe(magnitude: torch.Tensor) -> torch.Tensor:
+    lo, hi = 2.0 ** -_SAFE_EXP, 2.0 ** _SAFE_EXP
+    # a non-finite magnitude (x - center overflowed) is left for the kernel to report
+    return (magnitude > 0) & torch.isfinite(magnitude) & ((magnitude < lo) | (magnitude > hi))
+
+
+def _rescale_rows(x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """CUDA kernels: x with each row of extreme magnitude scaled by a power of two to a
+    largest element in [1, 2) (cosines are scale-free), and the float64 factors that undo
+    it; (x, None) when every row is in range (one read of x, no copy)."""
+    magnitude = torch.linalg.vector_norm(x, float("inf"), dim=1).double()
+    unsafe = _unsafe(magnitude)
+    if not bool(unsafe.any()):
+        return x, None
+    unscale = torch.where(unsafe, _power_of_two_below(magnitude), torch.ones_like(magnitude))
+    return (x.double() / unscale[:, None]).float(), unscale
 
 
 # ------------------------------------------------------------------------- cosine_assign
@@ -177,20 +272,32 @@ def _cosine_assign_op(
     num_threads: int, rows: Optional[torch.Tensor] = None,
     center: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _require_dim(x, "x", 2)
+    _require_dim(centroids, "centroids", 2)
+    if rows is not None:
+        _require_dim(rows, "rows", 1)
     n = x.shape[0] if rows is None else rows.shape[0]
     k = centroids.shape[0]
     index, best, second, group_max, bad = _assign_outputs(x, n, k, return_second, return_group_max)
-    if n > 0:
-        module, last = _backend_args(x, num_threads)
-        extra = ()
-        if return_group_max or rows is not None or center is not None:
-            extra = (group_max.data_ptr() if return_group_max else 0,
-                     rows.data_ptr() if rows is not None else 0, n,
-                     center.data_ptr() if center is not None else 0)
-        with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
+    if x.is_cuda:
+        if rows is not None or center is not None or return_group_max:
+            raise ValueError(
+                "rows, center and return_group_max of the registered op are implemented for "
+                "CPU tensors only (pyconcepts.ops.cosine_assign handles rows and center on CUDA)"
+            )
+        _require_finite_on_device((centroids, "centroids"))
+    module, last = _backend_args(x, num_threads)
+    with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
+        if x.is_cuda:
             module.cosine_assign(
-                *_matrix_args(x), centroids.data_ptr(), k, index.data_ptr(), best.data_ptr(),
-                second.data_ptr() if return_second else 0, bad.data_ptr(), last, *extra,
+                _desc(x), _desc(centroids), _desc(index), _desc(best),
+                _desc(second) if return_second else None, _desc(bad), last,
+            )
+        else:
+            module.cosine_assign(
+                _desc(x), _desc(centroids), _desc(index), _desc(best),
+                _desc(second) if return_second else None, _desc(bad), last,
+                _desc(group_max) if return_group_max else None, _desc(rows), _desc(center),
             )
     return index, best, second, group_max, bad
 
@@ -275,12 +382,15 @@ def cosine_assign(
         rows = _check_rows(rows, x)
         if x.is_cuda:
             x, rows = x.index_select(0, rows), None
+    centered = center is not None
     x, center = _apply_center(x, center)
+    if x.is_cuda:
+        x, _ = _rescale_rows(x)
     index, best, second, group_max, bad = torch.ops.pyconcepts.cosine_assign(
         x, centroids, bool(return_second), bool(return_group_max), _threads(num_threads), rows,
         center,
     )
-    _raise_bad(bad)
+    _raise_bad(bad, centered=centered)
     return _assigned(index, best, second, group_max, return_second, return_group_max)
 
 
@@ -299,16 +409,17 @@ def _assigned(index, best, second, group_max, return_second, return_group_max):
 def _spherical_update_op(
     x: torch.Tensor, index: torch.Tensor, n_clusters: int, num_threads: int
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _require_dim(x, "x", 2)
+    if not 1 <= n_clusters < 2**31:
+        raise ValueError(f"n_clusters must be in [1, 2^31), got {n_clusters}")
     sums = torch.zeros(n_clusters, x.shape[1], dtype=torch.float64, device=x.device)
     counts = torch.zeros(n_clusters, dtype=torch.int64, device=x.device)
     bad = torch.zeros(2, dtype=torch.int64, device=x.device)
-    if x.shape[0] > 0:
-        module, last = _backend_args(x, num_threads)
-        with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
-            module.spherical_update(
-                *_matrix_args(x), index.data_ptr(), n_clusters, sums.data_ptr(),
-                counts.data_ptr(), bad.data_ptr(), last,
-            )
+    module, last = _backend_args(x, num_threads)
+    with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
+        module.spherical_update(
+            _desc(x), _desc(index), n_clusters, _desc(sums), _desc(counts), _desc(bad), last
+        )
     return sums, counts, bad
 
 
@@ -363,21 +474,22 @@ def _masked_moments_op(
     center: Optional[torch.Tensor],
     num_threads: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _require_dim(x, "x", 2)
+    _require_dim(decoding, "decoding", 2)
     k, d = decoding.shape
     f64 = dict(dtype=torch.float64, device=x.device)
     count = torch.zeros(k, dtype=torch.int64, device=x.device)
     sum_z, sum_z2 = torch.zeros(k, **f64), torch.zeros(k, **f64)
     sum_x, sum_xz = torch.zeros(k, d, **f64), torch.zeros(k, d, **f64)
     bad = torch.zeros(2, dtype=torch.int64, device=x.device)
-    if x.shape[0] > 0:
-        module, last = _backend_args(x, num_threads)
-        with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
-            module.masked_moments(
-                *_matrix_args(x), decoding.data_ptr(), bias.data_ptr(),
-                center.data_ptr() if center is not None else 0, k,
-                count.data_ptr(), sum_z.data_ptr(), sum_z2.data_ptr(), sum_x.data_ptr(),
-                sum_xz.data_ptr(), bad.data_ptr(), last,
-            )
+    if x.is_cuda:
+        _require_finite_on_device((decoding, "decoding"), (bias, "bias"), (center, "center"))
+    module, last = _backend_args(x, num_threads)
+    with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
+        module.masked_moments(
+            _desc(x), _desc(decoding), _desc(bias), _desc(center), _desc(count), _desc(sum_z),
+            _desc(sum_z2), _desc(sum_x), _desc(sum_xz), _desc(bad), last,
+        )
     return count, sum_z, sum_z2, sum_x, sum_xz, bad
 
 
@@ -414,11 +526,46 @@ def masked_moments(
     bias = _check_vector(bias, "bias", decoding.shape[0], x.device)
     if center is not None:
         center = _check_vector(center, "center", x.shape[1], x.device)
-    *stats, bad = torch.ops.pyconcepts.masked_moments(
-        x, decoding, bias, center, _threads(num_threads)
+    scales = _moment_scales(x, decoding, center)
+    if scales is None:
+        *stats, bad = torch.ops.pyconcepts.masked_moments(
+            x, decoding, bias, center, _threads(num_threads)
+        )
+        _raise_bad(bad, centered=center is not None)
+        return Moments(*stats)
+    # z and the masks are invariant under x -> beta x, w -> alpha w, b -> alpha beta b;
+    # the sums scale by powers of alpha and beta, undone in float64
+    alpha, beta = scales
+    ab = alpha * beta
+    bias_s = bias.double() * ab
+    # the sign of a bias that underflows still decides z = 0 (a row equal to center)
+    tiny = torch.finfo(torch.float32).smallest_normal * 2.0**-23
+    bias_s = torch.where((bias_s.abs() < tiny) & (bias != 0), bias.sign().double() * tiny, bias_s)
+    bias_s = bias_s.clamp(-torch.finfo(torch.float32).max, torch.finfo(torch.float32).max)
+    count, sum_z, sum_z2, sum_x, sum_xz, bad = torch.ops.pyconcepts.masked_moments(
+        (x.double() * beta).float(), (decoding.double() * alpha).float(), bias_s.float(),
+        None if center is None else (center.double() * beta).float(), _threads(num_threads),
     )
-    _raise_bad(bad)
-    return Moments(*stats)
+    _raise_bad(bad, centered=center is not None)
+    return Moments(count, sum_z / ab, sum_z2 / (ab * ab), sum_x / beta, sum_xz / (ab * beta))
+
+
+def _moment_scales(x: torch.Tensor, decoding: torch.Tensor, center: Optional[torch.Tensor]):
+    """Powers of two (alpha for decoding, beta for x and center) that bring the float32
+    products of masked_moments into range, or None when they already are (the usual case:
+    one read of x, no copy). One scale for all of x: rows many orders of magnitude apart
+    keep the precision of the largest."""
+    x_mag = float(torch.linalg.vector_norm(x, float("inf"))) if x.numel() else 0.0
+    if center is not None:
+        x_mag += float(center.abs().max())
+    w_mag = float(decoding.double().norm(dim=1).max())
+    mags = torch.tensor([x_mag, w_mag], dtype=torch.float64)
+    if not bool(_unsafe(mags).any()):
+        return None
+    unscale = torch.where(mags > 0, _power_of_two_below(mags.clamp_min(1e-300)),
+                          torch.ones_like(mags))
+    beta, alpha = (1.0 / unscale).tolist()
+    return alpha, beta
 
 
 # ------------------------------------------------------------------------- assign_update
@@ -429,6 +576,8 @@ def _assign_update_op(
     return_moments: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor, torch.Tensor]:
+    _require_dim(x, "x", 2)
+    _require_dim(centroids, "centroids", 2)
     n, d = x.shape
     k = centroids.shape[0]
     index, best, second, group_max, bad = _assign_outputs(x, n, k, return_second, return_group_max)
@@ -437,14 +586,12 @@ def _assign_update_op(
     m = k if return_moments else 0
     sum_xz = torch.zeros(m, d, dtype=torch.float64, device=x.device)
     sum_z = torch.zeros(m, 2, dtype=torch.float64, device=x.device)
-    if n > 0:
-        _C.assign_update(
-            *_matrix_args(x), centroids.data_ptr(), k, index.data_ptr(), best.data_ptr(),
-            second.data_ptr() if return_second else 0, sums.data_ptr(), counts.data_ptr(),
-            bad.data_ptr(), num_threads, group_max.data_ptr() if return_group_max else 0,
-            normalize, center.data_ptr() if center is not None else 0,
-            sum_xz.data_ptr() if return_moments else 0, sum_z.data_ptr() if return_moments else 0,
-        )
+    _C.assign_update(
+        _desc(x), _desc(centroids), _desc(index), _desc(best),
+        _desc(second) if return_second else None, _desc(sums), _desc(counts), _desc(bad),
+        num_threads, _desc(group_max) if return_group_max else None, normalize, _desc(center),
+        _desc(sum_xz) if return_moments else None, _desc(sum_z) if return_moments else None,
+    )
     return index, best, second, group_max, sums, counts, sum_xz, sum_z, bad
 
 
@@ -495,15 +642,25 @@ def assign_update(
     x = _check_activations(x)
     centroids = _check_centroids(centroids, x)
     _check_group_max(return_group_max, x)
+    centered = center is not None
     x, center = _apply_center(x, center)
     if x.is_cuda:
-        assigned = cosine_assign(x, centroids, return_second=return_second)
-        # unit rows in float32: a float16 norm overflows beyond 65504
-        rows = F.normalize(x.float(), dim=1, eps=1e-12) if normalize else x
+        scaled, _ = _rescale_rows(x)
+        assigned = cosine_assign(scaled, centroids, return_second=return_second)
+        # unit rows in float32 (a float16 norm overflows beyond 65504), from rows in range
+        rows = F.normalize(scaled.float(), dim=1, eps=1e-12) if normalize else x
         k = centroids.shape[0]
         sums, counts = spherical_update(rows, assigned[0], k)
         if not return_moments:
             return (*assigned, sums, counts)
+        if not normalize:
+            magnitude = torch.linalg.vector_norm(x, float("inf"), dim=1).double()
+            if bool(((magnitude > 0) & ((magnitude < 2.0**-50) | (magnitude > 2.0**40))).any()):
+                raise ValueError(
+                    "return_moments on CUDA needs rows whose largest |element| lies in "
+                    "[2^-50, 2^40] (zero rows aside), or normalize=True: the moment "
+                    "products are float32; rescale x"
+                )
         # the same moments from the native ops: z from the kernel's cosine, as on the CPU
         # (fp32 products here, summed in float64 by spherical_update)
         z = assigned[1] * (1.0 if normalize else x.float().norm(dim=1))
@@ -516,7 +673,7 @@ def assign_update(
             bool(normalize), center, bool(return_moments),
         )
     )
-    _raise_bad(bad)
+    _raise_bad(bad, centered=centered)
     out = (*_assigned(index, best, second, group_max, return_second, return_group_max), sums,
            counts)
     return (*out, sum_xz, sum_z) if return_moments else out
@@ -552,17 +709,18 @@ def _pruned_pass_op(
     theta_up: torch.Tensor, drift: torch.Tensor, strips_per_group: int, eps: float,
     normalize: bool, num_threads: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _require_dim(x, "x", 2)
+    _require_dim(centroids, "centroids", 2)
     k, d = centroids.shape
     sum_corr = torch.zeros(k, d, dtype=torch.float64)
     count_corr = torch.zeros(k, dtype=torch.int64)
     stats = torch.zeros(4, dtype=torch.int64)
     bad = torch.zeros(2, dtype=torch.int64)
-    if x.shape[0] > 0:
-        _C.pruned_pass(
-            *_matrix_args(x), centroids.data_ptr(), k, strips_per_group, drift.data_ptr(), eps,
-            labels.data_ptr(), theta_lo.data_ptr(), theta_up.data_ptr(), sum_corr.data_ptr(),
-            count_corr.data_ptr(), stats.data_ptr(), bad.data_ptr(), num_threads, normalize,
-        )
+    _C.pruned_pass(
+        _desc(x), _desc(centroids), strips_per_group, _desc(drift), eps, _desc(labels),
+        _desc(theta_lo), _desc(theta_up), _desc(sum_corr), _desc(count_corr), _desc(stats),
+        _desc(bad), num_threads, normalize,
+    )
     return sum_corr, count_corr, stats, bad
 
 
@@ -636,8 +794,10 @@ def pruned_pass(
             f"(largest norm error {norm_error:.3g}); normalise them first"
         )
     if isinstance(strips_per_group, bool) or not isinstance(strips_per_group, int) \
-            or strips_per_group < 1:
-        raise ValueError(f"strips_per_group must be a positive int, got {strips_per_group!r}")
+            or not 1 <= strips_per_group < 2**63:
+        raise ValueError(
+            f"strips_per_group must be a positive int below 2^63, got {strips_per_group!r}"
+        )
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
     n, d = x.shape

@@ -148,6 +148,10 @@ class _DiskBounds:
         self._rows = []
 
 
+class ChunksChanged(ValueError):
+    """The chunks of a pass are not those the bounds were built on."""
+
+
 @dataclass
 class PassStats:
     """What one Lloyd pass did. ``distance_fraction`` is the share of the N x K cosines an
@@ -257,7 +261,7 @@ class BoundedLloyd:
         for j, x in enumerate(chunks):
             n_seen += 1
             if expected_rows is not None and (j >= len(expected_rows) or x.shape[0] != expected_rows[j]):
-                raise ValueError(
+                raise ChunksChanged(
                     "the chunks changed between passes (pruned passes need the same rows in "
                     "the same order every time)"
                 )
@@ -278,7 +282,7 @@ class BoundedLloyd:
         if sums is None:
             raise ValueError("the stream of chunks is empty")
         if expected_rows is not None and n_seen != len(expected_rows):
-            raise ValueError("the chunks changed between passes (fewer chunks than before)")
+            raise ChunksChanged("the chunks changed between passes (fewer chunks than before)")
         self._last_was_full = True
         if expected_rows is None:
             stats.n_moved = None  # no earlier labels to compare with
@@ -298,7 +302,7 @@ class BoundedLloyd:
         n_seen = 0
         for j, x in enumerate(chunks):
             if j >= len(self._chunks) or x.shape[0] != self._chunks.rows(j):
-                raise ValueError(
+                raise ChunksChanged(
                     "the chunks changed between passes (pruned passes need the same rows in "
                     "the same order every time)"
                 )
@@ -319,7 +323,7 @@ class BoundedLloyd:
             stats.n_full += full
             stats.n_moved += moved
         if n_seen != len(self._chunks):
-            raise ValueError("the chunks changed between passes (fewer chunks than before)")
+            raise ChunksChanged("the chunks changed between passes (fewer chunks than before)")
         self._last_fraction, self._last_was_full = stats.distance_fraction, False
         return sums, counts, stats
 
@@ -362,4 +366,4 @@ def _drift_angles(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return torch.where(chord > 0, drift * (1 + 1e-12) + 1e-15, drift.new_zeros(()))
 
 
-__all__ = ["BoundedLloyd", "PassStats"]
+__all__ = ["BoundedLloyd", "ChunksChanged", "PassStats"]

@@ -11,7 +11,12 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-_EPS = 1e-12
+
+def _row_norms(x64: torch.Tensor) -> torch.Tensor:
+    """(N, 1) float64 row norms, 1 for zero rows (which stay zero when divided): any
+    non-zero row, however small, becomes a unit row."""
+    norms = x64.norm(dim=1, keepdim=True)
+    return torch.where(norms > 0, norms, torch.ones_like(norms))
 
 
 class Moments(NamedTuple):
@@ -32,7 +37,7 @@ class Moments(NamedTuple):
 def cosine_similarities(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """(N, K) float64 cosines of the rows of x to unit centroids; zero rows give 0."""
     x64 = x.double()
-    norms = x64.norm(dim=1, keepdim=True).clamp_min(_EPS)
+    norms = _row_norms(x64)
     return (x64 / norms) @ centroids.double().T
 
 
@@ -107,7 +112,7 @@ def assign_update(
     assigned = cosine_assign(x, centroids, return_second=return_second)
     rows = x.double()
     if normalize:
-        rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(_EPS)
+        rows = rows / _row_norms(rows)
     k = centroids.shape[0]
     sums, counts = spherical_update(rows, assigned[0], k)
     if not return_moments:
@@ -151,7 +156,7 @@ def pruned_pass(
     group_angle = others.view(n, groups, width).amin(dim=2)
     rows = x.double()
     if normalize:
-        rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(_EPS)
+        rows = rows / _row_norms(rows)
     moved = new_labels != labels
     add, add_c = spherical_update(rows[moved], new_labels[moved], k)
     sub, sub_c = spherical_update(rows[moved], labels[moved], k)

@@ -22,6 +22,8 @@ from typing import Callable, Optional, Protocol, Sequence, Tuple
 
 import torch
 
+from .outputs import OutputSpec, check_output_spec, read_scores
+
 __all__ = ["ura_shift", "entropy_bits", "URALoss", "FORMS"]
 
 FORMS = ("unconstrained", "constrained", "both")
@@ -75,14 +77,15 @@ class URALoss:
         batch_size: int = 32,
         outputs: str = "logits",
         seed: int = 0,
+        output: OutputSpec = None,
     ):
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         lo, hi = kappa_range
         if not 0 <= lo <= hi:
             raise ValueError(f"kappa_range must be (lo, hi) with 0 <= lo <= hi, got {kappa_range!r}")
-        if outputs not in ("logits", "probs"):
-            raise ValueError(f"outputs must be 'logits' or 'probs', got {outputs!r}")
+        if outputs not in ("logits", "probs", "auto"):
+            raise ValueError(f"outputs must be 'logits', 'probs' or 'auto', got {outputs!r}")
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] == 0:
             raise ValueError("images must be a non-empty (M, C, H, W) tensor (the URA pool)")
         self.tap = tap
@@ -91,6 +94,7 @@ class URALoss:
         self.kappa_range = (float(lo), float(hi))
         self.batch_size = int(batch_size)
         self.outputs = outputs
+        self.output = check_output_spec(output)
         self.generator = torch.Generator().manual_seed(seed)
 
     def _batch(self) -> torch.Tensor:
@@ -111,10 +115,7 @@ class URALoss:
             k = kappa.to(rows).repeat_interleave(per_image)[:, None]
             return rows - k * ura_shift(rows, w, b, s)
 
-        out = self.tap.forward_rows(batch, move)
-        if self.outputs == "probs":
-            p = out.float().clamp_min(1e-12)
-            return -(p * p.log()).sum(-1) / math.log(2.0)
+        out = read_scores(self.tap.forward_rows(batch, move), self.output, self.outputs)
         return entropy_bits(out)
 
     def __call__(self, decoding: torch.Tensor, bias: torch.Tensor,

@@ -63,8 +63,8 @@ def test_empty_cluster_is_reseeded_by_splitting():
 
 def test_bad_input():
     x = torch.randn(10, 3)
-    with pytest.raises(ValueError, match="n_concepts"):
-        pc.DirectionalClustering(0)
+    with pytest.raises(ValueError, match="n_concepts"):  # parameters are checked by fit
+        pc.DirectionalClustering(0).fit(x)
     with pytest.raises(ValueError, match="exceeds"):
         pc.DirectionalClustering(11).fit(x)
     bad = x.clone(); bad[3, 1] = float("nan")
@@ -78,7 +78,7 @@ def test_bad_input():
         pc.DirectionalClustering(2).fit([])
     with pytest.raises(TypeError, match="not a torch.Tensor"):
         pc.DirectionalClustering(2).fit([x, [1, 2, 3]])
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(pc.NotFittedError, match="not fitted"):
         pc.DirectionalClustering(2).predict(x)
 
 
@@ -180,10 +180,11 @@ def test_pickled_model_carries_labels_not_the_data_and_set_params_validates():
     back = pickle.loads(blob)
     assert torch.equal(back.labels_, km.predict(x))
     with pytest.raises(ValueError, match="pruning must be"):
-        km.set_params(pruning="yes")
+        km.set_params(pruning="yes").fit(x)
     with pytest.raises(ValueError, match="unknown parameter"):
         km.set_params(colour=1)
-    assert km.set_params(signal=1).signal is True
+    with pytest.raises(ValueError, match="signal must be True or False"):
+        km.set_params(pruning=False, signal=1).fit(x)
 
 
 @pytest.mark.parametrize("center", [False, True])

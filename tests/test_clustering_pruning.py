@@ -42,7 +42,7 @@ def test_auto_pruning_respects_memory_budget_and_iterations():
     assert not pc.DirectionalClustering(n_concepts=4, max_iter=50, pruning_memory=1000).fit(x)._use_pruning(c)
     assert not pc.DirectionalClustering(n_concepts=4, pruning=False).fit(x)._use_pruning(c)
     with pytest.raises(ValueError, match="pruning must be"):
-        pc.DirectionalClustering(n_concepts=4, pruning="yes")
+        pc.DirectionalClustering(n_concepts=4, pruning="yes").fit(x)
 
 
 def test_restarts_on_the_sample_when_data_is_large():
@@ -74,7 +74,7 @@ def test_random_init_option():
     assert torch.equal(km.centroids_, again.centroids_)
     assert km.get_params()["init"] == "random"
     with pytest.raises(ValueError, match="init must be"):
-        pc.DirectionalClustering(n_concepts=4, init="kmeans")
+        pc.DirectionalClustering(n_concepts=4, init="kmeans").fit(x)
 
 
 def test_auto_switches_to_pruned_passes_once_few_points_move():
@@ -184,7 +184,7 @@ def test_a_bad_pruning_dir_fails_before_the_lloyd_passes(tmp_path):
         km.fit(stream)
     assert len(passes) == 1  # found after the statistics pass, before seeding and Lloyd
     with pytest.raises(TypeError, match="pruning_dir must be"):
-        pc.DirectionalClustering(n_concepts=4, pruning_dir=3)
+        pc.DirectionalClustering(n_concepts=4, pruning_dir=3).fit(torch.randn(20, 3))
 
 
 @pytest.mark.parametrize("fail_on_pass", [3, 4])  # 3: the pass that builds the bounds

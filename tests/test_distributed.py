@@ -203,3 +203,46 @@ def test_extract_directions_on_two_ranks():
         detected = data.x @ basis["decoding"].T > basis["bias"]
         iou = detector_iou(detected[:, enc["truth_index"]], data.presence)
         assert float(iou.min()) > 0.9
+
+
+_STREAM_CHANGES = ["seeding-sample pass", "plain Lloyd pass", "pruned Lloyd pass"]
+
+
+def _fit_changing_shards(rank):
+    # per case, rank 1's stream yields 5 rows fewer on one read (1 = the statistics pass;
+    # under torch.distributed read 2 draws the seeding sample, then one read per Lloyd pass);
+    # the cases run one after the other in the same process group
+    x = _data()
+    shard = x[:2000] if rank == 0 else x[2000:]
+    got = {}
+    for case in _STREAM_CHANGES:
+        at = {"seeding-sample pass": 2, "plain Lloyd pass": 3, "pruned Lloyd pass": 4}[case]
+        reads = []
+
+        def stream():
+            reads.append(1)
+            rows = shard[:-5] if rank == 1 and len(reads) == at else shard
+            return iter(rows.split(1000))
+
+        km = pc.DirectionalClustering(n_concepts=8, seed=3, max_iter=5, tol=0.0,
+                                      init_sample_size=100, pruning=case == "pruned Lloyd pass")
+        try:
+            km.fit(stream)
+            got[case] = None
+        except Exception as exc:
+            got[case] = f"{type(exc).__name__}: {exc}"
+    return got
+
+
+def test_a_stream_that_changes_on_one_rank_stops_every_rank():
+    got = _on_two_ranks(_fit_changing_shards)
+    expected = {
+        "seeding-sample pass": "ValueError: the seeding-sample pass read 1995 rows of x on this "
+                               "rank, but the statistics pass read 2000",
+        "plain Lloyd pass": "ValueError: Lloyd pass 1 read 1995 rows of x on this rank",
+        # the bounds of the pruned pass see the short chunk before the pass ends
+        "pruned Lloyd pass": "ValueError: Lloyd pass 2: the chunks changed between passes",
+    }
+    for case in _STREAM_CHANGES:
+        assert got[0][case] is not None and got[0][case].startswith("RankFailed"), got
+        assert got[1][case] is not None and got[1][case].startswith(expected[case]), got

@@ -170,3 +170,86 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="layer is needed"):
         with pc.intervene(model, random_basis(8), remove=[0]):
             pass
+
+
+def _basis_at(model, layer, images, k=4, seed=0):
+    tap = LayerTap(model, layer)
+    rows = tap.to_rows(tap.activations(images))
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(k, rows.shape[1], generator=g)
+    bias = (rows @ w.T).median(0).values
+    s = w / (w * w).sum(1, keepdim=True) + 0.05 * torch.randn(k, rows.shape[1], generator=g)
+    return pc.ConceptBasis(w, bias, s, rows.mean(0), layer=layer)
+
+
+def test_rank_concepts_by_removal_measures_each_drop():
+    model = SmallCNN().eval()
+    images = torch.rand(12, 3, 8, 8)
+    basis = _basis_at(model, "features.3", images)
+    r = pc.rank_concepts(model, basis, images, target=2)
+    assert sorted(r.concepts) == [0, 1, 2, 3] and r.method == "removal"
+    assert torch.all(r.effects[:-1] >= r.effects[1:])
+    with torch.no_grad():
+        base = model(images)[:, 2]
+        for c, e in zip(r.concepts, r.effects):
+            with pc.intervene(model, basis, remove=[c]):
+                after = model(images)[:, 2]
+            assert abs(float((base - after).mean()) - float(e)) < 1e-5
+
+
+def test_rank_concepts_gradient_is_exact_for_a_linear_rest_and_greedy_starts_at_the_top():
+    # after features.3 SmallCNN is mean pooling + a linear head: the first-order estimate of
+    # a removal's drop is the drop
+    model = SmallCNN().eval()
+    images = torch.rand(10, 3, 8, 8)
+    basis = _basis_at(model, "features.3", images, seed=1)
+    margin = lambda logits: logits[:, 0] - logits[:, 1]  # noqa: E731
+    removal = pc.rank_concepts(model, basis, images, target=margin, membership="hard")
+    gradient = pc.rank_concepts(model, basis, images, target=margin, membership="hard", method="gradient")
+    assert removal.concepts == gradient.concepts
+    assert torch.allclose(removal.effects, gradient.effects, atol=1e-4)
+    greedy = pc.rank_concepts(model, basis, images, target=margin, membership="hard", greedy=2)
+    assert greedy.concepts[0] == removal.concepts[0] and len(greedy.concepts) == 2
+    assert abs(float(greedy.effects[0]) - float(removal.effects[0])) < 1e-5
+    with torch.no_grad():
+        before = margin(model(images))
+        with pc.intervene(model, basis, remove=greedy.concepts, membership="hard"):
+            after = margin(model(images))
+    assert abs(float((before - after).mean()) - float(greedy.effects[1])) < 1e-5
+
+
+def test_rank_concepts_reads_the_selected_output_and_names_bad_arguments():
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = SmallCNN()
+
+        def forward(self, x):
+            return torch.zeros(len(x), 4), self.net(x).softmax(1)
+
+    model = Pair().eval()
+    images = torch.rand(6, 3, 8, 8)
+    basis = _basis_at(model, "net.features.3", images)
+    r = pc.rank_concepts(model, basis, images, target=0, output=1, method="gradient")
+    assert len(r.concepts) == 4
+    with pytest.raises(TypeError, match="pass output="):
+        pc.rank_concepts(model, basis, images, target=0)
+    with pytest.raises(IndexError, match="target 3"):
+        pc.rank_concepts(model, basis, images, target=3, output=1)
+    with pytest.raises(ValueError, match="method"):
+        pc.rank_concepts(model, basis, images, target=0, output=1, method="saliency")
+    with pytest.raises(ValueError, match="greedy"):
+        pc.rank_concepts(model, basis, images, target=0, output=1, method="gradient", greedy=2)
+    with pytest.raises(ValueError, match="empty"):
+        pc.rank_concepts(model, basis, images[:0], target=0, output=1)
+
+
+def test_membership_all_takes_the_positive_latent_out_everywhere():
+    basis = random_basis(5, k=1)
+    x = torch.randn(60, 5) * 3
+    y = edit_rows(x, basis.decoding, basis.bias, basis.encoding, basis.mean, remove=[0], membership="all")
+    a = basis.latent(x)[:, 0]
+    assert torch.allclose(y, x - a.clamp(min=0)[:, None] * basis.encoding[0], atol=1e-5)
+    after = basis.latent(y)[:, 0]
+    assert torch.allclose(after[a > 0], torch.zeros(int((a > 0).sum())), atol=1e-4)
+    assert torch.equal(y[a <= 0], x[a <= 0])

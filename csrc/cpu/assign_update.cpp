@@ -5,9 +5,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "cpu/assign_block.h"
+#include "cpu/screen.h"
 
 namespace pyconcepts {
 
@@ -32,6 +34,10 @@ void assign_update_cpu(const Matrix& x, const float* centroids, int64_t k, int64
   bad[0] = bad[1] = 0;
   if (n == 0) return;
   const cpu::CentroidPanel panel(centroids, k, d);
+  std::unique_ptr<cpu::ScreenPanel> screen;
+  if (!second_cos && !group_max && cpu::screen_enabled())
+    screen.reset(new cpu::ScreenPanel(centroids, k, d));
+  if (screen && !screen->usable) screen.reset();
   const auto& kern = cpu::kernels();
   const int64_t rb = cpu::AssignWorkspace::rows_for(d);
   const int64_t supers = (n + kSuperBlockRows - 1) / kSuperBlockRows;
@@ -53,16 +59,17 @@ void assign_update_cpu(const Matrix& x, const float* centroids, int64_t k, int64
         const int64_t rows = std::min(rb, s1 - r0);
         nonfinite +=
             cpu::assign_block(x, panel, r0, rows, ws, index, best_cos, second_cos, group_max,
-                              nullptr, center);
+                              nullptr, center, screen.get());
         for (int64_t r = 0; r < rows; ++r) {
           if (!ws.finite[r]) continue;
           const int64_t c = index[r0 + r];
           double* dst = partial.data() + c * d;
           const float* src = ws.xb.data() + r * d;
-          // the norm only when it is used (a square root per row shows at small D x K)
+          // the norm only when it is used (a square root per row shows at small D x K); the
+          // block holds the row times 1 / unscale (rescale_row), norm is of the block's row
           const double norm =
               normalize || moments ? std::sqrt(static_cast<double>(ws.norms[r])) : 1.0;
-          const double scale = normalize ? 1.0 / std::max(norm, 1e-12) : 1.0;
+          const double scale = normalize ? 1.0 / std::max(norm, 1e-12) : ws.unscale[r];
           const bool first = !touched[c];  // first member in this super-block: initialise
           if (first) {
             touched[c] = 1;
@@ -76,7 +83,8 @@ void assign_update_cpu(const Matrix& x, const float* centroids, int64_t k, int64
           ++partial_counts[c];
           if (moments) {
             // z = c . v from the kernel's cosine: cos for unit rows, cos * ||x|| otherwise
-            const double z = static_cast<double>(best_cos[r0 + r]) * (normalize ? 1.0 : norm);
+            const double z =
+                static_cast<double>(best_cos[r0 + r]) * (normalize ? 1.0 : norm * ws.unscale[r]);
             const double zs = z * scale;
             kern.add_scaled_row(partial_xz.data() + c * d, src, d, zs, false);
             partial_z[2 * c] += z;

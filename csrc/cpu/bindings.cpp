@@ -1,126 +1,210 @@
-// pybind11 bindings of the CPU module pyconcepts._C. Arguments are raw addresses, sizes and
-// strides (validated by pyconcepts/ops.py); no torch type crosses this boundary.
+// pybind11 bindings of the CPU module pyconcepts._C. Tensors arrive as description tuples
+// (see csrc/binding_args.h) and are checked here, before any kernel runs; no torch type
+// crosses this boundary.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 
 #include "assign_update.h"
-#include "binding_args.h"
 #include "cosine_assign.h"
+#include "cpu/screen.h"
 #include "cpu/simd.h"
 #include "masked_moments.h"
+#include "op_args.h"
 #include "pruned_pass.h"
 #include "spherical_update.h"
 
 namespace py = pybind11;
 using namespace pyconcepts;
+using namespace pyconcepts::bind;
 
-using bind::check_k;
-using bind::matrix;
-using bind::ptr;
+namespace {
+
+// Largest deviation of a centroid norm from 1 that pruned_pass accepts; matches
+// PRUNED_NORM_TOL in pyconcepts/ops.py.
+constexpr double kPrunedNormTol = 1e-5;
+
+// The eps of pruned_pass_eps(D) in pyconcepts/ops.py: a smaller one would let the bounds
+// certify rows whose label can change.
+double pruned_min_eps(int64_t d) {
+  return 2.0 * static_cast<double>(d + 16) * std::ldexp(1.0, -24) + kPrunedNormTol +
+         std::ldexp(1.0, -22);
+}
+
+void expect_unit_rows(const View& c, int64_t k, int64_t d) {
+  const float* p = c.ptr<const float>();
+  for (int64_t i = 0; i < k; ++i) {
+    double sq = 0.0;
+    for (int64_t j = 0; j < d; ++j) sq += static_cast<double>(p[i * d + j]) * p[i * d + j];
+    if (!(std::abs(std::sqrt(sq) - 1.0) <= kPrunedNormTol))
+      fail("centroids must have unit-norm rows to 1e-05 for pruned_pass");
+  }
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyconcepts CPU kernels (torch-free; called by pyconcepts.ops)";
+  // Chosen now, so that a PYCONCEPTS_SIMD path this CPU lacks fails the import with its
+  // reason instead of inside a parallel region later.
+  cpu::kernels();
+  cpu::screen_enabled();
   m.def("simd_level", [] { return std::string(cpu::kernels().name); },
         "The SIMD code path selected for this CPU at import time.");
+  m.attr("ASSIGN_GROUP") = kAssignGroup;
+  m.attr("MAX_THREADS") = kMaxThreads;
+  m.def("simd_path", [] { return std::string(cpu::kernels().path); },
+        "The PYCONCEPTS_SIMD value of the code path in use (generic, avx2, avx512).");
+  m.def("simd_paths", &cpu::available_paths,
+        "The PYCONCEPTS_SIMD values this CPU and build can run.");
+  m.def("screen_enabled", &cpu::screen_enabled,
+        "Whether the exact int16 screen runs (PYCONCEPTS_SCREEN=int16).");
+  m.def("screen_counts", [] {
+    int64_t certified = 0, screened = 0;
+    cpu::screen_counts(&certified, &screened);
+    return py::make_tuple(certified, screened);
+  }, "(rows certified, rows screened) by the integer screen since import (all threads).");
+  m.def("cpu_features", [] {
+    py::dict d;
+    for (const auto& f : cpu::cpu_features()) d[py::str(f.first)] = f.second;
+    return d;
+  }, "Instruction-set features of this CPU the kernels look at.");
 
   m.def(
       "cosine_assign",
-      [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t row_stride, uintptr_t c,
-         int64_t k, uintptr_t index, uintptr_t best, uintptr_t second, uintptr_t bad,
-         int num_threads, uintptr_t group_max, uintptr_t row_index, int64_t n_out,
-         uintptr_t center) {
-        const Matrix mx = matrix(x, dtype, n, d, row_stride);
-        check_k(k);
-        if (n_out < 0) throw std::invalid_argument("n_out must be >= 0");
+      [](py::object x, py::object c, py::object index, py::object best, py::object second,
+         py::object bad, int64_t num_threads, py::object group_max, py::object rows,
+         py::object center) {
+        const CosineAssignArgs a = cosine_assign_args(x, c, index, best, second, bad,
+                                                      group_max, rows, center, true);
+        const int threads = check_threads(num_threads);
+        if (a.m == 0) {  // nothing to assign (an empty rows may have a null address)
+          a.bad[0] = a.bad[1] = 0;
+          return;
+        }
         py::gil_scoped_release release;
-        cosine_assign_cpu(mx, ptr<const float>(c), k, ptr<int64_t>(index), ptr<float>(best),
-                          second ? ptr<float>(second) : nullptr, ptr<int64_t>(bad), num_threads,
-                          group_max ? ptr<float>(group_max) : nullptr,
-                          row_index ? ptr<const int64_t>(row_index) : nullptr, n_out,
-                          center ? ptr<const float>(center) : nullptr);
+        cosine_assign_cpu(a.x, a.centroids, a.k, a.index, a.best, a.second, a.bad, threads,
+                          a.group_max, a.rows, a.n_out, a.center);
       },
-      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("row_stride"),
-      py::arg("centroids"), py::arg("k"), py::arg("index"), py::arg("best"), py::arg("second"),
-      py::arg("bad"), py::arg("num_threads"), py::arg("group_max") = 0,
-      py::arg("row_index") = 0, py::arg("n_out") = 0, py::arg("center") = 0);
-  m.attr("ASSIGN_GROUP") = kAssignGroup;
+      py::arg("x"), py::arg("centroids"), py::arg("index"), py::arg("best"), py::arg("second"),
+      py::arg("bad"), py::arg("num_threads"), py::arg("group_max") = py::none(),
+      py::arg("rows") = py::none(), py::arg("center") = py::none());
 
   m.def(
       "assign_update",
-      [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t row_stride, uintptr_t c,
-         int64_t k, uintptr_t index, uintptr_t best, uintptr_t second, uintptr_t sums,
-         uintptr_t counts, uintptr_t bad, int num_threads, uintptr_t group_max, bool normalize,
-         uintptr_t center, uintptr_t sum_xz, uintptr_t sum_z) {
-        if ((sum_xz == 0) != (sum_z == 0))
-          throw std::invalid_argument("sum_xz and sum_z are given together or not at all");
-        const Matrix mx = matrix(x, dtype, n, d, row_stride);
-        check_k(k);
+      [](py::object x_, py::object c_, py::object index_, py::object best_,
+         py::object second_, py::object sums_, py::object counts_, py::object bad_,
+         int64_t num_threads, py::object group_max_, bool normalize, py::object center_,
+         py::object sum_xz_, py::object sum_z_) {
+        const CosineAssignArgs a = cosine_assign_args(x_, c_, index_, best_, second_, bad_,
+                                                      group_max_, py::none(), center_, true);
+        const View sums = view(sums_, "sums"), counts = view(counts_, "counts"),
+                   sum_xz = view(sum_xz_, "sum_xz", true), sum_z = view(sum_z_, "sum_z", true);
+        DeviceCheck same(Device::CPU);
+        for (const View* v : {&sums, &counts, &sum_xz, &sum_z}) same(*v);
+        const int64_t k = a.k, d = a.x.cols;
+        expect(sums, Elem::F64, {k, d});
+        expect(counts, Elem::I64, {k});
+        if (sum_xz.present != sum_z.present)
+          fail("sum_xz and sum_z are given together or not at all");
+        if (sum_xz.present) {
+          expect(sum_xz, Elem::F64, {k, d});
+          expect(sum_z, Elem::F64, {k, 2});
+        }
+        const int threads = check_threads(num_threads);
         py::gil_scoped_release release;
-        assign_update_cpu(mx, ptr<const float>(c), k, ptr<int64_t>(index), ptr<float>(best),
-                          second ? ptr<float>(second) : nullptr, ptr<double>(sums),
-                          ptr<int64_t>(counts), ptr<int64_t>(bad), num_threads,
-                          group_max ? ptr<float>(group_max) : nullptr, normalize,
-                          center ? ptr<const float>(center) : nullptr,
-                          sum_xz ? ptr<double>(sum_xz) : nullptr,
-                          sum_z ? ptr<double>(sum_z) : nullptr);
+        assign_update_cpu(a.x, a.centroids, k, a.index, a.best, a.second, sums.ptr<double>(),
+                          counts.ptr<int64_t>(), a.bad, threads, a.group_max, normalize,
+                          a.center, sum_xz.ptr<double>(), sum_z.ptr<double>());
       },
-      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("row_stride"),
-      py::arg("centroids"), py::arg("k"), py::arg("index"), py::arg("best"), py::arg("second"),
+      py::arg("x"), py::arg("centroids"), py::arg("index"), py::arg("best"), py::arg("second"),
       py::arg("sums"), py::arg("counts"), py::arg("bad"), py::arg("num_threads"),
-      py::arg("group_max") = 0, py::arg("normalize") = false, py::arg("center") = 0,
-      py::arg("sum_xz") = 0, py::arg("sum_z") = 0);
+      py::arg("group_max") = py::none(), py::arg("normalize") = false,
+      py::arg("center") = py::none(), py::arg("sum_xz") = py::none(),
+      py::arg("sum_z") = py::none());
 
   m.def(
       "spherical_update",
-      [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t row_stride, uintptr_t index,
-         int64_t k, uintptr_t sums, uintptr_t counts, uintptr_t bad, int num_threads) {
-        const Matrix mx = matrix(x, dtype, n, d, row_stride);
-        check_k(k);
+      [](py::object x, py::object index, int64_t k, py::object sums, py::object counts,
+         py::object bad, int64_t num_threads) {
+        const SphericalUpdateArgs a =
+            spherical_update_args(x, index, k, sums, counts, bad, true);
+        const int threads = check_threads(num_threads);
         py::gil_scoped_release release;
-        spherical_update_cpu(mx, ptr<const int64_t>(index), k, ptr<double>(sums),
-                             ptr<int64_t>(counts), ptr<int64_t>(bad), num_threads);
+        spherical_update_cpu(a.x, a.index, a.k, a.sums, a.counts, a.bad, threads);
       },
-      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("row_stride"),
-      py::arg("index"), py::arg("k"), py::arg("sums"), py::arg("counts"), py::arg("bad"),
-      py::arg("num_threads"));
+      py::arg("x"), py::arg("index"), py::arg("k"), py::arg("sums"), py::arg("counts"),
+      py::arg("bad"), py::arg("num_threads"));
 
   m.def(
       "masked_moments",
-      [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t row_stride, uintptr_t w,
-         uintptr_t b, uintptr_t center, int64_t k, uintptr_t count, uintptr_t sum_z,
-         uintptr_t sum_z2, uintptr_t sum_x, uintptr_t sum_xz, uintptr_t bad, int num_threads) {
-        const Matrix mx = matrix(x, dtype, n, d, row_stride);
-        check_k(k);
+      [](py::object x, py::object w, py::object b, py::object center, py::object count,
+         py::object sum_z, py::object sum_z2, py::object sum_x, py::object sum_xz,
+         py::object bad, int64_t num_threads) {
+        const MaskedMomentsArgs a = masked_moments_args(x, w, b, center, count, sum_z, sum_z2,
+                                                        sum_x, sum_xz, bad, true);
+        const int threads = check_threads(num_threads);
         py::gil_scoped_release release;
-        masked_moments_cpu(mx, ptr<const float>(w), ptr<const float>(b),
-                           center ? ptr<const float>(center) : nullptr, k, ptr<int64_t>(count),
-                           ptr<double>(sum_z), ptr<double>(sum_z2), ptr<double>(sum_x),
-                           ptr<double>(sum_xz), ptr<int64_t>(bad), num_threads);
+        masked_moments_cpu(a.x, a.w, a.b, a.center, a.k, a.count, a.sum_z, a.sum_z2, a.sum_x,
+                           a.sum_xz, a.bad, threads);
       },
-      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("row_stride"),
-      py::arg("decoding"), py::arg("bias"), py::arg("center"), py::arg("k"), py::arg("count"),
+      py::arg("x"), py::arg("decoding"), py::arg("bias"), py::arg("center"), py::arg("count"),
       py::arg("sum_z"), py::arg("sum_z2"), py::arg("sum_x"), py::arg("sum_xz"), py::arg("bad"),
       py::arg("num_threads"));
+
   m.def(
       "pruned_pass",
-      [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t row_stride, uintptr_t c,
-         int64_t k, int64_t strips_per_group, uintptr_t drift, double eps, uintptr_t labels,
-         uintptr_t theta_lo, uintptr_t theta_up, uintptr_t sum_corr, uintptr_t count_corr,
-         uintptr_t stats, uintptr_t bad, int num_threads, bool normalize) {
-        const Matrix mx = matrix(x, dtype, n, d, row_stride);
-        check_k(k);
-        if (strips_per_group < 1) throw std::invalid_argument("strips_per_group must be >= 1");
-        if (!(eps > 0.0 && eps < 0.5)) throw std::invalid_argument("eps must be in (0, 0.5)");
+      [](py::object x_, py::object c_, int64_t strips_per_group, py::object drift_,
+         double eps, py::object labels_, py::object theta_lo_, py::object theta_up_,
+         py::object sum_corr_, py::object count_corr_, py::object stats_, py::object bad_,
+         int64_t num_threads, bool normalize) {
+        const View x = view(x_, "x"), c = view(c_, "centroids"), drift = view(drift_, "drift"),
+                   labels = view(labels_, "labels"), theta_lo = view(theta_lo_, "theta_lo"),
+                   theta_up = view(theta_up_, "theta_up"), sum_corr = view(sum_corr_, "sum_corr"),
+                   count_corr = view(count_corr_, "count_corr"), stats = view(stats_, "stats"),
+                   bad = view(bad_, "bad");
+        DeviceCheck same(Device::CPU);
+        for (const View* v : {&x, &c, &drift, &labels, &theta_lo, &theta_up, &sum_corr,
+                              &count_corr, &stats, &bad})
+          same(*v);
+        const Matrix mx = activations(x);
+        const int64_t n = mx.rows, d = mx.cols;
+        const int64_t k = param_matrix(c, d);
+        if (strips_per_group < 1)
+          fail("strips_per_group must be >= 1, got " + std::to_string(strips_per_group));
+        // Past the number of strips every value means one group; clamping keeps the
+        // kernel's group arithmetic (16 * strips_per_group) far from overflow.
+        const int64_t strips = assign_groups(k);
+        strips_per_group = std::min(strips_per_group, strips);
+        const int64_t groups = pruned_groups(k, strips_per_group);
+        if (!(eps >= pruned_min_eps(d) && eps < 0.5))
+          fail("eps must be in [pruned_pass_eps(D), 0.5), got " +
+               py::str(py::float_(eps)).cast<std::string>());
+        expect(drift, Elem::F64, {k});
+        expect(labels, Elem::I64, {n});
+        expect(theta_lo, Elem::F32, {n});
+        expect(theta_up, Elem::F32, {n, groups});
+        expect(sum_corr, Elem::F64, {k, d});
+        expect(count_corr, Elem::I64, {k});
+        expect(stats, Elem::I64, {kPrunedStats});
+        expect(bad, Elem::I64, {kBadSlots});
+        expect_finite<float>(c);
+        expect_unit_rows(c, k, d);
+        const double* dr = drift.ptr<const double>();
+        for (int64_t j = 0; j < k; ++j)
+          if (!(std::isfinite(dr[j]) && dr[j] >= 0.0)) fail("drift must hold finite angles >= 0");
+        const int threads = check_threads(num_threads);
         py::gil_scoped_release release;
-        pruned_pass_cpu(mx, ptr<const float>(c), k, strips_per_group, ptr<const double>(drift),
-                        eps, ptr<int64_t>(labels), ptr<float>(theta_lo), ptr<float>(theta_up),
-                        ptr<double>(sum_corr), ptr<int64_t>(count_corr), ptr<int64_t>(stats),
-                        ptr<int64_t>(bad), num_threads, normalize);
+        pruned_pass_cpu(mx, c.ptr<const float>(), k, strips_per_group, dr, eps,
+                        labels.ptr<int64_t>(), theta_lo.ptr<float>(), theta_up.ptr<float>(),
+                        sum_corr.ptr<double>(), count_corr.ptr<int64_t>(), stats.ptr<int64_t>(),
+                        bad.ptr<int64_t>(), threads, normalize);
       },
-      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("row_stride"),
-      py::arg("centroids"), py::arg("k"), py::arg("strips_per_group"), py::arg("drift"),
+      py::arg("x"), py::arg("centroids"), py::arg("strips_per_group"), py::arg("drift"),
       py::arg("eps"), py::arg("labels"), py::arg("theta_lo"), py::arg("theta_up"),
       py::arg("sum_corr"), py::arg("count_corr"), py::arg("stats"), py::arg("bad"),
       py::arg("num_threads"), py::arg("normalize"));

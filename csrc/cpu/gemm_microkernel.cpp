@@ -1,7 +1,8 @@
 // The CPU building blocks shared by all ops: the MR x NR GEMM register tile, row conversion
 // (fp16/bf16 -> fp32 with a finiteness check) and the running top-2 epilogue. Each exists
-// twice: AVX2/FMA/F16C intrinsics (compiled with a target attribute, used only when the CPU
-// has them) and portable C++.
+// as AVX2/FMA/F16C intrinsics (compiled with a target attribute, used only when the CPU
+// has them) and portable C++; the AVX-512 table (gemm_microkernel_avx512.cpp) replaces some
+// entries of the AVX2 one. Also the run-time choice of table.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -9,6 +10,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <stdexcept>
+#include <string>
 
 #include "cpu/simd.h"
 
@@ -338,18 +341,84 @@ __attribute__((target("avx2"))) void add_scaled_row_avx2(double* dst, const floa
 
 #undef PC_AVX2
 
-Kernels select_kernels() {
+// gemm_tiles for the paths whose registers hold one tile: one gemm_tile per row tile.
+template <void (*Tile)(int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t,
+                       bool)>
+void gemm_tiles_by_tile(int64_t p, const float* a, int64_t lda, int tiles, const float* b,
+                        int64_t ldb, float* c, int64_t ldc) {
+  for (int t = 0; t < tiles; ++t) Tile(p, a + t * MR * lda, lda, b, ldb, c + t * MR * ldc, ldc, false);
+}
+
+const Kernels kGeneric{"generic",
+                       "generic",
+                       gemm_tile_generic,
+                       gemm_tiles_by_tile<gemm_tile_generic>,
+                       1,
+                       convert_row_generic,
+                       top2_update_generic,
+                       tile_row_max_generic,
+                       reduce_lanes_generic,
+                       add_scaled_row_generic};
+
+const Kernels kAvx2{"avx2+fma",
+                    "avx2",
+                    gemm_tile_avx2,
+                    gemm_tiles_by_tile<gemm_tile_avx2>,
+                    1,
+                    convert_row_avx2,
+                    top2_update_avx2,
+                    tile_row_max_avx2,
+                    reduce_lanes_avx2,
+                    add_scaled_row_avx2};
+
+bool cpu_has_avx2() {
   __builtin_cpu_init();
-  // PYCONCEPTS_SIMD=generic forces the portable path (tests cover both paths this way).
-  const char* forced = std::getenv("PYCONCEPTS_SIMD");
-  const bool allow_simd = !(forced && std::strcmp(forced, "generic") == 0);
-  if (allow_simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c")) {
-    return Kernels{"avx2+fma", gemm_tile_avx2, convert_row_avx2, top2_update_avx2,
-                   tile_row_max_avx2, reduce_lanes_avx2, add_scaled_row_avx2};
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
+
+bool cpu_has_avx512() {
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl");
+}
+
+bool cpu_has_amx() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16");
+}
+
+Kernels select_kernels() {
+  const char* env = std::getenv("PYCONCEPTS_SIMD");
+  const std::string forced = env ? env : "";
+  const bool avx2 = cpu_has_avx2(), avx512 = cpu_has_avx512();
+  if (forced.empty() || forced == "auto") {
+    if (avx512) return avx512_kernels(kAvx2);
+    return avx2 ? kAvx2 : kGeneric;
   }
-  return Kernels{"generic", gemm_tile_generic, convert_row_generic, top2_update_generic,
-                 tile_row_max_generic, reduce_lanes_generic, add_scaled_row_generic};
+  std::string have;
+  for (const auto& p : available_paths()) have += (have.empty() ? "" : ", ") + p;
+  const std::string prefix = "PYCONCEPTS_SIMD=" + forced + ": ";
+  if (forced == "generic") return kGeneric;
+  if (forced == "avx2") {
+    if (!avx2) throw std::runtime_error(prefix + "this CPU lacks AVX2/FMA/F16C (paths it runs: " + have + ")");
+    return kAvx2;
+  }
+  if (forced == "avx512") {
+    if (!avx512)
+      throw std::runtime_error(prefix + "this CPU lacks AVX-512 F/BW/DQ/VL (paths it runs: " +
+                               have + ")");
+    return avx512_kernels(kAvx2);
+  }
+  if (forced == "amx") {
+    throw std::runtime_error(
+        prefix + (cpu_has_amx() ? "this build has no AMX kernels"
+                                : "this CPU lacks AMX-TILE/AMX-BF16, and this build has no AMX "
+                                  "kernels") +
+        " (paths it runs: " + have + ")");
+  }
+  throw std::runtime_error(prefix + "unknown path; use one of generic, avx2, avx512, amx, auto "
+                           "(paths this CPU runs: " + have + ")");
 }
 
 }  // namespace
@@ -357,6 +426,31 @@ Kernels select_kernels() {
 const Kernels& kernels() {
   static const Kernels table = select_kernels();
   return table;
+}
+
+std::vector<std::string> available_paths() {
+  std::vector<std::string> paths{"generic"};
+  if (cpu_has_avx2()) paths.push_back("avx2");
+  if (cpu_has_avx512()) paths.push_back("avx512");
+  return paths;
+}
+
+std::vector<std::pair<std::string, bool>> cpu_features() {
+  __builtin_cpu_init();
+  return {{"avx2", __builtin_cpu_supports("avx2") != 0},
+          {"fma", __builtin_cpu_supports("fma") != 0},
+          {"f16c", __builtin_cpu_supports("f16c") != 0},
+          {"avx512f", __builtin_cpu_supports("avx512f") != 0},
+          {"avx512bw", __builtin_cpu_supports("avx512bw") != 0},
+          {"avx512dq", __builtin_cpu_supports("avx512dq") != 0},
+          {"avx512vl", __builtin_cpu_supports("avx512vl") != 0},
+          {"avx512vnni", __builtin_cpu_supports("avx512vnni") != 0},
+          {"avx512bf16", __builtin_cpu_supports("avx512bf16") != 0},
+          {"avx512fp16", __builtin_cpu_supports("avx512fp16") != 0},
+          {"avxvnni", __builtin_cpu_supports("avxvnni") != 0},
+          {"amx-tile", __builtin_cpu_supports("amx-tile") != 0},
+          {"amx-bf16", __builtin_cpu_supports("amx-bf16") != 0},
+          {"amx-int8", __builtin_cpu_supports("amx-int8") != 0}};
 }
 
 }  // namespace cpu

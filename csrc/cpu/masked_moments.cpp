@@ -67,7 +67,8 @@ void masked_moments_cpu(const Matrix& x, const float* w, const float* b, const f
     std::vector<float> xb(static_cast<size_t>(kBlockRows * dp));
     std::vector<float> zb(static_cast<size_t>(kBlockRows * std::max<int64_t>(kt, 1)));
     std::vector<float> at(static_cast<size_t>(std::max<int64_t>(a_rows, MR) * kBlockRows), 0.0f);
-    alignas(64) float tile[MR * NR];
+    alignas(64) float tile[cpu::kMaxTiles * MR * NR];
+    const int64_t step = kern.tiles_per_call * MR;
     int64_t my_nonfinite = 0;
 
     for (int64_t r0 = 0; r0 < n && kt > 0; r0 += kBlockRows) {
@@ -85,9 +86,10 @@ void masked_moments_cpu(const Matrix& x, const float* w, const float* b, const f
       // 2. Z = XB W^T for this thread's strips
       for (int64_t s = s0; s < s1; ++s) {
         const float* bp = panel.data() + s * d * NR;
-        for (int64_t m = 0; m < padded; m += MR) {
-          kern.gemm_tile(d, xb.data() + m * dp, dp, bp, NR, zb.data() + m * kt + (s - s0) * NR,
-                         kt, false);
+        for (int64_t m = 0; m < padded; m += step) {
+          const int count = static_cast<int>(std::min<int64_t>(step, padded - m) / MR);
+          kern.gemm_tiles(d, xb.data() + m * dp, dp, count, bp, NR,
+                          zb.data() + m * kt + (s - s0) * NR, kt);
         }
       }
 
@@ -120,12 +122,13 @@ void masked_moments_cpu(const Matrix& x, const float* w, const float* b, const f
       }
 
       // 4. [M, M*Z]^T XB, each register tile merged into the float64 sums
-      for (int64_t i = 0; i < a_rows; i += MR) {
+      for (int64_t i = 0; i < a_rows; i += step) {
+        const int count = static_cast<int>(std::min<int64_t>(step, a_rows - i) / MR);
         for (int64_t d0 = 0; d0 < dp; d0 += NR) {
-          kern.gemm_tile(rows, at.data() + i * kBlockRows, kBlockRows, xb.data() + d0, dp, tile,
-                         NR, false);
+          kern.gemm_tiles(rows, at.data() + i * kBlockRows, kBlockRows, count, xb.data() + d0, dp,
+                          tile, NR);
           const int64_t cols = std::min<int64_t>(NR, d - d0);
-          for (int64_t u = 0; u < MR; ++u) {
+          for (int64_t u = 0; u < count * MR; ++u) {
             const int64_t arow = i + u;
             if (arow >= 2 * kt) break;
             const bool is_mz = arow >= kt;

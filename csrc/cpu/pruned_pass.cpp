@@ -124,6 +124,7 @@ struct EvalBlock {
         staged(static_cast<size_t>(cap * d)),
         sorted(static_cast<size_t>(cap * d)),
         norms(cap),
+        unscale(cap),
         rows(cap),
         labels(cap),
         perm(cap),
@@ -136,6 +137,7 @@ struct EvalBlock {
         top_index(cap * NR) {}
   int64_t cap, g, n = 0;
   std::vector<float> staged, sorted, norms;
+  std::vector<double> unscale;  // staged row * unscale = the row as read (rescale_row)
   std::vector<int64_t> rows, labels, perm;
   std::vector<char> masks, tile_need;
   std::vector<float> group_max;
@@ -193,26 +195,37 @@ void flush(const PassContext& ctx, EvalBlock& eb, Corrections& corr, Counters& c
     for (int64_t g = 0; g < G; ++g) need[g] |= mk[g];
   }
 
-  alignas(64) float tile[MR * NR];
+  alignas(64) float tile_buf[cpu::kMaxTiles * MR * NR];
   float row_max[MR];
   for (int64_t s = 0; s < ctx.panel.strips; ++s) {
     const int64_t g = s / ctx.strips_per_group;
     const float* b = ctx.panel.data.data() + s * d * NR;
     const int valid = static_cast<int>(std::min<int64_t>(NR, ctx.k - s * NR));
-    for (int64_t t = 0; t < tiles; ++t) {
-      if (!eb.tile_need[t * G + g]) continue;
-      const int64_t m = t * MR;
-      kern.gemm_tile(d, xs + m * d, d, b, NR, tile, NR, false);
-      kern.top2_update(tile, static_cast<int32_t>(s * NR), valid, eb.top_best.data() + m * NR,
-                       eb.top_second.data() + m * NR, eb.top_index.data() + m * NR);
-      kern.tile_row_max(tile, valid, row_max);
-      const int64_t real = std::min<int64_t>(MR, n - m);
-      for (int64_t i = 0; i < real; ++i) {
-        float& gm = eb.group_max[(m + i) * G + g];
-        gm = std::max(gm, row_max[i]);
-        eb.evaluated[(m + i) * G + g] = 1;
+    for (int64_t t0 = 0; t0 < tiles;) {
+      if (!eb.tile_need[t0 * G + g]) {
+        ++t0;
+        continue;
       }
-      cnt.cosines += real * valid;
+      // consecutive tiles that need this strip share one gemm_tiles call
+      int run = 1;
+      while (run < kern.tiles_per_call && t0 + run < tiles && eb.tile_need[(t0 + run) * G + g])
+        ++run;
+      kern.gemm_tiles(d, xs + t0 * MR * d, d, run, b, NR, tile_buf, NR);
+      for (int u = 0; u < run; ++u) {
+        const int64_t m = (t0 + u) * MR;
+        const float* tile = tile_buf + u * MR * NR;
+        kern.top2_update(tile, static_cast<int32_t>(s * NR), valid, eb.top_best.data() + m * NR,
+                         eb.top_second.data() + m * NR, eb.top_index.data() + m * NR);
+        kern.tile_row_max(tile, valid, row_max);
+        const int64_t real = std::min<int64_t>(MR, n - m);
+        for (int64_t i = 0; i < real; ++i) {
+          float& gm = eb.group_max[(m + i) * G + g];
+          gm = std::max(gm, row_max[i]);
+          eb.evaluated[(m + i) * G + g] = 1;
+        }
+        cnt.cosines += real * valid;
+      }
+      t0 += run;
     }
   }
 
@@ -246,7 +259,7 @@ void flush(const PassContext& ctx, EvalBlock& eb, Corrections& corr, Counters& c
       const double scale =
           ctx.normalize
               ? 1.0 / std::max(std::sqrt(static_cast<double>(eb.norms[e])), 1e-12)
-              : 1.0;
+              : eb.unscale[e];
       const float* src = xs + i * d;
       corr.add(winner, src, scale, d);
       corr.add(old, src, -scale, d);
@@ -328,7 +341,9 @@ void pruned_pass_cpu(const Matrix& x, const float* centroids, int64_t k,
         ++cnt.read;
         float* xr = eb.staged.data() + eb.n * d;
         float sumsq = 0.0f;
-        if (!kern.convert_row(row_ptr(x, r), x.dtype, d, nullptr, xr, &sumsq)) {
+        double unscale = 1.0;
+        if (!kern.convert_row(row_ptr(x, r), x.dtype, d, nullptr, xr, &sumsq) ||
+            !cpu::rescale_row(xr, d, sumsq, unscale)) {
           ++cnt.nonfinite;
           theta_lo[r] = lo;
           continue;
@@ -349,6 +364,7 @@ void pruned_pass_cpu(const Matrix& x, const float* centroids, int64_t k,
         eb.rows[eb.n] = r;
         eb.labels[eb.n] = own;
         eb.norms[eb.n] = sumsq;
+        eb.unscale[eb.n] = unscale;
         if (++eb.n == eb.cap) flush(ctx, eb, corr, cnt);
       }
       flush(ctx, eb, corr, cnt);

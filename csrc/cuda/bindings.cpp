@@ -1,23 +1,22 @@
 // pybind11 bindings of pyconcepts._C_cuda. Same Python signatures as pyconcepts._C, with the
 // CUDA stream (torch's current stream, as an integer handle) in place of the thread count.
-// Arguments are device addresses validated by pyconcepts/ops.py; no torch type crosses here.
-// The ops only queue work on that stream: they never synchronise with the host.
+// Tensors arrive as description tuples checked here (csrc/op_args.h); the values held in
+// device memory (finiteness of the parameters) are checked by pyconcepts/ops.py. No torch
+// type crosses here. The ops only queue work on that stream: they never synchronise with
+// the host.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
 #include <stdexcept>
 
-#include "binding_args.h"
 #include "cosine_assign.h"
 #include "masked_moments.h"
+#include "op_args.h"
 #include "spherical_update.h"
 
 namespace py = pybind11;
 using namespace pyconcepts;
-
-using bind::check_k;
-using bind::matrix;
-using bind::ptr;
+using namespace pyconcepts::bind;
 
 namespace {
 
@@ -30,49 +29,44 @@ PYBIND11_MODULE(_C_cuda, m) {
 
   m.def(
       "cosine_assign",
-      [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t row_stride, uintptr_t c,
-         int64_t k, uintptr_t index, uintptr_t best, uintptr_t second, uintptr_t bad,
-         uintptr_t stream) {
-        const Matrix mx = matrix(x, dtype, n, d, row_stride);
-        check_k(k);
+      [](py::object x, py::object c, py::object index, py::object best, py::object second,
+         py::object bad, uintptr_t stream) {
+        const CosineAssignArgs a = cosine_assign_args(x, c, index, best, second, bad,
+                                                      py::none(), py::none(), py::none(), false);
+        if (a.x.rows == 0) return;  // outputs are zeroed by the caller
         py::gil_scoped_release release;
-        cosine_assign_cuda(mx, ptr<const float>(c), k, ptr<int64_t>(index), ptr<float>(best),
-                           second ? ptr<float>(second) : nullptr, ptr<int64_t>(bad),
+        cosine_assign_cuda(a.x, a.centroids, a.k, a.index, a.best, a.second, a.bad,
                            stream_of(stream));
       },
-      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("row_stride"),
-      py::arg("centroids"), py::arg("k"), py::arg("index"), py::arg("best"), py::arg("second"),
+      py::arg("x"), py::arg("centroids"), py::arg("index"), py::arg("best"), py::arg("second"),
       py::arg("bad"), py::arg("stream"));
 
   m.def(
       "spherical_update",
-      [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t row_stride, uintptr_t index,
-         int64_t k, uintptr_t sums, uintptr_t counts, uintptr_t bad, uintptr_t stream) {
-        const Matrix mx = matrix(x, dtype, n, d, row_stride);
-        check_k(k);
+      [](py::object x, py::object index, int64_t k, py::object sums, py::object counts,
+         py::object bad, uintptr_t stream) {
+        const SphericalUpdateArgs a =
+            spherical_update_args(x, index, k, sums, counts, bad, false);
+        if (a.x.rows == 0) return;  // outputs are zeroed by the caller
         py::gil_scoped_release release;
-        spherical_update_cuda(mx, ptr<const int64_t>(index), k, ptr<double>(sums),
-                              ptr<int64_t>(counts), ptr<int64_t>(bad), stream_of(stream));
+        spherical_update_cuda(a.x, a.index, a.k, a.sums, a.counts, a.bad, stream_of(stream));
       },
-      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("row_stride"),
-      py::arg("index"), py::arg("k"), py::arg("sums"), py::arg("counts"), py::arg("bad"),
-      py::arg("stream"));
+      py::arg("x"), py::arg("index"), py::arg("k"), py::arg("sums"), py::arg("counts"),
+      py::arg("bad"), py::arg("stream"));
 
   m.def(
       "masked_moments",
-      [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t row_stride, uintptr_t w,
-         uintptr_t b, uintptr_t center, int64_t k, uintptr_t count, uintptr_t sum_z,
-         uintptr_t sum_z2, uintptr_t sum_x, uintptr_t sum_xz, uintptr_t bad, uintptr_t stream) {
-        const Matrix mx = matrix(x, dtype, n, d, row_stride);
-        check_k(k);
+      [](py::object x, py::object w, py::object b, py::object center, py::object count,
+         py::object sum_z, py::object sum_z2, py::object sum_x, py::object sum_xz,
+         py::object bad, uintptr_t stream) {
+        const MaskedMomentsArgs a = masked_moments_args(x, w, b, center, count, sum_z, sum_z2,
+                                                        sum_x, sum_xz, bad, false);
+        if (a.x.rows == 0) return;  // outputs are zeroed by the caller
         py::gil_scoped_release release;
-        masked_moments_cuda(mx, ptr<const float>(w), ptr<const float>(b),
-                            center ? ptr<const float>(center) : nullptr, k, ptr<int64_t>(count),
-                            ptr<double>(sum_z), ptr<double>(sum_z2), ptr<double>(sum_x),
-                            ptr<double>(sum_xz), ptr<int64_t>(bad), stream_of(stream));
+        masked_moments_cuda(a.x, a.w, a.b, a.center, a.k, a.count, a.sum_z, a.sum_z2, a.sum_x,
+                            a.sum_xz, a.bad, stream_of(stream));
       },
-      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("row_stride"),
-      py::arg("decoding"), py::arg("bias"), py::arg("center"), py::arg("k"), py::arg("count"),
+      py::arg("x"), py::arg("decoding"), py::arg("bias"), py::arg("center"), py::arg("count"),
       py::arg("sum_z"), py::arg("sum_z2"), py::arg("sum_x"), py::arg("sum_xz"), py::arg("bad"),
       py::arg("stream"));
 }
