@@ -19,11 +19,18 @@ OPTIONS = json.dumps({"n_init": 2, "max_iter": 20, "refine_steps": 5, "joint_ste
                       "ura_batch": 4})
 
 
-def test_torchrun_two_ranks_give_the_single_process_basis(tmp_path):
+@pytest.mark.parametrize("ura", [
+    False,
+    pytest.param(True, marks=pytest.mark.xfail(
+        strict=True, reason="extract's URA image pool is a seeded sample of each rank's own images, so "
+                            "rank 0 refines with another pool than a single process (extraction.py)")),
+])
+def test_torchrun_two_ranks_give_the_single_process_basis(tmp_path, ura):
     (tmp_path / "model.py").write_text(MODEL_SRC)
     _photos(str(tmp_path / "photos"), per_class=7)  # 14 images: 7 per rank
     common = ["extract", "--model", f"{tmp_path / 'model.py'}:make", "--images", str(tmp_path / "photos"),
               "--layer", "features.3", "-k", "3", "--batch-size", "4", "--options", OPTIONS, "--quiet"]
+    common += [] if ura else ["--no-ura"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "pyconcepts", *common, "--out", str(tmp_path / "two.safetensors")],
