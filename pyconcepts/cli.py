@@ -764,6 +764,7 @@ def _check_concepts(indices: Sequence[int], k: int, option: str) -> List[int]:
 
 def _cmd_explain(args) -> int:
     from .attribution import contribution_maps
+    from .outputs import read_scores
 
     basis = _load_basis(args.basis)
     model, layer = _model_setup(args, basis.layer)
@@ -779,8 +780,10 @@ def _cmd_explain(args) -> int:
           f"predicted class's logit")
     j = 0
     for batch in source.batches(args.batch_size or 32):
-        with torch.no_grad(), selecting_output(model, output):
-            logits = model(batch).float()
+        with torch.no_grad():
+            out = model(batch)
+        # logits; a model ending in probabilities gives log-probabilities (the same softmax)
+        logits = read_scores(select_output(out, output), None, "auto").float()
         probs = logits.softmax(-1)
         preds = logits.argmax(-1)
         maps = call_with_output(contribution_maps, model, basis, batch, preds, layer=layer, head=head,

@@ -42,6 +42,16 @@ MODEL_SRC = textwrap.dedent('''
         return Net()
 
 
+    class Probabilities(Net):
+        def forward(self, x):
+            return super().forward(x).softmax(-1)
+
+
+    def make_probs():
+        torch.manual_seed(0)
+        return Probabilities()
+
+
     def make_wide():
         torch.manual_seed(0)
         return Net(c=12)
@@ -183,7 +193,8 @@ def _mistakes(ws):
         "missing images": ([*ext, *m, "--images", ws / "nope", *out], "no such file or folder"),
         "empty folder": ([*ext, *m, "--images", ws / "empty", *out], "no image files"),
         "missing weights": ([*ext, *_model_args(ws, weights="nope.safetensors"), *img, *out], "no such file"),
-        "missing factory": ([*ext, *_model_args(ws, "nope"), *img, *out], "has no 'nope' (it defines: Net, TwoOutputs, broken, make,"),
+        "missing factory": ([*ext, *_model_args(ws, "nope"), *img, *out],
+                            "has no 'nope' (it defines: Net, Probabilities, TwoOutputs, broken, make,"),
         "factory raises": ([*ext, *_model_args(ws, "broken", None), *img, *out], "the factory failed on purpose"),
         "missing model file": ([*ext, "--model", ws / "nope.py:make", *img, *out], "no such file"),
         "missing module": ([*ext, "--model", "no_such_module_xyz:make", *img, *out], "no module named"),
@@ -392,3 +403,13 @@ def test_basis_records_and_checks_the_model_fingerprint():
         b[0].bias[0] += 1e-6
     assert "other weights" in basis.compatibility_problems(model=b)[0]
     assert len(basis.compatibility_problems(layer="0", width=5)) == 2
+
+
+def test_explain_reads_probabilities_as_the_model_gives_them(ws, capsys):
+    args = ["explain", ws / "basis.safetensors", "--images", ws / "photos", "--limit", 3]
+    rc, plain, err = _run(capsys, *args, *_model_args(ws))
+    assert rc == 0, err
+    rc, probs, err = _run(capsys, *args, *_model_args(ws, "make_probs"), "--allow-mismatch")
+    assert rc == 0 and "another architecture" in err and "applied anyway" in err
+    p = [line.split("(p ")[1].split(",")[0] for line in plain.splitlines()[1:]]
+    assert p == [line.split("(p ")[1].split(",")[0] for line in probs.splitlines()[1:]]
