@@ -1,6 +1,7 @@
 """The ``pyconcepts`` command: extract, report, explain, intervene, bench, demo.
 
-    pyconcepts demo [--json PATH]                  the built-in demo (offline, ~minutes on 2 cores)
+    pyconcepts demo [--json PATH] [--report-dir D] the built-in demo (offline, ~minutes on 2 cores);
+                                                   writes its concept report to report/index.html
     pyconcepts extract --model my_model.py:make --weights w.safetensors --images photos/ \\
         --layer NAME -k K --out basis.safetensors
     pyconcepts report basis.safetensors --model ... --weights ... --images photos/ --out report/
@@ -654,7 +655,7 @@ def _cmd_demo(args) -> int:
     bar = ProgressBar(enabled=not args.quiet)
     try:
         res = run_demo(seed=args.seed, n_concepts=args.concepts, refine=not args.no_refine or args.ura,
-                       ura=args.ura, progress=bar)
+                       ura=args.ura, progress=bar, report_dir=None if args.no_report else args.report_dir)
     finally:
         bar.close()
     print_demo(res)
@@ -923,6 +924,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ura", action="store_true", help="add URA to the refinement")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--report-dir", default="report", help="folder of the HTML concept report (default: report)")
+    p.add_argument("--no-report", action="store_true", help="do not write the HTML concept report")
     p.set_defaults(run=_cmd_demo)
 
     p = sub.add_parser("extract", help="extract concepts at a layer and save the basis", parents=[debug],

@@ -1,0 +1,350 @@
+"""A static HTML report of a concept basis: ``write_report(out_dir, basis, model, layer, source)``.
+
+``out_dir/index.html`` ranks the concepts by their measured influence on the model's outputs
+(the mean change of the class probabilities when the concept is removed with
+``pyconcepts.interventions``); a page per concept shows its top-activating patches cropped to
+the layer's receptive field, detection maps over whole images, how often it fires with a
+histogram of its detector's score, the classes it pushes up and down (with RCAV significance),
+and its IoU with ground-truth masks when the image source has them.
+
+The images are streamed once through the model (memory does not grow with their number);
+display pictures are fetched only for the images shown. Plain HTML, one stylesheet, inline
+SVG charts and PNG pictures (Pillow): the folder opens offline in any browser. Files are
+written atomically; a later report into the same folder replaces the files an earlier report
+wrote (listed in ``.pyconcepts-report.json``) and touches nothing else.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import tempfile
+from collections import defaultdict
+from typing import Callable, Dict, List, Optional, Set, Union
+
+import torch
+from torch import nn
+
+from ..attribution import rcav as _rcav
+from ..taps import LayerTap, resolve_layer
+from .collect import Measurements, OutputSelected, ReceptiveField, measure, receptive_field, select_output
+from .html import CSS, ClassEffect, ConceptView, Picture, ReportView, concept_page, index_page
+
+__all__ = ["write_report", "select_output", "OPTIONS"]
+
+# Options of write_report(**options) and their defaults.
+OPTIONS: Dict[str, object] = {
+    "influence_images": 256,   # seeded sample the removal effects (the ranking) are measured on
+    "rcav_concepts": 8,        # RCAV tests this many of the most influential concepts
+    "rcav_images": 32,         # the first images of that sample that RCAV runs on
+    "rcav_permutations": None, # label permutations of the RCAV test; None: enough that the
+                               # smallest Bonferroni-adjusted p is 0.8 x the level, at most 2000
+    "rcav_level": 0.05,        # significance level after Bonferroni over tested concepts x classes
+    "rcav_batch": None,        # images per forward pass in RCAV (default: batch_size)
+    "rf_mass": 0.9,            # share of the input gradient a patch crop holds
+    "rf_images": 8,            # images the receptive field is measured on
+    "title": None,
+    "skip_tokens": 0,          # token maps: leading class/register tokens that are not patches
+    "grid": None,              # token maps: the (h, w) patch grid
+}
+
+MANIFEST = ".pyconcepts-report.json"
+
+
+class _Writer:
+    """Writes files under ``root`` atomically (temp file in the same folder, then rename)
+    and remembers what it wrote."""
+
+    def __init__(self, root: pathlib.Path):
+        self.root = root
+        self.written: Set[str] = set()
+
+    def write(self, rel: str, data: Union[bytes, str]) -> None:
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        self.written.add(rel)
+
+    def previous(self) -> List[str]:
+        """Files listed by an earlier report's manifest (relative, inside the folder)."""
+        try:
+            with open(self.root / MANIFEST, encoding="utf-8") as handle:
+                files = json.load(handle).get("files", [])
+        except (OSError, ValueError, AttributeError):
+            return []
+        out = []
+        for rel in files:
+            if isinstance(rel, str) and not os.path.isabs(rel) and ".." not in pathlib.PurePath(rel).parts:
+                out.append(rel)
+        return out
+
+
+def auto_permutations(tests: int, level: float, cap: int = 2000) -> int:
+    """Label permutations for the RCAV test: enough that the smallest attainable
+    Bonferroni-adjusted p-value, tests / (n + 1), is 0.8 x the level (at most ``cap``, at least
+    20). A test is then significant when its observed score is more extreme than every null."""
+    return int(min(cap, max(20, math.ceil(1.25 * tests / level) - 1)))
+
+
+def _check_int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def _check_source(source) -> None:
+    for attr in ("batches", "display", "names"):
+        if not hasattr(source, attr):
+            raise TypeError(f"source must be an image source (pyconcepts.images): it has no {attr!r}")
+    if not hasattr(source, "__len__"):
+        raise TypeError("source must be an image source (pyconcepts.images): it has no len()")
+    if len(source.names) != len(source):
+        raise ValueError(f"source.names has {len(source.names)} entries for {len(source)} images")
+
+
+def write_report(
+    out_dir,
+    basis,
+    model: nn.Module,
+    layer: Optional[str],
+    source,
+    *,
+    output=None,
+    batch_size: int = 64,
+    top: int = 16,
+    maps: int = 8,
+    rcav: bool = True,
+    seed: int = 0,
+    progress: Optional[Callable[[str, int, Optional[int]], None]] = None,
+    **options,
+) -> pathlib.Path:
+    """Write the report of ``basis`` (concepts of ``model`` at ``layer``, default the basis's
+    layer) over the images of ``source`` into ``out_dir``; returns the path of index.html.
+
+    ``output`` selects the logits when the model returns a tuple/dict (an index, a key or a
+    callable). ``top``: patches per concept; ``maps``: detection maps per concept; ``rcav``:
+    run the RCAV test (the slowest part). ``options``: see ``OPTIONS``.
+    """
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise TypeError(f"write_report got unknown option(s) {unknown}; known: {sorted(OPTIONS)}")
+    opts = {**OPTIONS, **options}
+    for name in ("decoding", "bias", "encoding", "mean", "latent", "n_concepts"):
+        if not hasattr(basis, name):
+            raise TypeError(f"basis must be a ConceptBasis (it has no {name!r})")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    layer = layer if layer is not None else getattr(basis, "layer", None)
+    if layer is None:
+        raise ValueError("layer is needed: the basis does not record the layer it was extracted at")
+    resolve_layer(model, layer)  # a clear error naming the model's layers
+    _check_source(source)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    top = _check_int("top", top, 1)
+    maps = _check_int("maps", maps, 0)
+    influence_images = _check_int("influence_images", opts["influence_images"], 1)
+    rcav_images = _check_int("rcav_images", opts["rcav_images"], 2 if rcav else 0)
+    rcav_concepts = _check_int("rcav_concepts", opts["rcav_concepts"], 1)
+    if opts["rcav_permutations"] is not None:
+        _check_int("rcav_permutations", opts["rcav_permutations"], 1)
+    rcav_batch = _check_int("rcav_batch", opts["rcav_batch"] or batch_size, 1)
+    level = float(opts["rcav_level"])
+    if not 0 < level < 1:
+        raise ValueError(f"rcav_level must be in (0, 1), got {level!r}")
+    if out_dir is None:
+        raise TypeError("out_dir must be a path")
+    root = pathlib.Path(out_dir)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"out_dir {str(root)!r} exists and is not a folder")
+    root.mkdir(parents=True, exist_ok=True)
+
+    wrapped = OutputSelected(model, output)
+    tap = LayerTap(wrapped, "inner." + layer, skip_tokens=int(opts["skip_tokens"]), grid=opts["grid"])
+    m = measure(wrapped, tap, basis, source, batch_size=batch_size, top=top, maps=maps,
+                influence_images=influence_images, rcav_images=rcav_images if rcav else 0,
+                seed=seed, progress=progress)
+    k, c = basis.n_concepts, m.n_classes
+    class_names = getattr(source, "class_names", None)
+    if class_names is not None and len(class_names) != c:
+        raise ValueError(f"source.class_names has {len(class_names)} names but the model outputs {c} classes")
+    class_names = list(class_names) if class_names is not None else [f"class {j}" for j in range(c)]
+
+    rf = receptive_field(tap, m.probe[: int(opts["rf_images"])], m.grid, mass=float(opts["rf_mass"]))
+
+    # rank: influence first, the concept index breaks ties
+    order = sorted(range(k), key=lambda i: (-float(m.tv_change[i]), i))
+
+    result, tested, n_perm = None, [], 0
+    if rcav and m.rcav_images is not None and m.rcav_images.shape[0] >= 2:
+        tested = sorted(order[:rcav_concepts])
+        n_perm = opts["rcav_permutations"] or auto_permutations(len(tested) * c, level)
+        result = _rcav(wrapped, basis, m.rcav_images, layer=tap.layer, concepts=tested, n_permutations=n_perm,
+                       level=level, seed=seed, batch_size=rcav_batch, skip_tokens=int(opts["skip_tokens"]),
+                       progress=progress)
+    row_of = {i: r for r, i in enumerate(tested)}
+    writer = _Writer(root)
+    old = writer.previous()
+    pictures = _write_pictures(writer, source, m, rf, order, progress)
+
+    views = []
+    for rank, i in enumerate(order, start=1):
+        effects = []
+        for j in range(c):
+            e = ClassEffect(class_names[j], float(m.prob_change[i, j]))
+            if i in row_of:
+                r = row_of[i]
+                e.rcav = float(result.scores[r, j])
+                e.p = float(result.p_values[r, j])
+                e.p_adjusted = float(result.p_adjusted[r, j])
+                e.significant = bool(result.significant[r, j])
+            effects.append(e)
+        edges = m.histogram.edges(i).tolist()
+        w, s = basis.decoding[i].cpu(), basis.encoding[i].cpu()
+        views.append(ConceptView(
+            index=i, rank=rank, tv=float(m.tv_change[i]), flips=float(m.flips[i]),
+            logit_drop=float(m.logit_drop[i]), patch_share=float(m.patches_fired[i]) / m.n_patches,
+            image_share=float(m.images_fired[i]) / m.n_images, margin=float(1.0 / w.norm()),
+            cos_ws=float(w @ s / (w.norm() * s.norm()).clamp_min(1e-12)),
+            hist_counts=m.histogram.counts[i].tolist(), hist_edges=edges,
+            patches=pictures["top"][i], maps=pictures["map"][i], effects=effects,
+            mask_iou=([(name, float(m.mask_iou[i, j])) for j, name in enumerate(m.mask_names)]
+                      if m.mask_iou is not None else None),
+        ))
+
+    n_s, n_total = len(m.influence_sample), m.n_images
+    sample_words = (f"all {n_total} images" if n_s == n_total else
+                    f"a random sample of {n_s} of the {n_total} images (seed {seed})")
+    influence_note = (
+        f"Removal: pyconcepts.intervene(remove=[i]) on {sample_words}; the concept's latent factor is subtracted "
+        "along its signal vector where its detector fires (soft membership, strength 1). Green: the class loses "
+        "probability without the concept (the concept supports it); red: it gains probability.")
+    rcav_note = ""
+    if result is not None:
+        floor = min(1.0, len(tested) * c / (n_perm + 1))
+        which = "every concept" if len(tested) == k else f"the {len(tested)} most influential concepts"
+        rcav_note = (
+            f"RCAV (on {which}): the share of {m.rcav_images.shape[0]} images whose class probability rises when "
+            f"the concept is added (alpha = its mean latent factor where detected); p from {n_perm} label "
+            f"permutations, Bonferroni over {len(tested)} x {c} tests; * = p (Bonferroni) < {level:g}. The smallest "
+            f"attainable Bonferroni p is {floor:.3g}" + (" (raise rcav_permutations to reach significance)."
+                                                      if floor >= level else "."))
+        saturated = float(((result.null_scores == 0) | (result.null_scores == 1)).float().mean())
+        if saturated >= 0.5:
+            rcav_note += (
+                f" Here {saturated:.0%} of the null scores are 0% or 100%: random directions, too, move every "
+                "image's probability the same way, so the test cannot tell a concept from chance (typical when "
+                "the rest of the network is close to linear, such as pooling and a linear head).")
+    crop_note = (f"One patch per image: the {top} images whose best patch scores highest, that patch outlined "
+                 f"(its cell of the {m.grid[0]} x {m.grid[1]} grid). {rf.describe()[0].upper()}{rf.describe()[1:]}. "
+                 "Captions: image name and detector score.")
+    map_note = ("The images where the detector's mean membership sigmoid(w.x - b) over the grid is highest: "
+                "bright where it fires, dark where it does not; the yellow line is w.x = b (scores upsampled "
+                "bilinearly to the image). Captions: image name and the share of its patches where it fires.")
+    notes = [
+        f"Influence: the mean change of the class probabilities (total variation, 0.5 x sum |p' - p|) when the "
+        f"concept is removed at {layer} from {sample_words}. Flips: predictions that change.",
+        "Fires on: the share of the layer's patches where the detector fires (w.x > b on the raw activation).",
+        "Pushes up / down: " + ("the classes whose probability rises in more / fewer than half of the images when "
+                                "the concept is added (RCAV); * marks a significant one. " + rcav_note
+                                if result is not None else
+                                "the classes that lose / gain the most probability when the concept is removed "
+                                "(RCAV not run)."),
+        f"Top patches: {crop_note}",
+    ]
+    if m.mask_iou is not None:
+        notes.append("Best mask IoU: Network-Dissection IoU of the detector's upsampled map with the source's "
+                     "ground-truth masks, summed over all images; the best-matching mask is named.")
+    from .. import __version__
+
+    model_name = getattr(basis, "model_id", None) or type(model).__name__
+    view = ReportView(
+        title=opts["title"] or f"Concepts of {model_name} at {layer}",
+        facts=[("model", model_name), ("layer", layer), ("grid", f"{m.grid[0]} x {m.grid[1]}"),
+               ("input", f"{m.input_size[0]} x {m.input_size[1]}"), ("images", str(n_total)),
+               ("concepts", str(k)), ("classes", str(c))],
+        notes=notes, concepts=views, has_masks=m.mask_iou is not None, has_rcav=result is not None,
+        rcav_note=rcav_note, version=__version__,
+    )
+    writer.write("report.css", CSS)
+    for j, cv in enumerate(views):
+        writer.write(cv.page, concept_page(view, cv, crop_note, map_note, influence_note))
+        if progress:
+            progress("report: pages", j + 1, len(views) + 1)
+    writer.write("index.html", index_page(view))
+    if progress:
+        progress("report: pages", len(views) + 1, len(views) + 1)
+    # files an earlier report wrote that this one did not: remove them (nothing else)
+    for rel in old:
+        if rel not in writer.written:
+            try:
+                (root / rel).unlink()
+            except OSError:
+                pass
+    writer.write(MANIFEST, json.dumps({"files": sorted(writer.written | {MANIFEST})}, indent=1))
+    return root / "index.html"
+
+
+def _write_pictures(writer: _Writer, source, m: Measurements, rf: ReceptiveField, order: List[int],
+                    progress) -> Dict[str, Dict[int, List[Picture]]]:
+    """Fetch the display pictures of the images shown (in chunks) and write the crops and maps."""
+    from .pictures import crop_png, overlay_png
+
+    names = source.names
+    h, w = m.grid
+    needs: Dict[int, list] = defaultdict(list)
+    for i in range(m.top_patches.values.shape[0]):
+        for slot in range(m.top_patches.values.shape[1]):
+            if math.isfinite(float(m.top_patches.values[i, slot])):
+                needs[int(m.top_patches.index[i, slot])].append(("top", i, slot))
+        for slot in range(m.top_maps.values.shape[1]):
+            if math.isfinite(float(m.top_maps.values[i, slot])):
+                needs[int(m.top_maps.index[i, slot])].append(("map", i, slot))
+    out = {"top": defaultdict(dict), "map": defaultdict(dict)}
+    indices = sorted(needs)
+    chunk = 32
+    for start in range(0, len(indices), chunk):
+        part = indices[start:start + chunk]
+        pics = source.display(part)
+        if not isinstance(pics, torch.Tensor) or pics.dim() != 4 or pics.shape[0] != len(part) or pics.shape[-1] != 3:
+            raise ValueError(f"source.display must return (n, H, W, 3) uint8 pictures, got "
+                             f"{tuple(pics.shape) if isinstance(pics, torch.Tensor) else type(pics).__name__}")
+        pics = pics.to(torch.uint8).cpu().numpy()
+        for picture, img in zip(pics, part):
+            scale = (picture.shape[0] / m.input_size[0], picture.shape[1] / m.input_size[1])
+            for kind, i, slot in needs[img]:
+                name = str(names[img])
+                if kind == "top":
+                    pos = int(m.top_patches.payload["pos"][i, slot])
+                    r, col = divmod(pos, w)
+                    score = float(m.top_patches.values[i, slot])
+                    latent = float(m.top_patches.payload["latent"][i, slot])
+                    rel = f"images/c{i:03d}-top-{slot:02d}.png"
+                    writer.write(rel, crop_png(picture, rf.box(r, col, scale), rf.cell_box(r, col, scale)))
+                    out["top"][i][slot] = Picture(
+                        rel, name, f"score {score:+.2f}",
+                        f"{name}: patch ({r}, {col}), detector score {score:+.3f}, latent factor {latent:.3f}")
+                else:
+                    score_map = m.top_maps.payload["map"][i, slot].float()
+                    share = float((score_map > 0).float().mean())
+                    rel = f"images/c{i:03d}-map-{slot:02d}.png"
+                    writer.write(rel, overlay_png(picture, score_map))
+                    out["map"][i][slot] = Picture(
+                        rel, name, f"fires on {100 * share:.0f}% of it",
+                        f"{name}: fires on {100 * share:.1f}% of the patches, mean membership "
+                        f"{float(m.top_maps.values[i, slot]):.3f}")
+        if progress:
+            progress("report: pictures", min(start + chunk, len(indices)), len(indices))
+    k = m.top_patches.values.shape[0]
+    return {kind: {i: [out[kind][i][s] for s in sorted(out[kind][i])] for i in range(k)} for kind in out}

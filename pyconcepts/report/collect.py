@@ -1,0 +1,405 @@
+"""The report's measurements, streamed over an image source in one pass.
+
+Per concept, memory stays bounded whatever the number of images: counts, a histogram of the
+detector score, the running top patches (one per image), the running top detection maps
+(h x w each), intersections and unions with ground-truth masks, and the effect of removing
+the concept on a seeded sample of at most ``influence_images`` images.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..interventions import intervene
+from ..taps import LayerTap
+
+__all__ = ["select_output", "OutputSelected", "ReceptiveField", "receptive_field", "Measurements", "measure"]
+
+
+# ------------------------------------------------------------------------------ outputs
+def select_output(out, output):
+    """The logits ``(B, C)`` of a model's output: ``output`` is None (the output is the
+    logits), an int (index into a tuple/list), a str (key of a dict, or attribute) or a
+    callable applied to the output."""
+    if output is None:
+        value = out
+    elif callable(output):
+        value = output(out)
+    elif isinstance(output, bool):
+        raise TypeError(f"output must be None, an int, a str or a callable, got {output!r}")
+    elif isinstance(output, int):
+        if not isinstance(out, (tuple, list)):
+            raise TypeError(f"output={output} selects an item of a tuple, but the model returns a {type(out).__name__}")
+        if not -len(out) <= output < len(out):
+            raise IndexError(f"output={output} is out of range: the model returns {len(out)} items")
+        value = out[output]
+    elif isinstance(output, str):
+        if isinstance(out, dict):
+            if output not in out:
+                raise KeyError(f"output={output!r} is not a key of the model's output (keys: {list(out)})")
+            value = out[output]
+        elif hasattr(out, output):
+            value = getattr(out, output)
+        else:
+            raise TypeError(f"output={output!r}: the model returns a {type(out).__name__} without that key or attribute")
+    else:
+        raise TypeError(f"output must be None, an int, a str or a callable, got {type(output).__name__}")
+    if not isinstance(value, torch.Tensor):
+        hint = "" if output is not None else "; pass output= (an index, a key or a callable) to select the logits"
+        raise TypeError(f"the model's selected output is a {type(value).__name__}, not a logits tensor{hint}")
+    if value.dim() != 2:
+        raise ValueError(f"the model's selected output must be logits (B, C), got shape {tuple(value.shape)}")
+    return value
+
+
+class OutputSelected(nn.Module):
+    """``model`` whose forward returns only the logits chosen by ``output``. Its layer names
+    are the model's with the prefix ``inner.``, so taps and interventions work through it."""
+
+    def __init__(self, model: nn.Module, output):
+        super().__init__()
+        self.inner = model
+        self.output = output
+
+    def forward(self, x):
+        return select_output(self.inner(x), self.output)
+
+
+# ----------------------------------------------------------------------- receptive field
+@dataclass
+class ReceptiveField:
+    """Where a position of the layer's grid looks in the input.
+
+    The patch at grid cell (r, c) is centred at ``(centre_y + (r - r0) * stride_y,
+    centre_x + (c - c0) * stride_x)`` input pixels; ``size`` is the side of the square around
+    that centre holding ``mass`` of the gradient of the cell's activation with respect to the
+    input (measured at the centre cell (r0, c0)); ``extent`` is the (height, width) of the
+    region where that gradient is non-zero (the theoretical receptive field, clipped to the
+    image)."""
+
+    size: int
+    extent: Tuple[int, int]
+    stride: Tuple[float, float]
+    centre: Tuple[float, float]
+    cell: Tuple[int, int]
+    input_size: Tuple[int, int]
+    mass: float
+    method: str
+
+    def box(self, r: int, c: int, scale: Tuple[float, float] = (1.0, 1.0)) -> Tuple[int, int, int, int]:
+        """(top, left, bottom, right) of cell (r, c)'s crop in a picture ``scale`` times the
+        input size: a square of side ``size`` slid to stay inside the picture (so every crop
+        has the same size and still holds the cell's centre)."""
+        h, w = self.input_size
+        sy, sx = scale
+        side_y = max(1, min(round(self.size * sy), round(h * sy)))
+        side_x = max(1, min(round(self.size * sx), round(w * sx)))
+        cy = (self.centre[0] + (r - self.cell[0]) * self.stride[0]) * sy
+        cx = (self.centre[1] + (c - self.cell[1]) * self.stride[1]) * sx
+        top = int(round(cy - side_y / 2))
+        left = int(round(cx - side_x / 2))
+        top = min(max(top, 0), round(h * sy) - side_y)
+        left = min(max(left, 0), round(w * sx) - side_x)
+        return top, left, top + side_y, left + side_x
+
+    def cell_box(self, r: int, c: int, scale: Tuple[float, float] = (1.0, 1.0)) -> Tuple[int, int, int, int]:
+        """(top, left, bottom, right) of the stride-sized cell itself."""
+        sy, sx = scale
+        cy = (self.centre[0] + (r - self.cell[0]) * self.stride[0]) * sy
+        cx = (self.centre[1] + (c - self.cell[1]) * self.stride[1]) * sx
+        hy, hx = self.stride[0] * sy / 2, self.stride[1] * sx / 2
+        return int(round(cy - hy)), int(round(cx - hx)), int(round(cy + hy)), int(round(cx + hx))
+
+    def describe(self) -> str:
+        how = {"gradient": f"the square around each patch holding {self.mass:.0%} of the gradient of its "
+                           "activation with respect to the input",
+               "stride": "the patch's own cell (input size / grid size): the gradient was zero"}[self.method]
+        return (f"{self.size} x {self.size} px crops of {self.input_size[0]} x {self.input_size[1]} inputs: {how} "
+                f"(theoretical receptive field {self.extent[0]} x {self.extent[1]} px, stride "
+                f"{self.stride[0]:g} x {self.stride[1]:g} px)")
+
+
+class _Stop(Exception):
+    pass
+
+
+def receptive_field(tap: LayerTap, images: torch.Tensor, grid: Tuple[int, int], mass: float = 0.9) -> ReceptiveField:
+    """Measure the layer's receptive field on ``images`` (a few model inputs, (n, C, H, W)):
+    the gradient of the centre cell's summed activation with respect to the input, its
+    absolute values summed over images and channels."""
+    h, w = grid
+    big_h, big_w = images.shape[-2:]
+    stride = (big_h / h, big_w / w)
+    r0, c0 = h // 2, w // 2
+    x = images.detach().to(tap.device, torch.float32).clone().requires_grad_(True)
+    captured = {}
+
+    def grab(out):
+        captured["rows"] = tap.to_rows(out)
+        raise _Stop()
+
+    with torch.enable_grad(), tap.eval_mode(), tap.frozen(), tap.hook(grab):
+        try:
+            tap.model(x)
+        except _Stop:
+            pass
+    rows = captured["rows"].reshape(x.shape[0], h * w, -1)
+    grad = torch.autograd.grad(rows[:, r0 * w + c0].float().sum(), x, allow_unused=True)[0]
+    default_centre = ((r0 + 0.5) * stride[0], (c0 + 0.5) * stride[1])
+    if grad is None or not bool(torch.isfinite(grad).all()) or float(grad.abs().sum()) == 0.0:
+        side = max(1, int(round(max(stride))))
+        return ReceptiveField(side, (side, side), stride, default_centre, (r0, c0), (big_h, big_w), mass, "stride")
+    g = grad.detach().abs().sum((0, 1)).double().cpu()             # (H, W)
+    nz = torch.nonzero(g > 0)
+    extent = (int(nz[:, 0].max() - nz[:, 0].min() + 1), int(nz[:, 1].max() - nz[:, 1].min() + 1))
+    total = float(g.sum())
+    ys = torch.arange(big_h, dtype=torch.float64) + 0.5
+    xs = torch.arange(big_w, dtype=torch.float64) + 0.5
+    cy = float((g.sum(1) * ys).sum() / total)
+    cx = float((g.sum(0) * xs).sum() / total)
+    # the smallest centred square holding `mass` of the gradient (at least one cell)
+    size = max(big_h, big_w)
+    for side in range(max(1, int(math.floor(min(stride)))), max(big_h, big_w) + 1):
+        top, left = int(round(cy - side / 2)), int(round(cx - side / 2))
+        inside = g[max(top, 0):max(top + side, 0), max(left, 0):max(left + side, 0)].sum()
+        if float(inside) >= mass * total:
+            size = side
+            break
+    return ReceptiveField(size, extent, stride, (cy, cx), (r0, c0), (big_h, big_w), mass, "gradient")
+
+
+# --------------------------------------------------------------------------- streaming
+class _SymmetricHistogram:
+    """Per-concept histograms of values on bins of width ``w_i`` symmetric about 0 (the
+    detector's threshold). When a value falls outside +-``half * w_i``, adjacent bins merge
+    pairwise and the width doubles, so the histogram is exact for its bins in one pass."""
+
+    def __init__(self, k: int, half: int = 32):
+        self.k, self.half = k, half
+        self.counts = torch.zeros(k, 2 * half, dtype=torch.int64)
+        self.width = torch.zeros(k, dtype=torch.float64)
+
+    def update(self, values: torch.Tensor) -> None:
+        values = values.detach().double().cpu()
+        if values.numel() == 0:
+            return
+        top = values.abs().amax(0)                                  # (K,)
+        for i in range(self.k):
+            if self.width[i] == 0:
+                need = max(float(top[i]), 1e-6) / self.half
+                self.width[i] = 2.0 ** math.ceil(math.log2(need))
+            while float(top[i]) >= self.half * float(self.width[i]):
+                c = self.counts[i]
+                # bins [-half*w, half*w) -> pairs merge toward the centre, outer half empties
+                merged = c.reshape(-1, 2).sum(1)                    # (half,) covering the same range
+                new = torch.zeros_like(c)
+                new[self.half // 2: self.half // 2 + self.half] = merged
+                self.counts[i] = new
+                self.width[i] *= 2
+        idx = torch.floor(values / self.width).long() + self.half   # (N, K)
+        idx = idx.clamp(0, 2 * self.half - 1) + torch.arange(self.k)[None, :] * (2 * self.half)
+        self.counts += torch.bincount(idx.flatten(), minlength=self.k * 2 * self.half).reshape(self.k, -1)
+
+    def edges(self, i: int) -> torch.Tensor:
+        return (torch.arange(2 * self.half + 1, dtype=torch.float64) - self.half) * self.width[i]
+
+
+class _RunningTop:
+    """Per concept, the ``size`` largest values seen so far with their image index and
+    payload (position, latent factor, map...)."""
+
+    def __init__(self, k: int, size: int):
+        self.size = size
+        self.values = torch.full((k, 0), -math.inf)
+        self.index = torch.zeros((k, 0), dtype=torch.int64)
+        self.payload: Dict[str, torch.Tensor] = {}
+
+    def update(self, values: torch.Tensor, index: torch.Tensor, **payload: torch.Tensor) -> None:
+        """values (B, K); index (B,); each payload (B, K, ...)."""
+        k = values.shape[1]
+        vals = torch.cat([self.values, values.T.float()], 1)
+        idx = torch.cat([self.index, index[None, :].expand(k, -1)], 1)
+        keep = vals.topk(min(self.size, vals.shape[1]), dim=1).indices         # (K, size)
+        self.values = vals.gather(1, keep)
+        self.index = idx.gather(1, keep)
+        for name, new in payload.items():
+            new = new.transpose(0, 1)                                          # (K, B, ...)
+            old = self.payload.get(name)
+            both = new if old is None else torch.cat([old, new.to(old.dtype)], 1)
+            gather = keep.reshape(*keep.shape, *([1] * (both.dim() - 2))).expand(-1, -1, *both.shape[2:])
+            self.payload[name] = both.gather(1, gather)
+
+
+@dataclass
+class Measurements:
+    """Everything the report shows, per concept i (K concepts, C classes, M masks)."""
+
+    n_images: int
+    grid: Tuple[int, int]
+    input_size: Tuple[int, int]
+    n_classes: int
+    patches_fired: torch.Tensor           # (K,) patches where detector i fires
+    images_fired: torch.Tensor            # (K,) images with at least one such patch
+    histogram: _SymmetricHistogram
+    top_patches: _RunningTop              # values: best score in the image; payload pos, latent
+    top_maps: _RunningTop                 # values: mean membership over the grid; payload map
+    influence_sample: List[int]           # image indices the removal effects were measured on
+    prob_change: torch.Tensor             # (K, C) mean change of class probabilities on removal
+    tv_change: torch.Tensor               # (K,) mean total-variation change of the probabilities
+    logit_drop: torch.Tensor              # (K,) mean drop of the predicted class's logit
+    flips: torch.Tensor                   # (K,) fraction of predictions that change
+    predicted: torch.Tensor               # (C,) predicted-class counts on the sample
+    probe: torch.Tensor = field(repr=False, default=None)  # the first few inputs (receptive field)
+    rcav_images: Optional[torch.Tensor] = field(default=None, repr=False)   # inputs for RCAV
+    rcav_indices: List[int] = field(default_factory=list)
+    mask_names: Optional[List[str]] = None
+    mask_iou: Optional[torch.Tensor] = None  # (K, M) Network-Dissection IoU
+    mask_pixels: Optional[torch.Tensor] = None  # (M,) pixels of each mask over the images
+
+    @property
+    def n_patches(self) -> int:
+        return self.n_images * self.grid[0] * self.grid[1]
+
+
+def _sample(n: int, size: int, seed: int) -> List[int]:
+    if size >= n:
+        return list(range(n))
+    g = torch.Generator().manual_seed(int(seed))
+    return sorted(int(i) for i in torch.randperm(n, generator=g)[:size])
+
+
+def measure(
+    model: OutputSelected,
+    tap: LayerTap,
+    basis,
+    source,
+    *,
+    batch_size: int,
+    top: int,
+    maps: int,
+    influence_images: int,
+    rcav_images: int,
+    seed: int,
+    progress: Optional[Callable] = None,
+) -> Measurements:
+    """One pass over ``source.batches(batch_size)``."""
+    n_total = len(source)
+    if n_total == 0:
+        raise ValueError("source is empty: no images to report on")
+    k = basis.n_concepts
+    sample = _sample(n_total, influence_images, seed)
+    sample_set = set(sample)
+    rcav_set = set(sample[:rcav_images]) if rcav_images > 0 else set()
+    rcav_keep: List[torch.Tensor] = []
+    masks_fn, mask_names = (source.concept_masks if source.concept_masks is not None else (None, None))
+    hist = _SymmetricHistogram(k)
+    top_patches = _RunningTop(k, top)
+    top_maps = _RunningTop(k, maps)
+    patches_fired = torch.zeros(k, dtype=torch.int64)
+    images_fired = torch.zeros(k, dtype=torch.int64)
+    inter = union_det = mask_pixels = None
+    prob_change = tv = drop = flips = predicted = None
+    n_batches = math.ceil(n_total / batch_size)
+    grid = input_size = None
+    seen = 0
+    decoding, bias = basis.decoding.cpu(), basis.bias.cpu()
+    layer = tap.layer[len("inner."):] if isinstance(model, OutputSelected) else tap.layer
+    for j, batch in enumerate(source.batches(batch_size)):
+        if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
+            raise ValueError(f"source.batches() must yield (B, C, H, W) tensors, got "
+                             f"{tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__}")
+        b = batch.shape[0]
+        index = torch.arange(seen, seen + b)
+        acts = tap.activations(batch)
+        rows = tap.to_rows(acts).float()
+        if rows.shape[1] != basis.dim:
+            raise ValueError(f"the basis has D = {basis.dim} but layer {layer!r} has {rows.shape[1]} channels; "
+                             "was the basis extracted at another layer or model?")
+        rows = rows.cpu()
+        if not bool(torch.isfinite(rows).all()):
+            raise ValueError(f"layer {layer!r} gave NaN or Inf activations for images {seen}..{seen + b - 1} "
+                             "of the source")
+        if grid is None:
+            probe = batch[:16].detach().cpu()
+            maps_probe = tap.rows_to_maps(rows[:, :1], b)
+            grid = tuple(maps_probe.shape[-2:])
+            input_size = tuple(batch.shape[-2:])
+        scores = rows @ decoding.T - bias                            # (B*P, K)
+        latent = basis.latent(rows)
+        p = grid[0] * grid[1]
+        per_image = scores.reshape(b, p, k)
+        fired = per_image > 0
+        patches_fired += fired.sum((0, 1))
+        images_fired += fired.any(1).sum(0)
+        hist.update(scores)
+        best, pos = per_image.max(1)                                 # (B, K)
+        top_patches.update(best, index, pos=pos, latent=latent.reshape(b, p, k).gather(1, pos[:, None, :])[:, 0])
+        cover = torch.sigmoid(per_image).mean(1)                     # (B, K)
+        score_maps = tap.rows_to_maps(scores, b)                     # (B, K, h, w)
+        top_maps.update(cover, index, map=score_maps.to(torch.float16))
+        if masks_fn is not None:
+            masks = masks_fn(index.tolist())
+            if masks.dim() != 4 or masks.shape[0] != b:
+                raise ValueError(f"source.concept_masks returned shape {tuple(masks.shape)} for {b} images")
+            det = F.interpolate(score_maps, size=tuple(masks.shape[-2:]), mode="bilinear",
+                                align_corners=False) > 0
+            d = det.flatten(2).float()
+            m = masks.bool().flatten(2).float()
+            step = torch.einsum("nkp,ncp->kc", d, m).double()
+            inter = step if inter is None else inter + step
+            union_det = d.sum((0, 2)).double() + (0 if union_det is None else union_det)
+            mask_pixels = m.sum((0, 2)).double() + (0 if mask_pixels is None else mask_pixels)
+        chosen = [i for i in range(b) if seen + i in sample_set]
+        if chosen:
+            sub = batch[chosen]
+            with tap.eval_mode(), torch.no_grad():
+                before = model(tap._check_images(sub)).float().cpu()
+                c = before.shape[1]
+                if prob_change is None:
+                    prob_change = torch.zeros(k, c, dtype=torch.float64)
+                    tv = torch.zeros(k, dtype=torch.float64)
+                    drop = torch.zeros(k, dtype=torch.float64)
+                    flips = torch.zeros(k, dtype=torch.float64)
+                    predicted = torch.zeros(c, dtype=torch.int64)
+                p0 = before.softmax(1)
+                pred = before.argmax(1)
+                predicted += torch.bincount(pred, minlength=c)
+                for i in range(k):
+                    with intervene(model, basis, layer=tap.layer, remove=[i]):
+                        after = model(tap._check_images(sub)).float().cpu()
+                    p1 = after.softmax(1)
+                    prob_change[i] += (p1 - p0).sum(0).double()
+                    tv[i] += 0.5 * (p1 - p0).abs().sum(1).sum().double()
+                    drop[i] += (before.gather(1, pred[:, None]) - after.gather(1, pred[:, None])).sum().double()
+                    flips[i] += (after.argmax(1) != pred).sum().double()
+            keep = [i for i in chosen if seen + i in rcav_set]
+            if keep:
+                rcav_keep.append(batch[keep].detach().cpu())
+        seen += b
+        if progress:
+            progress("report: images", j + 1, n_batches)
+    if seen == 0:
+        raise ValueError("source.batches() yielded no images")
+    if seen != n_total:
+        raise ValueError(f"source has len {n_total} but its batches held {seen} images")
+    n_s = max(len(sample), 1)
+    iou = None
+    if inter is not None:
+        union = union_det[:, None] + mask_pixels[None, :] - inter
+        iou = torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(union)).float()
+    return Measurements(
+        n_images=seen, grid=grid, input_size=input_size, n_classes=prob_change.shape[1],
+        patches_fired=patches_fired, images_fired=images_fired, histogram=hist,
+        top_patches=top_patches, top_maps=top_maps, influence_sample=sample,
+        prob_change=(prob_change / n_s).float(), tv_change=(tv / n_s).float(),
+        logit_drop=(drop / n_s).float(), flips=(flips / n_s).float(), predicted=predicted, probe=probe,
+        rcav_images=torch.cat(rcav_keep) if rcav_keep else None,
+        rcav_indices=sorted(rcav_set),
+        mask_names=list(mask_names) if mask_names is not None else None,
+        mask_iou=iou, mask_pixels=mask_pixels.float() if mask_pixels is not None else None,
+    )

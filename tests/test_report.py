@@ -1,0 +1,255 @@
+import os
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("PIL", reason="the report draws its pictures with Pillow")
+
+from pyconcepts.basis import ConceptBasis  # noqa: E402
+from pyconcepts.images import TensorImages  # noqa: E402
+from pyconcepts.interventions import counterfactual  # noqa: E402
+from pyconcepts.report import write_report  # noqa: E402
+from pyconcepts.report.collect import _RunningTop, _SymmetricHistogram, receptive_field  # noqa: E402
+from pyconcepts.taps import LayerTap  # noqa: E402
+
+WEIRD = "<b>a&b \"q\" 'r'</b>"
+
+
+class TinyNet(nn.Module):
+    def __init__(self, n_classes=3, as_dict=False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.act2 = nn.ReLU()
+        self.fc = nn.Linear(8, n_classes)
+        self.as_dict = as_dict
+
+    def forward(self, x):
+        h = self.act2(self.conv2(self.act(self.conv1(x))))
+        logits = self.fc(h.mean((2, 3)))
+        return {"aux": h, "logits": logits} if self.as_dict else logits
+
+
+def _basis(k=3, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(k, d, generator=g)
+    s = w / (w * w).sum(1, keepdim=True)          # w_i . s_i = 1
+    return ConceptBasis(w, torch.full((k,), 0.2), s, torch.zeros(d), layer="act", model_id="tiny")
+
+
+def _source(n=12, masks=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, 16, 16, generator=g)
+    kw = {}
+    if masks:
+        kw = dict(masks=torch.rand(n, 2, 16, 16, generator=g) > 0.7, mask_names=["sky", WEIRD])
+    names = [f"img {i} {WEIRD}.png" for i in range(n)]
+    return TensorImages(images, names=names, labels=torch.arange(n) % 3,
+                        class_names=["cat", "dog", WEIRD], **kw)
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links, self.text = [], []
+
+    def handle_starttag(self, tag, attrs):
+        for name, value in attrs:
+            if name in ("href", "src"):
+                self.links.append(value)
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _parse(path: Path) -> _Links:
+    p = _Links()
+    p.feed(path.read_text(encoding="utf-8"))
+    return p
+
+
+FAST = dict(batch_size=5, top=4, maps=2, influence_images=64, rcav_images=8, rcav_permutations=5, seed=0)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    out = tmp_path_factory.mktemp("report")
+    (out / "notes.txt").write_text("mine")
+    index = write_report(out, _basis(), model, "act", _source(), **FAST)
+    return out, index, model
+
+
+def test_every_link_of_every_page_exists(report):
+    out, index, _ = report
+    assert index == out / "index.html" and index.is_file()
+    pages = sorted(out.rglob("*.html"))
+    assert len(pages) == 1 + 3
+    for page in pages:
+        for link in _parse(page).links:
+            assert not re.match(r"^[a-z]+://", link), f"{page.name} links outside the folder: {link}"
+            target = (page.parent / link.split("#")[0]).resolve()
+            assert target.is_file(), f"{page.relative_to(out)} links to a missing {link}"
+            assert out.resolve() in target.parents
+    pngs = list((out / "images").glob("*.png"))
+    assert len(pngs) == 3 * (4 + 2)
+    from PIL import Image
+    for png in pngs:
+        with Image.open(png) as im:
+            assert im.size[0] > 0 and im.mode == "RGB"
+
+
+def test_index_has_one_row_per_concept_ranked_by_measured_influence(report):
+    out, _, model = report
+    text = (out / "index.html").read_text(encoding="utf-8")
+    body = text.split("<tbody>")[1].split("</tbody>")[0]
+    rows = re.findall(r"<tr>(.*?)</tr>", body, flags=re.S)
+    assert len(rows) == 3
+    concepts = [int(re.search(r"concept (\d+)</a>", r).group(1)) for r in rows]
+    shown = [float(re.search(r"</span></span>([0-9.]+)</td>", r).group(1)) for r in rows]
+    assert sorted(concepts) == [0, 1, 2]
+    assert shown == sorted(shown, reverse=True)
+    # the influence, measured independently: all 12 images (the sample covers them), mean
+    # total-variation change of the class probabilities with the concept removed
+    images = _source().images
+    for concept, value in zip(concepts, shown):
+        cf = counterfactual(model, _basis(), images, [concept])
+        tv = 0.5 * (cf.probs_after - cf.probs_before).abs().sum(1).mean()
+        assert value == pytest.approx(float(tv), abs=6e-4)
+    for c in concepts:
+        assert (out / "concepts" / f"concept-{c:03d}.html").is_file()
+
+
+def test_text_is_escaped_and_masks_column_only_with_masks(report, tmp_path):
+    out, _, model = report
+    for page in [out / "index.html", *sorted((out / "concepts").glob("*.html"))]:
+        text = page.read_text(encoding="utf-8")
+        assert "<b>a&" not in text and "a&b" not in text and '"q"' not in text, page.name
+    escaped = "&lt;b&gt;a&amp;b &quot;q&quot; &#x27;r&#x27;&lt;/b&gt;"
+    concept_text = (out / "concepts" / "concept-000.html").read_text(encoding="utf-8")
+    assert re.search(r"img \d+ " + re.escape(escaped) + r"\.png", concept_text)              # an image name
+    assert escaped in concept_text.split("Effect on the classes")[1]                         # a class name
+    assert escaped in concept_text.split("Overlap with ground-truth masks")[1]               # a mask name
+    assert "best mask IoU" in (out / "index.html").read_text(encoding="utf-8")
+    assert "Overlap with ground-truth masks" in concept_text
+    plain = write_report(tmp_path / "plain", _basis(), model, "act", _source(masks=False), rcav=False, **{
+        k: v for k, v in FAST.items() if not k.startswith("rcav")})
+    assert "best mask IoU" not in plain.read_text(encoding="utf-8")
+    assert "Overlap with ground-truth masks" not in (tmp_path / "plain" / "concepts" / "concept-000.html").read_text()
+
+
+def test_rewrite_replaces_only_its_own_files(report, tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "keep.txt").write_text("user file")
+    (out / "concepts").mkdir()
+    (out / "concepts" / "mine.html").write_text("<p>user page</p>")
+    model = TinyNet().eval()
+    fast = {**FAST, "rcav_permutations": 3}
+    write_report(out, _basis(k=3), model, None, _source(n=6, masks=False), **fast)
+    assert (out / "concepts" / "concept-002.html").is_file()
+    write_report(out, _basis(k=2, seed=1), model, None, _source(n=6, masks=False), **fast)
+    assert not (out / "concepts" / "concept-002.html").exists()       # written by the first report
+    assert not (out / "images" / "c002-top-00.png").exists()
+    assert (out / "keep.txt").read_text() == "user file"
+    assert (out / "concepts" / "mine.html").read_text() == "<p>user page</p>"
+    assert not [p for p in out.rglob(".tmp-*")]
+
+
+def test_output_selector_and_bad_input(tmp_path):
+    model = TinyNet(as_dict=True).eval()
+    src = _source(n=6, masks=False)
+    fast = {**FAST, "rcav_permutations": 3}
+    with pytest.raises(TypeError, match="output="):
+        write_report(tmp_path / "a", _basis(), model, "act", src, **fast)
+    assert write_report(tmp_path / "b", _basis(), model, "act", src, output="logits", **fast).is_file()
+    assert write_report(tmp_path / "c", _basis(), model, "act", src, output=lambda o: o["logits"], rcav=False,
+                        **{k: v for k, v in fast.items() if not k.startswith("rcav")}).is_file()
+    plain = TinyNet().eval()
+    with pytest.raises(ValueError, match="top"):
+        write_report(tmp_path / "d", _basis(), plain, "act", src, top=0)
+    with pytest.raises(TypeError, match="unknown option"):
+        write_report(tmp_path / "d", _basis(), plain, "act", src, colour="red")
+    with pytest.raises(ValueError, match="does not exist"):
+        write_report(tmp_path / "d", _basis(), plain, "nope", src)
+    with pytest.raises(ValueError, match="channels"):
+        write_report(tmp_path / "d", _basis(d=5), plain, "act", src, rcav=False)
+    with pytest.raises(ValueError, match="class_names"):
+        bad = TensorImages(src.images, class_names=["one"])
+        write_report(tmp_path / "d", _basis(), plain, "act", bad, rcav=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a folder"):
+        write_report(tmp_path / "file", _basis(), plain, "act", src)
+
+
+def test_running_top_matches_a_global_top_k():
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(50, 4, generator=g)
+    pos = torch.randint(0, 9, (50, 4), generator=g)
+    top = _RunningTop(4, 5)
+    for start in range(0, 50, 7):
+        top.update(values[start:start + 7], torch.arange(start, min(start + 7, 50)), pos=pos[start:start + 7])
+    want = values.T.topk(5, dim=1)
+    assert torch.equal(top.values, want.values)
+    assert torch.equal(top.index, want.indices)
+    assert torch.equal(top.payload["pos"], pos.T.gather(1, want.indices))
+
+
+def test_symmetric_histogram_is_exact_after_its_bins_widen():
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(100, 2, generator=g) * s for s in (0.1, 1.0, 30.0)]
+    hist = _SymmetricHistogram(2, half=8)
+    for c in chunks:
+        hist.update(c)
+    everything = torch.cat(chunks)
+    for i in range(2):
+        edges = hist.edges(i)
+        assert float(edges[0]) <= float(everything[:, i].min()) and float(everything[:, i].max()) < float(edges[-1])
+        want = torch.histogram(everything[:, i].double(), bins=edges).hist.long()
+        assert torch.equal(hist.counts[i], want)
+        assert float(edges[8]) == 0.0                      # the threshold is a bin edge
+
+
+def test_receptive_field_of_two_convolutions():
+    model = nn.Sequential()
+    model.add_module("c1", nn.Conv2d(1, 2, 3, stride=2, padding=1))
+    model.add_module("c2", nn.Conv2d(2, 2, 3, padding=1))
+    tap = LayerTap(model, "c2")
+    rf = receptive_field(tap, torch.rand(2, 1, 16, 16), (8, 8))
+    assert rf.extent == (7, 7) and rf.stride == (2.0, 2.0)
+    assert 2 <= rf.size <= 7
+    top, left, bottom, right = rf.box(0, 0)
+    assert (top, left) == (0, 0) and bottom - top == rf.size == right - left      # slid inside the image
+    top, left, bottom, right = rf.box(7, 7)
+    assert (bottom, right) == (16, 16)
+
+
+def test_demo_source_names_masks_and_classes(tmp_path):
+    from pyconcepts.datasets.shapes import CLASSES, CONCEPTS, make_shapes
+    from pyconcepts.demo.model import DEMO_LAYER
+    from pyconcepts.demo.run import load_model, shapes_source
+
+    data = make_shapes(6, seed=3, watermark="random", watermark_rate=0.5)
+    src = shapes_source(data)
+    assert len(src) == 6 and src.class_names == list(CLASSES)
+    masks, names = src.concept_masks
+    assert names == list(CONCEPTS) and torch.equal(masks([1, 4]), data.masks[[1, 4]])
+    assert src.names[0].startswith("0000 ") and src.names[0].split()[-1] in ("circle", "square", "triangle", "+mark")
+    assert torch.equal(src.display([2])[0], (data.images[2].permute(1, 2, 0) * 255).round().to(torch.uint8))
+    index = write_report(tmp_path, _basis(k=2, d=64), load_model(), DEMO_LAYER, src, rcav=False, top=2, maps=1)
+    text = index.read_text(encoding="utf-8")
+    assert "best mask IoU" in text and "watermark" in (tmp_path / "concepts" / "concept-000.html").read_text()
+
+
+def test_nan_activations_are_refused(tmp_path):
+    model = TinyNet().eval()
+    with torch.no_grad():
+        model.conv1.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        write_report(tmp_path, _basis(), model, "act", _source(n=4, masks=False), rcav=False)
