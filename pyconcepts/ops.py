@@ -14,7 +14,14 @@ import warnings
 from contextlib import nullcontext
 from typing import Optional, Tuple
 
-import torch
+# Idle OpenMP threads sleep instead of spinning (unless the user chose a policy). libgomp
+# reads this once, when torch loads it: effective when pyconcepts is imported before torch
+# (the `pyconcepts` command does). On a shared machine spinning workers keep the cores the
+# thread that everyone waits for at the next barrier needs (benchmarks.extract --contention).
+import os  # noqa: E402
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 import torch.nn.functional as F
 
 from . import _C
