@@ -13,16 +13,17 @@ model identity, method, creation settings as JSON). Writes are atomic (temp file
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import secrets
 import socket
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-__all__ = ["ConceptBasis", "FORMAT_NAME", "FORMAT_VERSION"]
+__all__ = ["ConceptBasis", "FORMAT_NAME", "FORMAT_VERSION", "model_fingerprint"]
 
 FORMAT_NAME = "pyconcepts.ConceptBasis"
 FORMAT_VERSION = 1
@@ -160,6 +161,33 @@ class ConceptBasis:
         gain = (self.decoding * self.encoding).sum(dim=1).to(device=x.device, dtype=x.dtype)
         return (x @ w.T - offset) / gain
 
+    # ------------------------------------------------------------------ provenance
+    def record_model(self, model) -> None:
+        """Record ``model_fingerprint(model)`` (architecture and weights) in the metadata, so
+        that ``compatibility_problems`` can tell when the basis meets another model."""
+        self.metadata["model_fingerprint"] = model_fingerprint(model)
+
+    def compatibility_problems(self, *, layer: Optional[str] = None, width: Optional[int] = None,
+                               model=None) -> List[str]:
+        """Why this basis does not fit ``layer`` (its name), a layer of ``width`` channels, or
+        ``model`` (compared with the recorded fingerprint); ``[]`` when it fits (or when the
+        basis records nothing to compare)."""
+        problems = []
+        if layer is not None and self.layer is not None and layer != self.layer:
+            problems.append(f"the basis was extracted at layer {self.layer!r}, not {layer!r}")
+        if width is not None and width != self.dim:
+            problems.append(f"the basis has width D = {self.dim} but the layer has {width} channels")
+        recorded = self.metadata.get("model_fingerprint")
+        if model is not None and isinstance(recorded, dict):
+            current = model_fingerprint(model)
+            if recorded.get("architecture") != current["architecture"]:
+                problems.append("the basis was extracted from a model of another architecture "
+                                f"({self.model_id or 'unnamed'}: parameter names or shapes differ)")
+            elif recorded.get("weights") != current["weights"]:
+                problems.append(f"the basis was extracted from the same architecture with other weights "
+                                f"({self.model_id or 'unnamed'})")
+        return problems
+
     # ------------------------------------------------------------------ persistence
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the basis to ``path`` as safetensors, atomically: a temp file in the same
@@ -258,6 +286,21 @@ class ConceptBasis:
 
 class _Foreign(Exception):
     pass
+
+
+def model_fingerprint(model) -> Dict[str, str]:
+    """Hashes of a model: ``architecture`` (class name, parameter and buffer names, shapes and
+    dtypes) and ``weights`` (their values, byte for byte). Hashing reads every weight once."""
+    arch = hashlib.blake2b(digest_size=16)
+    weights = hashlib.blake2b(digest_size=16)
+    arch.update(type(model).__qualname__.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        arch.update(f";{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        weights.update(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
+    return {"architecture": arch.hexdigest(), "weights": weights.hexdigest()}
 
 
 # Temp files: ".<target name>.tmp-<host>-<pid>-<random>" next to the target, so a later save

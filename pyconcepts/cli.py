@@ -2,28 +2,38 @@
 
     pyconcepts demo [--json PATH] [--report-dir D] the built-in demo (offline, ~minutes on 2 cores);
                                                    writes its concept report to report/index.html
-    pyconcepts extract --out basis.safetensors     concepts of a model's layer (the demo model
-        [--model pkg.module:factory --weights W]   by default, or any importable factory)
-        [--images images.pt] [--layer L] [-k K]
-    pyconcepts report basis.safetensors            what a saved basis holds
-    pyconcepts explain basis.safetensors           per image, the concepts behind the prediction
-    pyconcepts intervene basis.safetensors --remove I   predictions with and without concept I
+    pyconcepts extract --model my_model.py:make --weights w.safetensors --images photos/ \\
+        --layer NAME -k K --out basis.safetensors
+    pyconcepts report basis.safetensors --model ... --weights ... --images photos/ --out report/
+    pyconcepts explain basis.safetensors --model ... --images ...     concepts behind each prediction
+    pyconcepts intervene basis.safetensors --model ... --images ... --remove I   predictions without concept I
     pyconcepts bench                               time the extraction pipeline on the demo
 
-Progress goes to stderr (text bars on a terminal, one line per stage otherwise); results go to stdout.
+Without ``--model`` every command uses the built-in demo network and generated demo images.
+``--model`` imports and runs Python code (a file path or module name and a factory in it).
+``--images`` is a folder of image files (class subfolders optional) or a tensor file (.pt,
+.npy, .safetensors). A user mistake ends with one line on stderr and exit code 2 (``--debug``
+shows the traceback). Progress goes to stderr (text bars on a terminal, one line per stage
+otherwise); results go to stdout. ``torchrun --nproc_per_node=N -m pyconcepts extract ...``
+shards the images across ranks (gloo) and rank 0 writes the basis.
 """
+
 from __future__ import annotations
 
 import argparse
-import importlib
+import contextlib
+import inspect
 import json
+import math
+import os
 import sys
 import time
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["main", "ProgressBar"]
+__all__ = ["main", "ProgressBar", "UserError", "load_model", "select_output", "selecting_output",
+           "call_with_output"]
 
 
 class ProgressBar:
@@ -97,40 +107,547 @@ class ProgressBar:
         self.stage = None
 
 
-def _load_model(spec: Optional[str], weights: Optional[str]):
+# ------------------------------------------------------------------------------ errors
+class UserError(Exception):
+    """A mistake in what the user asked for: reported as one line, exit code 2."""
+
+
+def _one_line(exc: BaseException) -> str:
+    """The exception's message on one line (torch's run over several), at most 400 characters."""
+    text = " ".join(str(exc).split())
+    if not text:
+        return type(exc).__name__
+    return text if len(text) <= 400 else text[:400] + " ..."
+
+
+# ------------------------------------------------------------------------ model loading
+def _import_factory_module(module_part: str, spec: str, option: str = "--model"):
+    """The module named by the part of ``spec`` before the colon: a ``.py`` file or a module name
+    (the working directory is importable)."""
+    import importlib.util
+
+    if module_part.endswith(".py") or os.sep in module_part or "/" in module_part:
+        path = os.path.abspath(module_part)
+        if not os.path.isfile(path):
+            raise UserError(f"{option} {spec}: no such file {module_part!r}")
+        folder = os.path.dirname(path)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)  # so that the file can import its neighbours
+        name = os.path.splitext(os.path.basename(path))[0]
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise UserError(f"{option} {spec}: cannot import {module_part!r} as Python")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(name, None)
+            raise UserError(f"{option} {spec}: importing {module_part} raised "
+                            f"{type(exc).__name__}: {_one_line(exc)}") from exc
+        return module
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_part)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_part == exc.name or module_part.startswith(exc.name + ".")):
+            raise UserError(f"{option} {spec}: no module named {module_part!r} in the working directory "
+                            "or the installed packages (for a file, give path/to/file.py:factory)") from exc
+        raise UserError(f"{option} {spec}: importing {module_part} raised ModuleNotFoundError: "
+                        f"{_one_line(exc)}") from exc
+    except Exception as exc:
+        raise UserError(f"{option} {spec}: importing {module_part} raised "
+                        f"{type(exc).__name__}: {_one_line(exc)}") from exc
+
+
+def _build_model(spec: str) -> torch.nn.Module:
+    module_part, sep, attr = spec.rpartition(":")
+    if not sep or not module_part or not attr:
+        raise UserError(f"--model must be path/to/file.py:factory, package.module:factory, "
+                        f"torchvision:NAME or timm:NAME, got {spec!r}")
+    if module_part == "torchvision":
+        try:
+            import torchvision
+        except ImportError:
+            raise UserError(f"--model {spec} needs torchvision, which is not installed") from None
+        try:
+            return torchvision.models.get_model(attr, weights=None)  # never downloads: weights=None
+        except ValueError as exc:
+            raise UserError(f"--model {spec}: {_one_line(exc)}") from exc
+    if module_part == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise UserError(f"--model {spec} needs timm, which is not installed") from None
+        try:
+            return timm.create_model(attr, pretrained=False)  # never downloads: pretrained=False
+        except RuntimeError as exc:
+            raise UserError(f"--model {spec}: {_one_line(exc)}") from exc
+    module = _import_factory_module(module_part, spec)
+    if not hasattr(module, attr):
+        defined = sorted(n for n, v in vars(module).items()
+                         if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__)
+        hint = f" (it defines: {', '.join(defined[:12])})" if defined else ""
+        raise UserError(f"--model {spec}: {os.path.basename(module_part)} has no {attr!r}{hint}")
+    factory = getattr(module, attr)
+    if isinstance(factory, torch.nn.Module):
+        model = factory
+    elif callable(factory):
+        try:
+            model = factory()
+        except Exception as exc:
+            raise UserError(f"--model {spec}: {attr}() raised {type(exc).__name__}: {_one_line(exc)}") from exc
+    else:
+        raise UserError(f"--model {spec}: {attr} is a {type(factory).__name__}, not a factory or a module")
+    if not isinstance(model, torch.nn.Module):
+        raise UserError(f"--model {spec}: {attr}() returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+_STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "weights")
+
+
+def _read_state_dict(path: str, allow_pickle: bool) -> dict:
+    """A state dict from a .safetensors file or a torch.save file (read with weights_only
+    unless ``allow_pickle``), unwrapped from the usual checkpoint dicts."""
+    import pickle
+
+    if not os.path.exists(path):
+        raise UserError(f"--weights: no such file {path!r}")
+    if os.path.isdir(path):
+        raise UserError(f"--weights: {path!r} is a folder; give the weights file")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as exc:  # safetensors raises its own error types for bad bytes
+            raise UserError(f"--weights: {path!r} is not a readable safetensors file: {_one_line(exc)}") from exc
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except pickle.UnpicklingError as exc:
+        if allow_pickle:
+            raise UserError(f"--weights: cannot read {path!r}: {_one_line(exc)}") from exc
+        raise UserError(f"--weights: {path!r} holds more than tensors (a pickle); pass --allow-pickle "
+                        "only if you trust the file (unpickling runs code)") from exc
+    except Exception as exc:
+        raise UserError(f"--weights: cannot read {path!r} as safetensors or a torch.save file: "
+                        f"{_one_line(exc)}") from exc
+    if isinstance(state, torch.nn.Module):
+        state = state.state_dict()
+    if isinstance(state, dict) and not all(isinstance(v, torch.Tensor) for v in state.values()):
+        for key in _STATE_KEYS:
+            inner = state.get(key)
+            if isinstance(inner, torch.nn.Module):
+                inner = inner.state_dict()
+            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return inner
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"--weights: {path!r} does not hold a state dict (name -> tensor)")
+    return state
+
+
+def _load_state(model: torch.nn.Module, state: dict, path: str) -> None:
+    """``model.load_state_dict(state)`` with a one-line summary of what does not match."""
+    own = model.state_dict()
+    if own and state and all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in own):
+        state = {k[len("module."):]: v for k, v in state.items()}  # saved from DataParallel / DDP
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing from the file", missing), ("not in the model", unexpected),
+                             ("with other shapes (file vs model)", shapes)):
+            if items:
+                more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+                parts.append(f"{len(items)} {label}: {', '.join(items[:3])}{more}")
+        raise UserError(f"--weights {path} does not fit the model ({len(own)} tensors): " + "; ".join(parts))
+    model.load_state_dict(state)
+
+
+def load_model(spec: Optional[str], weights: Optional[str], *, allow_pickle: bool = False) -> torch.nn.Module:
+    """The model the command line names (the demo network without ``spec``), in eval mode,
+    with ``weights`` loaded. Raises ``UserError`` with one line for every mistake."""
     if spec is None:
-        from .demo.run import load_model
+        from .demo.model import ShapesNet
+        from .demo.run import WEIGHTS_PATH
 
-        return load_model(weights) if weights else load_model()
-    module_name, _, attr = spec.partition(":")
-    if not attr:
-        raise SystemExit(f"--model must be 'package.module:factory', got {spec!r}")
-    factory = getattr(importlib.import_module(module_name), attr)
-    model = factory() if callable(factory) and not isinstance(factory, torch.nn.Module) else factory
+        model = ShapesNet()
+        path = weights or WEIGHTS_PATH
+        _load_state(model, _read_state_dict(path, allow_pickle), path)
+        return model.eval()
+    model = _build_model(spec)
     if weights:
-        if weights.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(weights)
-        else:
-            state = torch.load(weights, map_location="cpu")
-        model.load_state_dict(state)
+        _load_state(model, _read_state_dict(weights, allow_pickle), weights)
     return model.eval()
 
 
-def _load_images(path: Optional[str], n: int, seed: int) -> torch.Tensor:
-    if path is None:
-        from .datasets.shapes import make_shapes
+# ----------------------------------------------------------------------- model outputs
+def parse_output(text: Optional[str]):
+    """``--output``: an int index or a key (``None``: the model returns the logits)."""
+    if text is None:
+        return None
+    stripped = text.strip()
+    try:
+        return int(stripped)
+    except ValueError:
+        return stripped
 
-        return make_shapes(n, seed=seed, watermark="random", watermark_rate=0.3, with_masks=False).images
-    images = torch.load(path, map_location="cpu")
-    if isinstance(images, dict):
-        images = images.get("images")
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise SystemExit(f"{path}: expected a (B, C, H, W) tensor (or a dict with 'images')")
-    return images
+
+def select_output(out, output):
+    """The logits in what a model returned (``pyconcepts.outputs.select_output``), with
+    ``UserError``s that speak of ``--output``."""
+    from collections.abc import Mapping
+
+    from .outputs import select_output as select
+
+    if output is None and not isinstance(out, torch.Tensor):
+        if isinstance(out, Mapping):
+            raise UserError(f"the model returns a mapping with keys {list(out)[:8]}; pass --output KEY "
+                            "to pick the logits")
+        if isinstance(out, (tuple, list)):
+            raise UserError(f"the model returns a {type(out).__name__} of {len(out)}; pass --output INDEX "
+                            f"(0..{len(out) - 1}) to pick the logits")
+        raise UserError(f"the model returns a {type(out).__name__}, not a tensor; pass --output to pick the logits")
+    try:
+        return select(out, output)
+    except (ValueError, TypeError) as exc:
+        raise UserError(_one_line(exc).replace("output=", "--output ")) from exc
 
 
+@contextlib.contextmanager
+def selecting_output(model: torch.nn.Module, output):
+    """Within the block, ``model(x)`` returns ``select_output(model(x), output)`` (a forward
+    hook on the model itself, so layer names do not change). Nothing is installed for None."""
+    if output is None:
+        yield model
+        return
+    handle = model.register_forward_hook(lambda module, inputs, out: select_output(out, output))
+    try:
+        yield model
+    finally:
+        handle.remove()
+
+
+def call_with_output(fn, *args, model: torch.nn.Module, output, **kwargs):
+    """``fn(*args, **kwargs)`` with the model's logits selected by ``output``: passed on as
+    ``output=`` when ``fn`` takes it, else through ``selecting_output``."""
+    if output is not None:
+        try:
+            takes = "output" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            takes = False
+        if takes:
+            return fn(*args, output=output, **kwargs)
+    with selecting_output(model, output):
+        return fn(*args, **kwargs)
+
+
+class _Probe:
+    """One image through the model: the layer's width and kind, the number of outputs."""
+
+    def __init__(self, model, layer: str, source, output, skip_tokens: int = 0):
+        from .taps import LayerTap
+
+        tap = LayerTap(model, layer, skip_tokens=skip_tokens)
+        first = next(iter(source.batches(1)))
+        name = source.names[0]
+        seen = {}
+
+        def keep(out):
+            seen["out"] = out  # and return None: the layer's output is left as it is
+
+        with tap.eval_mode(), torch.no_grad(), tap.hook(keep):
+            try:
+                batch = tap._check_images(first)
+                out = model(batch)
+            except UserError:
+                raise
+            except ValueError as exc:
+                raise UserError(f"{_one_line(exc)} (first image {name!r})") from exc
+            except Exception as exc:
+                raise UserError(f"the model fails on the first image ({name!r}, input shape "
+                                f"{tuple(first.shape[1:])}): {type(exc).__name__}: {_one_line(exc)}") from exc
+        if "out" not in seen:
+            raise UserError(f"layer {layer!r} is not called by the model's forward")
+        logits = select_output(out, output)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise UserError(f"the model's output (after --output) should be logits (B, classes), got {shape}")
+        self.width = int(tap.shape.channels)
+        self.kind = tap.shape.kind
+        self.n_outputs = int(logits.shape[1])
+        self.input_shape = tuple(first.shape[1:])
+
+
+# ------------------------------------------------------------------------ image inputs
+def _size_arg(text: str):
+    try:
+        if "x" in text.lower():
+            h, w = (int(v) for v in text.lower().split("x"))
+            return (h, w)
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}") from None
+
+
+def _stats_arg(text: str):
+    if text.lower() == "imagenet":
+        return text.lower()
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'imagenet' or comma-separated numbers, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return value
+
+
+def _load_callable(spec: str, option: str):
+    module_part, sep, attr = spec.rpartition(":")
+    if not sep or not module_part or not attr:
+        raise UserError(f"{option} must be path/to/file.py:function or module:function, got {spec!r}")
+    module = _import_factory_module(module_part, spec, option)
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise UserError(f"{option} {spec}: {module_part} has no function {attr!r}")
+    return fn
+
+
+def _preprocess(args, channels: int = 3):
+    from .images import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+    mean = IMAGENET_MEAN if args.mean == "imagenet" else args.mean
+    std = IMAGENET_STD if args.std == "imagenet" else args.std
+    transform = _load_callable(args.transform, "--transform") if args.transform else None
+    if transform is not None and (args.resize or args.crop or mean or std):
+        raise UserError("--transform replaces --resize, --crop, --mean and --std; give one or the other")
+    try:
+        return Preprocess(resize=args.resize, crop=args.crop, mean=mean, std=std, channels=channels,
+                          transform=transform)
+    except (ValueError, TypeError) as exc:
+        raise UserError(_one_line(exc)) from exc
+
+
+def _demo_images(n: int, seed: int):
+    from .datasets.shapes import CLASSES, make_shapes
+    from .images import TensorImages
+
+    data = make_shapes(n, seed=seed, watermark="random", watermark_rate=0.3, with_masks=False)
+    return TensorImages(data.images, names=[f"demo image {i}" for i in range(n)], labels=data.labels,
+                        class_names=list(CLASSES))
+
+
+def _open_source(args, model, default_count: int):
+    """The image source of ``--images`` (first ``--limit`` images) or generated demo images."""
+    if args.images is None:
+        if args.model is not None:
+            raise UserError("--images is required with --model (the generated demo images only fit the demo network)")
+        return _demo_images(args.limit or default_count, args.seed)
+    from .images import open_images
+    from .taps import _input_channels
+
+    channels = 1 if _input_channels(model) == 1 else 3
+    try:
+        source = open_images(args.images, preprocess=_preprocess(args, channels), allow_pickle=args.allow_pickle)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise UserError(f"--images: {_one_line(exc)}") from exc
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"--images: {_one_line(exc)}") from exc
+    skipped = getattr(source, "skipped", None)
+    if skipped:
+        name, why = skipped[0]
+        _warn(f"skipped {len(skipped)} unreadable file(s) in {args.images} (first: {name}: {why})")
+    if args.limit and args.limit < len(source):
+        source = source.subset(0, args.limit)
+    return source
+
+
+def _warn(message: str) -> None:
+    print(f"pyconcepts: warning: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------- other checks
+def _check_out_file(path: str) -> None:
+    """--out of extract: a file in an existing, writable folder (checked before any work)."""
+    if os.path.isdir(path):
+        raise UserError(f"--out {path!r} is a folder; give a file name such as "
+                        f"{os.path.join(path, 'basis.safetensors')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"--out {path!r}: the folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"--out {path!r}: the folder {folder!r} is not writable")
+
+
+def _check_out_folder(path: str) -> None:
+    """--out of report: a folder that exists or can be made in an existing, writable folder."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--out {path!r} is a file; the report needs a folder")
+    target = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(target):
+        raise UserError(f"--out {path!r}: the folder {target!r} does not exist")
+    if not os.access(target, os.W_OK):
+        raise UserError(f"--out {path!r}: the folder {target!r} is not writable")
+
+
+def _parse_options(text: Optional[str], known=None, option: str = "--options") -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{option} is not valid JSON ({exc.msg} at column {exc.colno}): {text!r}") from exc
+    if not isinstance(value, dict):
+        raise UserError(f"{option} must be a JSON object such as '{{\"n_init\": 3}}', got {text!r}")
+    if known is not None:
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise UserError(f"{option}: unknown option(s) {unknown}; known: {', '.join(sorted(known))}")
+    return value
+
+
+def _load_basis(path: str):
+    from .basis import ConceptBasis
+
+    try:
+        return ConceptBasis.load(path)
+    except FileNotFoundError as exc:
+        raise UserError(f"no basis file at {path!r}") from exc
+    except ValueError as exc:
+        raise UserError(_one_line(exc)) from exc
+
+
+def _check_basis_fits(basis, model, probe: "_Probe", layer: str, allow_mismatch: bool) -> None:
+    problems = basis.compatibility_problems(layer=layer, width=probe.width, model=model)
+    if not problems:
+        return
+    message = "; ".join(problems)
+    if allow_mismatch and probe.width == basis.dim:
+        _warn(f"{message} (applied anyway: --allow-mismatch)")
+        return
+    hint = "" if probe.width != basis.dim else " (--allow-mismatch applies it anyway)"
+    raise UserError(message + hint)
+
+
+def _model_setup(args, layer_from_basis=None):
+    """Model, layer name, image source and probe for every command that runs the model."""
+    model = load_model(args.model, args.weights, allow_pickle=args.allow_pickle)
+    layer = args.layer or layer_from_basis
+    if layer is None:
+        if args.model is not None:
+            raise UserError("--layer is required with --model (a name from model.named_modules())")
+        from .demo.model import DEMO_LAYER
+
+        layer = DEMO_LAYER
+    from .taps import resolve_layer
+
+    try:
+        resolve_layer(model, layer)
+    except ValueError as exc:
+        raise UserError(f"--layer: {_one_line(exc)}") from exc
+    return model, layer
+
+
+class _SourceView:
+    """An image source with other class names: the model's output classes, when the folder's
+    subfolders do not name them (its labels then mean nothing to the model and are dropped)."""
+
+    def __init__(self, source, class_names: Optional[List[str]]):
+        self.source, self.class_names = source, class_names
+        self.names, self.concept_masks = source.names, getattr(source, "concept_masks", None)
+        self.labels = source.labels if class_names == source.class_names else None
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def batches(self, batch_size: int = 64):
+        return self.source.batches(batch_size)
+
+    def display(self, indices):
+        return self.source.display(indices)
+
+
+def _class_namer(args, source, n_outputs: int):
+    names = _output_class_names(args, source, n_outputs)
+    return (lambda i: names[i]) if names else (lambda i: f"class {i}")
+
+
+def _output_class_names(args, source, n_outputs: int) -> Optional[List[str]]:
+    """Names of the model's output classes: --classes, the demo's, or the folder's class
+    subfolders when there are as many as outputs (torchvision ImageFolder order); else None."""
+    names = None
+    if args.classes:
+        try:
+            with open(args.classes, encoding="utf-8") as handle:
+                text = handle.read()
+        except OSError as exc:
+            raise UserError(f"--classes: cannot read {args.classes!r}: {exc.strerror}") from exc
+        try:
+            names = [str(v) for v in json.loads(text)] if text.lstrip().startswith("[") else \
+                [line.strip() for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise UserError(f"--classes: {args.classes!r} is not a JSON list: {exc.msg}") from exc
+        if len(names) != n_outputs:
+            raise UserError(f"--classes names {len(names)} classes but the model has {n_outputs} outputs")
+    elif args.model is None:
+        from .datasets.shapes import CLASSES
+
+        names = list(CLASSES)
+    elif source.class_names and len(source.class_names) == n_outputs:
+        names = list(source.class_names)
+    return names
+
+
+def _true_name(source, j: int) -> Optional[str]:
+    if source.labels is None:
+        return None
+    label = int(source.labels[j])
+    if source.class_names and 0 <= label < len(source.class_names):
+        return source.class_names[label]
+    return f"class {label}" if label >= 0 else None
+
+
+def _skip_tokens(args, basis=None) -> int:
+    if getattr(args, "skip_tokens", None) is not None:
+        return args.skip_tokens
+    return int((basis.metadata.get("skip_tokens") if basis is not None else 0) or 0)
+
+
+def _distributed():
+    """(rank, world size), initialising a gloo process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+# ----------------------------------------------------------------------------- commands
 def _cmd_demo(args) -> int:
     from .demo.run import print_demo, run_demo, write_json
 
@@ -148,32 +665,50 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def _cmd_extract(args) -> int:
-    from .demo.model import DEMO_LAYER
-    from .extraction import extract
 
-    model = _load_model(args.model, args.weights)
-    layer = args.layer or (DEMO_LAYER if args.model is None else None)
-    if layer is None:
-        raise SystemExit("--layer is required with --model")
-    images = _load_images(args.images, args.n_images, args.seed)
-    options = json.loads(args.options) if args.options else None
-    bar = ProgressBar(enabled=not args.quiet)
+def _cmd_extract(args) -> int:
+    from .extraction import DEFAULTS, extract
+    from .images import BatchStream
+
+    _check_out_file(args.out)
+    options = _parse_options(args.options, DEFAULTS)
+    rank, world = _distributed()
+    model, layer = _model_setup(args)
+    source = _open_source(args, model, default_count=600)
+    total = len(source)
+    if world > 1:
+        if total < world:
+            raise UserError(f"--images has {total} image(s) for {world} ranks")
+        source = source.subset(rank * total // world, (rank + 1) * total // world)
+    output = parse_output(args.output)
+    probe = _Probe(model, layer, source, output, args.skip_tokens or 0)
+    batch_size = args.batch_size or int(options.get("batch_size", DEFAULTS["batch_size"]))
+    bar = ProgressBar(enabled=not args.quiet and rank == 0)
     try:
-        basis = extract(model, layer, images, args.concepts, seed=args.seed, refine=not args.no_refine,
-                        ura=not args.no_ura, options=options, progress=bar,
-                        model_id=args.model or "pyconcepts-demo-shapesnet")
+        basis = call_with_output(
+            extract, model, layer, BatchStream(source, batch_size), args.concepts, seed=args.seed,
+            refine=not args.no_refine, ura=not args.no_ura, options=options or None, progress=bar,
+            model_id=args.model or "pyconcepts-demo-shapesnet", skip_tokens=args.skip_tokens or 0,
+            model=model, output=output)
     finally:
         bar.close()
-    basis.save(args.out)
-    print(f"wrote {basis} to {args.out}")
+    basis.record_model(model)
+    if world > 1:  # n_patches counted this rank's shard
+        import torch.distributed as dist
+
+        n_patches = torch.tensor([int(basis.metadata.get("n_patches") or 0)], dtype=torch.int64)
+        dist.all_reduce(n_patches)
+        basis.metadata["n_patches"] = int(n_patches)
+    basis.metadata.update({"n_images": total, "images": os.path.abspath(args.images) if args.images else "demo",
+                           "output": output if not callable(output) else None,
+                           "input_shape": list(probe.input_shape)})
+    if rank == 0:
+        basis.save(args.out)
+        print(f"wrote {basis} from {total} images ({probe.width} channels at {layer}) to {args.out}")
     return 0
 
 
-def _cmd_report(args) -> int:
-    from .basis import ConceptBasis
-
-    basis = ConceptBasis.load(args.basis)
+def _print_summary(basis) -> None:
     print(f"{basis}")
     print(f"  method: {basis.metadata.get('method')}")
     print(f"  patches: {basis.metadata.get('n_patches')}  silent detectors: {basis.metadata.get('silent_detectors')}")
@@ -183,51 +718,133 @@ def _cmd_report(args) -> int:
         w, s = basis.decoding[i], basis.encoding[i]
         cos = float(w @ s / (w.norm() * s.norm()))
         print(f"  {i:>7} {float(basis.margin[i]):>9.4f} {float(s.norm()):>8.3f} {float(gain[i]):>6.2f} {cos:>9.3f}")
+
+
+def _cmd_report(args) -> int:
+    basis = _load_basis(args.basis)
+    if args.out is None:
+        if args.model or args.images or args.weights:
+            raise UserError("--out is required to write the report (without it, report prints a summary of the basis)")
+        _print_summary(basis)
+        return 0
+    _check_out_folder(args.out)
+    report_options = _parse_options(args.options)
+    try:
+        from .report import write_report
+    except ImportError as exc:
+        if getattr(exc, "name", None) in ("pyconcepts.report", __package__ + ".report"):
+            raise UserError("this pyconcepts has no HTML report (the pyconcepts.report package is missing)") from exc
+        raise
+    model, layer = _model_setup(args, basis.layer)
+    source = _open_source(args, model, default_count=200)
+    output = parse_output(args.output)
+    probe = _Probe(model, layer, source, output, _skip_tokens(args, basis))
+    _check_basis_fits(basis, model, probe, layer, args.allow_mismatch)
+    names = _output_class_names(args, source, probe.n_outputs)
+    if names != source.class_names:
+        source = _SourceView(source, names)
+    report_options.setdefault("skip_tokens", _skip_tokens(args, basis))
+    report_options.setdefault("batch_size", args.batch_size or 64)
+    report_options.setdefault("seed", args.seed)
+    bar = ProgressBar(enabled=not args.quiet)
+    try:
+        result = write_report(args.out, basis, model, layer, source, output=output, progress=bar, **report_options)
+    finally:
+        bar.close()
+    index = result if isinstance(result, (str, os.PathLike)) else os.path.join(args.out, "index.html")
+    print(f"wrote the report of {basis.n_concepts} concepts on {len(source)} images to {index}")
     return 0
+
+
+def _check_concepts(indices: Sequence[int], k: int, option: str) -> List[int]:
+    for i in indices:
+        if not 0 <= i < k:
+            raise UserError(f"{option} {i}: the basis has {k} concepts, numbered 0 to {k - 1}")
+    return list(indices)
 
 
 def _cmd_explain(args) -> int:
     from .attribution import contribution_maps
-    from .basis import ConceptBasis
+    from .outputs import read_scores
 
-    basis = ConceptBasis.load(args.basis)
-    model = _load_model(args.model, args.weights)
-    images = _load_images(args.images, args.n_images, args.seed)[: args.n_images]
-    with torch.no_grad():
-        preds = model(images).argmax(1)
-    head = getattr(model, "fc", None) if args.model is None else None
-    maps = contribution_maps(model, basis, images, preds, head=head)
-    totals = maps.sum((2, 3))
-    for j in range(images.shape[0]):
-        top = totals[j].argsort(descending=True)[: args.top]
-        parts = ", ".join(f"concept {int(i)} ({float(totals[j, i]):+.2f})" for i in top)
-        print(f"image {j}: predicted class {int(preds[j])}; top concepts: {parts}")
+    basis = _load_basis(args.basis)
+    model, layer = _model_setup(args, basis.layer)
+    source = _open_source(args, model, default_count=16)
+    output = parse_output(args.output)
+    skip = _skip_tokens(args, basis)
+    probe = _Probe(model, layer, source, output, skip)
+    _check_basis_fits(basis, model, probe, layer, args.allow_mismatch)
+    class_name = _class_namer(args, source, probe.n_outputs)
+    head = model.fc if args.model is None else None  # the demo: exact contributions through its linear head
+    top = min(args.top, basis.n_concepts)
+    print(f"{len(source)} images; concepts of {args.basis} at {layer}; each concept's contribution to the "
+          f"predicted class's logit")
+    j = 0
+    for batch in source.batches(args.batch_size or 32):
+        with torch.no_grad():
+            out = model(batch)
+        # logits; a model ending in probabilities gives log-probabilities (the same softmax)
+        logits = read_scores(select_output(out, output), None, "auto").float()
+        probs = logits.softmax(-1)
+        preds = logits.argmax(-1)
+        maps = call_with_output(contribution_maps, model, basis, batch, preds, layer=layer, head=head,
+                                skip_tokens=skip, model=model, output=output)
+        totals = maps.sum((2, 3))
+        for b in range(batch.shape[0]):
+            order = totals[b].argsort(descending=True)[:top]
+            parts = ", ".join(f"concept {int(i)} {float(totals[b, i]):+.3f}" for i in order)
+            truth = _true_name(source, j)
+            truth = f", true {truth}" if truth else ""
+            print(f"{source.names[j]}: predicted {class_name(int(preds[b]))} "
+                  f"(p {float(probs[b, preds[b]]):.3f}{truth}); {parts}")
+            j += 1
     return 0
 
 
 def _cmd_intervene(args) -> int:
-    from .basis import ConceptBasis
+    from .images import BatchStream
     from .interventions import counterfactual
 
-    basis = ConceptBasis.load(args.basis)
-    model = _load_model(args.model, args.weights)
-    images = _load_images(args.images, args.n_images, args.seed)[: args.n_images]
-    cf = counterfactual(model, basis, images, args.remove, layer=args.layer, direction=args.direction)
-    print(f"removed concept(s) {args.remove} at {args.layer or basis.layer}: "
-          f"{int(cf.changed.sum())}/{len(cf.changed)} predictions changed")
-    for j in range(len(cf.changed)):
-        mark = " *" if bool(cf.changed[j]) else ""
-        print(f"  image {j}: {int(cf.pred_before[j])} -> {int(cf.pred_after[j])}{mark}")
+    basis = _load_basis(args.basis)
+    remove = _check_concepts(args.remove, basis.n_concepts, "--remove")
+    if args.layer and basis.layer and args.layer != basis.layer and not args.allow_mismatch:
+        raise UserError(f"the basis was extracted at layer {basis.layer!r}, not {args.layer!r} "
+                        "(--allow-mismatch applies it anyway)")
+    model, layer = _model_setup(args, basis.layer)
+    source = _open_source(args, model, default_count=16)
+    output = parse_output(args.output)
+    skip = _skip_tokens(args, basis)
+    probe = _Probe(model, layer, source, output, skip)
+    _check_basis_fits(basis, model, probe, args.layer or basis.layer or layer, args.allow_mismatch)
+    class_name = _class_namer(args, source, probe.n_outputs)
+    cf = call_with_output(counterfactual, model, basis, BatchStream(source, args.batch_size or 32), remove,
+                          layer=layer, strength=args.strength, direction=args.direction,
+                          skip_tokens=skip, model=model, output=output)
+    rows = torch.arange(cf.logits_before.shape[0])
+    before, after = cf.pred_before, cf.pred_after
+    dp = cf.probs_after[rows, before] - cf.probs_before[rows, before]
+    dlogit = cf.logits_after[rows, before] - cf.logits_before[rows, before]
+    changed = int(cf.changed.sum())
+    concepts = ", ".join(str(i) for i in remove)
+    print(f"removed concept(s) {concepts} at {layer} (strength {args.strength:g}, along the {args.direction}) "
+          f"on {len(source)} images: {changed} predictions changed; predicted class's probability "
+          f"{float(dp.mean()):+.3f} on average (logit {float(dlogit.mean()):+.3f})")
+    for j in range(len(source)):
+        mark = "  CHANGED" if bool(cf.changed[j]) else ""
+        b, a = int(before[j]), int(after[j])
+        print(f"{source.names[j]}: {class_name(b)} (p {float(cf.probs_before[j, b]):.3f}) -> "
+              f"{class_name(a)} (p {float(cf.probs_after[j, a]):.3f}); p({class_name(b)}) {float(dp[j]):+.3f}, "
+              f"logit {float(dlogit[j]):+.3f}{mark}")
     return 0
 
 
 def _cmd_bench(args) -> int:
     from .demo.model import DEMO_LAYER
-    from .demo.run import load_model
+    from .demo.run import load_model as load_demo_model
     from .extraction import extract
 
-    model = load_model()
-    images = _load_images(None, args.n_images, 0)
+    model = load_demo_model()
+    images = _demo_images(args.n_images, 0).images
     rows = []
     for refine, ura in ((False, False), (True, False), (True, True)):
         t = time.time()
@@ -239,19 +856,66 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ parser
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (usage is in --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+MODEL_HELP = ("the network: path/to/file.py:factory or package.module:factory (the working directory is "
+              "importable; THIS IMPORTS AND RUNS THAT CODE), torchvision:NAME or timm:NAME when those are "
+              "installed (no download: give --weights), default: the demo CNN")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyconcepts", description="Concept direction pairs for vision networks.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="pyconcepts", description="Concept direction pairs for vision networks.",
+                     epilog="--model imports and runs Python code: use it only with code you trust.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def common(p, images=True):
-        p.add_argument("--model", help="package.module:factory returning an nn.Module (default: the demo CNN)")
-        p.add_argument("--weights", help="state dict (.safetensors or torch.save file) for --model")
-        if images:
-            p.add_argument("--images", help="a torch.save'd (B, C, H, W) tensor (default: demo images)")
-            p.add_argument("--n-images", type=int, default=16)
-        p.add_argument("--seed", type=int, default=0)
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
-    p = sub.add_parser("demo", help="run the built-in demo and print its tables")
+    def model_options(p):
+        g = p.add_argument_group("model")
+        g.add_argument("--model", help=MODEL_HELP)
+        g.add_argument("--weights", help="state dict for --model: .safetensors, or a torch.save file read with "
+                                         "weights_only (pickles need --allow-pickle)")
+        g.add_argument("--output", help="which output holds the logits when the model returns a tuple or a "
+                                        "dict: an index or a key")
+        g.add_argument("--allow-pickle", action="store_true",
+                       help="read --weights / --images files that hold pickled objects (runs code in them)")
+        g.add_argument("--seed", type=int, default=0)
+
+    def image_options(p, default_count):
+        g = p.add_argument_group("images")
+        g.add_argument("--images", help="a folder of image files (jpg, png, webp, ...; class subfolders give "
+                                        "class names) or a tensor file (.pt, .npy, .safetensors: (N, C, H, W), "
+                                        "uint8 or float); default: generated demo images (demo network only)")
+        g.add_argument("--limit", "--n-images", dest="limit", type=_positive_int,
+                       help=f"use the first N images of --images (default: all), or N generated demo images "
+                            f"(default {default_count})")
+        g.add_argument("--resize", type=_size_arg, help="N: shorter side to N (aspect kept); HxW: exactly")
+        g.add_argument("--crop", type=_size_arg, help="centre crop, N or HxW")
+        g.add_argument("--mean", type=_stats_arg, help="per-channel mean to subtract after scaling to [0, 1] "
+                                                       "(e.g. 0.485,0.456,0.406 or 'imagenet')")
+        g.add_argument("--std", type=_stats_arg, help="per-channel std to divide by (or 'imagenet')")
+        g.add_argument("--transform", help="path/to/file.py:function or module:function taking a PIL image and "
+                                           "returning a (C, H, W) tensor, instead of --resize/--crop/--mean/--std")
+        g.add_argument("--batch-size", type=_positive_int, default=None,
+                       help="images per forward pass (default 64 for extract, 32 otherwise)")
+
+    def basis_options(p):
+        p.add_argument("basis", help="a basis written by pyconcepts extract")
+        p.add_argument("--allow-mismatch", action="store_true",
+                       help="apply the basis even if it was extracted from another layer or model "
+                            "(same width only)")
+        p.add_argument("--skip-tokens", type=int, default=None,
+                       help="leading tokens of a token layer that are not patches (default: as extracted)")
+
+    p = sub.add_parser("demo", help="run the built-in demo and print its tables", parents=[debug])
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--concepts", type=int, default=16)
@@ -264,49 +928,94 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="do not write the HTML concept report")
     p.set_defaults(run=_cmd_demo)
 
-    p = sub.add_parser("extract", help="extract concepts at a layer and save the basis")
-    common(p)
-    p.set_defaults(n_images=600)
-    p.add_argument("--layer")
-    p.add_argument("-k", "--concepts", type=int, default=12)
-    p.add_argument("--out", required=True)
-    p.add_argument("--options", help="JSON overrides of pyconcepts.extraction.DEFAULTS")
+    p = sub.add_parser("extract", help="extract concepts at a layer and save the basis", parents=[debug],
+                       epilog="--model imports and runs Python code. Under torchrun the images are split "
+                              "across ranks; rank 0 writes --out.")
+    model_options(p)
+    image_options(p, 600)
+    p.add_argument("--layer", help="the layer's name in model.named_modules() (required with --model)")
+    p.add_argument("-k", "--concepts", type=_positive_int, default=12, help="number of concepts (default 12)")
+    p.add_argument("--out", required=True, help="the basis file to write (.safetensors); its folder must exist")
+    p.add_argument("--options", help="JSON object overriding pyconcepts.extraction.DEFAULTS")
+    p.add_argument("--skip-tokens", type=int, default=0,
+                   help="leading tokens (class, registers) of a token layer that are not patches")
     p.add_argument("--no-refine", action="store_true")
     p.add_argument("--no-ura", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_cmd_extract)
 
-    p = sub.add_parser("report", help="summarise a saved basis")
-    p.add_argument("basis")
+    p = sub.add_parser("report", help="an HTML report of a basis (without --out: a text summary)",
+                       parents=[debug], epilog="--model imports and runs Python code.")
+    basis_options(p)
+    model_options(p)
+    image_options(p, 200)
+    p.add_argument("--layer", help=argparse.SUPPRESS)
+    p.add_argument("--out", help="folder to write index.html into (made if missing; its parent must exist)")
+    p.add_argument("--options", help="JSON object of report options (top, maps, rcav, influence_images, ...)")
+    p.add_argument("--classes", help="class names of the model's outputs: a text file, one per line, or a JSON list")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_cmd_report)
 
-    p = sub.add_parser("explain", help="concepts behind each prediction")
-    p.add_argument("basis")
-    common(p)
-    p.add_argument("--top", type=int, default=3)
+    p = sub.add_parser("explain", help="per image, the prediction and the concepts behind it", parents=[debug],
+                       epilog="--model imports and runs Python code.")
+    basis_options(p)
+    model_options(p)
+    image_options(p, 16)
+    p.add_argument("--layer", help=argparse.SUPPRESS)
+    p.add_argument("--top", type=_positive_int, default=3, help="concepts listed per image (default 3)")
+    p.add_argument("--classes", help="class names of the model's outputs: a text file, one per line, or a JSON list")
     p.set_defaults(run=_cmd_explain)
 
-    p = sub.add_parser("intervene", help="predictions with and without concepts")
-    p.add_argument("basis")
-    common(p)
-    p.add_argument("--remove", type=int, nargs="+", required=True)
-    p.add_argument("--layer")
+    p = sub.add_parser("intervene", help="predictions with and without concepts", parents=[debug],
+                       epilog="--model imports and runs Python code.")
+    basis_options(p)
+    model_options(p)
+    image_options(p, 16)
+    p.add_argument("--remove", type=int, nargs="+", required=True, metavar="I",
+                   help="concept(s) to remove, 0 to K-1")
+    p.add_argument("--strength", type=_finite_float, default=1.0,
+                   help="how much of each concept to take out (1: its excess over the mean; default 1)")
+    p.add_argument("--layer", help="apply at this layer (default: the basis's layer; another one needs --allow-mismatch)")
     p.add_argument("--direction", choices=("encoding", "decoding"), default="encoding")
+    p.add_argument("--classes", help="class names of the model's outputs: a text file, one per line, or a JSON list")
     p.set_defaults(run=_cmd_intervene)
 
-    p = sub.add_parser("bench", help="time the extraction pipeline on the demo model")
-    p.add_argument("--n-images", type=int, default=300)
-    p.add_argument("--concepts", type=int, default=12)
+    p = sub.add_parser("bench", help="time the extraction pipeline on the demo model", parents=[debug])
+    p.add_argument("--n-images", type=_positive_int, default=300)
+    p.add_argument("--concepts", type=_positive_int, default=12)
     p.set_defaults(run=_cmd_bench)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return int(args.run(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, IndexError) as exc:
-        print(f"pyconcepts {args.command}: error: {exc}", file=sys.stderr)
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed as one line
+        return exc.code if isinstance(exc.code, int) else 2
+    debug = bool(getattr(args, "debug", False))
+    try:
+        code = int(args.run(args) or 0)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # the reader went away (`pyconcepts explain ... | head`): stop quietly, as `cat` does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"pyconcepts {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        if isinstance(exc, (UserError, ValueError, TypeError, FileNotFoundError, IndexError,
+                            NotADirectoryError, PermissionError)):
+            message = _one_line(exc)
+        else:
+            message = f"{type(exc).__name__}: {_one_line(exc)}"
+        print(f"pyconcepts {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
         return 2
 
 

@@ -17,14 +17,27 @@ The protocol (duck-typed; ``ImageSource`` documents it):
   input's geometry (so a patch position maps onto them), for reports;
 - ``source.concept_masks``: ``None``, or ``(masks(indices) -> (n, M, H, W) bool, names: list[str])``
   ground-truth concept masks when the data set has them (the demo does).
+
+Both sources here also have ``subset(start, stop)`` (the images ``start:stop``, for ``--limit``
+and for sharding a folder across ``torchrun`` ranks). ``open_images`` opens what a user points
+the command line at: a folder of image files or a tensor file (.pt/.pth, .npy, .safetensors).
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
 import torch
 
-__all__ = ["ImageSource", "TensorImages"]
+__all__ = ["ImageSource", "TensorImages", "FolderImages", "Preprocess", "BatchStream", "open_images",
+           "load_tensor_images", "IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+Size = Union[int, Tuple[int, int], None]
 
 
 @runtime_checkable
@@ -106,6 +119,21 @@ class TensorImages:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def subset(self, start: int, stop: int) -> "TensorImages":
+        """The images ``start:stop`` (names, labels, pixels and masks cut alike)."""
+        start, stop, _ = slice(start, stop).indices(len(self))
+        if stop <= start:
+            raise ValueError(f"subset {start}:{stop} of {len(self)} images is empty")
+        cut = slice(start, stop)
+        out = TensorImages(self.images[cut], names=self.names[cut],
+                           labels=None if self.labels is None else self.labels[cut],
+                           class_names=self.class_names,
+                           pixels=None if self.pixels is None else self.pixels[cut])
+        if self.concept_masks is not None:
+            masks, names = self.concept_masks
+            out.concept_masks = (lambda idx: masks([start + int(i) for i in idx]), names)
+        return out
+
     def batches(self, batch_size: int = 64) -> Iterator[torch.Tensor]:
         for start in range(0, len(self), batch_size):
             yield self.images[start:start + batch_size].to(torch.float32)
@@ -120,3 +148,448 @@ class TensorImages:
         if p.shape[1] == 1:
             p = p.expand(-1, 3, -1, -1)
         return p.permute(0, 2, 3, 1).contiguous()
+
+
+class BatchStream:
+    """A re-iterable of ``(B, C, H, W)`` batches over an image source, with ``len`` = the
+    number of batches: what ``pc.extract`` and the other functions taking "an iterable of
+    batches" read, without ever holding more than one batch of a source."""
+
+    def __init__(self, source, batch_size: int = 64):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.source, self.batch_size = source, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.source) / self.batch_size)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.source.batches(self.batch_size))
+
+
+# ------------------------------------------------------------------------- preprocessing
+def _pair(size: Size, name: str) -> Optional[Tuple[int, int]]:
+    if size is None:
+        return None
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = (size, size)
+    if (not isinstance(size, (tuple, list)) or len(size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+        raise ValueError(f"{name} must be a positive int or (height, width), got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def _channel_stats(values, name: str) -> Optional[torch.Tensor]:
+    if values is None:
+        return None
+    t = torch.as_tensor(values, dtype=torch.float32).flatten()
+    if t.numel() not in (1, 3) or not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must hold 1 or 3 finite numbers, got {values!r}")
+    return t
+
+
+class Preprocess:
+    """The usual model-input preparation of a picture.
+
+    ``resize``: an int resizes the shorter side to it (aspect kept), ``(h, w)`` resizes to
+    exactly that; ``crop``: a centre crop, an int (square) or ``(h, w)``; then the pixels go to
+    [0, 1] and ``(x - mean) / std`` per channel when ``mean``/``std`` are given. ``channels``
+    1 makes grey-level inputs, 3 RGB. ``transform``: a callable taking a PIL image and returning
+    a ``(C, H, W)`` tensor or array, used instead of all the above (a torchvision transform
+    is one)."""
+
+    def __init__(self, resize: Size = None, crop: Size = None, mean=None, std=None,
+                 channels: int = 3, transform: Optional[Callable] = None):
+        if isinstance(resize, int) and not isinstance(resize, bool):
+            if resize < 1:
+                raise ValueError(f"resize must be positive, got {resize}")
+            self.resize: Union[int, Tuple[int, int], None] = int(resize)
+        else:
+            self.resize = _pair(resize, "resize")
+        self.crop = _pair(crop, "crop")
+        self.mean = _channel_stats(mean, "mean")
+        std_t = _channel_stats(std, "std")
+        if std_t is not None and bool((std_t <= 0).any()):
+            raise ValueError(f"std must be positive, got {std!r}")
+        self.std = std_t
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+        self.channels = channels
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform must be callable, got {type(transform).__name__}")
+        self.transform = transform
+
+    @property
+    def fixed_geometry(self) -> bool:
+        """True when every output has the same height and width whatever the input size."""
+        return self.crop is not None or isinstance(self.resize, tuple)
+
+    def output_size(self, width: int, height: int) -> Tuple[int, int]:
+        """(height, width) of the model input made from a ``width`` x ``height`` picture
+        (without a custom transform)."""
+        h, w = height, width
+        if isinstance(self.resize, int):
+            scale = self.resize / min(h, w)
+            h, w = max(1, round(h * scale)), max(1, round(w * scale))
+        elif self.resize is not None:
+            h, w = self.resize
+        if self.crop is not None:
+            h, w = self.crop
+        return h, w
+
+    def geometry(self, picture):
+        """The PIL picture resized and cropped (still a picture: for display, and the first
+        half of ``__call__``)."""
+        from PIL import Image
+
+        picture = picture.convert("L" if self.channels == 1 else "RGB")
+        w, h = picture.size
+        if self.resize is not None:
+            th, tw = self.output_size(w, h) if isinstance(self.resize, int) else self.resize
+            if (tw, th) != (w, h):
+                picture = picture.resize((tw, th), Image.Resampling.BILINEAR)
+        if self.crop is not None:
+            ch, cw = self.crop
+            w, h = picture.size
+            if ch > h or cw > w:
+                raise ValueError(f"the picture is {w}x{h} after resizing, smaller than the crop {cw}x{ch}; "
+                                 "resize it first (--resize)")
+            left, top = (w - cw) // 2, (h - ch) // 2
+            picture = picture.crop((left, top, left + cw, top + ch))
+        return picture
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C, H, W) float in [0, 1] -> ``(x - mean) / std`` when they are given."""
+        if self.mean is not None:
+            x = x - self.mean.to(x.dtype).reshape(-1, 1, 1)
+        if self.std is not None:
+            x = x / self.std.to(x.dtype).reshape(-1, 1, 1)
+        return x
+
+    def __call__(self, picture) -> torch.Tensor:
+        if self.transform is not None:
+            out = self.transform(picture)
+            out = torch.as_tensor(out)
+            if out.dim() != 3:
+                raise ValueError(f"the transform returned shape {tuple(out.shape)}; expected (C, H, W)")
+            return out.to(torch.float32)
+        return self.normalise(_picture_tensor(self.geometry(picture)))
+
+    def tensor(self, images: torch.Tensor) -> torch.Tensor:
+        """The same steps on a tensor batch (N, C, H, W) already in [0, 1] (no ``transform``)."""
+        import torch.nn.functional as F
+
+        x = images
+        if self.resize is not None:
+            h, w = self.output_size(x.shape[-1], x.shape[-2]) if isinstance(self.resize, int) else self.resize
+            if (h, w) != tuple(x.shape[-2:]):
+                x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        if self.crop is not None:
+            ch, cw = self.crop
+            h, w = x.shape[-2:]
+            if ch > h or cw > w:
+                raise ValueError(f"the images are {w}x{h}, smaller than the crop {cw}x{ch}; resize them first")
+            top, left = (h - ch) // 2, (w - cw) // 2
+            x = x[..., top:top + ch, left:left + cw]
+        return self.normalise(x)
+
+
+def _picture_tensor(picture) -> torch.Tensor:
+    """PIL picture (L or RGB) -> (C, H, W) float32 in [0, 1]."""
+    import numpy as np
+
+    arr = np.asarray(picture, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
+
+
+# ------------------------------------------------------------------------ folder source
+class FolderImages:
+    """An image source over a folder of image files, read with Pillow in batches (a folder of
+    any size never sits in memory at once).
+
+    Files with the extensions in ``IMAGE_EXTENSIONS`` are taken, recursively, in sorted path
+    order; hidden files and folders are ignored. When every image lies in a first-level
+    subfolder, the subfolders are the classes (sorted names, as torchvision's ImageFolder
+    orders them): ``labels`` and ``class_names`` are set. ``names`` are the paths relative to
+    ``root``.
+
+    Each file's header is read when the folder is opened: files Pillow cannot identify are
+    skipped and listed in ``skipped`` (``(relative path, reason)``); a file that passes the header
+    but fails to decode later raises a ``ValueError`` naming it. Without a fixed output size
+    (``crop``, or ``resize=(h, w)``, or a ``transform``) every picture must have the same size,
+    which is checked from the headers. ``workers`` threads decode a batch (Pillow releases the
+    GIL while decoding).
+    """
+
+    def __init__(self, root: Union[str, os.PathLike], *, preprocess: Optional[Preprocess] = None,
+                 workers: Optional[int] = None, _entries=None, _class_names=None, _skipped=None):
+        try:
+            import PIL  # noqa: F401  (a clear error before any file is read)
+        except ImportError:  # pragma: no cover - Pillow is a dependency
+            raise ImportError("reading a folder of images needs Pillow (pip install pillow)") from None
+        self.root = os.fspath(root)
+        self.preprocess = preprocess or Preprocess()
+        self.workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+        if _entries is None:
+            _entries, _class_names, _skipped = _scan_folder(self.root, self.preprocess)
+        self._entries = _entries                  # [(relative path, label or -1, (w, h))]
+        self.class_names = _class_names
+        self.skipped = list(_skipped or [])
+        self.names = [e[0] for e in _entries]
+        self.labels = (torch.tensor([e[1] for e in _entries], dtype=torch.int64)
+                       if _class_names is not None else None)
+        self.concept_masks = None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        classes = f", {len(self.class_names)} classes" if self.class_names else ""
+        return f"FolderImages({self.root!r}, {len(self)} images{classes})"
+
+    def subset(self, start: int, stop: int) -> "FolderImages":
+        """The images ``start:stop`` of the sorted list (no rescan)."""
+        start, stop, _ = slice(start, stop).indices(len(self))
+        if stop <= start:
+            raise ValueError(f"subset {start}:{stop} of {len(self)} images is empty")
+        return FolderImages(self.root, preprocess=self.preprocess, workers=self.workers,
+                            _entries=self._entries[start:stop], _class_names=self.class_names,
+                            _skipped=self.skipped)
+
+    def _open(self, name: str):
+        from PIL import Image, ImageOps
+
+        path = os.path.join(self.root, name)
+        try:
+            with Image.open(path) as picture:
+                if self.preprocess.resize is not None and picture.format == "JPEG":
+                    # decode at a reduced scale when that is still larger than the target
+                    w, h = picture.size
+                    oh, ow = self.preprocess.output_size(w, h)
+                    picture.draft("RGB", (ow, oh))
+                picture = ImageOps.exif_transpose(picture)
+                picture.load()
+                return picture
+        except (OSError, ValueError, SyntaxError) as exc:  # Pillow's decode errors
+            raise ValueError(f"cannot decode image {path!r}: {exc}") from None
+
+    def _load(self, name: str) -> torch.Tensor:
+        return self.preprocess(self._open(name))
+
+    def _read(self, names: Sequence[str], fn) -> List:
+        if self.workers > 1 and len(names) > 1:
+            with ThreadPoolExecutor(max_workers=self.workers) as pool:
+                return list(pool.map(fn, names))
+        return [fn(n) for n in names]
+
+    def batches(self, batch_size: int = 64) -> Iterator[torch.Tensor]:
+        names = self.names
+        for start in range(0, len(names), batch_size):
+            chunk = names[start:start + batch_size]
+            items = self._read(chunk, self._load)
+            shape = items[0].shape
+            for name, item in zip(chunk, items):
+                if item.shape != shape:
+                    raise ValueError(
+                        f"images differ in size ({chunk[0]!r} gives {tuple(shape)}, {name!r} gives "
+                        f"{tuple(item.shape)}): pass a resize and crop (--resize, --crop)")
+            yield torch.stack(items)
+
+    def display(self, indices: Sequence[int]) -> torch.Tensor:
+        names = [self.names[int(i)] for i in indices]
+        if self.preprocess.transform is not None:
+            return _to_uint8_pictures(torch.stack(self._read(names, self._load)))
+
+        def picture(name):
+            p = self.preprocess.geometry(self._open(name)).convert("RGB")
+            return _picture_tensor(p)
+
+        x = torch.stack(self._read(names, picture))
+        return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def _scan_folder(root: str, preprocess: Preprocess):
+    if not os.path.exists(root):
+        raise FileNotFoundError(f"no such folder: {root!r}")
+    if not os.path.isdir(root):
+        raise NotADirectoryError(f"{root!r} is not a folder")
+    paths: List[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(os.path.relpath(os.path.join(dirpath, f), root))
+    paths.sort(key=lambda p: p.split(os.sep))
+    if not paths:
+        raise ValueError(f"no image files in {root!r} (looked for {', '.join(IMAGE_EXTENSIONS)}, "
+                         "also in subfolders)")
+    return _scan_files(root, paths, preprocess)
+
+
+def _scan_files(root: str, paths: List[str], preprocess: Preprocess):
+    """Headers of the files ``paths`` (relative to ``root``): entries, class names, skipped."""
+    from PIL import Image, UnidentifiedImageError
+
+    entries, skipped = [], []
+    for rel in paths:
+        try:
+            with Image.open(os.path.join(root, rel)) as picture:
+                size = picture.size
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            skipped.append((rel, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+            continue
+        entries.append((rel, size))
+    if not entries:
+        raise ValueError(f"none of the {len(paths)} image file(s) in {root!r} could be read "
+                         f"(first: {skipped[0][0]}: {skipped[0][1]})")
+    classes = None
+    if all(os.sep in rel for rel, _ in entries):
+        classes = sorted({rel.split(os.sep, 1)[0] for rel, _ in entries})
+    index = {c: i for i, c in enumerate(classes or [])}
+    out = [(rel, index[rel.split(os.sep, 1)[0]] if classes else -1, size) for rel, size in entries]
+    if preprocess.transform is None:
+        _check_sizes(root, out, preprocess)
+    return out, classes, skipped
+
+
+def _check_sizes(root: str, entries, preprocess: Preprocess) -> None:
+    """Without a fixed output size, all pictures must come out the same size; and none may be
+    smaller than the crop after resizing (EXIF rotation aside, the header says)."""
+    first_name, _, (w0, h0) = entries[0]
+    first = preprocess.output_size(w0, h0)
+    for name, _, (w, h) in entries:
+        out = preprocess.output_size(w, h)
+        if preprocess.crop is not None:
+            before = Preprocess(resize=preprocess.resize).output_size(w, h)
+            if before[0] < preprocess.crop[0] or before[1] < preprocess.crop[1]:
+                raise ValueError(
+                    f"{name!r} in {root!r} is {before[1]}x{before[0]} (after resizing), smaller than the "
+                    f"crop {preprocess.crop[1]}x{preprocess.crop[0]}; pass --resize")
+        elif out != first:
+            raise ValueError(
+                f"the images in {root!r} differ in size ({first_name!r} is {w0}x{h0}, {name!r} is {w}x{h}); "
+                "pass --crop (and --resize) to give the model one input size")
+
+
+# ------------------------------------------------------------------------- tensor files
+def load_tensor_images(path: Union[str, os.PathLike], *, allow_pickle: bool = False):
+    """Read images saved as a tensor: ``.pt``/``.pth`` (``torch.save``; read with
+    ``weights_only=True`` unless ``allow_pickle``), ``.npy``/``.npz`` or ``.safetensors``.
+
+    The file holds a tensor ``(N, C, H, W)``, ``(N, H, W, C)`` (channels last, C in 1/3/4, as
+    numpy arrays usually are) or ``(N, H, W)``, or a mapping with the key ``images`` (and
+    optionally ``labels`` and ``class_names``; a .safetensors file with a single tensor also
+    works). uint8 pixels are scaled to [0, 1]. Returns ``(images float32 (N, C, H, W), labels
+    or None, class_names or None)``."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file: {path!r}")
+    ext = os.path.splitext(path)[1].lower()
+    labels, class_names = None, None
+    if ext in (".npy", ".npz"):
+        import numpy as np
+
+        try:
+            data = np.load(path, allow_pickle=allow_pickle)
+        except ValueError as exc:
+            if "pickle" in str(exc).lower():
+                raise ValueError(f"{path!r} holds pickled objects; pass --allow-pickle only if you trust "
+                                 "the file (unpickling runs code)") from None
+            raise ValueError(f"cannot read {path!r}: {exc}") from None
+        except OSError as exc:
+            raise ValueError(f"cannot read {path!r}: {exc}") from None
+        if ext == ".npz":
+            keys = list(data.keys())
+            if "images" not in keys and len(keys) != 1:
+                raise ValueError(f"{path!r} holds arrays {keys}; expected one called 'images'")
+            obj = {k: data[k] for k in keys}
+            obj = obj if "images" in obj else {"images": obj[keys[0]]}
+        else:
+            obj = data
+    elif ext == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(path)
+        except Exception as exc:  # safetensors raises its own error types for bad bytes
+            raise ValueError(f"{path!r} is not a readable safetensors file: {exc}") from None
+        if "images" not in tensors and len(tensors) != 1:
+            raise ValueError(f"{path!r} holds tensors {sorted(tensors)}; expected one called 'images'")
+        obj = tensors if "images" in tensors else {"images": next(iter(tensors.values()))}
+    else:
+        import pickle
+
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+        except pickle.UnpicklingError as exc:
+            if allow_pickle:
+                raise ValueError(f"cannot read {path!r}: {exc}") from None
+            raise ValueError(f"{path!r} holds more than tensors (a pickle); pass --allow-pickle only if "
+                             "you trust the file (unpickling runs code)") from None
+        except Exception as exc:  # torch.load raises many types on foreign bytes (struct.error, ...)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"cannot read {path!r} as a torch.save file: {first}") from None
+    if isinstance(obj, dict):
+        if "images" not in obj:
+            raise ValueError(f"{path!r} holds a mapping with keys {sorted(map(str, obj))}; expected 'images'")
+        labels, class_names = obj.get("labels"), obj.get("class_names")
+        obj = obj["images"]
+    images = _as_image_tensor(obj, path)
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+        if labels.is_floating_point() or labels.dim() != 1 or labels.numel() != images.shape[0]:
+            raise ValueError(f"{path!r}: 'labels' must hold one integer per image ({images.shape[0]}), "
+                             f"got shape {tuple(labels.shape)} {labels.dtype}")
+    if class_names is not None:
+        class_names = [str(c) for c in class_names]
+    return images, labels, class_names
+
+
+def _as_image_tensor(obj, path: str) -> torch.Tensor:
+    try:
+        x = torch.as_tensor(obj)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{path!r} holds a {type(obj).__name__}, not an image tensor") from None
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    if x.dim() != 4:
+        raise ValueError(f"{path!r}: expected images (N, C, H, W), (N, H, W, C) or (N, H, W), "
+                         f"got shape {tuple(x.shape)}")
+    if x.shape[1] not in (1, 3, 4) and x.shape[3] in (1, 3, 4):
+        x = x.permute(0, 3, 1, 2)            # channels last (numpy, PIL)
+    if x.shape[0] == 0:
+        raise ValueError(f"{path!r} holds no images (shape {tuple(x.shape)})")
+    if x.dtype == torch.uint8:
+        x = x.to(torch.float32) / 255.0
+    elif x.dtype == torch.bool or not x.is_floating_point():
+        raise ValueError(f"{path!r}: images must be uint8 pixels or floats, got {x.dtype}")
+    x = x.to(torch.float32).contiguous()
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{path!r}: the images contain NaN or Inf")
+    return x
+
+
+def open_images(path: Union[str, os.PathLike], *, preprocess: Optional[Preprocess] = None,
+                allow_pickle: bool = False, workers: Optional[int] = None):
+    """An image source for what a user names: a folder of image files (``FolderImages``) or a
+    tensor file (``load_tensor_images``; ``preprocess``'s resize, crop, mean and std applied)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return FolderImages(path, preprocess=preprocess, workers=workers)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file or folder: {path!r}")
+    if path.lower().endswith(IMAGE_EXTENSIONS):  # one picture
+        folder, name = os.path.split(os.path.abspath(path))
+        preprocess = preprocess or Preprocess()
+        entries, _, skipped = _scan_files(folder, [name], preprocess)
+        return FolderImages(folder, preprocess=preprocess, workers=workers, _entries=entries, _class_names=None,
+                            _skipped=skipped)
+    if preprocess is not None and preprocess.transform is not None:
+        raise ValueError("a transform applies to image files; the tensor file's images are used as they are")
+    images, labels, class_names = load_tensor_images(path, allow_pickle=allow_pickle)
+    if preprocess is not None:
+        images = preprocess.tensor(images)
+    names = [f"{os.path.basename(path)}[{i}]" for i in range(images.shape[0])]
+    return TensorImages(images, names=names, labels=labels, class_names=class_names)

@@ -14,7 +14,14 @@ import warnings
 from contextlib import nullcontext
 from typing import Optional, Tuple
 
-import torch
+# Idle OpenMP threads sleep instead of spinning (unless the user chose a policy). libgomp
+# reads this once, when torch loads it: effective when pyconcepts is imported before torch
+# (the `pyconcepts` command does). On a shared machine spinning workers keep the cores the
+# thread that everyone waits for at the next barrier needs (benchmarks.extract --contention).
+import os  # noqa: E402
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 import torch.nn.functional as F
 
 from . import _C
@@ -374,6 +381,8 @@ def cosine_assign(
     ``rows`` (int64 (M,), optional) assigns only ``x[rows]`` and returns M results; on CPU
     the kernel reads those rows in place, without a gathered copy of ``x``. ``center``
     (D,), optional, assigns ``x - center`` (on CPU subtracted as rows are read, no copy).
+    Any finite row gets its cosine: rows whose float32 squared norm would overflow or
+    underflow (beyond about 1e19 or below 1e-18) are scaled by a power of two first.
     """
     x = _check_activations(x)
     centroids = _check_centroids(centroids, x)
@@ -519,7 +528,10 @@ def masked_moments(
     ``decoding`` (K, D) and ``bias`` (K,) define the detectors; a row counts for concept i
     when ``decoding[i] @ x > bias[i]`` on the raw row. Moments are of ``x - center`` (and
     ``z - decoding @ center``) when ``center`` (D,) is given, which keeps Cov = E[xz]-E[x]E[z]
-    free of cancellation. Products are fp32 within blocks of rows, merged in float64.
+    free of cancellation. Products are fp32 within blocks of rows, merged in float64. Any
+    finite magnitude works: x, center and decoding far outside [2^-20, 2^20] are scaled by
+    powers of two before the kernel and the sums scaled back in float64 (finding the
+    magnitude costs one extra read of x; the copy is made only when needed).
     """
     x = _check_activations(x)
     decoding = _check_param_matrix(decoding, "decoding", x.shape[1], x.device)

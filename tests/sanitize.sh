@@ -3,8 +3,9 @@
 # build/sanitize (the normal build is left alone) and runs the op tests, the boundary fuzz
 # test and the hardening tests against it. Any sanitizer report aborts the run.
 #
-#   tests/sanitize.sh                 # the default test files
-#   tests/sanitize.sh tests/test_ops.py -k masked   # other pytest arguments
+#   tests/sanitize.sh                          # the default test files
+#   tests/sanitize.sh -x                       # the default test files, pytest options
+#   tests/sanitize.sh tests/test_ops.py -k masked   # other test files
 #
 # Needs gcc (libasan, libubsan), cmake >= 3.24, and pybind11 importable by python
 # (pip install pybind11); run it inside the environment where pyconcepts is installed.
@@ -31,8 +32,14 @@ cp -r "$root/pyconcepts" "$pkg/"
 find "$pkg/pyconcepts" -name '_C*.so' -delete
 cp "$build"/_C*.so "$pkg/pyconcepts/"
 
-if [ "$#" -eq 0 ]; then
-  set -- tests/test_ops.py tests/test_pruned_pass.py tests/test_fuzz_ops.py tests/test_hardening.py
+# The default test files unless the arguments name test files or directories.
+names_tests=0
+for arg in "$@"; do
+  case "$arg" in tests*|*.py|*.py::*) names_tests=1 ;; esac
+done
+if [ "$names_tests" -eq 0 ]; then
+  set -- tests/test_ops.py tests/test_pruned_pass.py tests/test_fuzz_ops.py \
+    tests/test_hardening.py "$@"
 fi
 # Python itself is not instrumented: the sanitizer runtimes are preloaded. Leaks are not
 # checked (the interpreter and torch keep allocations until exit by design).

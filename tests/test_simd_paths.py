@@ -251,13 +251,15 @@ def test_default_path_is_the_best_available():
     assert run.stdout.strip() == AVAILABLE[-1]
 
 
-def test_int16_screen_gives_the_fp32_path_bits(path_outputs):
-    """PYCONCEPTS_SCREEN=int16: rows whose integer top-2 gap clears the proven bound skip the
-    fp32 sweep; labels, cosines, sums and moments must still be those of the fp32 path, bit
-    for bit (zero rows, rows scaled by 1e-18 and 1e15, K = 1, fp16/bf16 input, a centre)."""
-    if "avx512" not in AVAILABLE or not pc.ops.cpu_features().get("avx512vnni"):
-        pytest.skip("the int16 screen needs the avx512 path and AVX-512 VNNI")
-    plain, screened = path_outputs("avx512"), path_outputs("avx512", "int16")
+@pytest.mark.parametrize("screen,feature", [("int16", "avx512vnni"), ("bf16", "avx512bf16")])
+def test_low_precision_screen_gives_the_fp32_path_bits(screen, feature, path_outputs):
+    """PYCONCEPTS_SCREEN=int16|bf16: rows whose low-precision scores leave one (int16) or a
+    few (bf16) candidates inside the proven error window skip the fp32 sweep; labels,
+    cosines, sums and moments must still be those of the fp32 path, bit for bit (zero rows,
+    rows scaled by 1e-18 and 1e15, K = 1, fp16/bf16 input, a centre)."""
+    if "avx512" not in AVAILABLE or not pc.ops.cpu_features().get(feature):
+        pytest.skip(f"the {screen} screen needs the avx512 path and {feature}")
+    plain, screened = path_outputs("avx512"), path_outputs("avx512", screen)
     certified, screened_rows = screened["screen_counts"].tolist()
     assert screened_rows > 0 and certified > 0.5 * screened_rows, (certified, screened_rows)
     for key in plain:
@@ -274,7 +276,8 @@ def test_unknown_or_unavailable_screen_fails_the_import_clearly():
     run = subprocess.run([sys.executable, "-c", "import pyconcepts"], env=env,
                          capture_output=True, text=True)
     assert run.returncode == 1 and "PYCONCEPTS_SCREEN=int4" in run.stderr, run.stderr
-    env = dict(os.environ, PYCONCEPTS_SCREEN="int16", PYCONCEPTS_SIMD="generic")
-    run = subprocess.run([sys.executable, "-c", "import pyconcepts"], env=env,
-                         capture_output=True, text=True)
-    assert run.returncode == 1 and "needs the avx512 path" in run.stderr, run.stderr
+    for screen in ("int16", "bf16"):
+        env = dict(os.environ, PYCONCEPTS_SCREEN=screen, PYCONCEPTS_SIMD="generic")
+        run = subprocess.run([sys.executable, "-c", "import pyconcepts"], env=env,
+                             capture_output=True, text=True)
+        assert run.returncode == 1 and "needs the avx512 path" in run.stderr, run.stderr

@@ -35,6 +35,11 @@ struct AssignWorkspace {
   std::vector<float> gap_needed;      // per row: the certifying top-2 gap (< 0: never)
   std::vector<float> fallback;        // rows that take the fp32 path, fp32, compacted
   std::vector<int64_t> fallback_rows; // their rows in the block
+  std::vector<int64_t> certified_rows;  // int16 screen: rows certified, in order
+  std::vector<float> scores;          // bf16 screen: the block's scores, rows x K (padded)
+  std::vector<int32_t> pair_row, pair_centroid;  // candidates: element offsets of x and c
+  std::vector<float> pair_score;      // their fp32 scores
+  std::vector<int64_t> row_pairs;     // row r's candidates: [row_pairs[r], row_pairs[r + 1])
 };
 
 // Squared norms within which the fp32 squares and dot products of a row neither overflow

@@ -61,8 +61,8 @@ PYBIND11_MODULE(_C, m) {
         "The PYCONCEPTS_SIMD value of the code path in use (generic, avx2, avx512).");
   m.def("simd_paths", &cpu::available_paths,
         "The PYCONCEPTS_SIMD values this CPU and build can run.");
-  m.def("screen_enabled", &cpu::screen_enabled,
-        "Whether the exact int16 screen runs (PYCONCEPTS_SCREEN=int16).");
+  m.def("screen", [] { return std::string(cpu::screen_name()); },
+        "The exact low-precision screen in use: off, int16 or bf16 (PYCONCEPTS_SCREEN).");
   m.def("screen_counts", [] {
     int64_t certified = 0, screened = 0;
     cpu::screen_counts(&certified, &screened);

@@ -121,6 +121,7 @@ PC_VNNI int64_t screen_block_vnni(const ScreenPanel& sp, const CentroidPanel& pa
     ws.gap_needed.assign(static_cast<size_t>(cap), 0.0f);
     ws.fallback.assign(static_cast<size_t>(cap * d), 0.0f);
     ws.fallback_rows.assign(static_cast<size_t>(cap), 0);
+    ws.certified_rows.assign(static_cast<size_t>(cap), 0);
   }
   const int64_t padded = (rows + MR - 1) / MR * MR;
   // 1. rows to int16 and each row's certifying gap
@@ -181,7 +182,7 @@ PC_VNNI int64_t screen_block_vnni(const ScreenPanel& sp, const CentroidPanel& pa
     const float need = ws.gap_needed[r];
     if (need >= 0.0f && top.best - top.second > need) {
       index[r0 + r] = top.index;
-      ws.gap_needed[n_certified++] = static_cast<float>(r);  // reused: certified rows, in order
+      ws.certified_rows[n_certified++] = r;
     } else {
       std::memcpy(ws.fallback.data() + n_fallback * d, ws.xb.data() + r * d, d * sizeof(float));
       ws.fallback_rows[n_fallback++] = r;
@@ -194,20 +195,19 @@ PC_VNNI int64_t screen_block_vnni(const ScreenPanel& sp, const CentroidPanel& pa
     const float* br[4];
     __m512 dots[4];
     for (int i = 0; i < count; ++i) {
-      const int64_t r = static_cast<int64_t>(ws.gap_needed[c0 + i]);
+      const int64_t r = ws.certified_rows[c0 + i];
       xr[i] = ws.xb.data() + r * d;
       br[i] = panel.data.data() + (index[r0 + r] / NR) * d * NR;
     }
     winner_dots(count, xr, br, d, dots);
     for (int i = 0; i < count; ++i) {
-      const int64_t r = static_cast<int64_t>(ws.gap_needed[c0 + i]);
+      const int64_t r = ws.certified_rows[c0 + i];
       _mm512_store_ps(lanes, dots[i]);
       const float inv = 1.0f / std::max(std::sqrt(ws.norms[r]), 1e-12f);
       best_cos[r0 + r] = lanes[index[r0 + r] % NR] * inv;
     }
   }
-  g_certified.fetch_add(n_certified, std::memory_order_relaxed);
-  g_screened.fetch_add(rows, std::memory_order_relaxed);
+  screen_count(n_certified, rows);
   return n_fallback;
 }
 
@@ -221,9 +221,14 @@ bool cpu_has_vnni() {
 }  // namespace
 
 ScreenPanel::ScreenPanel(const float* centroids, int64_t k_, int64_t d_)
-    : k(k_), d(d_), dp((d_ + 1) / 2 * 2), strips((k_ + NR - 1) / NR),
-      data(static_cast<size_t>(strips * dp * NR), 0), scale(0.0), centroid_l1_max(0.0), phi(0.0),
-      usable(false) {
+    : mode(screen_mode()), k(k_), d(d_), dp((d_ + 1) / 2 * 2), strips((k_ + NR - 1) / NR),
+      scale(0.0), centroid_l1_max(0.0), phi(0.0), usable(false) {
+  if (mode == ScreenMode::Bf16) {
+    bf16.emplace_back(centroids, k, d);
+    usable = bf16.front().usable;
+    return;
+  }
+  data.assign(static_cast<size_t>(strips * dp * NR), 0);
   // one scale t for every centroid, so integer scores compare directly
   double t = std::numeric_limits<double>::infinity();
   for (int64_t c = 0; c < k; ++c) {
@@ -257,24 +262,56 @@ ScreenPanel::ScreenPanel(const float* centroids, int64_t k_, int64_t d_)
   usable = d <= 16384;  // 0.502 sqrt(D) of rounding keeps |x~| |c~| below 2^31
 }
 
-bool screen_enabled() {
-  static const bool enabled = [] {
+bool cpu_has_bf16() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+}
+
+ScreenMode screen_mode() {
+  static const ScreenMode mode = [] {
     const char* env = std::getenv("PYCONCEPTS_SCREEN");
     const std::string value = env ? env : "";
-    if (value.empty() || value == "off") return false;
-    if (value != "int16")
-      throw std::runtime_error("PYCONCEPTS_SCREEN=" + value + ": unknown; use int16 or off");
-    if (std::strcmp(kernels().path, "avx512") != 0 || !cpu_has_vnni())
-      throw std::runtime_error(
-          "PYCONCEPTS_SCREEN=int16 needs the avx512 path and AVX-512 VNNI (path in use: " +
-          std::string(kernels().path) + ", VNNI: " + (cpu_has_vnni() ? "yes" : "no") + ")");
-    return true;
+    const bool avx512 = std::strcmp(kernels().path, "avx512") == 0;
+    if (value.empty() || value == "off") return ScreenMode::Off;
+    if (value == "int16") {
+      if (!avx512 || !cpu_has_vnni())
+        throw std::runtime_error(
+            "PYCONCEPTS_SCREEN=int16 needs the avx512 path and AVX-512 VNNI (path in use: " +
+            std::string(kernels().path) + ", VNNI: " + (cpu_has_vnni() ? "yes" : "no") + ")");
+      return ScreenMode::Int16;
+    }
+    if (value == "bf16") {
+      if (!avx512 || !cpu_has_bf16())
+        throw std::runtime_error(
+            "PYCONCEPTS_SCREEN=bf16 needs the avx512 path and AVX-512 BF16 (path in use: " +
+            std::string(kernels().path) + ", BF16: " + (cpu_has_bf16() ? "yes" : "no") + ")");
+      return ScreenMode::Bf16;
+    }
+    throw std::runtime_error("PYCONCEPTS_SCREEN=" + value + ": unknown; use off, int16 or bf16");
   }();
-  return enabled;
+  return mode;
+}
+
+const char* screen_name() {
+  switch (screen_mode()) {
+    case ScreenMode::Int16:
+      return "int16";
+    case ScreenMode::Bf16:
+      return "bf16";
+    default:
+      return "off";
+  }
+}
+
+void screen_count(int64_t certified, int64_t screened) {
+  g_certified.fetch_add(certified, std::memory_order_relaxed);
+  g_screened.fetch_add(screened, std::memory_order_relaxed);
 }
 
 int64_t screen_block(const ScreenPanel& screen, const CentroidPanel& panel, AssignWorkspace& ws,
                      int64_t rows, int64_t r0, int64_t* index, float* best_cos) {
+  if (screen.mode == ScreenMode::Bf16)
+    return screen_block_bf16_entry(screen.bf16.front(), panel, ws, rows, r0, index, best_cos);
   return screen_block_vnni(screen, panel, ws, rows, r0, index, best_cos);
 }
 

@@ -1,0 +1,415 @@
+"""The command line as a user meets it: their model file, a folder of photos, and every mistake
+answered with one line on stderr, a non-zero exit code and no traceback."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from pyconcepts.basis import ConceptBasis
+from pyconcepts.cli import UserError, main
+
+Image = pytest.importorskip("PIL.Image", reason="reading image folders needs Pillow")
+
+MODEL_SRC = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    class Net(nn.Module):
+        def __init__(self, classes=2, c=8):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.ReLU(),
+                                          nn.Conv2d(c, c, 3, stride=2, padding=1), nn.ReLU())
+            self.fc = nn.Linear(c, classes)
+
+        def forward(self, x):
+            return self.fc(self.features(x).mean((2, 3)))
+
+
+    class TwoOutputs(Net):
+        def forward(self, x):
+            f = self.features(x).mean((2, 3))
+            return {"embedding": f, "logits": self.fc(f)}
+
+
+    def make(seed=0):
+        torch.manual_seed(seed)
+        return Net()
+
+
+    class Probabilities(Net):
+        def forward(self, x):
+            return super().forward(x).softmax(-1)
+
+
+    def make_probs():
+        torch.manual_seed(0)
+        return Probabilities()
+
+
+    def make_wide():
+        torch.manual_seed(0)
+        return Net(c=12)
+
+
+    def make_dict():
+        torch.manual_seed(0)
+        return TwoOutputs()
+
+
+    def broken():
+        raise RuntimeError("the factory failed on purpose")
+''')
+
+FAST = json.dumps({"n_init": 1, "max_iter": 20, "refine_steps": 3, "joint_steps": 1, "ura_images": 4,
+                   "ura_batch": 4})
+
+
+def _photos(folder, per_class=6, size=16):
+    rng = np.random.default_rng(0)
+    for cls, colour in (("cat", (200, 40, 40)), ("dog", (40, 40, 200))):
+        os.makedirs(os.path.join(folder, cls), exist_ok=True)
+        for i in range(per_class):
+            a = rng.integers(0, 80, (size, size, 3)).astype(np.uint8)
+            a[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = colour
+            Image.fromarray(a).save(os.path.join(folder, cls, f"{i}.{'png' if i % 2 else 'jpg'}"))
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """A user's working directory: model file, weights, photos and an extracted basis."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("user")
+    (root / "model.py").write_text(MODEL_SRC)
+    sys.path.insert(0, str(root))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_cli_test_model", root / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    save_file(mod.make().state_dict(), str(root / "w.safetensors"))
+    save_file(mod.make(seed=1).state_dict(), str(root / "other.safetensors"))
+    _photos(str(root / "photos"))
+    (root / "empty").mkdir()
+    rc = main(["extract", "--model", str(root / "model.py") + ":make", "--weights", str(root / "w.safetensors"),
+               "--images", str(root / "photos"), "--layer", "features.3", "-k", "3",
+               "--out", str(root / "basis.safetensors"), "--options", FAST, "--quiet"])
+    assert rc == 0
+    return root
+
+
+def _run(capsys, *args):
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _model_args(ws, factory="make", weights="w.safetensors"):
+    args = ["--model", f"{ws / 'model.py'}:{factory}"]
+    return args + (["--weights", ws / weights] if weights else [])
+
+
+def test_extract_from_a_folder_records_layer_width_and_model(ws):
+    basis = ConceptBasis.load(ws / "basis.safetensors")
+    assert basis.layer == "features.3" and basis.dim == 8 and basis.n_concepts == 3
+    assert basis.metadata["n_images"] == 12 and basis.metadata["n_patches"] == 12 * 64
+    assert set(basis.metadata["model_fingerprint"]) == {"architecture", "weights"}
+
+
+def test_explain_speaks_file_and_class_names(ws, capsys):
+    rc, out, err = _run(capsys, "explain", ws / "basis.safetensors", *_model_args(ws), "--images", ws / "photos")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 1 + 12  # a header, then every image (not only the first 16 or so)
+    assert lines[1].startswith(os.path.join("cat", "0.jpg") + ": predicted ")
+    assert "true cat" in lines[1] and "concept " in lines[1]
+    # two outputs and two class subfolders: the predictions are named after the subfolders
+    assert all((" predicted cat " in line) or (" predicted dog " in line) for line in lines[1:])
+    rc, out, _ = _run(capsys, "explain", ws / "basis.safetensors", *_model_args(ws), "--images", ws / "photos",
+                      "--limit", 2, "--top", 1)
+    assert rc == 0 and len(out.splitlines()) == 3 and out.splitlines()[1].count("concept ") == 1
+
+
+def test_intervene_reports_probability_and_logit_changes(ws, capsys):
+    common = ["intervene", ws / "basis.safetensors", *_model_args(ws), "--images", ws / "photos", "--remove", 0, 1, 2]
+    rc, out, err = _run(capsys, *common, "--strength", 0)
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 13 and "strength 0" in lines[0] and "0 predictions changed" in lines[0]
+    assert all("logit +0.000" in line or "logit -0.000" in line for line in lines[1:])
+    rc, out, _ = _run(capsys, *common, "--strength", 4)
+    deltas = [float(line.rsplit("logit ", 1)[1].split()[0]) for line in out.splitlines()[1:]]
+    assert rc == 0 and max(abs(d) for d in deltas) > 0
+    assert out.splitlines()[1].startswith(os.path.join("cat", "0.jpg") + ": ")
+
+
+def test_extract_honours_limit_and_module_output_selection(ws, capsys, tmp_path):
+    out = tmp_path / "b.safetensors"
+    rc, _, err = _run(capsys, "extract", *_model_args(ws, "make_dict", None), "--output", "logits",
+                      "--images", ws / "photos", "--layer", "features.3", "-k", 2, "--limit", 5,
+                      "--out", out, "--options", FAST, "--quiet")
+    assert rc == 0, err
+    assert ConceptBasis.load(out).metadata["n_images"] == 5
+    rc, text, err = _run(capsys, "explain", out, *_model_args(ws, "make_dict", None), "--output", "logits",
+                         "--images", ws / "photos", "--limit", 3)
+    assert rc == 0 and len(text.splitlines()) == 4, err
+
+
+def test_tensor_files_and_demo_weights_saved_with_torch_save(ws, capsys, tmp_path):
+    from pyconcepts.demo.run import load_model
+
+    torch.save(load_model().state_dict(), tmp_path / "demo.pt")
+    demo_basis = tmp_path / "demo.safetensors"
+    ConceptBasis(torch.randn(2, 64), torch.zeros(2), torch.randn(2, 64), torch.zeros(64),
+                 layer="features.relu5").save(demo_basis)
+    u8 = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", u8)
+    rc, out, err = _run(capsys, "explain", demo_basis, "--weights", tmp_path / "demo.pt",
+                        "--images", tmp_path / "x.npy")
+    assert rc == 0, err
+    assert out.splitlines()[1].startswith("x.npy[0]: predicted ")
+
+
+def _one_line_error(rc, err):
+    assert rc != 0
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "error:" in lines[0]
+    return lines[0]
+
+
+def _mistakes(ws):
+    m, img, out = _model_args(ws), ["--images", ws / "photos"], ["--out", ws / "new.safetensors"]
+    ext = ["extract", "--layer", "features.3", "--quiet"]
+    basis = ws / "basis.safetensors"
+    return {
+        "missing images": ([*ext, *m, "--images", ws / "nope", *out], "no such file or folder"),
+        "empty folder": ([*ext, *m, "--images", ws / "empty", *out], "no image files"),
+        "missing weights": ([*ext, *_model_args(ws, weights="nope.safetensors"), *img, *out], "no such file"),
+        "missing factory": ([*ext, *_model_args(ws, "nope"), *img, *out],
+                            "has no 'nope' (it defines: Net, Probabilities, TwoOutputs, broken, make,"),
+        "factory raises": ([*ext, *_model_args(ws, "broken", None), *img, *out], "the factory failed on purpose"),
+        "missing model file": ([*ext, "--model", ws / "nope.py:make", *img, *out], "no such file"),
+        "missing module": ([*ext, "--model", "no_such_module_xyz:make", *img, *out], "no module named"),
+        "not a factory spec": ([*ext, "--model", "model", *img, *out], "--model must be"),
+        "state dict mismatch": ([*ext, *_model_args(ws, "make_wide"), *img, *out],
+                                "does not fit the model (6 tensors): 5 with other shapes (file vs model): features.0.weight (8, 3, 3, 3) vs (12, 3, 3, 3)"),
+        "missing out folder": ([*ext, *m, "--images", ws / "nope", "--out", ws / "no" / "b.safetensors"],
+                               "does not exist"),
+        "out is a folder": ([*ext, *m, *img, "--out", ws], "is a folder"),
+        "zero concepts": ([*ext, *m, *img, *out, "-k", "0"], "must be at least 1"),
+        "bad options json": ([*ext, *m, *img, *out, "--options", "{n_init: 3}"], "not valid JSON"),
+        "unknown option": ([*ext, *m, *img, *out, "--options", '{"n_inits": 3}'], "unknown option"),
+        "model without images": ([*ext, *m, *out], "--images is required with --model"),
+        "model without layer": (["extract", *m, *img, *out], "--layer is required"),
+        "bad layer": ([*ext[:1], "--layer", "features.9", *m, *img, *out], "does not exist"),
+        "dict output without --output": ([*ext, *_model_args(ws, "make_dict", None), *img, *out], "--output KEY"),
+        "bad --output": ([*ext, *_model_args(ws, "make_dict", None), "--output", "probs", *img, *out],
+                         "--output 'probs'"),
+        "remove out of range": (["intervene", basis, *m, *img, "--remove", "3"], "3 concepts, numbered 0 to 2"),
+        "negative remove": (["intervene", basis, *m, *img, "--remove", "-1"], "--remove -1"),
+        "another layer": (["intervene", basis, *m, *img, "--remove", "0", "--layer", "features.1"],
+                          "extracted at layer 'features.3', not 'features.1'"),
+        "another width": (["explain", basis, *_model_args(ws, "make_wide", None), *img], "width D = 8"),
+        "other weights": (["explain", basis, *_model_args(ws, weights="other.safetensors"), *img], "other weights"),
+        "no basis": (["explain", ws / "nope.safetensors", *m, *img], "no basis file"),
+        "basis is not a basis": (["explain", ws / "w.safetensors", *m, *img], "not a pyconcepts ConceptBasis"),
+        "strength not a number": (["intervene", basis, *m, *img, "--remove", "0", "--strength", "nan"], "finite"),
+    }
+
+
+MISTAKES = list(_mistakes(__import__("pathlib").Path("/")))
+
+
+@pytest.mark.parametrize("case", MISTAKES)
+def test_every_mistake_is_one_line(ws, capsys, case):
+    args, expected = _mistakes(ws)[case]
+    rc, out, err = _run(capsys, *args)
+    line = _one_line_error(rc, err)
+    assert expected in line, line
+    assert not (ws / "new.safetensors").exists()
+
+
+def test_pickled_weights_are_refused_unless_allowed(ws, capsys, tmp_path):
+    from safetensors.torch import load_file
+
+    torch.save({"state_dict": load_file(str(ws / "w.safetensors")), "note": _Note()}, tmp_path / "w.pt")
+    args = ["explain", ws / "basis.safetensors", "--model", f"{ws / 'model.py'}:make", "--weights",
+            tmp_path / "w.pt", "--images", ws / "photos", "--limit", 1]
+    line = _one_line_error(*_run(capsys, *args)[::2])
+    assert "--allow-pickle" in line
+    rc, out, err = _run(capsys, *args, "--allow-pickle")
+    assert rc == 0, err
+
+
+def test_wrong_channel_count_and_unreadable_images(ws, capsys, tmp_path):
+    torch.save(torch.rand(2, 1, 16, 16), tmp_path / "grey.pt")
+    line = _one_line_error(*_run(capsys, "explain", ws / "basis.safetensors", *_model_args(ws),
+                                 "--images", tmp_path / "grey.pt")[::2])
+    assert "1 channels but the model's first layer expects 3" in line
+    _photos(str(tmp_path / "photos"), per_class=1)
+    (tmp_path / "photos" / "cat" / "broken.jpg").write_bytes(b"no jpeg")
+    rc, out, err = _run(capsys, "explain", ws / "basis.safetensors", *_model_args(ws),
+                        "--images", tmp_path / "photos")
+    assert rc == 0 and "skipped 1 unreadable file(s)" in err and "broken.jpg" in err
+    assert len(out.splitlines()) == 3
+
+
+def test_debug_shows_the_traceback(ws):
+    with pytest.raises(UserError, match="no basis file"):
+        main(["--debug", "explain", str(ws / "nope.safetensors")])
+    with pytest.raises(UserError, match="no basis file"):
+        main(["explain", str(ws / "nope.safetensors"), "--debug"])
+
+
+def test_missing_report_package_is_one_line(ws, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyconcepts.report", None)  # import of it fails
+    line = _one_line_error(*_run(capsys, "report", ws / "basis.safetensors", *_model_args(ws),
+                                 "--images", ws / "photos", "--out", ws / "report")[::2])
+    assert "no HTML report" in line
+    rc, out, _ = _run(capsys, "report", ws / "basis.safetensors")  # the text summary needs nothing more
+    assert rc == 0 and "ConceptBasis(n_concepts=3" in out
+
+
+def test_broken_pipe_ends_quietly(ws, capsys, monkeypatch):
+    read, write = os.pipe()
+    os.close(read)
+    saved = os.dup(1)
+    stream = os.fdopen(write, "w", buffering=1)
+    monkeypatch.setattr(sys, "stdout", stream)
+    try:
+        rc = main(["explain", str(ws / "basis.safetensors"), *map(str, _model_args(ws)), "--images", str(ws / "photos")])
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    assert rc == 141
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_help_says_model_runs_code(capsys):
+    assert main(["extract", "--help"]) == 0
+    assert "IMPORTS AND RUNS THAT CODE" in capsys.readouterr().out
+
+
+def test_console_script_imports_module_factory_from_the_working_directory(ws, tmp_path):
+    (tmp_path / "mymodel.py").write_text(MODEL_SRC)
+    env = dict(os.environ, PYTHONPATH="")
+    proc = subprocess.run([sys.executable, "-c", "import sys; from pyconcepts.cli import main; sys.exit(main())",
+                           "explain", str(ws / "basis.safetensors"), "--model", "mymodel:make",
+                           "--weights", str(ws / "w.safetensors"), "--images", str(ws / "photos"), "--limit", "2"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 3
+
+
+class _Note:
+    pass
+
+
+def test_report_calls_write_report_with_the_model_output_classes(ws, capsys, monkeypatch, tmp_path):
+    import types
+
+    seen = {}
+
+    def write_report(out_dir, basis, model, layer, source, *, output=None, progress=None, **options):
+        seen.update(out_dir=out_dir, layer=layer, source=source, output=output, options=options)
+        os.makedirs(out_dir, exist_ok=True)
+        return os.path.join(out_dir, "index.html")
+
+    monkeypatch.setitem(sys.modules, "pyconcepts.report", types.SimpleNamespace(write_report=write_report))
+    (tmp_path / "classes.txt").write_text("left\nright\n")
+    rc, out, err = _run(capsys, "report", ws / "basis.safetensors", *_model_args(ws), "--images", ws / "photos",
+                        "--out", tmp_path / "rep", "--classes", tmp_path / "classes.txt", "--options",
+                        '{"top": 4}', "--quiet")
+    assert rc == 0, err
+    assert seen["layer"] == "features.3" and seen["options"]["top"] == 4 and seen["output"] is None
+    source = seen["source"]
+    assert len(source) == 12 and source.class_names == ["left", "right"] and source.labels is None
+    assert source.names[0] == os.path.join("cat", "0.jpg")
+    assert "index.html" in out
+
+
+def test_transform_from_a_file(ws, capsys, tmp_path):
+    (tmp_path / "prep.py").write_text(textwrap.dedent('''
+        import numpy as np
+        import torch
+
+        def to_input(picture):
+            return torch.from_numpy(np.asarray(picture.convert("RGB").resize((8, 8)), dtype=np.float32)).permute(2, 0, 1) / 255
+    '''))
+    rc, out, err = _run(capsys, "explain", ws / "basis.safetensors", *_model_args(ws), "--images", ws / "photos",
+                        "--transform", f"{tmp_path / 'prep.py'}:to_input", "--limit", 2)
+    assert rc == 0, err
+    line = _one_line_error(*_run(capsys, "explain", ws / "basis.safetensors", *_model_args(ws), "--images",
+                                 ws / "photos", "--transform", f"{tmp_path / 'prep.py'}:to_input", "--crop", 8)[::2])
+    assert "--transform replaces" in line
+
+
+def test_torchvision_names_build_without_download(ws, capsys, monkeypatch):
+    import types
+
+    calls = []
+
+    def get_model(name, weights=None):
+        calls.append((name, weights))
+        if name != "tiny":
+            raise ValueError(f"Unknown model {name}")
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("_tv_fake_model", ws / "model.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod.make()
+
+    fake = types.SimpleNamespace(models=types.SimpleNamespace(get_model=get_model))
+    monkeypatch.setitem(sys.modules, "torchvision", fake)
+    rc, out, err = _run(capsys, "explain", ws / "basis.safetensors", "--model", "torchvision:tiny", "--weights",
+                        ws / "w.safetensors", "--images", ws / "photos", "--limit", 1)
+    assert rc == 0, err
+    assert calls == [("tiny", None)]
+    line = _one_line_error(*_run(capsys, "explain", ws / "basis.safetensors", "--model", "torchvision:huge",
+                                 "--images", ws / "photos")[::2])
+    assert "Unknown model huge" in line
+    monkeypatch.setitem(sys.modules, "timm", None)
+    line = _one_line_error(*_run(capsys, "explain", ws / "basis.safetensors", "--model", "timm:vit_tiny",
+                                 "--images", ws / "photos")[::2])
+    assert "needs timm, which is not installed" in line
+
+
+def test_basis_records_and_checks_the_model_fingerprint():
+    from torch import nn
+
+    from pyconcepts.basis import model_fingerprint
+
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    b = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    b.load_state_dict(a.state_dict())
+    c = nn.Sequential(nn.Conv2d(3, 4, 5), nn.ReLU())
+    assert model_fingerprint(a) == model_fingerprint(b)
+    basis = ConceptBasis(torch.randn(2, 4), torch.zeros(2), torch.randn(2, 4), torch.zeros(4), layer="1")
+    assert basis.compatibility_problems(model=a) == []  # nothing recorded: nothing to compare
+    basis.record_model(a)
+    assert basis.compatibility_problems(layer="1", width=4, model=b) == []
+    assert "another architecture" in basis.compatibility_problems(model=c)[0]
+    with torch.no_grad():
+        b[0].bias[0] += 1e-6
+    assert "other weights" in basis.compatibility_problems(model=b)[0]
+    assert len(basis.compatibility_problems(layer="0", width=5)) == 2
+
+
+def test_explain_reads_probabilities_as_the_model_gives_them(ws, capsys):
+    args = ["explain", ws / "basis.safetensors", "--images", ws / "photos", "--limit", 3]
+    rc, plain, err = _run(capsys, *args, *_model_args(ws))
+    assert rc == 0, err
+    rc, probs, err = _run(capsys, *args, *_model_args(ws, "make_probs"), "--allow-mismatch")
+    assert rc == 0 and "another architecture" in err and "applied anyway" in err
+    p = [line.split("(p ")[1].split(",")[0] for line in plain.splitlines()[1:]]
+    assert p == [line.split("(p ")[1].split(",")[0] for line in probs.splitlines()[1:]]

@@ -1,0 +1,159 @@
+"""Image sources: a folder of image files (Pillow) and tensor files."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from pyconcepts.images import (BatchStream, FolderImages, Preprocess, TensorImages, load_tensor_images,
+                               open_images)
+
+Image = pytest.importorskip("PIL.Image", reason="reading image folders needs Pillow")
+
+
+def _write(path, pixels, fmt=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(pixels).save(path, format=fmt)
+
+
+def _pixels(seed, h=12, w=10):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_folder_with_class_subfolders_reads_exact_pixels_in_sorted_order(tmp_path):
+    _write(str(tmp_path / "dog" / "b.png"), _pixels(1))
+    _write(str(tmp_path / "cat" / "z.png"), _pixels(2))
+    _write(str(tmp_path / "cat" / "a.png"), _pixels(3))
+    _write(str(tmp_path / "dog" / ".hidden.png"), _pixels(4))
+    (tmp_path / "cat" / "notes.txt").write_text("not an image")
+    src = FolderImages(tmp_path, workers=2)
+    assert len(src) == 3
+    assert src.names == [os.path.join("cat", "a.png"), os.path.join("cat", "z.png"), os.path.join("dog", "b.png")]
+    assert src.class_names == ["cat", "dog"] and src.labels.tolist() == [0, 0, 1]
+    batches = list(src.batches(2))
+    assert [tuple(b.shape) for b in batches] == [(2, 3, 12, 10), (1, 3, 12, 10)]
+    expected = torch.from_numpy(_pixels(3)).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(batches[0][0], expected, rtol=0, atol=0)
+    assert list(src.batches(2))[1].shape[0] == 1  # re-iterable
+    shown = src.display([2])
+    assert shown.dtype == torch.uint8 and torch.equal(shown[0], torch.from_numpy(_pixels(1)))
+    assert len(BatchStream(src, 2)) == 2 and sum(b.shape[0] for b in BatchStream(src, 2)) == 3
+
+
+def test_flat_folder_has_no_classes_and_subset_keeps_names(tmp_path):
+    for i in range(5):
+        _write(str(tmp_path / f"{i}.jpg"), _pixels(i, 16, 16), "JPEG")
+    src = FolderImages(tmp_path, workers=1)
+    assert src.class_names is None and src.labels is None
+    part = src.subset(1, 3)
+    assert part.names == ["1.jpg", "2.jpg"]
+    torch.testing.assert_close(next(iter(part.batches(8))), list(src.batches(8))[0][1:3])
+
+
+def test_preprocessing_resize_crop_and_normalise(tmp_path):
+    _write(str(tmp_path / "wide.png"), _pixels(0, 20, 40))
+    _write(str(tmp_path / "tall.png"), _pixels(1, 30, 10))
+    with pytest.raises(ValueError, match="differ in size"):
+        FolderImages(tmp_path)
+    with pytest.raises(ValueError, match="smaller than the crop"):
+        FolderImages(tmp_path, preprocess=Preprocess(crop=16))
+    pre = Preprocess(resize=16, crop=16, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+    x = next(iter(FolderImages(tmp_path, preprocess=pre).batches(4)))
+    assert x.shape == (2, 3, 16, 16)
+    assert float(x.min()) >= -2.0 - 1e-6 and float(x.max()) <= 2.0 + 1e-6 and float(x.min()) < -1
+    # the display is the geometry only: uint8 pixels of the 16 x 16 crop
+    assert FolderImages(tmp_path, preprocess=pre).display([0, 1]).shape == (2, 16, 16, 3)
+    # a custom transform replaces the steps
+    src = FolderImages(tmp_path, preprocess=Preprocess(transform=lambda im: torch.ones(3, 4, 4)))
+    assert torch.equal(next(iter(src.batches(2))), torch.ones(2, 3, 4, 4))
+
+
+def test_grey_level_inputs_for_one_channel_models(tmp_path):
+    _write(str(tmp_path / "a.png"), _pixels(0))
+    x = next(iter(FolderImages(tmp_path, preprocess=Preprocess(channels=1)).batches(1)))
+    assert x.shape == (1, 1, 12, 10)
+
+
+def test_unreadable_files_are_skipped_and_counted_empty_folders_refused(tmp_path):
+    _write(str(tmp_path / "good.png"), _pixels(0))
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg at all")
+    src = FolderImages(tmp_path)
+    assert src.names == ["good.png"] and [name for name, _ in src.skipped] == ["broken.jpg"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no image files"):
+        FolderImages(empty)
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    (only_bad / "x.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(ValueError, match="could be read"):
+        FolderImages(only_bad)
+    with pytest.raises(FileNotFoundError):
+        FolderImages(tmp_path / "missing")
+
+
+def test_truncated_file_fails_with_its_name_when_decoded(tmp_path):
+    _write(str(tmp_path / "a.jpg"), _pixels(0, 64, 64), "JPEG")
+    data = (tmp_path / "a.jpg").read_bytes()
+    (tmp_path / "a.jpg").write_bytes(data[: len(data) // 3])
+    src = FolderImages(tmp_path)
+    with pytest.raises(ValueError, match="a.jpg"):
+        list(src.batches(1))
+
+
+def test_tensor_files_pt_npy_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    x = torch.rand(4, 3, 8, 8)
+    torch.save({"images": x, "labels": torch.tensor([0, 1, 0, 1])}, tmp_path / "x.pt")
+    images, labels, _ = load_tensor_images(tmp_path / "x.pt")
+    assert torch.equal(images, x) and labels.tolist() == [0, 1, 0, 1]
+    u8 = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)  # channels last
+    np.save(tmp_path / "x.npy", u8)
+    images, labels, _ = load_tensor_images(tmp_path / "x.npy")
+    assert images.shape == (4, 3, 8, 8) and labels is None
+    torch.testing.assert_close(images, torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255)
+    save_file({"images": x}, str(tmp_path / "x.safetensors"))
+    src = open_images(tmp_path / "x.safetensors", preprocess=Preprocess(crop=4))
+    assert isinstance(src, TensorImages) and next(iter(src.batches(8))).shape == (4, 3, 4, 4)
+    assert src.names[0] == "x.safetensors[0]"
+
+
+def test_pickles_are_refused_unless_allowed(tmp_path):
+    torch.save({"images": torch.rand(2, 3, 4, 4), "note": _Note()}, tmp_path / "p.pt")
+    with pytest.raises(ValueError, match="allow-pickle"):
+        load_tensor_images(tmp_path / "p.pt")
+    images, _, _ = load_tensor_images(tmp_path / "p.pt", allow_pickle=True)
+    assert images.shape == (2, 3, 4, 4)
+    np.save(tmp_path / "o.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="allow-pickle"):
+        load_tensor_images(tmp_path / "o.npy")
+
+
+def test_bad_tensor_files(tmp_path):
+    torch.save(torch.zeros(2, 3, 4, 4, dtype=torch.int32), tmp_path / "i.pt")
+    with pytest.raises(ValueError, match="uint8 pixels or floats"):
+        load_tensor_images(tmp_path / "i.pt")
+    torch.save(torch.zeros(5), tmp_path / "v.pt")
+    with pytest.raises(ValueError, match="expected images"):
+        load_tensor_images(tmp_path / "v.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_tensor_images(tmp_path / "junk.pt")
+    with pytest.raises(FileNotFoundError):
+        load_tensor_images(tmp_path / "none.pt")
+
+
+class _Note:
+    pass
+
+
+def test_one_image_file(tmp_path):
+    _write(str(tmp_path / "one.png"), _pixels(0))
+    src = open_images(tmp_path / "one.png")
+    assert len(src) == 1 and src.names == ["one.png"] and src.labels is None
+    torch.testing.assert_close(next(iter(src.batches(4)))[0],
+                               torch.from_numpy(_pixels(0)).permute(2, 0, 1).float() / 255)
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    with pytest.raises(ValueError, match="could be read"):
+        open_images(tmp_path / "bad.png")
