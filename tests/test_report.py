@@ -253,3 +253,12 @@ def test_nan_activations_are_refused(tmp_path):
         model.conv1.weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         write_report(tmp_path, _basis(), model, "act", _source(n=4, masks=False), rcav=False)
+
+
+def test_demo_command_writes_the_report_to_report_dir_by_default():
+    from pyconcepts.cli import build_parser
+
+    args = build_parser().parse_args(["demo"])
+    assert args.report_dir == "report" and not args.no_report
+    args = build_parser().parse_args(["demo", "--report-dir", "out dir", "--no-report"])
+    assert args.report_dir == "out dir" and args.no_report
