@@ -127,7 +127,10 @@ def fit_kmeans(rows: torch.Tensor, k: int, seed: int) -> Concepts:
 
 
 def fit_nmf(rows: torch.Tensor, k: int, seed: int) -> Concepts:
+    import warnings
     from sklearn.decomposition import NMF
+    from sklearn.exceptions import ConvergenceWarning
+    warnings.filterwarnings("ignore", category=ConvergenceWarning)  # max_iter is the budget
     t0 = time.perf_counter()
     shift = rows.min(0).values
     x = (rows - shift).clamp_min(0).double().numpy()

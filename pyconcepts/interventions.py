@@ -24,6 +24,10 @@ the filter instead of the signal vector).
 ``intervene`` is a context manager; ``correct`` installs a permanent suppression whose
 parameters live in the layer's buffers, so they are saved in ``model.state_dict()``;
 ``restore_corrections`` re-installs them on a fresh model from such a state dict.
+``rank_concepts`` orders concepts by the measured drop of a chosen output when each is
+removed (or greedily, sets of concepts; or a first-order gradient estimate of the same drop).
+``counterfactual`` and ``rank_concepts`` take ``output=`` for models that return tuples or
+dicts (``pyconcepts.outputs``).
 """
 from __future__ import annotations
 
