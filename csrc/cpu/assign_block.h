@@ -2,6 +2,8 @@
 // fused assign_update. A block of rows is converted to fp32 once (the only read of X), then
 // every centroid strip sweeps over it with the GEMM tile and the running top-2 epilogue.
 #pragma once
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -54,6 +56,10 @@ constexpr float kMaxSafeSumsq = 0x1p+60f;
 // cosine of the row as read. Returns false when the row holds Inf (x - center overflowed).
 bool rescale_row(float* row, int64_t d, float& sumsq, double& unscale);
 struct ScreenPanel;
+
+// 1 / |x| from a row's fp32 sum of squares, as the assignment's cosines use it (the screens
+// must scale their scores by the very same factor to give the same bits).
+inline float row_inverse_norm(float sumsq) { return 1.0f / std::max(std::sqrt(sumsq), 1e-12f); }
 
 // Assigns rows [r0, r0 + rows) of x (rows <= ws.rows_per_block), writing index/best/second
 // at those rows; afterwards ws.xb holds the block in fp32. With a non-null row_index, output

@@ -117,7 +117,7 @@ int64_t assign_block(const Matrix& x, const CentroidPanel& panel, int64_t r0, in
         if (group_max) {
           kern.tile_row_max(tile, valid, row_max);
           for (int64_t i = 0; i < MR && m + i < rows; ++i) {
-            const float inv = 1.0f / std::max(std::sqrt(ws.norms[m + i]), 1e-12f);
+            const float inv = row_inverse_norm(ws.norms[m + i]);
             group_max[(r0 + m + i) * panel.strips + s] =
                 ws.finite[m + i] ? row_max[i] * inv : std::numeric_limits<float>::quiet_NaN();
           }
@@ -143,7 +143,7 @@ int64_t assign_block(const Matrix& x, const CentroidPanel& panel, int64_t r0, in
       continue;
     }
     // Cosine = dot / ||x||; a zero row has all dots 0 and keeps cosine 0.
-    const float inv = 1.0f / std::max(std::sqrt(ws.norms[r]), 1e-12f);
+    const float inv = row_inverse_norm(ws.norms[r]);
     index[row] = top.index;
     best_cos[row] = top.best * inv;
     if (second_cos) second_cos[row] = second == neg_inf ? neg_inf : second * inv;

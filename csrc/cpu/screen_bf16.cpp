@@ -291,7 +291,7 @@ PC_BF16 int64_t screen_block_bf16(const Bf16Panel& sp, const CentroidPanel& pane
     for (int64_t p = p0 + 1; p < p1; ++p)
       if (ws.pair_score[p] > ws.pair_score[best_p]) best_p = p;
     index[r0 + r] = ws.pair_centroid[best_p];
-    const float inv = 1.0f / std::max(std::sqrt(ws.norms[r]), 1e-12f);
+    const float inv = row_inverse_norm(ws.norms[r]);
     best_cos[r0 + r] = ws.pair_score[best_p] * inv;
     ++n_certified;
   }

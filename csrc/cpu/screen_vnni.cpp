@@ -203,7 +203,7 @@ PC_VNNI int64_t screen_block_vnni(const ScreenPanel& sp, const CentroidPanel& pa
     for (int i = 0; i < count; ++i) {
       const int64_t r = ws.certified_rows[c0 + i];
       _mm512_store_ps(lanes, dots[i]);
-      const float inv = 1.0f / std::max(std::sqrt(ws.norms[r]), 1e-12f);
+      const float inv = row_inverse_norm(ws.norms[r]);
       best_cos[r0 + r] = lanes[index[r0 + r] % NR] * inv;
     }
   }
