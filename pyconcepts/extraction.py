@@ -73,6 +73,8 @@ DEFAULTS: Dict[str, object] = {
     "refine_rotation_lr": 1e-2,  # radians per step, at most, for the unit directions
     "refine_batch": 2048,
     "merge_guard": 0.5,          # stop when two detectors' Jaccard overlap passes this (None: off)
+    "refine_stop_flips": 1e-3,   # end a refinement once 10 steps flip at most this share of the
+                                 # probe's detections (None: run every step)
     "loss_weights": None,        # overrides of detectors.DEFAULT_WEIGHTS
     # tau: the inactive-classifier floor nu = tau / I. With tau = 1 the floor is the uniform
     # share, which a concept rarer than average is always under: the loss (weight 15) then
@@ -281,6 +283,10 @@ def _guard(opts) -> Optional[float]:
     return None if opts["merge_guard"] is None else float(opts["merge_guard"])
 
 
+def _stop(opts) -> Optional[float]:
+    return None if opts["refine_stop_flips"] is None else float(opts["refine_stop_flips"])
+
+
 def _refine(sample, decoding, bias, encoding, mean, ura_loss, opts, seed, progress, history,
             guard_report):
     steps = int(opts["refine_steps"])
@@ -304,7 +310,7 @@ def _refine(sample, decoding, bias, encoding, mean, ura_loss, opts, seed, progre
         rotation_lr=float(opts["refine_rotation_lr"]), tau=float(opts["tau"]),
         gamma=float(opts["gamma"]), rho=float(opts["rho"]), v=float(opts["soft_max_power"]),
         seed=seed, center=mean, callback=callback, max_overlap=_guard(opts),
-        report=guard_report,
+        report=guard_report, stop_flips=_stop(opts),
     )
 
 
@@ -332,7 +338,7 @@ def _joint(sample, decoding, bias, mean, ura_loss, opts, seed, progress, history
         rotation_lr=float(opts["joint_rotation_lr"]), tau=float(opts["tau"]),
         gamma=float(opts["gamma"]), rho=float(opts["rho"]), v=float(opts["soft_max_power"]),
         seed=seed + 1, center=mean, callback=callback, max_overlap=_guard(opts),
-        report=guard_report,
+        report=guard_report, stop_flips=_stop(opts),
     )
 
 
