@@ -57,6 +57,8 @@ DEFAULTS: Dict[str, object] = {
     "n_init": 10,                # k-means restarts: with 3, about 1 seed in 10 of the paper's
                                  # synthetic model kept a split + merged clustering (IoU 0.34)
     "max_iter": 100,
+    "whiten": "auto",            # cluster in whitened coordinates: True, False or 'auto' (where
+                                 # the restarts reproduce each other more; see directions.py)
     "decoder": "logistic",       # filters of the clustering stage: 'logistic' (max-margin fit of
                                  # the cluster memberships) or 'discriminant' (LDA); see directions.py
     "decoder_penalty": 1e-6,     # L2 penalty of the logistic filters (whitened units)
@@ -228,7 +230,8 @@ def _extract(model, layer, images, k, seed, refine, ura, skip_tokens, opts, prog
     if progress:
         progress("clustering", 0, 1)
     basis = extract_directions(source, k, seed=seed, n_init=int(opts["n_init"]),
-                               max_iter=int(opts["max_iter"]), alternations=int(opts["alternations"]),
+                               max_iter=int(opts["max_iter"]), whiten=opts["whiten"],
+                               alternations=int(opts["alternations"]),
                                decoder=str(opts["decoder"]), decoder_penalty=float(opts["decoder_penalty"]),
                                decoder_sample=int(opts["decoder_sample"]),
                                layer=layer, model_id=model_id)
