@@ -205,7 +205,8 @@ class DirectionalClustering:
     init: ``"k-means++"`` (default: D^2-style seeding on cosine over the sample, exact, by
         rejection against a reference distribution refreshed with blocked native calls:
         0.2 s for K = 1024 over 40960 sample rows) or ``"random"`` (K distinct non-zero
-        sample rows, as faiss and scikit-learn's ``init="random"``).
+        sample rows, as faiss and scikit-learn's ``init="random"``), or a (K, D) tensor of
+        starting centroids in the clustering coordinates (normalised; one start, n_init ignored).
     n_init: independent seedings; the one with the best objective is kept.
     max_iter, tol: Lloyd iterations cap; stop when the objective improves by < tol relative.
     init_sample_size: rows drawn (uniformly without replacement, keyed by global row number)
@@ -301,8 +302,12 @@ class DirectionalClustering:
         _check_positive_int(self.n_concepts, "n_concepts")
         if isinstance(self.seed, (bool, np.bool_)) or not isinstance(self.seed, numbers.Integral):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
-        if not isinstance(self.init, str) or self.init not in ("k-means++", "random"):
-            raise ValueError(f"init must be 'k-means++' or 'random', got {self.init!r}")
+        if isinstance(self.init, torch.Tensor):
+            init = self.init
+            if init.dim() != 2 or init.shape[0] != self.n_concepts or not bool(torch.isfinite(init).all()):
+                raise ValueError(f"init as a tensor must be finite (n_concepts, D), got {tuple(init.shape)}")
+        elif not isinstance(self.init, str) or self.init not in ("k-means++", "random"):
+            raise ValueError(f"init must be 'k-means++', 'random' or a (n_concepts, D) tensor, got {self.init!r}")
         for name in ("center", "whiten", "signal"):
             _check_bool(getattr(self, name), name)
         _check_real(self.whiten_shrinkage, "whiten_shrinkage")
@@ -555,9 +560,9 @@ class DirectionalClustering:
         # With much more data than the seeding sample, the restarts compete on the sample
         # (cheap: Lloyd to convergence on its rows) and only the winner runs on all rows;
         # otherwise every restart runs on all rows.
-        on_sample = self.n_init > 1 and n_rows > 4 * sample.shape[0]
+        on_sample = self.n_init > 1 and not isinstance(self.init, torch.Tensor) and n_rows > 4 * sample.shape[0]
         best = None
-        for _ in range(self.n_init):
+        for _ in range(1 if isinstance(self.init, torch.Tensor) else self.n_init):
             # every rank holds the same sample; rank 0's seeds are used by all regardless
             centroids = _broadcast_from_rank0(self._kmeans_pp(sample, generator))
             result = self._lloyd(sample if on_sample else x, centroids, generator,
@@ -611,6 +616,11 @@ class DirectionalClustering:
                 f"only {m} rows of the seeding sample have a direction (non-zero rows), fewer "
                 f"than n_concepts = {k}; raise init_sample_size or lower n_concepts"
             )
+        if isinstance(self.init, torch.Tensor):
+            if self.init.shape[1] != unit.shape[1]:
+                raise ValueError(f"init has {self.init.shape[1]} columns, x has {unit.shape[1]}")
+            start = self.init.to(device=unit.device, dtype=torch.float32)
+            return (start / start.norm(dim=1, keepdim=True).clamp_min(1e-30)).contiguous()
         if self.init == "random":
             return unit[torch.randperm(m, generator=generator)[:k]]
         chosen = [int(torch.randint(0, m, (1,), generator=generator))]

@@ -167,6 +167,7 @@ def refine_detectors(
     center: Optional[torch.Tensor] = None,
     max_overlap: Optional[float] = 0.5,
     check_every: int = 10,
+    stop_flips: Optional[float] = None,
     callback: Optional[Callable[[int, Dict[str, float]], None]] = None,
     report: Optional[Dict[str, object]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -196,6 +197,10 @@ def refine_detectors(
       ~0.5 around step 10 and falls as the neighbour shrinks), and so is one detector taking
       over another's territory while that one shrinks.
 
+    - Early stop (``stop_flips``, None: off): at a check whose detections on the probe differ
+      from the previous check's in at most that share of the probe's (row, detector) entries,
+      the steps end: the detections no longer move.
+
     ``weights`` override ``DEFAULT_WEIGHTS`` (a weight of 0 drops a term). ``extra_loss``
     (see the module docstring) is added each step. ``callback(step, losses)`` sees the float
     values; ``report`` (a dict), when given, receives ``steps_run``, ``kept_step`` (the step
@@ -211,6 +216,8 @@ def refine_detectors(
         raise ValueError("steps must be >= 0 and batch_size >= 1")
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}")
+    if stop_flips is not None and not stop_flips >= 0:
+        raise ValueError(f"stop_flips must be >= 0 or None, got {stop_flips}")
     w_all = dict(DEFAULT_WEIGHTS)
     unknown = set(weights or {}) - set(w_all)
     if unknown:
@@ -246,6 +253,9 @@ def refine_detectors(
         start_overlap = pairwise_jaccard(probe @ w0.T > b0)
     kept = (w0.clone(), b0.clone())
     worst_overlap, failed_checks, kept_step, steps_run = 0.0, 0, 0, 0
+    with torch.no_grad():
+        last_detected = probe @ w0.T > b0
+    stopped_early = False
     for step in range(steps):
         idx = torch.randint(0, x.shape[0], (min(batch_size, x.shape[0]),), generator=g).to(device)
         batch = x.index_select(0, idx)
@@ -277,20 +287,29 @@ def refine_detectors(
         steps_run = step + 1
         if callback is not None:
             callback(step, {k: float(t.detach()) for k, t in losses.items()})
-        if max_overlap is not None and (steps_run % check_every == 0 or steps_run == steps):
+        checking = steps_run % check_every == 0 or steps_run == steps
+        if checking and (max_overlap is not None or stop_flips is not None):
             with torch.no_grad():
                 w, b = to_raw(direction, log_margin, offset)
-                overlap = pairwise_jaccard(probe @ w.T > b)
+                detected = probe @ w.T > b
+            flips = int((detected != last_detected).sum())
+            last_detected = detected
+            if max_overlap is not None:
+                overlap = pairwise_jaccard(detected)
                 excess = float((overlap - torch.clamp(start_overlap, min=max_overlap)).max())
-            worst_overlap = max(worst_overlap, float(overlap.max()))
-            if excess > 0:
-                failed_checks += 1
-            else:
-                kept, kept_step = (w.detach().clone(), b.detach().clone()), steps_run
+                worst_overlap = max(worst_overlap, float(overlap.max()))
+                if excess > 0:
+                    failed_checks += 1
+                else:
+                    kept, kept_step = (w.detach().clone(), b.detach().clone()), steps_run
+            if stop_flips is not None and flips <= stop_flips * detected.numel():
+                stopped_early = True
+                break
     if max_overlap is None:
         with torch.no_grad():
             kept, kept_step = to_raw(direction, log_margin, offset), steps_run
     if report is not None:
-        report.update(steps_run=steps_run, kept_step=kept_step, failed_checks=failed_checks,
+        report.update(steps_run=steps_run, stopped_early=stopped_early, kept_step=kept_step,
+                      failed_checks=failed_checks,
                       max_overlap=worst_overlap, start_max_overlap=float(start_overlap.max()))
     return kept[0].detach().to(torch.float32), kept[1].detach().to(torch.float32)

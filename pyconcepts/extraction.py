@@ -58,6 +58,8 @@ DEFAULTS: Dict[str, object] = {
     "n_init": 10,                # k-means restarts: with 3, about 1 seed in 10 of the paper's
                                  # synthetic model kept a split + merged clustering (IoU 0.34)
     "max_iter": 100,
+    "whiten": "auto",            # cluster in whitened coordinates: True, False or 'auto' (where
+                                 # the restarts reproduce each other more; see directions.py)
     "decoder": "logistic",       # filters of the clustering stage: 'logistic' (max-margin fit of
                                  # the cluster memberships) or 'discriminant' (LDA); see directions.py
     "decoder_penalty": 1e-6,     # L2 penalty of the logistic filters (whitened units)
@@ -74,6 +76,8 @@ DEFAULTS: Dict[str, object] = {
     "refine_rotation_lr": 1e-2,  # radians per step, at most, for the unit directions
     "refine_batch": 2048,
     "merge_guard": 0.5,          # stop when two detectors' Jaccard overlap passes this (None: off)
+    "refine_stop_flips": 1e-3,   # end a refinement once 10 steps flip at most this share of the
+                                 # probe's detections (None: run every step)
     "loss_weights": None,        # overrides of detectors.DEFAULT_WEIGHTS
     # tau: the inactive-classifier floor nu = tau / I. With tau = 1 the floor is the uniform
     # share, which a concept rarer than average is always under: the loss (weight 15) then
@@ -299,7 +303,8 @@ def _extract(model, layer, images, k, seed, refine, ura, skip_tokens, opts, prog
     if progress:
         progress("clustering", 0, 1)
     basis = extract_directions(source, k, seed=seed, n_init=int(opts["n_init"]),
-                               max_iter=int(opts["max_iter"]), alternations=int(opts["alternations"]),
+                               max_iter=int(opts["max_iter"]), whiten=opts["whiten"],
+                               alternations=int(opts["alternations"]),
                                decoder=str(opts["decoder"]), decoder_penalty=float(opts["decoder_penalty"]),
                                decoder_sample=int(opts["decoder_sample"]),
                                layer=layer, model_id=model_id)
@@ -354,6 +359,10 @@ def _guard(opts) -> Optional[float]:
     return None if opts["merge_guard"] is None else float(opts["merge_guard"])
 
 
+def _stop(opts) -> Optional[float]:
+    return None if opts["refine_stop_flips"] is None else float(opts["refine_stop_flips"])
+
+
 def _refine(sample, decoding, bias, encoding, mean, ura_loss, opts, seed, progress, history,
             guard_report):
     steps = int(opts["refine_steps"])
@@ -377,7 +386,7 @@ def _refine(sample, decoding, bias, encoding, mean, ura_loss, opts, seed, progre
         rotation_lr=float(opts["refine_rotation_lr"]), tau=float(opts["tau"]),
         gamma=float(opts["gamma"]), rho=float(opts["rho"]), v=float(opts["soft_max_power"]),
         seed=seed, center=mean, callback=callback, max_overlap=_guard(opts),
-        report=guard_report,
+        report=guard_report, stop_flips=_stop(opts),
     )
 
 
@@ -405,7 +414,7 @@ def _joint(sample, decoding, bias, mean, ura_loss, opts, seed, progress, history
         rotation_lr=float(opts["joint_rotation_lr"]), tau=float(opts["tau"]),
         gamma=float(opts["gamma"]), rho=float(opts["rho"]), v=float(opts["soft_max_power"]),
         seed=seed + 1, center=mean, callback=callback, max_overlap=_guard(opts),
-        report=guard_report,
+        report=guard_report, stop_flips=_stop(opts),
     )
 
 

@@ -70,12 +70,10 @@ def test_cluster_missing_from_the_decoder_sample_gets_its_discriminant():
     data = paper_setup(2000, seed=1)
     few = pc.extract_directions(data.x, 3, seed=2, n_init=1, decoder_sample=20)
     full = pc.extract_directions(data.x, 3, seed=2, n_init=1, decoder="discriminant")
-    from pyconcepts.detectors import sample_rows
     import pyconcepts.directions as directions
 
-    sample = sample_rows(data.x, 20, seed=2)
-    km = pc.DirectionalClustering(3, seed=2, whiten=True, n_init=1).fit(data.x)
-    members = torch.bincount(km.predict(sample), minlength=3)
+    members = torch.tensor(few.metadata["decoder_members"])  # per cluster, in the 20 sample rows
+    assert int(members.sum()) == 20
     scarce = members < directions._MIN_DECODER_MEMBERS
     assert 0 < int(scarce.sum()) < 3  # both kinds of filter in one basis
     assert torch.isfinite(few.decoding).all()
@@ -225,3 +223,63 @@ def test_merge_guard_returns_the_last_state_without_duplicates():
     _, _, _, _, (w, b), guarded = _paper_refine(2, **bad)
     assert guarded["failed_checks"] > 0 and guarded["kept_step"] < 200
     assert float(detectors.pairwise_jaccard(data.x @ w.T > b).max()) <= 0.5
+
+
+def test_clustering_starts_from_given_centroids():
+    data = paper_setup(3000, seed=0)
+    km = pc.DirectionalClustering(3, seed=0, n_init=1).fit(data.x)
+    again = pc.DirectionalClustering(3, seed=5, init=km.centroids_, max_iter=100).fit(data.x)
+    assert torch.allclose(again.centroids_, km.centroids_, atol=1e-4)
+    with pytest.raises(ValueError, match="init"):
+        pc.DirectionalClustering(3, init=torch.zeros(2, 16))
+    with pytest.raises(ValueError, match="columns"):
+        pc.DirectionalClustering(3, init=torch.ones(3, 5)).fit(data.x)
+
+
+def test_auto_whitening_keeps_it_where_the_restarts_agree():
+    # the paper's model: whitened restarts that reach the best objective share its labels
+    data = paper_setup(6000, seed=0)
+    basis = pc.extract_directions(data.x, 3, seed=0)
+    assert basis.metadata["whitened"] is True
+    agreement = basis.metadata["restart_agreement"]
+    assert agreement["whitened"] >= agreement["plain"]
+    report = recovery_report(basis, data)
+    assert report["iou_min"] >= 0.95 and report["encoding_cosine_min"] >= 0.95, report
+
+
+def test_auto_whitening_drops_it_on_a_real_layer_and_the_halves_agree():
+    # the demo network's last conv layer (mostly background): in whitened coordinates the
+    # restarts share about half of their labels, in plain ones more; the decoding directions
+    # from two halves of the images then match (whitened: ~0.55 mean cosine)
+    from pyconcepts.datasets.shapes import make_shapes
+    from pyconcepts.demo.run import DEMO_LAYER, load_model
+    from pyconcepts.metrics import linear_sum_assignment
+    from pyconcepts.taps import LayerTap
+
+    images = make_shapes(400, seed=10, watermark="random", watermark_rate=0.3, with_masks=False).images
+    with torch.no_grad():
+        x = torch.cat(list(LayerTap(load_model(), DEMO_LAYER).rows(images, 100))).float()
+    half = x.shape[0] // 2
+    a = pc.extract_directions(x[:half].contiguous(), 8, seed=0)
+    b = pc.extract_directions(x[half:].contiguous(), 8, seed=1)
+    assert a.metadata["whitened"] is False and b.metadata["whitened"] is False
+    wa = torch.nn.functional.normalize(a.decoding.double(), dim=1)
+    wb = torch.nn.functional.normalize(b.decoding.double(), dim=1)
+    cos = (wa @ wb.T).numpy()
+    rows, cols = linear_sum_assignment(-cos)
+    assert float(cos[rows, cols].mean()) >= 0.8, cos[rows, cols]
+
+
+def test_refinement_stops_once_the_detections_settle():
+    data = paper_setup(3000, seed=0)
+    basis = pc.extract_directions(data.x, 3, seed=0)
+    report = {}
+    detectors.refine_detectors(data.x, basis.decoding, basis.bias, steps=300, check_every=10,
+                               stop_flips=1.0, report=report)
+    assert report["stopped_early"] and report["steps_run"] == 10
+    report = {}
+    detectors.refine_detectors(data.x, basis.decoding, basis.bias, steps=30, check_every=10,
+                               stop_flips=None, report=report)
+    assert not report["stopped_early"] and report["steps_run"] == 30
+    with pytest.raises(ValueError, match="stop_flips"):
+        detectors.refine_detectors(data.x, basis.decoding, basis.bias, stop_flips=-1.0)
