@@ -181,11 +181,11 @@ class ConceptBasis:
         if model is not None and isinstance(recorded, dict):
             current = model_fingerprint(model)
             if recorded.get("architecture") != current["architecture"]:
-                problems.append("the basis was extracted from a model of another architecture "
-                                f"({self.model_id or 'unnamed'}: parameter names or shapes differ)")
+                problems.append(f"the basis was extracted from {self.model_id or 'another model'}, whose "
+                                "parameter names or shapes differ from this model's")
             elif recorded.get("weights") != current["weights"]:
-                problems.append(f"the basis was extracted from the same architecture with other weights "
-                                f"({self.model_id or 'unnamed'})")
+                problems.append(f"the basis was extracted from {self.model_id or 'a model'} with other "
+                                "weights (same parameter names and shapes)")
         return problems
 
     # ------------------------------------------------------------------ persistence
@@ -289,11 +289,12 @@ class _Foreign(Exception):
 
 
 def model_fingerprint(model) -> Dict[str, str]:
-    """Hashes of a model: ``architecture`` (class name, parameter and buffer names, shapes and
-    dtypes) and ``weights`` (their values, byte for byte). Hashing reads every weight once."""
+    """Hashes of a model: ``architecture`` (parameter and buffer names, shapes and dtypes) and
+    ``weights`` (their values, byte for byte). The class name is left out: a wrapper or a
+    renamed class with the same tensors computes with the same layer. Hashing reads every
+    weight once."""
     arch = hashlib.blake2b(digest_size=16)
     weights = hashlib.blake2b(digest_size=16)
-    arch.update(type(model).__qualname__.encode())
     for name, tensor in sorted(model.state_dict().items()):
         if not isinstance(tensor, torch.Tensor):
             continue

@@ -228,6 +228,11 @@ def _read_state_dict(path: str, allow_pickle: bool) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as exc:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+        if not head.startswith(b"PK") and not head[:1] == b"\x80":  # neither a torch zip nor a pickle
+            raise UserError(f"--weights: {path!r} is not a weights file (.safetensors or a torch.save "
+                            "state dict)") from exc
         if allow_pickle:
             raise UserError(f"--weights: cannot read {path!r}: {_one_line(exc)}") from exc
         raise UserError(f"--weights: {path!r} holds more than tensors (a pickle); pass --allow-pickle "
@@ -283,6 +288,9 @@ def load_model(spec: Optional[str], weights: Optional[str], *, allow_pickle: boo
     model = _build_model(spec)
     if weights:
         _load_state(model, _read_state_dict(weights, allow_pickle), weights)
+    elif any(True for _ in model.parameters()):
+        print(f"pyconcepts: warning: no --weights: {spec} runs with the weights its factory gave it "
+              "(random ones, unless the factory loads trained weights)", file=sys.stderr)
     return model.eval()
 
 
@@ -566,7 +574,8 @@ def _model_setup(args, layer_from_basis=None):
     try:
         resolve_layer(model, layer)
     except ValueError as exc:
-        raise UserError(f"--layer: {_one_line(exc)}") from exc
+        where = "--layer" if args.layer else f"the basis's layer (from {args.basis})"
+        raise UserError(f"{where}: {_one_line(exc)}") from exc
     return model, layer
 
 
@@ -599,11 +608,14 @@ def _output_class_names(args, source, n_outputs: int) -> Optional[List[str]]:
     subfolders when there are as many as outputs (torchvision ImageFolder order); else None."""
     names = None
     if args.classes:
-        try:
-            with open(args.classes, encoding="utf-8") as handle:
-                text = handle.read()
-        except OSError as exc:
-            raise UserError(f"--classes: cannot read {args.classes!r}: {exc.strerror}") from exc
+        if args.classes.lstrip().startswith("["):  # an inline JSON list
+            text = args.classes
+        else:
+            try:
+                with open(args.classes, encoding="utf-8") as handle:
+                    text = handle.read()
+            except OSError as exc:
+                raise UserError(f"--classes: cannot read {args.classes!r}: {exc.strerror}") from exc
         try:
             names = [str(v) for v in json.loads(text)] if text.lstrip().startswith("[") else \
                 [line.strip() for line in text.splitlines() if line.strip()]
@@ -724,7 +736,8 @@ def _cmd_report(args) -> int:
     basis = _load_basis(args.basis)
     if args.out is None:
         if args.model or args.images or args.weights:
-            raise UserError("--out is required to write the report (without it, report prints a summary of the basis)")
+            raise UserError("--out is required to write the HTML report (only `pyconcepts report BASIS` with "
+                            "no other option prints a text summary of the basis)")
         _print_summary(basis)
         return 0
     _check_out_folder(args.out)
@@ -939,8 +952,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--options", help="JSON object overriding pyconcepts.extraction.DEFAULTS")
     p.add_argument("--skip-tokens", type=int, default=0,
                    help="leading tokens (class, registers) of a token layer that are not patches")
-    p.add_argument("--no-refine", action="store_true")
-    p.add_argument("--no-ura", action="store_true")
+    p.add_argument("--no-refine", action="store_true",
+                   help="skip the gradient refinement of the detectors (faster; on by default)")
+    p.add_argument("--no-ura", action="store_true",
+                   help="refine without Uncertainty Region Alignment through the rest of the network")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_cmd_extract)
 

@@ -606,10 +606,10 @@ class DirectionalClustering:
         cosine_assign call over the sample (GEMM rate instead of one matrix-vector product
         per seed).
         """
-        unit = sample.to(torch.float32)
-        norms = unit.norm(dim=1)
+        rows = sample.to(torch.float64)  # a float32 norm overflows from 1e19 and underflows tiny rows
+        norms = rows.norm(dim=1)
         # Zero rows (common after a ReLU) have no direction: never a seed.
-        unit = (unit[norms > 0] / norms[norms > 0, None]).contiguous()
+        unit = (rows[norms > 0] / norms[norms > 0, None]).to(torch.float32).contiguous()
         k, m = self.n_concepts, unit.shape[0]
         if m < k:
             raise ValueError(

@@ -388,6 +388,8 @@ def extract_directions(
     sample = sample_rows(x, max(decoder_sample, _RESTART_ROWS), seed, chunk_size)
     if not bool(torch.isfinite(sample).all()):
         raise ValueError("x contains NaN or Inf rows")
+    if sample.shape[0] > 0 and bool((sample == sample[:1]).all()):
+        raise ValueError("x has no spread to whiten: its rows (a sample of them) are all identical")
     if sample.shape[0] < n_concepts:
         raise ValueError(f"n_concepts = {n_concepts} exceeds the number of rows N = {sample.shape[0]}")
     order = torch.randperm(sample.shape[0], generator=torch.Generator().manual_seed(seed))

@@ -231,7 +231,7 @@ def test_clustering_starts_from_given_centroids():
     again = pc.DirectionalClustering(3, seed=5, init=km.centroids_, max_iter=100).fit(data.x)
     assert torch.allclose(again.centroids_, km.centroids_, atol=1e-4)
     with pytest.raises(ValueError, match="init"):
-        pc.DirectionalClustering(3, init=torch.zeros(2, 16))
+        pc.DirectionalClustering(3, init=torch.zeros(2, 16)).fit(data.x)  # checked by fit
     with pytest.raises(ValueError, match="columns"):
         pc.DirectionalClustering(3, init=torch.ones(3, 5)).fit(data.x)
 

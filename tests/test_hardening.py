@@ -299,3 +299,13 @@ def test_killed_writer_leftovers_are_removed_by_the_next_save(tmp_path):
     live.touch()
     _basis().save(path)
     assert live.exists()
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e30, 1e-30])
+def test_clustering_is_scale_free_for_finite_rows(scale):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 8, generator=g) + 3 * torch.eye(8)[torch.randint(0, 4, (2000,), generator=g)]
+    ref = pc.DirectionalClustering(4, seed=0, n_init=2).fit(x)
+    scaled = pc.DirectionalClustering(4, seed=0, n_init=2).fit(x * scale)
+    assert torch.equal(scaled.predict(x * scale), ref.predict(x))
+    assert torch.allclose(scaled.centroids_, ref.centroids_, atol=1e-5)

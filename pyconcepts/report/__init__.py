@@ -36,7 +36,7 @@ __all__ = ["write_report", "OPTIONS"]
 # Options of write_report(**options) and their defaults.
 OPTIONS: Dict[str, object] = {
     "influence_images": 256,   # seeded sample the removal effects (the ranking) are measured on
-    "rcav_concepts": 8,        # RCAV tests this many of the most influential concepts
+    "rcav_concepts": 4,        # RCAV tests this many of the most influential concepts
     "rcav_images": 32,         # the first images of that sample that RCAV runs on
     "rcav_permutations": None, # label permutations of the RCAV test; None: enough that the
                                # smallest Bonferroni-adjusted p is 0.8 x the level, at most 2000
@@ -139,7 +139,8 @@ def write_report(
     """
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
-        raise TypeError(f"write_report got unknown option(s) {unknown}; known: {sorted(OPTIONS)}")
+        known = sorted([*OPTIONS, "batch_size", "top", "maps", "rcav", "seed"])
+        raise TypeError(f"write_report got unknown option(s) {unknown}; known: {known}")
     opts = {**OPTIONS, **options}
     for name in ("decoding", "bias", "encoding", "mean", "latent", "n_concepts"):
         if not hasattr(basis, name):
@@ -256,11 +257,9 @@ def write_report(
         f"Influence: the mean change of the class probabilities (total variation, 0.5 x sum |p' - p|) when the "
         f"concept is removed at {layer} from {sample_words}. Flips: predictions that change.",
         "Fires on: the share of the layer's patches where the detector fires (w.x > b on the raw activation).",
-        "Pushes up / down: " + ("the classes whose probability rises in more / fewer than half of the images when "
-                                "the concept is added (RCAV); * marks a significant one. " + rcav_note
-                                if result is not None else
-                                "the classes that lose / gain the most probability when the concept is removed "
-                                "(RCAV not run)."),
+        "Pushes up / down: the classes that lose / gain the most probability (at least 0.001) when the concept "
+        "is removed" + ("; classes marked * come first: RCAV finds that adding the concept raises / lowers their "
+                        "probability significantly. " + rcav_note if result is not None else " (RCAV not run)."),
         f"Top patches: {crop_note}",
     ]
     if m.mask_iou is not None:

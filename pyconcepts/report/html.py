@@ -56,15 +56,14 @@ class ConceptView:
         return f"concepts/concept-{self.index:03d}.html"
 
     def up_down(self, n: int = 3) -> Tuple[List[ClassEffect], List[ClassEffect]]:
-        """Classes the concept pushes up and down: by RCAV score when measured (above / below
-        one half, significant ones first), else by the probability the class loses / gains
-        when the concept is removed."""
-        if self.effects and self.effects[0].rcav is not None:
-            up = sorted((e for e in self.effects if e.rcav > 0.5), key=lambda e: (-e.significant, -e.rcav))
-            down = sorted((e for e in self.effects if e.rcav < 0.5), key=lambda e: (-e.significant, e.rcav))
-        else:
-            up = sorted((e for e in self.effects if e.removal < 0), key=lambda e: e.removal)
-            down = sorted((e for e in self.effects if e.removal > 0), key=lambda e: -e.removal)
+        """Classes the concept pushes up and down: first those RCAV finds significant, then
+        by the probability the class loses / gains when the concept is removed, leaving out
+        changes below ``MIN_REMOVAL_EFFECT`` (a non-significant RCAV score says nothing)."""
+        sig_up = sorted((e for e in self.effects if e.significant and e.rcav > 0.5), key=lambda e: -e.rcav)
+        sig_down = sorted((e for e in self.effects if e.significant and e.rcav < 0.5), key=lambda e: e.rcav)
+        rest = [e for e in self.effects if not e.significant]
+        up = sig_up + sorted((e for e in rest if e.removal <= -MIN_REMOVAL_EFFECT), key=lambda e: e.removal)
+        down = sig_down + sorted((e for e in rest if e.removal >= MIN_REMOVAL_EFFECT), key=lambda e: -e.removal)
         return up[:n], down[:n]
 
 
@@ -164,12 +163,16 @@ def _p(p: Optional[float]) -> str:
     return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
+# a class whose probability moves less than this when the concept is removed is not listed
+MIN_REMOVAL_EFFECT = 1e-3
+
+
 def _class_tag(e: ClassEffect, kind: str) -> str:
     arrow = "&#8593;" if kind == "up" else "&#8595;"
     if e.significant:
         return (f"<span class=\"cls {kind} sig\" title=\"significant (RCAV, Bonferroni)\">"
                 f"{arrow} {esc(e.name)}*</span>")
-    why = "not significant (RCAV)" if e.rcav is not None else "from the removal effect (no RCAV test)"
+    why = "from the removal effect (RCAV: not significant)" if e.rcav is not None else "from the removal effect"
     return f"<span class=\"cls {kind} weak\" title=\"{why}\">{arrow} {esc(e.name)}</span>"
 
 
