@@ -71,7 +71,7 @@ from . import ops
 from .basis import ConceptBasis
 from .clustering import DirectionalClustering
 from .signal import streamed_signal_vectors
-from .stats import DEFAULT_CHUNK_SIZE, all_reduce_sum_, fail_together, iter_chunks
+from .stats import DEFAULT_CHUNK_SIZE, all_reduce_sum_, fail_together, iter_chunks, local_only
 
 __all__ = ["extract_directions", "pattern_to_filter", "f1_thresholds", "logistic_filters"]
 
@@ -319,7 +319,7 @@ def _sample_restarts(sample: torch.Tensor, n_concepts: int, seed: int, n_init: i
     u = (centred @ whitening_matrix(covariance, shrinkage)).to(torch.float32).contiguous()
     runs = []
     for r in range(n_init):
-        with _one_thread():
+        with _one_thread(), local_only():  # every rank holds the same sample
             km = DirectionalClustering(n_concepts, seed=seed * 7919 + r, center=False,
                                        max_iter=max_iter, pruning=False, num_threads=1).fit(u)
         runs.append((km.objective_, km.centroids_, km.labels_))

@@ -12,6 +12,7 @@ tensors: a tensor (split into row chunks), a list/tuple of tensors, a generator 
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Optional, Union
 
@@ -120,11 +121,28 @@ class CompensatedSum:
         self.compensation += other.compensation
 
 
+_LOCAL_ONLY = threading.local()
+
+
 def distributed() -> bool:
-    """True under an initialised torch.distributed process group."""
+    """True under an initialised torch.distributed process group, outside ``local_only``."""
+    if getattr(_LOCAL_ONLY, "depth", 0):
+        return False
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
+
+
+@contextmanager
+def local_only():
+    """Within the block this thread's statistics and clustering ignore the process group: for
+    work every rank does on the same data (e.g. restarts on a sample all ranks hold), which
+    must not be summed over ranks as if each held a shard."""
+    _LOCAL_ONLY.depth = getattr(_LOCAL_ONLY, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _LOCAL_ONLY.depth -= 1
 
 
 def all_reduce_sum_(*tensors: torch.Tensor) -> None:
@@ -238,7 +256,7 @@ class StreamingCovariance:
         """Combine over the process group: reduce raw sums about the local mean's consensus."""
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()):
+        if not distributed():
             return self
         count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.mean.device)
         weighted = self.mean * self.count
@@ -336,7 +354,7 @@ class StreamingMoments:
         """Sum the statistics over the process group (no-op without torch.distributed)."""
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()):
+        if not distributed():
             return self
         tensors = [self.count]
         for s in self._sums():
