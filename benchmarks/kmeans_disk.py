@@ -2,7 +2,7 @@
 
     python -m benchmarks.kmeans_disk [--n 1000000 --d 256 --k 256] [--noise 0.3] [--repeat 3]
 
-Answers issue 6's question for streams too large for RAM: keep the pruning bounds on disk
+For streams too large for RAM: whether to keep the pruning bounds on disk
 (``pruning_dir``) or fall back to plain passes? The rows are written as .npy chunk files
 and every page of them is dropped from the OS page cache before it is read
 (posix_fadvise DONTNEED), so each pass really reads the disk, as it would for data larger

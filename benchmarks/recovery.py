@@ -5,7 +5,7 @@
 Runs the real ``pc.extract_directions`` on data from ``pyconcepts.synthetic`` and prints, per
 configuration and seed: signed cosine of the encoding directions to the truth (Hungarian
 matched; mean and min), decoding-direction cosine to the ideal filters, detector IoU with the
-true presence (mean and min), and the wall time. Targets (issue 3): mean cos >= 0.98,
+true presence (mean and min), and the wall time. Targets: mean cos >= 0.98,
 min cos >= 0.95, every IoU >= 0.85.
 """
 from __future__ import annotations

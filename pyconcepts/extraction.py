@@ -43,7 +43,7 @@ from . import detectors
 from .basis import ConceptBasis
 from .directions import extract_directions
 from .signal import masked_signal_vectors, signal_vectors
-from .stats import DEFAULT_CHUNK_SIZE
+from .stats import DEFAULT_CHUNK_SIZE, KeyedRowSample, distributed, fail_together, shard_offset
 from .outputs import OutputSpec, check_output_spec, read_scores, scores_kind
 from .taps import LayerTap, iter_batches
 from .ura import URALoss
@@ -138,7 +138,7 @@ class _PatchSource:
         self.tap, self.images, self.batch_size = tap, images, batch_size
         self.cached: Optional[List[torch.Tensor]] = []
         self.n_rows = 0
-        pool = _ImagePool(ura_images, seed)
+        pool = _ImagePool(ura_images, seed, images)
         one_shot = not isinstance(images, torch.Tensor) and iter(images) is images
         total = _count_batches(images, batch_size)
         for j, batch in enumerate(iter_batches(images, batch_size)):
@@ -168,41 +168,49 @@ class _PatchSource:
 
 
 class _ImagePool:
-    """A seeded uniform sample of ``size`` images from a stream of batches: every image gets
-    a random key and the ``size`` smallest keys are kept (the pool is in stream order)."""
+    """A seeded uniform sample of ``size`` images from a stream of batches, the same for any
+    batching and, under torch.distributed, on every rank and for any sharding: each image's
+    key is a hash of (seed, its global index) (``stats.KeyedRowSample``), the global index
+    counting the images of the ranks before this one. The pool is in global image order."""
 
-    def __init__(self, size: int, seed: int):
+    def __init__(self, size: int, seed: int, images):
         self.size = max(0, int(size))
-        self.generator = torch.Generator().manual_seed(int(seed) + 0x5EED)
-        self.keys = torch.empty(0)
-        self.order = torch.empty(0, dtype=torch.long)
-        self.kept: Optional[torch.Tensor] = None
+        self.sample = KeyedRowSample(self.size, int(seed) + 0x5EED) if self.size else None
+        self.shape: Optional[torch.Size] = None
         self.seen = 0
+        if self.sample is not None and distributed():
+            with fail_together("the URA image count"):
+                local = _count_images(images)
+            self.seen = shard_offset(local)
 
     def offer(self, batch: torch.Tensor) -> None:
         n = batch.shape[0]
-        keys = torch.rand(n, generator=self.generator)
-        order = torch.arange(self.seen, self.seen + n)
+        if self.sample is not None:
+            if self.shape is not None and batch.shape[1:] != self.shape:
+                raise ValueError(
+                    f"image batches differ in shape ({tuple(self.shape)} then {tuple(batch.shape[1:])}); "
+                    "URA needs images of one size"
+                )
+            self.shape = batch.shape[1:]
+            self.sample.update(batch.detach().reshape(n, -1), self.seen)
         self.seen += n
-        if self.size == 0:
-            return
-        batch = batch.detach().cpu()
-        if self.kept is not None and batch.shape[1:] != self.kept.shape[1:]:
-            raise ValueError(
-                f"image batches differ in shape ({tuple(self.kept.shape[1:])} then {tuple(batch.shape[1:])}); "
-                "URA needs images of one size"
-            )
-        keys = torch.cat([self.keys, keys])
-        order = torch.cat([self.order, order])
-        images = batch if self.kept is None else torch.cat([self.kept, batch])
-        if keys.numel() > self.size:
-            keep = torch.topk(keys, self.size, largest=False).indices
-            keep = keep[torch.argsort(order[keep])]
-            keys, order, images = keys[keep], order[keep], images[keep]
-        self.keys, self.order, self.kept = keys, order, images
 
     def images(self) -> List[torch.Tensor]:
-        return [] if self.kept is None else [self.kept]
+        if self.sample is None:
+            return []
+        rows = self.sample.all_reduce().rows()
+        return [rows.view(rows.shape[0], *self.shape)] if rows.shape[0] else []
+
+
+def _count_images(images) -> int:
+    """The number of images in ``images`` (a tensor, a source-backed batch stream, or any
+    re-iterable of batches, which is then read once without the network)."""
+    if isinstance(images, torch.Tensor):
+        return images.shape[0]
+    source = getattr(images, "source", None)
+    if source is not None and hasattr(source, "__len__"):
+        return len(source)
+    return sum(batch.shape[0] for batch in iter_batches(images))
 
 
 def _coalesce(pieces: List[torch.Tensor], rows: int) -> List[torch.Tensor]:

@@ -19,12 +19,7 @@ OPTIONS = json.dumps({"n_init": 2, "max_iter": 20, "refine_steps": 5, "joint_ste
                       "ura_batch": 4})
 
 
-@pytest.mark.parametrize("ura", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(
-        strict=True, reason="extract's URA image pool is a seeded sample of each rank's own images, so "
-                            "rank 0 refines with another pool than a single process (extraction.py)")),
-])
+@pytest.mark.parametrize("ura", [False, True])
 def test_torchrun_two_ranks_give_the_single_process_basis(tmp_path, ura):
     (tmp_path / "model.py").write_text(MODEL_SRC)
     _photos(str(tmp_path / "photos"), per_class=7)  # 14 images: 7 per rank
