@@ -717,6 +717,11 @@ def _cmd_extract(args) -> int:
     if rank == 0:
         basis.save(args.out)
         print(f"wrote {basis} from {total} images ({probe.width} channels at {layer}) to {args.out}")
+    if world > 1:  # leave together: a rank tearing gloo down while another still talks aborts
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 

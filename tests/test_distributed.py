@@ -27,7 +27,10 @@ def _rank_main(rank, world, init_file, out_file, body, args):
     try:
         torch.save(body(rank, *args), out_file + str(rank))
     finally:
-        dist.destroy_process_group()
+        try:  # leave together: gloo torn down under a rank still talking aborts it
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def _on_two_ranks(body, *args):
@@ -174,7 +177,10 @@ def _extract_worker(rank, world, init_file, out_file):
         torch.save({"decoding": basis.decoding, "bias": basis.bias, "encoding": basis.encoding,
                     "sample": sample}, out_file + str(rank))
     finally:
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def test_extract_directions_on_two_ranks():
