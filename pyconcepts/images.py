@@ -182,6 +182,10 @@ def _pair(size: Size, name: str) -> Optional[Tuple[int, int]]:
 def _channel_stats(values, name: str) -> Optional[torch.Tensor]:
     if values is None:
         return None
+    if isinstance(values, str):
+        if values.lower() != "imagenet":
+            raise ValueError(f"{name} must be numbers or 'imagenet', got {values!r}")
+        values = IMAGENET_MEAN if name == "mean" else IMAGENET_STD
     t = torch.as_tensor(values, dtype=torch.float32).flatten()
     if t.numel() not in (1, 3) or not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} must hold 1 or 3 finite numbers, got {values!r}")

@@ -157,3 +157,13 @@ def test_one_image_file(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"nope")
     with pytest.raises(ValueError, match="could be read"):
         open_images(tmp_path / "bad.png")
+
+
+def test_preprocess_takes_imagenet_statistics_by_name():
+    from pyconcepts.images import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+    p = Preprocess(mean="imagenet", std="ImageNet")
+    assert p.mean.tolist() == pytest.approx(list(IMAGENET_MEAN))
+    assert p.std.tolist() == pytest.approx(list(IMAGENET_STD))
+    with pytest.raises(ValueError, match="mean"):
+        Preprocess(mean="cifar")
