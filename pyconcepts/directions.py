@@ -175,6 +175,7 @@ def _discriminants(class_sums, class_counts, total_sum, total_count, covariance,
 def f1_thresholds(
     x, decoding: torch.Tensor, labels_of, n_concepts: int, center: torch.Tensor,
     covariance: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE, *, return_scale: bool = False,
+    expected_rows: Optional[int] = None,
 ):
     """(K,) thresholds b_i maximising F1 of {w_i . x > b_i} against {label == i}.
 
@@ -201,6 +202,8 @@ def f1_thresholds(
             member_bins = bins.gather(1, labels[:, None]).flatten()
             hist_member += torch.bincount(member_bins, minlength=k * _HIST_BINS).to(torch.float64)
     all_reduce_sum_(hist_all, hist_member)  # this rank's shard -> all rows (torchrun)
+    if expected_rows is not None:
+        _check_rows_read(int(hist_member.sum()), expected_rows, "the threshold pass")
     hist_all = hist_all.view(k, _HIST_BINS)
     hist_member = hist_member.view(k, _HIST_BINS)
     # counts above each lower bin edge (detector fires for bins >= j when b = edge j)
@@ -437,6 +440,7 @@ def extract_directions(
             class_counts += counts.cpu()
     all_reduce_sum_(class_sums, class_counts)
     total = class_counts.sum()
+    _check_rows_read(int(total), km.n_samples_, "the class-sums pass")
     discriminants = _discriminants(class_sums, class_counts, class_sums.sum(0), total, covariance)
     if decoder == "logistic":
         sample = sample[order[:decoder_sample]] if sample.shape[0] > decoder_sample else sample
@@ -460,7 +464,8 @@ def extract_directions(
         decoding, decoder_members = discriminants, None
     decoding = decoding / decoding.norm(dim=1, keepdim=True).clamp_min(1e-300)
     decoding = decoding.to(torch.float32)
-    bias, scale = f1_thresholds(x, decoding, labels_of, k, mean, covariance, chunk_size, return_scale=True)
+    bias, scale = f1_thresholds(x, decoding, labels_of, k, mean, covariance, chunk_size, return_scale=True,
+                                expected_rows=km.n_samples_)
     # the margin 1/||w_i||: the sigmoid calibrated to the cluster membership, so that
     # y_i = sigmoid(w_i . x - b_i) is a usable membership (refinement starts from it)
     decoding, bias = decoding * scale[:, None], bias * scale
@@ -484,7 +489,8 @@ def extract_directions(
     for _ in range(alternations):
         filters = pattern_to_filter(encoding / encoding.norm(dim=1, keepdim=True), within)
         filters = (filters / filters.norm(dim=1, keepdim=True)).to(torch.float32)
-        filter_bias = f1_thresholds(x, filters, labels_of, k, mean, covariance, chunk_size)
+        filter_bias = f1_thresholds(x, filters, labels_of, k, mean, covariance, chunk_size,
+                                    expected_rows=km.n_samples_)
         update = _signal_vectors(x, filters, filter_bias, mean, chunk_size)
         # Averaging successive estimates damps the oscillation of the alternation (an error
         # in the filters comes back transposed and with flipped sign in the signal vectors).
@@ -505,6 +511,13 @@ def extract_directions(
             "decoder_members": None if decoder_members is None else decoder_members.tolist(),
         },
     )
+
+
+def _check_rows_read(read: int, expected: int, where: str) -> None:
+    """A re-read stream must yield the rows the clustering's statistics pass counted."""
+    if read != expected:
+        raise ValueError(f"{where} read {read} rows of x, but the statistics pass read {expected}: "
+                         "the stream changed between passes (it must yield the same rows every time)")
 
 
 def _unit(t: torch.Tensor) -> torch.Tensor:

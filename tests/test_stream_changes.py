@@ -90,3 +90,30 @@ def test_signal_moments_and_restarts_check_their_passes_too():
     stream = ChangingStream(x, x[1:], at=1 + first + 1)
     with pytest.raises(ValueError, match="Lloyd pass 1 read 2999 rows"):
         _fit(stream, n_init=2, pruning=False)
+
+
+
+class _ShrinksAfter:
+    """Yields x in chunks for the first ``full`` reads, then 100 rows fewer."""
+
+    def __init__(self, x, full):
+        self.x, self.full, self.reads = x, full, 0
+
+    def __iter__(self):
+        self.reads += 1
+        rows = self.x if self.reads <= self.full else self.x[:-100]
+        return iter(rows.split(1000))
+
+
+def test_extract_directions_checks_every_pass():
+    from pyconcepts.directions import extract_directions
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 6, generator=g) + 4 * torch.eye(6)[torch.randint(0, 3, (3000,), generator=g)]
+    clean = _ShrinksAfter(x, 10 ** 9)
+    extract_directions(clean, 3, n_init=2, max_iter=5, decoder="discriminant")
+    # read 1 (the decoder sample) is the reference the statistics pass is not checked against;
+    # every later pass but the last (the signal moments) is checked
+    for full in range(2, clean.reads - 1):
+        with pytest.raises(ValueError, match="read 2900 rows|2900|changed"):
+            extract_directions(_ShrinksAfter(x, full), 3, n_init=2, max_iter=5, decoder="discriminant")
