@@ -27,9 +27,14 @@ def test_torchrun_two_ranks_give_the_single_process_basis(tmp_path, ura):
               "--layer", "features.3", "-k", "3", "--batch-size", "4", "--options", OPTIONS, "--quiet"]
     common += [] if ura else ["--no-ura"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "pyconcepts", *common, "--out", str(tmp_path / "two.safetensors")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    for attempt in range(2):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "pyconcepts", *common, "--out", str(tmp_path / "two.safetensors")],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        # a rank aborting in the process group's teardown on a loaded machine (seen rarely, after
+        # the basis was written): run once more; any other failure fails the test
+        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
+            break
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("wrote ConceptBasis") == 1  # rank 0 only
     threads = torch.get_num_threads()

@@ -33,11 +33,23 @@ def _rank_main(rank, world, init_file, out_file, body, args):
             dist.destroy_process_group()
 
 
+def _spawn_two(worker, args, out_file):
+    """mp.spawn on two ranks. A rank that aborts (SIGABRT) in the gloo teardown after both
+    ranks saved their results (seen rarely on a loaded machine) does not fail the test; any
+    other failure does."""
+    try:
+        mp.spawn(worker, args=args, nprocs=2, join=True)
+    except mp.ProcessExitedException as exc:
+        saved = all(os.path.exists(out_file + str(r)) for r in range(2))
+        if exc.signal_name != "SIGABRT" or not saved:
+            raise
+
+
 def _on_two_ranks(body, *args):
     """Runs body(rank, *args) on two gloo ranks; returns what each returned."""
     with tempfile.TemporaryDirectory() as tmp:
         init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "out.pt")
-        mp.spawn(_rank_main, args=(2, init_file, out_file, body, args), nprocs=2, join=True)
+        _spawn_two(_rank_main, (2, init_file, out_file, body, args), out_file)
         return [torch.load(out_file + str(r)) for r in range(2)]
 
 
@@ -192,7 +204,7 @@ def test_extract_directions_on_two_ranks():
     sm, data = _concept_data()
     with tempfile.TemporaryDirectory() as tmp:
         init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "out")
-        mp.spawn(_extract_worker, args=(2, init_file, out_file), nprocs=2, join=True)
+        _spawn_two(_extract_worker, (2, init_file, out_file), out_file)
         got = [torch.load(out_file + str(r)) for r in range(2)]
     for key in ("decoding", "bias", "encoding", "sample"):
         assert torch.equal(got[0][key], got[1][key]), key
