@@ -427,7 +427,8 @@ def extract_directions(
     k, d = n_concepts, km.n_features_in_
 
     def labels_of(chunk):
-        xt = km.transform(chunk)
+        # no separate finiteness pass over every chunk: cosine_assign finds non-finite rows
+        xt = km._transform(chunk.to(torch.float32))
         return ops.cosine_assign(xt, km.centroids_.to(xt.device))[0]
 
     # class sums of raw rows by cluster: the discriminants
