@@ -699,7 +699,8 @@ def _cmd_extract(args) -> int:
     try:
         basis = call_with_output(
             extract, model, layer, BatchStream(source, batch_size), args.concepts, seed=args.seed,
-            refine=not args.no_refine, ura=not args.no_ura, options=options or None, progress=bar,
+            refine=args.refine and not args.no_refine, ura=not args.no_ura, options=options or None,
+            progress=bar,
             model_id=args.model or "pyconcepts-demo-shapesnet", skip_tokens=args.skip_tokens or 0,
             model=model, output=output)
     finally:
@@ -957,10 +958,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--options", help="JSON object overriding pyconcepts.extraction.DEFAULTS")
     p.add_argument("--skip-tokens", type=int, default=0,
                    help="leading tokens (class, registers) of a token layer that are not patches")
-    p.add_argument("--no-refine", action="store_true",
-                   help="skip the gradient refinement of the detectors (faster; on by default)")
-    p.add_argument("--no-ura", action="store_true",
-                   help="refine without Uncertainty Region Alignment through the rest of the network")
+    p.add_argument("--refine", action="store_true",
+                   help="refine the detectors by the paper's losses with Uncertainty Region Alignment "
+                        "through the rest of the network (slower; off by default)")
+    p.add_argument("--no-refine", action="store_true", help="no refinement (the default)")
+    p.add_argument("--no-ura", action="store_true", help="with --refine: refine without URA")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_cmd_extract)
 

@@ -42,7 +42,8 @@ synthetic model in ``benchmarks/recovery.py``):
    one-parameter logistic fit, capped at a members' median score of 16). Unit-norm filters
    gave every patch a membership of ~0.3-0.45 on the demo layer, from which the refinement
    losses could not tell patches apart. Detection (w . x > b) does not depend on the scale.
-4. **Signal vectors** conditioned on the detections P_i (``ops.masked_moments``).
+4. **Signal vectors** conditioned on the detections P_i (``ops.masked_moments``), and each
+   concept's latent level where it is not detected (``absent_level``, what a removal lowers it to).
 5. **Pattern-to-filter alternation** (``alternations`` rounds, default 0; it was 2 with the
    discriminant filters, whose errors it partly corrected): filters from the signal vectors, W = (S^T Sigma_w^-1 S)^-1 S^T Sigma_w^-1 with Sigma_w the pooled
    within-cluster covariance (not the total one, which makes distractor errors grow), re-thresholded, signal vectors again,
@@ -70,7 +71,7 @@ import torch
 from . import ops
 from .basis import ConceptBasis
 from .clustering import DirectionalClustering
-from .signal import streamed_signal_vectors
+from .signal import absent_levels, streamed_signal_vectors
 from .stats import DEFAULT_CHUNK_SIZE, all_reduce_sum_, fail_together, iter_chunks, local_only
 
 __all__ = ["extract_directions", "pattern_to_filter", "f1_thresholds", "logistic_filters"]
@@ -498,9 +499,10 @@ def extract_directions(
         encoding = 0.5 * (_unit(encoding) + _unit(update))
     # the encoding's scale: w_i . s_i = 1 with the decoding kept
     gain = (decoding.to(torch.float64) * encoding.to(torch.float64)).sum(1)
-    encoding = encoding.to(torch.float64) / gain[:, None]
+    encoding = (encoding.to(torch.float64) / gain[:, None]).to(torch.float32)
+    absent = absent_levels(x, decoding, bias, encoding, mean, chunk_size)
     return ConceptBasis(
-        decoding, bias, encoding.to(torch.float32), mean.to(torch.float32),
+        decoding, bias, encoding, mean.to(torch.float32), absent_level=absent,
         layer=layer, model_id=model_id,
         metadata={
             "method": f"directional-clustering+{decoder}+f1-threshold+signal-vectors",

@@ -13,7 +13,8 @@ import torch
 from .stats import (DEFAULT_CHUNK_SIZE, StreamingCovariance, StreamingMoments, fail_together,
                     iter_chunks)
 
-__all__ = ["signal_vectors", "streaming_mean", "streamed_signal_vectors", "masked_signal_vectors"]
+__all__ = ["signal_vectors", "streaming_mean", "streamed_signal_vectors", "masked_signal_vectors",
+           "absent_levels"]
 
 
 def streaming_mean(x, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
@@ -88,3 +89,33 @@ def masked_signal_vectors(x: torch.Tensor, z: torch.Tensor,
     var = (centred * centred).sum(0) / safe
     ok = (n >= 2) & (var > 1e-12)
     return cov / var.clamp_min(1e-12)[:, None], ok
+
+
+def absent_levels(x, decoding: torch.Tensor, bias: torch.Tensor, encoding: torch.Tensor,
+                  mean: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """(K,) float32: each concept's mean latent factor ``(w_i . (x - mean)) / (w_i . s_i)`` over
+    the rows where its detector does not fire (``w_i . x <= b_i``), over all ranks under
+    torch.distributed. This is the concept's level when absent, below 0 (the mean) for a
+    concept that raises the rows it is detected on; removing a concept lowers it to this
+    level. A detector that fires on every row gets 0."""
+    from .stats import all_reduce_sum_
+
+    w = decoding.detach().to(torch.float32)
+    b = bias.detach().to(torch.float32)
+    mu = mean.detach().to(torch.float32)
+    k = w.shape[0]
+    sums = torch.zeros(k, dtype=torch.float64)
+    counts = torch.zeros(k, dtype=torch.float64)
+    with fail_together("the absent levels"):
+        for chunk in iter_chunks(x, chunk_size, dim=w.shape[1]):
+            chunk = chunk.to(torch.float32)
+            score = chunk @ w.to(chunk.device).T
+            # z relative to the mean from the same product: w.x - w.mean
+            z = (score - (w @ mu).to(chunk.device)).to(torch.float64)
+            off = score <= b.to(chunk.device)
+            sums += (z * off).sum(0).cpu()
+            counts += off.sum(0).cpu().to(torch.float64)
+    all_reduce_sum_(sums, counts)
+    gain = (w.double() * encoding.detach().double().to(w.device)).sum(1).cpu()
+    level = torch.where(counts > 0, sums / counts.clamp_min(1) / gain, torch.zeros_like(sums))
+    return level.to(torch.float32)
