@@ -85,6 +85,8 @@ _MIN_DECODER_MEMBERS = 5
 _DECODER_BLOCK = 10
 _DECODER_FLIPS = 1e-4
 _DECODER_TURN = 1e-5
+# Rounds after the first start from the fit before them: a third of the iterations.
+_LATER_ROUND_SHARE = 3
 
 
 def pattern_to_filter(encoding: torch.Tensor, covariance: torch.Tensor, rtol: float = 1e-8) -> torch.Tensor:
@@ -139,14 +141,16 @@ def logistic_filters(
         params.grad = grad
         return loss + 0.5 * penalty * params[:, :-1].pow(2).sum()
 
-    for _ in range(rounds + 1):
+    for round_ in range(rounds + 1):
         params = params.detach().clone().requires_grad_(True)
         optimiser = torch.optim.LBFGS([params], lr=1, max_iter=_DECODER_BLOCK, history_size=20,
                                       line_search_fn="strong_wolfe", tolerance_grad=1e-9,
                                       tolerance_change=1e-12)
         detected, direction = None, None
+        # a later round starts from the previous fit, with a few rows left out of the negatives
+        budget = max_iter if round_ == 0 else max(_DECODER_BLOCK, max_iter // _LATER_ROUND_SHARE)
         with torch.no_grad():
-            for _ in range(max(1, math.ceil(max_iter / _DECODER_BLOCK))):
+            for _ in range(max(1, math.ceil(budget / _DECODER_BLOCK))):
                 optimiser.step(closure)
                 # early stop: the detections on the rows and the filters' directions settled
                 now = (design @ params.T) > 0
