@@ -838,14 +838,15 @@ def _cmd_intervene(args) -> int:
     class_name = _class_namer(args, source, probe.n_outputs)
     cf = call_with_output(counterfactual, model, basis, BatchStream(source, args.batch_size or 32), remove,
                           layer=layer, strength=args.strength, direction=args.direction,
-                          skip_tokens=skip, model=model, output=output)
+                          membership=args.membership, skip_tokens=skip, model=model, output=output)
     rows = torch.arange(cf.logits_before.shape[0])
     before, after = cf.pred_before, cf.pred_after
     dp = cf.probs_after[rows, before] - cf.probs_before[rows, before]
     dlogit = cf.logits_after[rows, before] - cf.logits_before[rows, before]
     changed = int(cf.changed.sum())
     concepts = ", ".join(str(i) for i in remove)
-    print(f"removed concept(s) {concepts} at {layer} (strength {args.strength:g}, along the {args.direction}) "
+    print(f"removed concept(s) {concepts} at {layer} (strength {args.strength:g}, along the {args.direction}, "
+          f"membership {args.membership}) "
           f"on {len(source)} images: {changed} predictions changed; predicted class's probability "
           f"{float(dp.mean()):+.3f} on average (logit {float(dlogit.mean()):+.3f})")
     for j in range(len(source)):
@@ -996,7 +997,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remove", type=int, nargs="+", required=True, metavar="I",
                    help="concept(s) to remove, 0 to K-1")
     p.add_argument("--strength", type=_finite_float, default=1.0,
-                   help="how much of each concept to take out (1: its excess over the mean; default 1)")
+                   help="how much of each concept to take out (1: its excess over its level where it is "
+                        "not detected; default 1)")
+    p.add_argument("--membership", choices=("all", "soft", "hard"), default="all",
+                   help="where: every patch (all, the default), or weighted by the detector (soft: its "
+                        "sigmoid; hard: where it fires)")
     p.add_argument("--layer", help="apply at this layer (default: the basis's layer; another one needs --allow-mismatch)")
     p.add_argument("--direction", choices=("encoding", "decoding"), default="encoding")
     p.add_argument("--classes", help="class names of the model's outputs: a text file, one per line, or a JSON list")
