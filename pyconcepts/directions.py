@@ -71,7 +71,8 @@ import torch
 from . import ops
 from .basis import ConceptBasis
 from .clustering import DirectionalClustering
-from .signal import absent_levels, streamed_signal_vectors
+from .signal import AbsentSums
+from .stats import StreamingMoments
 from .stats import DEFAULT_CHUNK_SIZE, all_reduce_sum_, fail_together, iter_chunks, local_only
 
 __all__ = ["extract_directions", "pattern_to_filter", "f1_thresholds", "logistic_filters"]
@@ -491,20 +492,20 @@ def extract_directions(
     shares = class_counts.to(torch.float64) / max(int(total), 1)
     centred_means = class_sums / class_counts.to(torch.float64).clamp_min(1)[:, None] - mean
     within = covariance.to(torch.float64) - (centred_means * shares[:, None]).T @ centred_means
-    encoding = _signal_vectors(x, decoding, bias, mean, chunk_size)
+    encoding, absent = _signal_vectors(x, decoding, bias, mean, chunk_size, km.n_samples_)
     for _ in range(alternations):
         filters = pattern_to_filter(encoding / encoding.norm(dim=1, keepdim=True), within)
         filters = (filters / filters.norm(dim=1, keepdim=True)).to(torch.float32)
         filter_bias = f1_thresholds(x, filters, labels_of, k, mean, covariance, chunk_size,
                                     expected_rows=km.n_samples_)
-        update = _signal_vectors(x, filters, filter_bias, mean, chunk_size)
+        update, _ = _signal_vectors(x, filters, filter_bias, mean, chunk_size, km.n_samples_)
         # Averaging successive estimates damps the oscillation of the alternation (an error
         # in the filters comes back transposed and with flipped sign in the signal vectors).
         encoding = 0.5 * (_unit(encoding) + _unit(update))
     # the encoding's scale: w_i . s_i = 1 with the decoding kept
     gain = (decoding.to(torch.float64) * encoding.to(torch.float64)).sum(1)
     encoding = (encoding.to(torch.float64) / gain[:, None]).to(torch.float32)
-    absent = absent_levels(x, decoding, bias, encoding, mean, chunk_size)
+    absent = absent.levels(encoding)
     return ConceptBasis(
         decoding, bias, encoding, mean.to(torch.float32), absent_level=absent,
         layer=layer, model_id=model_id,
@@ -531,10 +532,21 @@ def _unit(t: torch.Tensor) -> torch.Tensor:
     return t / t.norm(dim=1, keepdim=True).clamp_min(1e-300)
 
 
-def _signal_vectors(x, decoding, bias, center, chunk_size) -> torch.Tensor:
-    out = streamed_signal_vectors(x, decoding, bias, center, chunk_size)
+def _signal_vectors(x, decoding, bias, center, chunk_size, expected_rows):
+    """(signal vectors (K, D) float64, the concepts' ``AbsentSums``) from one read of x."""
+    moments = StreamingMoments(decoding, bias, center.to(decoding.device))
+    absent = AbsentSums(decoding, bias, center)
+    with fail_together("the signal-vector moments"):
+        for chunk in iter_chunks(x, chunk_size, dim=decoding.shape[1]):
+            moments.update(chunk)
+            absent.update(chunk)
+    all_reduce_sum_(absent.sums, absent.counts)
+    rows = torch.tensor([absent.rows], dtype=torch.float64)
+    all_reduce_sum_(rows)
+    _check_rows_read(int(rows), expected_rows, "the signal-vector pass")
+    out = moments.all_reduce().signal_vectors()
     bad = torch.isnan(out).any(dim=1)
     if bool(bad.any()):
         # a detector that never fires: fall back to its direction (documented weak spot)
         out[bad] = decoding.to(torch.float64)[bad] / (decoding.to(torch.float64)[bad].norm(dim=1, keepdim=True) ** 2)
-    return out
+    return out, absent
