@@ -1,3 +1,4 @@
+import math
 import os
 import re
 from html.parser import HTMLParser
@@ -116,12 +117,18 @@ def test_index_has_one_row_per_concept_ranked_by_measured_influence(report):
     assert sorted(concepts) == [0, 1, 2]
     assert shown == sorted(shown, reverse=True)
     # the influence, measured independently: all 12 images (the sample covers them), mean
-    # total-variation change of the class probabilities with the concept removed
+    # |change| of the predicted class's log-odds log(p / (1 - p)) with the concept removed
     images = _source().images
     for concept, value in zip(concepts, shown):
         cf = counterfactual(model, _basis(), images, [concept])
-        tv = 0.5 * (cf.probs_after - cf.probs_before).abs().sum(1).mean()
-        assert value == pytest.approx(float(tv), abs=6e-4)
+        pred = cf.probs_before.argmax(1)
+        rows = torch.arange(pred.numel())
+
+        def log_odds(p):
+            p = p[rows, pred].double()
+            return torch.log(p) - torch.log1p(-p)
+        change = (log_odds(cf.probs_after) - log_odds(cf.probs_before)).abs().mean()
+        assert value == pytest.approx(float(change), abs=6e-4, rel=1e-3)
     for c in concepts:
         assert (out / "concepts" / f"concept-{c:03d}.html").is_file()
 
@@ -262,3 +269,13 @@ def test_demo_command_writes_the_report_to_report_dir_by_default():
     assert args.report_dir == "report" and not args.no_report
     args = build_parser().parse_args(["demo", "--report-dir", "out dir", "--no-report"])
     assert args.report_dir == "out dir" and args.no_report
+
+
+def test_log_odds_of_a_confident_prediction_do_not_saturate():
+    from pyconcepts.report.collect import _log_odds
+    scores = torch.tensor([[40.0, 0.0, -5.0], [1.0, 2.0, 3.0]])
+    got = _log_odds(scores, torch.tensor([0, 2]))
+    # p = 1 - 4e-18 rounds to 1 in float32 and float64, yet the log-odds are exact
+    assert float(got[0]) == pytest.approx(40.0 - math.log(1 + math.exp(-5.0)), rel=1e-6)
+    p = torch.softmax(scores[1].double(), 0)[2]
+    assert float(got[1]) == pytest.approx(float(torch.log(p / (1 - p))), rel=1e-5)

@@ -185,7 +185,7 @@ def write_report(
     rf = receptive_field(tap, m.probe[: int(opts["rf_images"])], m.grid, mass=float(opts["rf_mass"]))
 
     # rank: influence first, the concept index breaks ties
-    order = sorted(range(k), key=lambda i: (-float(m.tv_change[i]), i))
+    order = sorted(range(k), key=lambda i: (-float(m.odds_change[i]), i))
 
     result, tested, n_perm = None, [], 0
     if rcav and m.rcav_images is not None and m.rcav_images.shape[0] >= 2:
@@ -214,7 +214,8 @@ def write_report(
         edges = m.histogram.edges(i).tolist()
         w, s = basis.decoding[i].cpu(), basis.encoding[i].cpu()
         views.append(ConceptView(
-            index=i, rank=rank, tv=float(m.tv_change[i]), flips=float(m.flips[i]),
+            index=i, rank=rank, influence=float(m.odds_change[i]), odds_drop=float(m.odds_drop[i]),
+            tv=float(m.tv_change[i]), flips=float(m.flips[i]),
             logit_drop=float(m.logit_drop[i]), patch_share=float(m.patches_fired[i]) / m.n_patches,
             image_share=float(m.images_fired[i]) / m.n_images, margin=float(1.0 / w.norm()),
             cos_ws=float(w @ s / (w.norm() * s.norm()).clamp_min(1e-12)),
@@ -254,7 +255,8 @@ def write_report(
                 "bright where it fires, dark where it does not; the yellow line is w.x = b (scores upsampled "
                 "bilinearly to the image). Captions: image name and the share of its patches where it fires.")
     notes = [
-        f"Influence: the mean change of the class probabilities (total variation, 0.5 x sum |p' - p|) when the "
+        f"Influence: the mean change of the predicted class's log-odds, |log(p'/(1-p')) - log(p/(1-p))| (the "
+        f"margin of the prediction; unlike a probability it still moves when the model is confident), when the "
         f"concept is removed at {layer} from {sample_words}. Flips: predictions that change.",
         "Fires on: the share of the layer's patches where the detector fires (w.x > b on the raw activation).",
         "Pushes up / down: the classes that lose / gain the most probability (at least 0.001) when the concept "

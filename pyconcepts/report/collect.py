@@ -219,6 +219,8 @@ class Measurements:
     influence_sample: List[int]           # image indices the removal effects were measured on
     prob_change: torch.Tensor             # (K, C) mean change of class probabilities on removal
     tv_change: torch.Tensor               # (K,) mean total-variation change of the probabilities
+    odds_change: torch.Tensor             # (K,) mean |change| of the predicted class's log-odds
+    odds_drop: torch.Tensor               # (K,) mean drop of the predicted class's log-odds
     logit_drop: torch.Tensor              # (K,) mean drop of the predicted class's logit
     flips: torch.Tensor                   # (K,) fraction of predictions that change
     predicted: torch.Tensor               # (C,) predicted-class counts on the sample
@@ -271,7 +273,7 @@ def measure(
     patches_fired = torch.zeros(k, dtype=torch.int64)
     images_fired = torch.zeros(k, dtype=torch.int64)
     inter = union_det = mask_pixels = None
-    prob_change = tv = drop = flips = predicted = None
+    prob_change = tv = drop = flips = predicted = odds_change = odds_drop = None
     n_batches = math.ceil(n_total / batch_size)
     grid = input_size = None
     seen = 0
@@ -331,11 +333,14 @@ def measure(
                 if prob_change is None:
                     prob_change = torch.zeros(k, c, dtype=torch.float64)
                     tv = torch.zeros(k, dtype=torch.float64)
+                    odds_change = torch.zeros(k, dtype=torch.float64)
+                    odds_drop = torch.zeros(k, dtype=torch.float64)
                     drop = torch.zeros(k, dtype=torch.float64)
                     flips = torch.zeros(k, dtype=torch.float64)
                     predicted = torch.zeros(c, dtype=torch.int64)
                 p0 = before.softmax(1)
                 pred = before.argmax(1)
+                odds0 = _log_odds(before, pred)
                 predicted += torch.bincount(pred, minlength=c)
                 for i in range(k):
                     with intervene(model, basis, layer=tap.layer, remove=[i]):
@@ -343,6 +348,9 @@ def measure(
                     p1 = after.softmax(1)
                     prob_change[i] += (p1 - p0).sum(0).double()
                     tv[i] += 0.5 * (p1 - p0).abs().sum(1).sum().double()
+                    change = (odds0 - _log_odds(after, pred)).double()
+                    odds_change[i] += change.abs().sum()
+                    odds_drop[i] += change.sum()
                     drop[i] += (before.gather(1, pred[:, None]) - after.gather(1, pred[:, None])).sum().double()
                     flips[i] += (after.argmax(1) != pred).sum().double()
             keep = [i for i in chosen if seen + i in rcav_set]
@@ -365,9 +373,19 @@ def measure(
         patches_fired=patches_fired, images_fired=images_fired, histogram=hist,
         top_patches=top_patches, top_maps=top_maps, influence_sample=sample,
         prob_change=(prob_change / n_s).float(), tv_change=(tv / n_s).float(),
+        odds_change=(odds_change / n_s).float(), odds_drop=(odds_drop / n_s).float(),
         logit_drop=(drop / n_s).float(), flips=(flips / n_s).float(), predicted=predicted, probe=probe,
         rcav_images=torch.cat(rcav_keep) if rcav_keep else None,
         rcav_indices=sorted(rcav_set),
         mask_names=list(mask_names) if mask_names is not None else None,
         mask_iou=iou, mask_pixels=mask_pixels.float() if mask_pixels is not None else None,
     )
+
+
+def _log_odds(scores: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """(B,) log(p / (1 - p)) of class ``cls[b]`` under softmax(scores[b]): its score minus the
+    log-sum-exp of the other classes' scores (exact where p rounds to 1 in float32; it does not
+    saturate as a probability does, so a confident model's changes still show)."""
+    own = scores.gather(1, cls[:, None])[:, 0]
+    others = scores.scatter(1, cls[:, None], float("-inf"))
+    return own - torch.logsumexp(others, dim=1)

@@ -37,6 +37,8 @@ class ClassEffect:
 class ConceptView:
     index: int
     rank: int
+    influence: float               # mean |change| of the predicted class's log-odds when removed
+    odds_drop: float               # its signed mean: > 0 when the concept supports the prediction
     tv: float
     flips: float
     logit_drop: float
@@ -183,7 +185,7 @@ def _facts(facts: Sequence[Tuple[str, str]]) -> str:
 
 # ------------------------------------------------------------------------------ index
 def index_page(view: ReportView) -> str:
-    top_tv = max((c.tv for c in view.concepts), default=0.0) or 1.0
+    top = max((c.influence for c in view.concepts), default=0.0) or 1.0
     head = ["#", "concept", "influence", "flips", "fires on patches", "pushes up", "pushes down"]
     if view.has_masks:
         head.append("best mask IoU")
@@ -195,8 +197,8 @@ def index_page(view: ReportView) -> str:
         cells = [
             f"<td class=\"rank\">{c.rank}</td>",
             f"<td class=\"name\"><a href=\"{esc(c.page)}\">concept {c.index}</a></td>",
-            f"<td class=\"num\"><span class=\"bar\"><span style=\"width:{100 * c.tv / top_tv:.1f}%\"></span></span>"
-            f"{c.tv:.3f}</td>",
+            f"<td class=\"num\"><span class=\"bar\"><span style=\"width:{100 * c.influence / top:.1f}%\"></span></span>"
+            f"{c.influence:.3f}</td>",
             f"<td class=\"num\">{esc(_pct(c.flips))}</td>",
             f"<td class=\"num\" title=\"{esc(_pct(c.image_share))} of the images\">{esc(_pct(c.patch_share))}</td>",
             "<td>" + (" ".join(_class_tag(e, "up") for e in up) or "<span class=\"muted\">-</span>") + "</td>",
@@ -328,7 +330,10 @@ def concept_page(view: ReportView, c: ConceptView, crop_note: str, map_note: str
     nav = (f"<div class=\"nav\"><a href=\"{root}index.html\">&#8593; all concepts</a>"
            f"<span>{prev_link} &#160; {next_link}</span></div>")
     stats = [
-        (f"{c.tv:.3f}", "influence: mean change of the class probabilities (total variation) when removed"),
+        (f"{c.influence:.3f}", "influence: mean change of the predicted class's log-odds when removed"),
+        (f"{c.odds_drop:+.3f}", "mean drop of the predicted class's log-odds when removed (> 0: it supports "
+                                "the prediction)"),
+        (f"{c.tv:.3f}", "mean change of the class probabilities (total variation) when removed"),
         (_pct(c.flips), "predictions that change when it is removed"),
         (f"{c.logit_drop:+.3f}", "mean drop of the predicted class's logit when removed"),
         (_pct(c.patch_share), "of patches where it fires"),
