@@ -468,7 +468,8 @@ def _demo_images(n: int, seed: int):
 
 
 def _open_source(args, model, default_count: int):
-    """The image source of ``--images`` (first ``--limit`` images) or generated demo images."""
+    """The image source of ``--images`` (``--limit`` images spread evenly over it) or generated
+    demo images."""
     if args.images is None:
         if args.model is not None:
             raise UserError("--images is required with --model (the generated demo images only fit the demo network)")
@@ -488,7 +489,9 @@ def _open_source(args, model, default_count: int):
         name, why = skipped[0]
         _warn(f"skipped {len(skipped)} unreadable file(s) in {args.images} (first: {name}: {why})")
     if args.limit and args.limit < len(source):
-        source = source.subset(0, args.limit)
+        from .images import spread_indices
+
+        source = source.select(spread_indices(len(source), args.limit))
     return source
 
 
@@ -915,8 +918,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "class names) or a tensor file (.pt, .npy, .safetensors: (N, C, H, W), "
                                         "uint8 or float); default: generated demo images (demo network only)")
         g.add_argument("--limit", "--n-images", dest="limit", type=_positive_int,
-                       help=f"use the first N images of --images (default: all), or N generated demo images "
-                            f"(default {default_count})")
+                       help=f"use N images of --images spread evenly over its sorted files, so every class "
+                            f"folder is sampled (default: all), or N generated demo images (default {default_count})")
         g.add_argument("--resize", type=_size_arg, help="N: shorter side to N (aspect kept); HxW: exactly")
         g.add_argument("--crop", type=_size_arg, help="centre crop, N or HxW")
         g.add_argument("--mean", type=_stats_arg, help="per-channel mean to subtract after scaling to [0, 1] "

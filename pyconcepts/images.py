@@ -119,6 +119,19 @@ class TensorImages:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def select(self, indices: Sequence[int]) -> "TensorImages":
+        """The images at ``indices`` in that order (names, labels, pixels and masks alike)."""
+        idx = _check_indices(indices, len(self))
+        pick = torch.as_tensor(idx, dtype=torch.long)
+        out = TensorImages(self.images[pick], names=[self.names[i] for i in idx],
+                           labels=None if self.labels is None else self.labels[pick],
+                           class_names=self.class_names,
+                           pixels=None if self.pixels is None else self.pixels[pick])
+        if self.concept_masks is not None:
+            masks, names = self.concept_masks
+            out.concept_masks = (lambda rows: masks([idx[int(i)] for i in rows]), names)
+        return out
+
     def subset(self, start: int, stop: int) -> "TensorImages":
         """The images ``start:stop`` (names, labels, pixels and masks cut alike)."""
         start, stop, _ = slice(start, stop).indices(len(self))
@@ -352,6 +365,13 @@ class FolderImages:
     def __repr__(self) -> str:
         classes = f", {len(self.class_names)} classes" if self.class_names else ""
         return f"FolderImages({self.root!r}, {len(self)} images{classes})"
+
+    def select(self, indices: Sequence[int]) -> "FolderImages":
+        """The images at ``indices`` of the sorted list, in that order (no rescan)."""
+        idx = _check_indices(indices, len(self))
+        return FolderImages(self.root, preprocess=self.preprocess, workers=self.workers,
+                            _entries=[self._entries[i] for i in idx], _class_names=self.class_names,
+                            _skipped=self.skipped)
 
     def subset(self, start: int, stop: int) -> "FolderImages":
         """The images ``start:stop`` of the sorted list (no rescan)."""
@@ -597,3 +617,21 @@ def open_images(path: Union[str, os.PathLike], *, preprocess: Optional[Preproces
         images = preprocess.tensor(images)
     names = [f"{os.path.basename(path)}[{i}]" for i in range(images.shape[0])]
     return TensorImages(images, names=names, labels=labels, class_names=class_names)
+
+
+def spread_indices(total: int, n: int) -> List[int]:
+    """``n`` indices spread evenly over ``range(total)`` (the middle of each of n equal parts):
+    a sorted folder's first n files may all be one class, these cover every part of it."""
+    if n >= total:
+        return list(range(total))
+    return [int((j + 0.5) * total / n) for j in range(n)]
+
+
+def _check_indices(indices: Sequence[int], total: int) -> List[int]:
+    idx = [int(i) for i in indices]
+    if not idx:
+        raise ValueError("select: no indices given")
+    bad = [i for i in idx if not 0 <= i < total]
+    if bad:
+        raise IndexError(f"select: index {bad[0]} is out of range for {total} images")
+    return idx

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyconcepts.images import (BatchStream, FolderImages, Preprocess, TensorImages, load_tensor_images,
+from pyconcepts.images import (BatchStream, FolderImages, Preprocess, TensorImages, load_tensor_images, spread_indices,
                                open_images)
 
 Image = pytest.importorskip("PIL.Image", reason="reading image folders needs Pillow")
@@ -167,3 +167,23 @@ def test_preprocess_takes_imagenet_statistics_by_name():
     assert p.std.tolist() == pytest.approx(list(IMAGENET_STD))
     with pytest.raises(ValueError, match="mean"):
         Preprocess(mean="cifar")
+
+
+def test_select_and_an_even_spread_cover_every_class_folder(tmp_path):
+    for cls, seeds in (("a", range(0, 6)), ("b", range(6, 8)), ("c", range(8, 12))):
+        for s in seeds:
+            _write(str(tmp_path / cls / f"{s:02d}.png"), _pixels(s))
+    src = FolderImages(tmp_path, workers=1)
+    idx = spread_indices(len(src), 3)
+    assert idx == [2, 6, 10] and spread_indices(5, 9) == [0, 1, 2, 3, 4]
+    picked = src.select(idx)
+    assert [src.class_names[int(i)] for i in picked.labels] == ["a", "b", "c"]
+    assert picked.names == [src.names[i] for i in idx]
+    first = next(iter(picked.batches(8)))
+    torch.testing.assert_close(first[1], torch.from_numpy(_pixels(6)).permute(2, 0, 1).float() / 255)
+    tensors = TensorImages(torch.rand(5, 3, 4, 4), labels=[0, 1, 2, 3, 4])
+    assert tensors.select([4, 0]).labels.tolist() == [4, 0]
+    with pytest.raises(IndexError, match="out of range"):
+        src.select([12])
+    with pytest.raises(ValueError, match="no indices"):
+        tensors.select([])
