@@ -635,6 +635,22 @@ def _output_class_names(args, source, n_outputs: int) -> Optional[List[str]]:
     return names
 
 
+def _check_folder_classes(args, source, preds: torch.Tensor, n_outputs: int) -> None:
+    """Warn when class subfolders named the outputs (no --classes) and the model's predictions
+    agree with them less often than chance: the folders' sorted order is then probably not the
+    model's output order, and every class name printed is wrong."""
+    if args.classes or args.model is None or source.labels is None or preds.numel() == 0:
+        return
+    if not source.class_names or len(source.class_names) != n_outputs:
+        return
+    agree = float((preds.cpu() == source.labels[: preds.numel()]).float().mean())
+    if agree < 1.0 / n_outputs:
+        _warn(f"the model's predictions match the class subfolders of --images on only {100 * agree:.0f}% of the "
+              f"images (chance: {100 / n_outputs:.0f}%): the folders' sorted order ({', '.join(source.class_names[:4])}"
+              f"{', ...' if n_outputs > 4 else ''}) is probably not the model's output order; name the outputs "
+              "with --classes")
+
+
 def _true_name(source, j: int) -> Optional[str]:
     if source.labels is None:
         return None
@@ -763,6 +779,16 @@ def _cmd_report(args) -> int:
     probe = _Probe(model, layer, source, output, _skip_tokens(args, basis))
     _check_basis_fits(basis, model, probe, layer, args.allow_mismatch)
     names = _output_class_names(args, source, probe.n_outputs)
+    if names and names == source.class_names and hasattr(source, "select"):
+        # the folders name the outputs: a quick look at whether the model agrees with them
+        from .images import spread_indices
+        from .outputs import read_scores
+
+        sample = source.select(spread_indices(len(source), 64))
+        with torch.no_grad():
+            preds = torch.cat([read_scores(select_output(model(b), output), None, "auto").argmax(-1)
+                               for b in sample.batches(args.batch_size or 64)])
+        _check_folder_classes(args, sample, preds, probe.n_outputs)
     if names != source.class_names:
         source = _SourceView(source, names)
     report_options.setdefault("skip_tokens", _skip_tokens(args, basis))
@@ -801,7 +827,7 @@ def _cmd_explain(args) -> int:
     top = min(args.top, basis.n_concepts)
     print(f"{len(source)} images; concepts of {args.basis} at {layer}; each concept's contribution to the "
           f"predicted class's logit")
-    j = 0
+    j, all_preds = 0, []
     for batch in source.batches(args.batch_size or 32):
         with torch.no_grad():
             out = model(batch)
@@ -809,6 +835,7 @@ def _cmd_explain(args) -> int:
         logits = read_scores(select_output(out, output), None, "auto").float()
         probs = logits.softmax(-1)
         preds = logits.argmax(-1)
+        all_preds.append(preds)
         maps = call_with_output(contribution_maps, model, basis, batch, preds, layer=layer, head=head,
                                 skip_tokens=skip, model=model, output=output)
         totals = maps.sum((2, 3))
@@ -820,6 +847,7 @@ def _cmd_explain(args) -> int:
             print(f"{source.names[j]}: predicted {class_name(int(preds[b]))} "
                   f"(p {float(probs[b, preds[b]]):.3f}{truth}); {parts}")
             j += 1
+    _check_folder_classes(args, source, torch.cat(all_preds), probe.n_outputs)
     return 0
 
 
@@ -858,6 +886,7 @@ def _cmd_intervene(args) -> int:
         print(f"{source.names[j]}: {class_name(b)} (p {float(cf.probs_before[j, b]):.3f}) -> "
               f"{class_name(a)} (p {float(cf.probs_after[j, a]):.3f}); p({class_name(b)}) {float(dp[j]):+.3f}, "
               f"logit {float(dlogit[j]):+.3f}{mark}")
+    _check_folder_classes(args, source, before, probe.n_outputs)
     return 0
 
 

@@ -442,3 +442,40 @@ def test_a_file_that_is_no_weights_file_is_not_called_a_pickle(capsys, tmp_path)
 
     with pytest.raises(UserError, match="not a weights file"):
         _read_state_dict(str(tmp_path / "w.png"), False)
+
+
+COLOUR_MODEL_SRC = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    class ByColour(nn.Module):
+        """Output 0: blue, output 1: red (the reverse of the photos' sorted folders cat, dog)."""
+
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                                          nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+
+        def forward(self, x):
+            f = self.features(x).mean((2, 3)).sum(1, keepdim=True)
+            red, blue = x[:, 0].mean((1, 2)), x[:, 2].mean((1, 2))
+            return torch.stack([blue - red, red - blue], 1) * 10 + 0 * f
+
+
+    def make():
+        return ByColour()
+''')
+
+
+def test_class_folders_in_another_order_than_the_outputs_are_flagged(ws, capsys, tmp_path):
+    (tmp_path / "colour.py").write_text(COLOUR_MODEL_SRC)
+    model = ["--model", f"{tmp_path / 'colour.py'}:make", "--allow-mismatch"]
+    common = ["intervene", ws / "basis.safetensors", *model, "--images", ws / "photos", "--remove", 0]
+    rc, out, err = _run(capsys, *common)
+    assert rc == 0 and "match the class subfolders of --images on only 0%" in err and "--classes" in err
+    rc, out, err = _run(capsys, *common, "--classes", '["dog", "cat"]')
+    assert rc == 0 and "subfolders" not in err
+    rc, _, err = _run(capsys, "report", ws / "basis.safetensors", *model, "--images", ws / "photos",
+                      "--out", tmp_path / "rep", "--quiet", "--options", '{"rcav": false}')
+    assert rc == 0 and "match the class subfolders" in err
