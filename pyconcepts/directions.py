@@ -33,6 +33,10 @@ synthetic model in ``benchmarks/recovery.py``):
    whitening the fit runs in unit-variance coordinates with a ridge penalty of 1: the filters
    stay near the differences of the cluster means instead of leaning on low-variance
    directions. The fit stops once its detections and directions settle.
+   **Background** (``background_filters``, ``background_rounds``; whitened fits only): where
+   the filters reject more than 5% of their own clusters' rows, the clusters hold rows of no
+   concept; those rows become negatives of every filter, the fit is repeated until they
+   settle, and the thresholds (step 3) count them as members of no cluster.
 3. **Thresholds without labels.** b_i maximises the F1 agreement between the half-space
    {w_i . x > b_i} and cluster i's membership, from streamed histograms of w_i . x. The
    membership says which concept wins at a patch; the threshold places the boundary where
