@@ -1,6 +1,6 @@
 """Cost of ``pc.extract`` per stage, as multiples of two baselines measured in the same run.
 
-    python -m benchmarks.extract [--nets demo resnet18] [--repeat 3] [--json PATH]
+    python -m benchmarks.extract [--nets demo rnet resnet18] [--repeat 3] [--json PATH]
     python -m benchmarks.extract --contention      # OpenMP waiting with a competing process
 
 For each network: the patch rows of its layer are collected once; then, medians of
@@ -8,14 +8,16 @@ For each network: the patch rows of its layer are collected once; then, medians 
 
 - (a) one inference pass of the whole network over the same images (no grad, eval mode);
 - (b) scikit-learn ``KMeans(n_clusters=K, n_init=10)`` on the same patch rows;
-- ``pc.extract(model, layer, images, K)`` with its defaults (refinement and URA on), timed per
-  stage through its ``progress`` callback (patches, clustering, refinement, joint step, signal
-  vectors), and the same with ``refine=False``.
+- ``pc.extract(model, layer, images, K)`` with its defaults (no refinement), timed per stage
+  through its ``progress`` callback (patches, clustering, refinement, joint step, signal
+  vectors), and the same with ``refine=True`` (the paper's refinement losses with URA).
 
 Networks: ``demo`` is the shipped shapes CNN at ``features.relu5`` (400 images of 32 x 32,
-25,600 patch rows x 64 channels, K = 16); ``resnet18`` is a ResNet-18 of our own definition
-(random weights: only the cost matters) at ``layer3`` (64 images of 224 x 224, 12,544 rows x
-256 channels, K = 16).
+25,600 patch rows x 64 channels, K = 16); ``rnet`` is the pretrained MTCNN RNet of
+``benchmarks.real_network`` at ``prelu2`` (400 images of 24 x 24, 32,400 rows x 48 channels,
+K = 16; its weights are fetched once into a cache); ``resnet18`` is a ResNet-18 of our own
+definition (random weights: only the cost matters) at ``layer3`` (64 images of 224 x 224,
+12,544 rows x 256 channels, K = 16).
 
 ``--contention`` runs the demo extraction in fresh processes while another process keeps one
 core busy, with ``OMP_WAIT_POLICY`` ACTIVE (spinning workers) and PASSIVE (what pyconcepts
@@ -81,19 +83,23 @@ class ResNet18(nn.Module):
 
 
 def _setup(name: str):
-    """(model, layer, images, K)."""
+    """(model, layer, images, K, extra pc.extract arguments)."""
     if name == "demo":
         from pyconcepts.datasets.shapes import make_shapes
         from pyconcepts.demo.model import DEMO_LAYER
         from pyconcepts.demo.run import load_model
 
         images = make_shapes(400, seed=10, watermark="random", watermark_rate=0.3, with_masks=False).images
-        return load_model(), DEMO_LAYER, images, 16
+        return load_model(), DEMO_LAYER, images, 16, {}
     if name == "resnet18":
         torch.manual_seed(0)
         model = ResNet18().eval()
         images = torch.randn(64, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-        return model, "layer3", images, 16
+        return model, "layer3", images, 16, {}
+    if name == "rnet":  # the pretrained MTCNN RNet of benchmarks.real_network (fetched once)
+        from .facenet_models import load_rnet, real_images
+
+        return load_rnet(), "prelu2", real_images(24, n_crops=200, seed=0).images, 16, {"output": 1}
     raise ValueError(f"unknown network {name!r}")
 
 
@@ -121,7 +127,7 @@ def _median(values):
 
 
 def bench_network(name: str, repeat: int):
-    model, layer, images, k = _setup(name)
+    model, layer, images, k, extra = _setup(name)
     with torch.no_grad():
         rows = torch.cat(list(pc.LayerTap(model, layer).rows(images, 64))).float()
     inference = []
@@ -143,10 +149,10 @@ def bench_network(name: str, repeat: int):
     except ImportError:
         print("scikit-learn not installed: no k-means baseline (pip install scikit-learn)")
     pc.extract(model, layer, images[:8], 2, seed=0, refine=False)  # warm-up
-    runs = {"defaults": [], "refine=False": []}
+    runs = {"defaults": [], "refine=True (URA)": []}
     for _ in range(repeat):
-        runs["defaults"].append(_staged_extract(model, layer, images, k))
-        runs["refine=False"].append(_staged_extract(model, layer, images, k, refine=False))
+        runs["defaults"].append(_staged_extract(model, layer, images, k, **extra))
+        runs["refine=True (URA)"].append(_staged_extract(model, layer, images, k, refine=True, **extra))
     t_inf = _median(inference)
     t_km = _median(kmeans) if kmeans else float("nan")
     table, out = [], {"network": name, "layer": layer, "rows": list(rows.shape), "k": k,
@@ -170,7 +176,7 @@ def bench_network(name: str, repeat: int):
 _ONE_RUN = """
 import time, pyconcepts as pc, torch
 from benchmarks.extract import _setup
-model, layer, images, k = _setup("demo")
+model, layer, images, k, _ = _setup("demo")
 pc.extract(model, layer, images[:8], 2, seed=0, refine=False)
 t, c = time.perf_counter(), time.process_time()
 pc.extract(model, layer, images, k, seed=0)
@@ -205,7 +211,7 @@ def contention(repeat: int):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--nets", nargs="+", default=["demo", "resnet18"])
+    ap.add_argument("--nets", nargs="+", default=["demo", "rnet", "resnet18"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--contention", action="store_true")
     ap.add_argument("--json", default=None)

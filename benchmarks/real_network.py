@@ -36,9 +36,14 @@ on A, on B, and on A + B with two seeds.
 
 Removal: the baselines mean-ablate (a concept's code is set to its mean at every patch:
 x - (c_i(x) - mean c_i) d_i); pyconcepts removes as ``pc.intervene(remove=...)`` does: its
-default (soft membership), ``membership='hard'``, ``membership='all'`` (the positive part of
-the latent factor at every patch), and, for comparison, the plain projection
-x - a_hat_i(x) s_i along its encoding directions (``set={i: 0}``). pyconcepts' greedy order
+default (``membership='all'``: each concept's latent factor lowered to its absent level at
+every patch where it is above it), the detector-gated ``membership='soft'`` (``pc.correct``'s
+default) and ``'hard'``, and, for comparison, the plain projection x - a_hat_i(x) s_i along
+its encoding directions (``set={i: 0}``). ``pyconcepts+refine`` is ``pc.extract(refine=True)``
+(the paper's refinement losses with URA).
+
+Stability across halves is the mean over ``--splits`` seeded stratified splits (one split is
+noisy: the matched cosine moved by +-0.05 between splits). pyconcepts' greedy order
 for the face target is also computed by ``pc.rank_concepts(..., greedy=5)`` and printed
 beside the benchmark's own loop (they must agree).
 """
@@ -191,9 +196,9 @@ def fit_sae(rows: torch.Tensor, k: int, seed: int, topk: int = 4, steps: int = 2
                     _mean_ablate(codes, atoms, code_mean * scale), seconds)
 
 
-def fit_pyconcepts(model, layer, images, k, seed, options=None) -> Concepts:
+def fit_pyconcepts(model, layer, images, k, seed, options=None, refine=False, name="pyconcepts") -> Concepts:
     t0 = time.perf_counter()
-    basis = pc.extract(model, layer, images, k, seed=seed, output=OUTPUT, options=options)
+    basis = pc.extract(model, layer, images, k, seed=seed, output=OUTPUT, options=options, refine=refine)
     seconds = time.perf_counter() - t0
     w, bias, s, mu = basis.decoding, basis.bias, basis.encoding, basis.mean
 
@@ -201,7 +206,7 @@ def fit_pyconcepts(model, layer, images, k, seed, options=None) -> Concepts:
         def remove(rows, idx):
             if not idx:
                 return rows
-            return edit_rows(rows, w, bias, s, mu, remove=list(idx), **kw)
+            return edit_rows(rows, w, bias, s, mu, remove=list(idx), absent_level=basis.absent_level, **kw)
         return remove
 
     def project(rows, idx):
@@ -209,8 +214,8 @@ def fit_pyconcepts(model, layer, images, k, seed, options=None) -> Concepts:
             return rows
         return edit_rows(rows, w, bias, s, mu, set={int(i): 0.0 for i in idx})
 
-    removals = {"hard": edit(membership="hard"), "all": edit(membership="all"), "projection": project}
-    con = Concepts("pyconcepts", w, s, basis.detect, edit(), seconds, removals)
+    removals = {"soft": edit(membership="soft"), "hard": edit(membership="hard"), "projection": project}
+    con = Concepts(name, w, s, basis.detect, edit(), seconds, removals)
     con.basis = basis
     return con
 
@@ -332,8 +337,9 @@ def main(argv=None):
     ap.add_argument("--crops", type=int, default=200, help="photo crops added to the 200 lfw images")
     ap.add_argument("--seeds", type=int, nargs=2, default=[0, 1])
     ap.add_argument("--max-m", type=int, default=5)
-    ap.add_argument("--methods", nargs="+", default=["pyconcepts", "pca", "nmf", "kmeans", "sae"])
-    ap.add_argument("--no-refine", action="store_true", help="pc.extract(refine=False)")
+    ap.add_argument("--methods", nargs="+",
+                    default=["pyconcepts", "pyconcepts+refine", "pca", "nmf", "kmeans", "sae"])
+    ap.add_argument("--splits", type=int, default=3, help="random halves the stability is averaged over")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch and BLAS threads (1 by default: on a shared, oversubscribed host "
                          "two threads ran these small fits 7-9x slower than one)")
@@ -363,18 +369,20 @@ def main(argv=None):
         all_rows = tap.to_rows(tap.activations(data.images)).float()
     per_image = all_rows.shape[0] // data.images.shape[0]
     row_label = data.labels.repeat_interleave(per_image)
-    row_half_a = half_a.repeat_interleave(per_image)
-    rows_a, rows_b = all_rows[row_half_a], all_rows[~row_half_a]
     print(f"layer {args.layer}: {per_image} patches x {all_rows.shape[1]} channels per image; "
           f"{data.images.shape[0]} images, halves of {int(half_a.sum())} / {int(half_b.sum())}; K = {k}")
 
-    options = {"refine_steps": 0, "joint_steps": 0} if args.no_refine else None
+    # the faithfulness halves are split seed0's; the stability is averaged over --splits splits
+    splits = [split_halves(data.labels, seed0 + j) for j in range(max(1, args.splits))]
 
-    def fit(method, part: str, seed: int) -> Concepts:
-        if method == "pyconcepts":
-            imgs = {"a": data.images[half_a], "b": data.images[half_b], "all": data.images}[part]
-            return fit_pyconcepts(model, args.layer, imgs, k, seed, options)
-        rows = {"a": rows_a, "b": rows_b, "all": all_rows}[part]
+    def fit(method, part: str, seed: int, split: int = 0) -> Concepts:
+        sel_a = splits[split][0]
+        if method.startswith("pyconcepts"):
+            imgs = {"a": data.images[sel_a], "b": data.images[~sel_a], "all": data.images}[part]
+            return fit_pyconcepts(model, args.layer, imgs, k, seed, refine=method == "pyconcepts+refine",
+                                  name=method)
+        rows_sel = sel_a.repeat_interleave(per_image)
+        rows = {"a": all_rows[rows_sel], "b": all_rows[~rows_sel], "all": all_rows}[part]
         return {"pca": fit_pca, "nmf": fit_nmf, "kmeans": fit_kmeans, "sae": fit_sae}[method](rows, k, seed)
 
     # faithfulness sets, per target class: rank on half A's images of the class, measure the
@@ -400,16 +408,22 @@ def main(argv=None):
                "rnet_accuracy": acc, "methods": {}}
     stab_rows, faith_rows, summary_rows = [], [], []
     for method in args.methods:
-        print(f"\n[{method}] fitting on A, B, A+B (seeds {seed0}, {seed1}) ...", flush=True)
-        fa = fit(method, "a", seed0)
-        fb = fit(method, "b", seed0)
+        print(f"\n[{method}] fitting on A and B ({len(splits)} splits), A+B (seeds {seed0}, {seed1}) ...",
+              flush=True)
+        halves = {"halves_decoding_cos": [], "halves_encoding_cos": [], "halves_jaccard": []}
+        times = []
+        for j in range(len(splits)):
+            fa, fb = fit(method, "a", seed0, j), fit(method, "b", seed0, j)
+            times += [fa.seconds, fb.seconds]
+            halves["halves_decoding_cos"].append(matched_abs_cosine(fa.decoding, fb.decoding))
+            halves["halves_encoding_cos"].append(matched_abs_cosine(fa.encoding, fb.encoding))
+            halves["halves_jaccard"].append(matched_jaccard(fa.detect(all_rows), fb.detect(all_rows)))
         f0 = fit(method, "all", seed0)
         f1 = fit(method, "all", seed1)
-        times = [f.seconds for f in (fa, fb, f0, f1)]
+        times += [f0.seconds, f1.seconds]
         stab = {
-            "halves_decoding_cos": matched_abs_cosine(fa.decoding, fb.decoding),
-            "halves_encoding_cos": matched_abs_cosine(fa.encoding, fb.encoding),
-            "halves_jaccard": matched_jaccard(fa.detect(all_rows), fb.detect(all_rows)),
+            **{key: statistics.mean(v) for key, v in halves.items()},
+            "halves_per_split": halves,
             "seeds_decoding_cos": matched_abs_cosine(f0.decoding, f1.decoding),
             "seeds_encoding_cos": matched_abs_cosine(f0.encoding, f1.encoding),
             "seeds_jaccard": matched_jaccard(f0.detect(all_rows), f1.detect(all_rows)),

@@ -6,9 +6,12 @@ One concept i is a pair of directions in a layer's activation space plus a thres
   ``w_i . x > b_i`` on the raw (uncentred) activation x;
 - ``encoding[i]`` (s_i): the signal vector, the direction along which the concept moves x;
 - ``mean`` (D,): the mean activation, the origin of the latent factors
-  ``a_hat_i = (w_i . x - w_i . mean) / (w_i . s_i)``.
+  ``a_hat_i = (w_i . x - w_i . mean) / (w_i . s_i)``;
+- ``absent_level`` (K,), optional: each concept's mean latent factor over the patches where it
+  is not detected, the level a removal lowers it to (``pc.intervene(remove=...)``). Bases
+  saved without it remove down to the mean (level 0).
 
-Saved as safetensors: the four tensors plus string metadata (format marker, version, layer,
+Saved as safetensors: the tensors plus string metadata (format marker, version, layer,
 model identity, method, creation settings as JSON). Writes are atomic (temp file + rename).
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ __all__ = ["ConceptBasis", "FORMAT_NAME", "FORMAT_VERSION", "model_fingerprint"]
 FORMAT_NAME = "pyconcepts.ConceptBasis"
 FORMAT_VERSION = 1
 _TENSOR_NAMES = ("decoding", "bias", "encoding", "mean")
+_OPTIONAL_TENSOR_NAMES = ("absent_level",)
 
 
 def _as_float_tensor(value, name: str) -> torch.Tensor:
@@ -60,6 +64,7 @@ class ConceptBasis:
         layer: Optional[str] = None,
         model_id: Optional[str] = None,
         metadata: Optional[Dict[str, Any]] = None,
+        absent_level: Optional[torch.Tensor] = None,
     ):
         decoding = _as_float_tensor(decoding, "decoding")
         bias = _as_float_tensor(bias, "bias")
@@ -74,7 +79,13 @@ class ConceptBasis:
             raise ValueError(f"encoding must have shape ({k}, {d}), got {tuple(encoding.shape)}")
         if tuple(mean.shape) != (d,):
             raise ValueError(f"mean must have shape ({d},), got {tuple(mean.shape)}")
+        if absent_level is not None:
+            absent_level = _as_float_tensor(absent_level, "absent_level")
+            if tuple(absent_level.shape) != (k,):
+                raise ValueError(f"absent_level must have shape ({k},), got {tuple(absent_level.shape)}")
         devices = {t.device for t in (decoding, bias, encoding, mean)}
+        if absent_level is not None:
+            devices.add(absent_level.device)
         if len(devices) != 1:
             raise ValueError(f"decoding, bias, encoding and mean are on different devices: {devices}")
         if layer is not None and not isinstance(layer, str):
@@ -92,6 +103,7 @@ class ConceptBasis:
         self.bias = bias.contiguous()
         self.encoding = encoding.contiguous()
         self.mean = mean.contiguous()
+        self.absent_level = None if absent_level is None else absent_level.contiguous()
         self.layer = layer
         self.model_id = model_id
         self.metadata = metadata
@@ -120,6 +132,7 @@ class ConceptBasis:
             self.decoding.to(device), self.bias.to(device), self.encoding.to(device),
             self.mean.to(device), layer=self.layer, model_id=self.model_id,
             metadata=self.metadata,
+            absent_level=None if self.absent_level is None else self.absent_level.to(device),
         )
 
     def __repr__(self) -> str:
@@ -198,6 +211,8 @@ class ConceptBasis:
 
         path = os.fspath(path)
         tensors = {name: getattr(self, name).detach().cpu().contiguous().clone() for name in _TENSOR_NAMES}
+        if self.absent_level is not None:
+            tensors["absent_level"] = self.absent_level.detach().cpu().contiguous().clone()
         header = {
             "format": FORMAT_NAME,
             "format_version": str(FORMAT_VERSION),
@@ -250,7 +265,8 @@ class ConceptBasis:
                 missing = [n for n in _TENSOR_NAMES if n not in names]
                 if missing:
                     raise _Foreign(f"{path!r} lacks the tensor(s) {missing}")
-                tensors = {n: handle.get_tensor(n) for n in _TENSOR_NAMES}
+                tensors = {n: handle.get_tensor(n) for n in _TENSOR_NAMES + _OPTIONAL_TENSOR_NAMES
+                           if n in names}
         except _Foreign as exc:
             raise ValueError(str(exc)) from None
         except Exception as exc:  # safetensors raises its own error types for bad bytes
@@ -278,6 +294,7 @@ class ConceptBasis:
             basis = cls(
                 tensors["decoding"], tensors["bias"], tensors["encoding"], tensors["mean"],
                 layer=layer, model_id=model_id, metadata=metadata,
+                absent_level=tensors.get("absent_level"),
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path!r} holds an inconsistent ConceptBasis: {exc}") from None

@@ -699,7 +699,8 @@ def _cmd_extract(args) -> int:
     try:
         basis = call_with_output(
             extract, model, layer, BatchStream(source, batch_size), args.concepts, seed=args.seed,
-            refine=not args.no_refine, ura=not args.no_ura, options=options or None, progress=bar,
+            refine=args.refine and not args.no_refine, ura=not args.no_ura, options=options or None,
+            progress=bar,
             model_id=args.model or "pyconcepts-demo-shapesnet", skip_tokens=args.skip_tokens or 0,
             model=model, output=output)
     finally:
@@ -837,14 +838,15 @@ def _cmd_intervene(args) -> int:
     class_name = _class_namer(args, source, probe.n_outputs)
     cf = call_with_output(counterfactual, model, basis, BatchStream(source, args.batch_size or 32), remove,
                           layer=layer, strength=args.strength, direction=args.direction,
-                          skip_tokens=skip, model=model, output=output)
+                          membership=args.membership, skip_tokens=skip, model=model, output=output)
     rows = torch.arange(cf.logits_before.shape[0])
     before, after = cf.pred_before, cf.pred_after
     dp = cf.probs_after[rows, before] - cf.probs_before[rows, before]
     dlogit = cf.logits_after[rows, before] - cf.logits_before[rows, before]
     changed = int(cf.changed.sum())
     concepts = ", ".join(str(i) for i in remove)
-    print(f"removed concept(s) {concepts} at {layer} (strength {args.strength:g}, along the {args.direction}) "
+    print(f"removed concept(s) {concepts} at {layer} (strength {args.strength:g}, along the {args.direction}, "
+          f"membership {args.membership}) "
           f"on {len(source)} images: {changed} predictions changed; predicted class's probability "
           f"{float(dp.mean()):+.3f} on average (logit {float(dlogit.mean()):+.3f})")
     for j in range(len(source)):
@@ -957,10 +959,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--options", help="JSON object overriding pyconcepts.extraction.DEFAULTS")
     p.add_argument("--skip-tokens", type=int, default=0,
                    help="leading tokens (class, registers) of a token layer that are not patches")
-    p.add_argument("--no-refine", action="store_true",
-                   help="skip the gradient refinement of the detectors (faster; on by default)")
-    p.add_argument("--no-ura", action="store_true",
-                   help="refine without Uncertainty Region Alignment through the rest of the network")
+    p.add_argument("--refine", action="store_true",
+                   help="refine the detectors by the paper's losses with Uncertainty Region Alignment "
+                        "through the rest of the network (slower; off by default)")
+    p.add_argument("--no-refine", action="store_true", help="no refinement (the default)")
+    p.add_argument("--no-ura", action="store_true", help="with --refine: refine without URA")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_cmd_extract)
 
@@ -994,7 +997,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remove", type=int, nargs="+", required=True, metavar="I",
                    help="concept(s) to remove, 0 to K-1")
     p.add_argument("--strength", type=_finite_float, default=1.0,
-                   help="how much of each concept to take out (1: its excess over the mean; default 1)")
+                   help="how much of each concept to take out (1: its excess over its level where it is "
+                        "not detected; default 1)")
+    p.add_argument("--membership", choices=("all", "soft", "hard"), default="all",
+                   help="where: every patch (all, the default), or weighted by the detector (soft: its "
+                        "sigmoid; hard: where it fires)")
     p.add_argument("--layer", help="apply at this layer (default: the basis's layer; another one needs --allow-mismatch)")
     p.add_argument("--direction", choices=("encoding", "decoding"), default="encoding")
     p.add_argument("--classes", help="class names of the model's outputs: a text file, one per line, or a JSON list")

@@ -46,7 +46,8 @@ synthetic model in ``benchmarks/recovery.py``):
    one-parameter logistic fit, capped at a members' median score of 16). Unit-norm filters
    gave every patch a membership of ~0.3-0.45 on the demo layer, from which the refinement
    losses could not tell patches apart. Detection (w . x > b) does not depend on the scale.
-4. **Signal vectors** conditioned on the detections P_i (``ops.masked_moments``).
+4. **Signal vectors** conditioned on the detections P_i (``ops.masked_moments``), and each
+   concept's latent level where it is not detected (``absent_level``, what a removal lowers it to).
 5. **Pattern-to-filter alternation** (``alternations`` rounds, default 0; it was 2 with the
    discriminant filters, whose errors it partly corrected): filters from the signal vectors, W = (S^T Sigma_w^-1 S)^-1 S^T Sigma_w^-1 with Sigma_w the pooled
    within-cluster covariance (not the total one, which makes distractor errors grow), re-thresholded, signal vectors again,
@@ -74,7 +75,8 @@ import torch
 from . import ops
 from .basis import ConceptBasis
 from .clustering import DirectionalClustering
-from .signal import streamed_signal_vectors
+from .signal import AbsentSums
+from .stats import StreamingMoments
 from .stats import DEFAULT_CHUNK_SIZE, all_reduce_sum_, fail_together, iter_chunks, local_only
 
 __all__ = ["extract_directions", "pattern_to_filter", "f1_thresholds", "logistic_filters"]
@@ -88,6 +90,8 @@ _MIN_DECODER_MEMBERS = 5
 _DECODER_BLOCK = 10
 _DECODER_FLIPS = 1e-4
 _DECODER_TURN = 1e-5
+# Rounds after the first start from the fit before them: a third of the iterations.
+_LATER_ROUND_SHARE = 3
 
 
 def pattern_to_filter(encoding: torch.Tensor, covariance: torch.Tensor, rtol: float = 1e-8) -> torch.Tensor:
@@ -147,14 +151,16 @@ def logistic_filters(
         params.grad = grad
         return loss + 0.5 * penalty * params[:, :-1].pow(2).sum()
 
-    for _ in range(rounds + 1):
+    for round_ in range(rounds + 1):
         params = params.detach().clone().requires_grad_(True)
         optimiser = torch.optim.LBFGS([params], lr=1, max_iter=_DECODER_BLOCK, history_size=20,
                                       line_search_fn="strong_wolfe", tolerance_grad=1e-9,
                                       tolerance_change=1e-12)
         detected, direction = None, None
+        # a later round starts from the previous fit, with a few rows left out of the negatives
+        budget = max_iter if round_ == 0 else max(_DECODER_BLOCK, max_iter // _LATER_ROUND_SHARE)
         with torch.no_grad():
-            for _ in range(max(1, math.ceil(max_iter / _DECODER_BLOCK))):
+            for _ in range(max(1, math.ceil(budget / _DECODER_BLOCK))):
                 optimiser.step(closure)
                 # early stop: the detections on the rows and the filters' directions settled
                 now = (design @ params.T) > 0
@@ -570,21 +576,22 @@ def extract_directions(
     shares = class_counts.to(torch.float64) / max(int(total), 1)
     centred_means = class_sums / class_counts.to(torch.float64).clamp_min(1)[:, None] - mean
     within = covariance.to(torch.float64) - (centred_means * shares[:, None]).T @ centred_means
-    encoding = _signal_vectors(x, decoding, bias, mean, chunk_size)
+    encoding, absent = _signal_vectors(x, decoding, bias, mean, chunk_size, km.n_samples_)
     for _ in range(alternations):
         filters = pattern_to_filter(encoding / encoding.norm(dim=1, keepdim=True), within)
         filters = (filters / filters.norm(dim=1, keepdim=True)).to(torch.float32)
         filter_bias = f1_thresholds(x, filters, labels_of, k, mean, covariance, chunk_size,
                                     expected_rows=km.n_samples_)
-        update = _signal_vectors(x, filters, filter_bias, mean, chunk_size)
+        update, _ = _signal_vectors(x, filters, filter_bias, mean, chunk_size, km.n_samples_)
         # Averaging successive estimates damps the oscillation of the alternation (an error
         # in the filters comes back transposed and with flipped sign in the signal vectors).
         encoding = 0.5 * (_unit(encoding) + _unit(update))
     # the encoding's scale: w_i . s_i = 1 with the decoding kept
     gain = (decoding.to(torch.float64) * encoding.to(torch.float64)).sum(1)
-    encoding = encoding.to(torch.float64) / gain[:, None]
+    encoding = (encoding.to(torch.float64) / gain[:, None]).to(torch.float32)
+    absent = absent.levels(encoding)
     return ConceptBasis(
-        decoding, bias, encoding.to(torch.float32), mean.to(torch.float32),
+        decoding, bias, encoding, mean.to(torch.float32), absent_level=absent,
         layer=layer, model_id=model_id,
         metadata={
             "method": f"directional-clustering+{decoder}+f1-threshold+signal-vectors",
@@ -630,10 +637,21 @@ def _unit(t: torch.Tensor) -> torch.Tensor:
     return t / t.norm(dim=1, keepdim=True).clamp_min(1e-300)
 
 
-def _signal_vectors(x, decoding, bias, center, chunk_size) -> torch.Tensor:
-    out = streamed_signal_vectors(x, decoding, bias, center, chunk_size)
+def _signal_vectors(x, decoding, bias, center, chunk_size, expected_rows):
+    """(signal vectors (K, D) float64, the concepts' ``AbsentSums``) from one read of x."""
+    moments = StreamingMoments(decoding, bias, center.to(decoding.device))
+    absent = AbsentSums(decoding, bias, center)
+    with fail_together("the signal-vector moments"):
+        for chunk in iter_chunks(x, chunk_size, dim=decoding.shape[1]):
+            moments.update(chunk)
+            absent.update(chunk)
+    all_reduce_sum_(absent.sums, absent.counts)
+    rows = torch.tensor([absent.rows], dtype=torch.float64)
+    all_reduce_sum_(rows)
+    _check_rows_read(int(rows), expected_rows, "the signal-vector pass")
+    out = moments.all_reduce().signal_vectors()
     bad = torch.isnan(out).any(dim=1)
     if bool(bad.any()):
         # a detector that never fires: fall back to its direction (documented weak spot)
         out[bad] = decoding.to(torch.float64)[bad] / (decoding.to(torch.float64)[bad].norm(dim=1, keepdim=True) ** 2)
-    return out
+    return out, absent

@@ -13,7 +13,8 @@ import torch
 from .stats import (DEFAULT_CHUNK_SIZE, StreamingCovariance, StreamingMoments, fail_together,
                     iter_chunks)
 
-__all__ = ["signal_vectors", "streaming_mean", "streamed_signal_vectors", "masked_signal_vectors"]
+__all__ = ["signal_vectors", "streaming_mean", "streamed_signal_vectors", "masked_signal_vectors",
+           "absent_levels", "AbsentSums"]
 
 
 def streaming_mean(x, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
@@ -88,3 +89,55 @@ def masked_signal_vectors(x: torch.Tensor, z: torch.Tensor,
     var = (centred * centred).sum(0) / safe
     ok = (n >= 2) & (var > 1e-12)
     return cov / var.clamp_min(1e-12)[:, None], ok
+
+
+class AbsentSums:
+    """Streams, per concept, the sum of ``w_i . (x - mean)`` and the count over the rows where
+    detector i does not fire (``w_i . x <= b_i``), and the rows read: the statistics of
+    ``absent_levels``, to be gathered in the same read as other statistics."""
+
+    def __init__(self, decoding: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor):
+        self.w = decoding.detach().to(torch.float32)
+        self.b = bias.detach().to(torch.float32)
+        self.offset = self.w @ mean.detach().to(device=self.w.device, dtype=torch.float32)
+        k = self.w.shape[0]
+        self.sums = torch.zeros(k, dtype=torch.float64)
+        self.counts = torch.zeros(k, dtype=torch.float64)
+        self.rows = 0
+
+    def update(self, chunk: torch.Tensor) -> None:
+        chunk = chunk.to(torch.float32)
+        score = chunk @ self.w.to(chunk.device).T
+        off = score <= self.b.to(chunk.device)
+        # z relative to the mean from the same product: w.x - w.mean
+        z = (score - self.offset.to(chunk.device)).to(torch.float64)
+        self.sums += (z * off).sum(0).cpu()
+        self.counts += off.sum(0).cpu().to(torch.float64)
+        self.rows += chunk.shape[0]
+
+    def levels(self, encoding: torch.Tensor) -> torch.Tensor:
+        """(K,) float32 levels in latent units (divided by w_i . s_i), after ``all_reduce``."""
+        gain = (self.w.double() * encoding.detach().double().to(self.w.device)).sum(1).cpu()
+        level = torch.where(self.counts > 0, self.sums / self.counts.clamp_min(1) / gain,
+                            torch.zeros_like(self.sums))
+        return level.to(torch.float32)
+
+    def all_reduce(self) -> "AbsentSums":
+        from .stats import all_reduce_sum_
+
+        all_reduce_sum_(self.sums, self.counts)
+        return self
+
+
+def absent_levels(x, decoding: torch.Tensor, bias: torch.Tensor, encoding: torch.Tensor,
+                  mean: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """(K,) float32: each concept's mean latent factor ``(w_i . (x - mean)) / (w_i . s_i)`` over
+    the rows where its detector does not fire (``w_i . x <= b_i``), over all ranks under
+    torch.distributed. This is the concept's level when absent, below 0 (the mean) for a
+    concept that raises the rows it is detected on; removing a concept lowers it to this
+    level. A detector that fires on every row gets 0."""
+    acc = AbsentSums(decoding, bias, mean)
+    with fail_together("the absent levels"):
+        for chunk in iter_chunks(x, chunk_size, dim=decoding.shape[1]):
+            acc.update(chunk)
+    return acc.all_reduce().levels(encoding)

@@ -145,8 +145,10 @@ def test_intervene_reports_probability_and_logit_changes(ws, capsys):
     assert all("logit +0.000" in line or "logit -0.000" in line for line in lines[1:])
     rc, out, _ = _run(capsys, *common, "--strength", 4)
     deltas = [float(line.rsplit("logit ", 1)[1].split()[0]) for line in out.splitlines()[1:]]
-    assert rc == 0 and max(abs(d) for d in deltas) > 0
+    assert rc == 0 and max(abs(d) for d in deltas) > 0 and "membership all" in out.splitlines()[0]
     assert out.splitlines()[1].startswith(os.path.join("cat", "0.jpg") + ": ")
+    rc, hard, _ = _run(capsys, *common, "--strength", 4, "--membership", "hard")
+    assert rc == 0 and "membership hard" in hard.splitlines()[0] and hard.splitlines()[1:] != out.splitlines()[1:]
 
 
 def test_extract_honours_limit_and_module_output_selection(ws, capsys, tmp_path):

@@ -25,7 +25,7 @@ def test_torchrun_two_ranks_give_the_single_process_basis(tmp_path, ura):
     _photos(str(tmp_path / "photos"), per_class=7)  # 14 images: 7 per rank
     common = ["extract", "--model", f"{tmp_path / 'model.py'}:make", "--images", str(tmp_path / "photos"),
               "--layer", "features.3", "-k", "3", "--batch-size", "4", "--options", OPTIONS, "--quiet"]
-    common += [] if ura else ["--no-ura"]
+    common += ["--refine"] + ([] if ura else ["--no-ura"])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for attempt in range(2):
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -47,5 +47,5 @@ def test_torchrun_two_ranks_give_the_single_process_basis(tmp_path, ura):
     two = ConceptBasis.load(tmp_path / "two.safetensors")
     assert two.metadata["n_patches"] == one.metadata["n_patches"] == 14 * 64
     assert two.metadata["n_images"] == 14
-    for name in ("decoding", "bias", "encoding", "mean"):
+    for name in ("decoding", "bias", "encoding", "mean", "absent_level"):
         torch.testing.assert_close(getattr(two, name), getattr(one, name), rtol=1e-4, atol=1e-4)  # summation order differs

@@ -15,7 +15,7 @@ def images(n=24, size=8):
 def test_extract_returns_a_basis_for_the_layer_with_progress():
     model = SmallCNN().eval()
     stages = []
-    basis = pc.extract(model, "features.3", images(), 3, seed=0,
+    basis = pc.extract(model, "features.3", images(), 3, seed=0, refine=True,
                        options={"refine_steps": 5, "joint_steps": 3, "ura_images": 8, "ura_batch": 4},
                        progress=lambda stage, done, total: stages.append(stage))
     assert isinstance(basis, pc.ConceptBasis)
@@ -23,6 +23,9 @@ def test_extract_returns_a_basis_for_the_layer_with_progress():
     assert {"patches", "clustering", "refinement", "joint step", "signal vectors"} <= set(stages)
     assert basis.metadata["ura"] and basis.metadata["n_patches"] == 24 * 16
     assert basis.metadata["extract_settings"]["refine_steps"] == 5
+    plain = pc.extract(model, "features.3", images(), 3, seed=0)  # no refinement by default
+    assert not plain.metadata["refine"] and "URA" not in plain.metadata["method"]
+    assert plain.absent_level is not None and basis.absent_level is not None
 
 
 def test_same_seed_same_basis_and_batches_in_any_form():

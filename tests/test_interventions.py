@@ -38,14 +38,14 @@ def test_scale_multiplies_the_latent_factor():
 def test_remove_follows_the_relu_formula_only_where_detected():
     basis = random_basis(5, k=1)
     x = torch.rand(30, 5) * 3
-    y = edit_rows(x, basis.decoding, basis.bias, basis.encoding, basis.mean, remove=[0])
+    y = edit_rows(x, basis.decoding, basis.bias, basis.encoding, basis.mean, remove=[0], membership="soft")
     w, b, s = basis.decoding[0], basis.bias[0], basis.encoding[0]
     m = torch.sigmoid(x @ w - b)
     k = torch.clamp(basis.latent(x)[:, 0], min=0)
     assert torch.allclose(y, torch.relu(x - (m * k)[:, None] * s), atol=1e-5)
     # negative-valued activations are not clamped (auto)
     z = x - 10
-    yz = edit_rows(z, basis.decoding, basis.bias, basis.encoding, basis.mean, remove=[0])
+    yz = edit_rows(z, basis.decoding, basis.bias, basis.encoding, basis.mean, remove=[0], membership="soft")
     assert (yz < 0).any()
 
 
@@ -112,9 +112,9 @@ def test_correction_is_permanent_saved_in_state_and_removable(tmp_path):
     basis = random_basis(8, layer="features.3")
     with torch.no_grad():
         plain = model(images)
-        with pc.intervene(model, basis, remove=[0, 2]):
+        with pc.intervene(model, basis, remove=[0, 2], membership="soft"):
             edited = model(images)
-    fix = pc.correct(model, basis, [0, 2])
+    fix = pc.correct(model, basis, [0, 2])  # soft by default
     with torch.no_grad():
         assert torch.allclose(model(images), edited, atol=1e-6)
     state = model.state_dict()
@@ -253,3 +253,61 @@ def test_membership_all_takes_the_positive_latent_out_everywhere():
     after = basis.latent(y)[:, 0]
     assert torch.allclose(after[a > 0], torch.zeros(int((a > 0).sum())), atol=1e-4)
     assert torch.equal(y[a <= 0], x[a <= 0])
+
+
+def test_removal_lowers_a_concept_to_its_absent_level():
+    basis = random_basis(5, k=2)
+    x = torch.randn(80, 5) * 3
+    level = torch.tensor([-0.7, 0.3])
+    with_level = pc.ConceptBasis(basis.decoding, basis.bias, basis.encoding, basis.mean, absent_level=level)
+    a = with_level.latent(x)[:, 0]
+    y = edit_rows(x, with_level.decoding, with_level.bias, with_level.encoding, with_level.mean,
+                  remove=[0], clamp=False, absent_level=level)
+    above = a > level[0]
+    assert above.any() and (~above).any()
+    assert torch.allclose(with_level.latent(y)[above, 0], torch.full((int(above.sum()),), -0.7), atol=1e-4)
+    assert torch.equal(y[~above], x[~above])  # never raises a concept
+    # intervene and correct use the basis' level; a basis without one removes down to the mean
+    model = SmallCNN().eval()
+    images = torch.rand(4, 3, 8, 8)
+    base = random_basis(8, k=3, layer="features.3")
+    leveled = pc.ConceptBasis(base.decoding, base.bias, base.encoding, base.mean, layer="features.3",
+                              absent_level=torch.tensor([-2.0, -1.0, 0.5]))
+    tap = LayerTap(model, "features.3")
+    rows = tap.to_rows(tap.activations(images))
+    with pc.intervene(model, leveled, remove=[1]):
+        got = tap.to_rows(tap.activations(images))
+    want = edit_rows(rows, leveled.decoding, leveled.bias, leveled.encoding, leveled.mean, remove=[1],
+                     absent_level=leveled.absent_level)
+    assert torch.allclose(got, want, atol=1e-6)
+    with pc.intervene(model, base, remove=[1]):
+        plain = tap.to_rows(tap.activations(images))
+    assert not torch.allclose(plain, got)
+    with torch.no_grad(), pc.intervene(model, leveled, remove=[0, 2], membership="hard"):
+        edited = model(images)
+    fix = pc.correct(model, leveled, [0, 2], membership="hard")
+    fresh = SmallCNN().eval()
+    state = model.state_dict()
+    restore_corrections(fresh, state)
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.allclose(model(images), edited, atol=1e-6)
+        assert torch.allclose(fresh(images), edited, atol=1e-6)
+    fix.remove()
+
+
+def test_extracted_absent_level_is_the_mean_latent_where_undetected(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3000, 6, generator=g)
+    x[:1000, 0] += 6
+    x[1000:2000, 1] += 6
+    basis = pc.extract_directions(x, 3, seed=0)
+    assert basis.absent_level is not None
+    latent, detected = basis.latent(x), basis.detect(x)
+    for i in range(3):
+        assert float(basis.absent_level[i]) == pytest.approx(float(latent[~detected[:, i], i].mean()), abs=1e-4)
+    path = tmp_path / "b.safetensors"
+    basis.save(path)
+    assert torch.equal(pc.ConceptBasis.load(path).absent_level, basis.absent_level)
+    with pytest.raises(ValueError, match="absent_level"):
+        pc.ConceptBasis(basis.decoding, basis.bias, basis.encoding, basis.mean, absent_level=torch.zeros(2))

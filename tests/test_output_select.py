@@ -144,7 +144,8 @@ def test_extract_reads_a_dict_key():
 ])
 def test_bad_outputs_and_layers_fail_before_clustering(no_clustering, model, layer, kwargs, error, match):
     with pytest.raises(error, match=match):
-        pc.extract(model.eval(), layer, torch.rand(16, 3, 8, 8), 2, seed=0, options=OPTS, **kwargs)
+        pc.extract(model.eval(), layer, torch.rand(16, 3, 8, 8), 2, seed=0, options=OPTS, refine=True,
+                   **kwargs)
 
 
 def test_output_is_not_read_when_ura_is_off():

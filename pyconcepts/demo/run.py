@@ -69,7 +69,9 @@ __all__ = ["load_model", "run_demo", "print_demo", "WEIGHTS_PATH", "nd_iou", "ma
 # IoU 0.02-0.10); with 1/I they keep a share comparable with a concept's. Mean best-match IoU,
 # seeds 0-5, tau 0.25 -> 1: 0.175/0.157/0.149/0.176/0.165/0.162 -> 0.183/0.187/0.179/0.197/0.177/
 # 0.185 (PCA 0.169/0.162/0.170/0.167/0.165/0.172).
-DEMO_OPTIONS: dict = {"decoder": "discriminant", "alternations": 4, "tau": 1.0}
+# The refinement schedule the demo's figures were measured with (the library's defaults then).
+DEMO_OPTIONS: dict = {"decoder": "discriminant", "alternations": 4, "tau": 1.0,
+                      "refine_steps": 300, "refine_rotation_lr": 1e-2, "joint_steps": 25}
 
 # A concept counts as found when a detector matches it one-to-one with at least this IoU.
 MATCH_IOU = 0.2

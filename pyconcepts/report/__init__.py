@@ -228,8 +228,8 @@ def write_report(
     sample_words = (f"all {n_total} images" if n_s == n_total else
                     f"a random sample of {n_s} of the {n_total} images (seed {seed})")
     influence_note = (
-        f"Removal: pyconcepts.intervene(remove=[i]) on {sample_words}; the concept's latent factor is subtracted "
-        "along its signal vector where its detector fires (soft membership, strength 1). Green: the class loses "
+        f"Removal: pyconcepts.intervene(remove=[i]) on {sample_words}; the concept's latent factor is lowered "
+        "to its level where the concept is not detected, along its signal vector, at every patch (strength 1). Green: the class loses "
         "probability without the concept (the concept supports it); red: it gains probability.")
     rcav_note = ""
     if result is not None:
