@@ -227,8 +227,10 @@ def background_filters(
     current = decide(v, c)
     if int((current == n_concepts).sum()) <= detect_share * labels.shape[0]:
         return v, c, labels
+    # each refit starts from the one before: a third of the iterations (as later decoder rounds)
+    later = dict(fit, max_iter=max(_DECODER_BLOCK, fit.get("max_iter", 100) // _LATER_ROUND_SHARE))
     for _ in range(background_rounds):
-        v, c = logistic_filters(u, current, n_concepts, rounds=0, init=(v, c), **fit)
+        v, c = logistic_filters(u, current, n_concepts, rounds=0, init=(v, c), **later)
         now = decide(v, c)
         changed = int((now != current).sum())
         current = now
