@@ -69,6 +69,8 @@ DEFAULTS: Dict[str, object] = {
                                  # the cluster memberships) or 'discriminant' (LDA); see directions.py
     "decoder_penalty": 1e-6,     # L2 penalty of the logistic filters (whitened units)
     "decoder_sample": 65536,     # patch rows the logistic filters are fitted on
+    "background_rounds": 20,     # refits that take rows of no concept out of the filters'
+                                 # positives (whitened fits only; 0: off; see directions.py)
     "alternations": 0,           # pattern-to-filter rounds of the encoding estimate: with the
                                  # logistic filters they only drift (paper synthetic, seeds 0-9:
                                  # min encoding cosine 0.984 with 0 rounds, 0.93 with 4)
@@ -322,6 +324,7 @@ def _extract(model, layer, images, k, seed, refine, ura, skip_tokens, opts, prog
                                alternations=int(opts["alternations"]),
                                decoder=str(opts["decoder"]), decoder_penalty=float(opts["decoder_penalty"]),
                                decoder_sample=int(opts["decoder_sample"]),
+                               background_rounds=int(opts["background_rounds"]),
                                layer=layer, model_id=model_id)
     if progress:
         progress("clustering", 1, 1)
