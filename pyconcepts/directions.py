@@ -76,8 +76,8 @@ from . import ops
 from .basis import ConceptBasis
 from .clustering import DirectionalClustering
 from .signal import AbsentSums
-from .stats import StreamingMoments
-from .stats import DEFAULT_CHUNK_SIZE, all_reduce_sum_, fail_together, iter_chunks, local_only
+from .stats import (DEFAULT_CHUNK_SIZE, StreamingMoments, all_reduce_sum_, fail_together, iter_chunks,
+                    local_only)
 
 __all__ = ["extract_directions", "pattern_to_filter", "f1_thresholds", "logistic_filters"]
 
@@ -647,7 +647,7 @@ def _signal_vectors(x, decoding, bias, center, chunk_size, expected_rows):
         for chunk in iter_chunks(x, chunk_size, dim=decoding.shape[1]):
             moments.update(chunk)
             absent.update(chunk)
-    all_reduce_sum_(absent.sums, absent.counts)
+    absent.all_reduce()
     rows = torch.tensor([absent.rows], dtype=torch.float64)
     all_reduce_sum_(rows)
     _check_rows_read(int(rows), expected_rows, "the signal-vector pass")
