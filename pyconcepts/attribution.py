@@ -73,6 +73,18 @@ def _latent(rows, w, s, mu):
     return (rows @ w.T - (w @ mu)) / (w * s).sum(1)
 
 
+def _factor(basis, rows, w, s, mu, idx, reference):
+    """(N, K') latent factors of the rows: with ``reference='removal'`` what
+    ``intervene(remove=...)`` takes out of them, their excess over the concepts' absent levels
+    (``basis.absent_level``; 0 without one); with 'mean' the signed factors."""
+    if reference == "mean":
+        return _latent(rows, w, s, mu)
+    level = getattr(basis, "absent_level", None)
+    level = (torch.zeros(len(idx), dtype=rows.dtype, device=rows.device) if level is None
+             else level.to(device=rows.device, dtype=rows.dtype)[idx])
+    return torch.clamp(_latent(rows, w, s, mu) - level, min=0)
+
+
 # ------------------------------------------------------------------------ detection maps
 def detection_maps(
     model: nn.Module,
@@ -131,14 +143,24 @@ def contribution_maps(
     skip_tokens: int = 0,
     grid=None,
     output: OutputSpec = None,
+    reference: str = "removal",
 ) -> torch.Tensor:
     """(B, K', h, w) contribution of each concept at each position to class ``target``'s
-    score (a logit). ``method``: 'linear' (needs ``head``, the nn.Linear after global average
-    pooling of this layer: exact), 'gradient' (any network), 'auto' (linear when ``head``
-    is given). ``output``: which part of the model's output holds the class scores (an
+    score (a logit). ``reference='removal'`` (default): how much removing the concept there, as
+    ``intervene(remove=...)`` does, lowers the score: the concept's excess over its absent level
+    times the score's change along its signal vector, ``max(a_hat - l, 0) * (s . d score / dx)``.
+    Summed over positions it is the removal's effect to first order (exactly, through a linear
+    head, where the layer has no ReLU clamp to apply); the concepts' sums are not a
+    decomposition of the score. ``reference='mean'``: the signed latent factor from the mean,
+    ``a_hat * (s . d score / dx)`` (METHOD.md section 5), which for a complete basis (W S^T = I,
+    K = D) through a linear head adds up to the score minus the score at the mean. ``method``:
+    'linear' (needs ``head``, the nn.Linear after global average pooling of this layer),
+    'gradient' (any network), 'auto' (linear when ``head`` is given). ``output``: which part of the model's output holds the class scores (an
     index, a key or a callable; for a model ending in probabilities the score is the
     log-probability)."""
     output = check_output_spec(output)
+    if reference not in ("removal", "mean"):
+        raise ValueError(f"reference must be 'removal' or 'mean', got {reference!r}")
     if method not in ("auto", "linear", "gradient"):
         raise ValueError(f"method must be 'auto', 'linear' or 'gradient', got {method!r}")
     if method == "auto":
@@ -161,7 +183,7 @@ def contribution_maps(
             cls = _targets(target, b, rows.device)
             v = head.weight.detach().to(rows)[cls]                      # (B, D)
             gain_k = v @ s.T                                             # (B, K')
-            a = _latent(rows, w, s, mu).reshape(b, positions, -1)         # (B, P, K')
+            a = _factor(basis, rows, w, s, mu, idx, reference).reshape(b, positions, -1)  # (B, P, K')
             contrib = a * gain_k[:, None, :] / positions
             maps = tap.rows_to_maps(contrib.reshape(b * positions, -1), b)
         else:
@@ -182,7 +204,7 @@ def contribution_maps(
             _check_dim(basis, rows, tap.layer)
             w, _, s, mu = _basis_tensors(basis, rows)
             w, s = w[idx], s[idx]
-            contrib = _latent(rows, w, s, mu) * (grads @ s.T)
+            contrib = _factor(basis, rows, w, s, mu, idx, reference) * (grads @ s.T)
             maps = tap.rows_to_maps(contrib, b)
         out.append(maps.detach().cpu())
     if not out:

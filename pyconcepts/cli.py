@@ -432,6 +432,14 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _strength(text: str) -> float:
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (a negative strength would add the concept; "
+                                         f"the Python API's pc.intervene(scale=...) amplifies), got {text!r}")
+    return value
+
+
 def _load_callable(spec: str, option: str):
     module_part, sep, attr = spec.rpartition(":")
     if not sep or not module_part or not attr:
@@ -635,11 +643,20 @@ def _output_class_names(args, source, n_outputs: int) -> Optional[List[str]]:
     return names
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+# the class-order check judges at least this many images (fewer: chance decides)
+_MIN_ORDER_CHECK = 20
+
+
 def _check_folder_classes(args, source, preds: torch.Tensor, n_outputs: int) -> None:
     """Warn when class subfolders named the outputs (no --classes) and the model's predictions
     agree with them less often than chance: the folders' sorted order is then probably not the
-    model's output order, and every class name printed is wrong."""
-    if args.classes or args.model is None or source.labels is None or preds.numel() == 0:
+    model's output order (or the preprocessing is not the model's), and every class name
+    printed is wrong."""
+    if args.classes or args.model is None or source.labels is None or preds.numel() < _MIN_ORDER_CHECK:
         return
     if not source.class_names or len(source.class_names) != n_outputs:
         return
@@ -647,8 +664,8 @@ def _check_folder_classes(args, source, preds: torch.Tensor, n_outputs: int) -> 
     if agree < 1.0 / n_outputs:
         _warn(f"the model's predictions match the class subfolders of --images on only {100 * agree:.0f}% of the "
               f"images (chance: {100 / n_outputs:.0f}%): the folders' sorted order ({', '.join(source.class_names[:4])}"
-              f"{', ...' if n_outputs > 4 else ''}) is probably not the model's output order; name the outputs "
-              "with --classes")
+              f"{', ...' if n_outputs > 4 else ''}) is probably not the model's output order (name the outputs "
+              "with --classes), or the preprocessing is not the model's")
 
 
 def _true_name(source, j: int) -> Optional[str]:
@@ -825,8 +842,8 @@ def _cmd_explain(args) -> int:
     class_name = _class_namer(args, source, probe.n_outputs)
     head = model.fc if args.model is None else None  # the demo: exact contributions through its linear head
     top = min(args.top, basis.n_concepts)
-    print(f"{len(source)} images; concepts of {args.basis} at {layer}; each concept's contribution to the "
-          f"predicted class's logit")
+    print(f"{_count(len(source), 'image')}; concepts of {args.basis} at {layer}; per concept, how much removing "
+          f"it (pyconcepts intervene --remove) lowers the predicted class's logit, to first order")
     j, all_preds = 0, []
     for batch in source.batches(args.batch_size or 32):
         with torch.no_grad():
@@ -878,7 +895,7 @@ def _cmd_intervene(args) -> int:
     concepts = ", ".join(str(i) for i in remove)
     print(f"removed concept(s) {concepts} at {layer} (strength {args.strength:g}, along the {args.direction}, "
           f"membership {args.membership}) "
-          f"on {len(source)} images: {changed} predictions changed; predicted class's probability "
+          f"on {_count(len(source), 'image')}: {_count(changed, 'prediction')} changed; predicted class's probability "
           f"{float(dp.mean()):+.3f} on average (logit {float(dlogit.mean()):+.3f})")
     for j in range(len(source)):
         mark = "  CHANGED" if bool(cf.changed[j]) else ""
@@ -1028,7 +1045,7 @@ def build_parser() -> argparse.ArgumentParser:
     image_options(p, 16)
     p.add_argument("--remove", type=int, nargs="+", required=True, metavar="I",
                    help="concept(s) to remove, 0 to K-1")
-    p.add_argument("--strength", type=_finite_float, default=1.0,
+    p.add_argument("--strength", type=_strength, default=1.0,
                    help="how much of each concept to take out (1: its excess over its level where it is "
                         "not detected; default 1)")
     p.add_argument("--membership", choices=("all", "soft", "hard"), default="all",

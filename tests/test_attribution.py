@@ -62,11 +62,33 @@ def test_contributions_add_up_for_a_complete_basis():
     w = torch.randn(4, 4)
     s = torch.linalg.inv(w).T
     basis = pc.ConceptBasis(w, torch.zeros(4), s, rows.mean(0), layer="features.3")
-    c = attr.contribution_maps(model, basis, images, 2, head=model.fc)
+    c = attr.contribution_maps(model, basis, images, 2, head=model.fc, reference="mean")
     with torch.no_grad():
         logits = model(images)[:, 2]
         at_mean = model.fc(basis.mean)[2]
     assert torch.allclose(c.sum((1, 2, 3)), logits - at_mean, atol=1e-4)
+
+
+def test_contributions_are_the_removal_effect_through_a_linear_head():
+    # by default a concept's summed contribution is what intervene(remove=[i]) takes off the
+    # score (exactly, through pooling + linear, without the ReLU clamp)
+    model = SmallCNN().eval()
+    images = torch.rand(4, 3, 8, 8)
+    base = basis_for(model, "features.3", images)
+    basis = pc.ConceptBasis(base.decoding, base.bias, base.encoding, base.mean, layer="features.3",
+                            absent_level=torch.tensor([-0.3, 0.2, -1.0]))
+    c = attr.contribution_maps(model, basis, images, 1, head=model.fc).sum((2, 3))   # (B, K)
+    grad = attr.contribution_maps(model, basis, images, 1, method="gradient").sum((2, 3))
+    with torch.no_grad():
+        before = model(images)[:, 1]
+        for i in range(3):
+            with pc.intervene(model, basis, remove=[i], clamp=False):
+                drop = before - model(images)[:, 1]
+            assert torch.allclose(c[:, i], drop, atol=1e-4), i
+            assert torch.allclose(grad[:, i], drop, atol=1e-4), i
+    assert bool((c.abs() > 1e-3).any())
+    with pytest.raises(ValueError, match="reference"):
+        attr.contribution_maps(model, basis, images, 1, head=model.fc, reference="zero")
 
 
 def _planted_concepts():

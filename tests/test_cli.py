@@ -470,12 +470,17 @@ COLOUR_MODEL_SRC = textwrap.dedent('''
 
 def test_class_folders_in_another_order_than_the_outputs_are_flagged(ws, capsys, tmp_path):
     (tmp_path / "colour.py").write_text(COLOUR_MODEL_SRC)
+    _photos(str(tmp_path / "photos"), per_class=10)
     model = ["--model", f"{tmp_path / 'colour.py'}:make", "--allow-mismatch"]
-    common = ["intervene", ws / "basis.safetensors", *model, "--images", ws / "photos", "--remove", 0]
+    common = ["intervene", ws / "basis.safetensors", *model, "--images", tmp_path / "photos", "--remove", 0]
     rc, out, err = _run(capsys, *common)
     assert rc == 0 and "match the class subfolders of --images on only 0%" in err and "--classes" in err
     rc, out, err = _run(capsys, *common, "--classes", '["dog", "cat"]')
     assert rc == 0 and "subfolders" not in err
-    rc, _, err = _run(capsys, "report", ws / "basis.safetensors", *model, "--images", ws / "photos",
+    rc, _, err = _run(capsys, *common, "--limit", 6)  # too few images to judge the order
+    assert rc == 0 and "subfolders" not in err
+    rc, _, err = _run(capsys, "report", ws / "basis.safetensors", *model, "--images", tmp_path / "photos",
                       "--out", tmp_path / "rep", "--quiet", "--options", '{"rcav": false}')
     assert rc == 0 and "match the class subfolders" in err
+    rc, _, err = _run(capsys, *common, "--strength", "-1")
+    assert rc == 2 and ">= 0" in err
