@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -1070,7 +1071,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     debug = bool(getattr(args, "debug", False))
     try:
-        code = int(args.run(args) or 0)
+        with warnings.catch_warnings():
+            # the library's warnings (UserWarning) as the command's own one-line warnings
+            warnings.showwarning = lambda message, category, *rest: _warn(str(message))
+            code = int(args.run(args) or 0)
         sys.stdout.flush()
         return code
     except BrokenPipeError:

@@ -39,6 +39,7 @@ it into progress bars).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
@@ -342,9 +343,11 @@ def _extract(model, layer, images, k, seed, refine, ura, skip_tokens, opts, prog
                                outputs=str(opts["outputs"]), seed=seed, output=output)
         decoding, bias = _refine(sample, decoding, bias, encoding, mean, ura_loss, opts, seed,
                                  progress, history, guards.setdefault("refinement", {}))
+        _warn_if_guard_kept_nothing(guards["refinement"], "refinement", opts)
         if int(opts["joint_steps"]) > 0:
             decoding, bias = _joint(sample, decoding, bias, mean, ura_loss, opts, seed, progress,
                                     history, guards.setdefault("joint", {}))
+            _warn_if_guard_kept_nothing(guards["joint"], "joint step", opts)
     if progress:
         progress("signal vectors", 0, 1)
     if opts["final_encoding"] == "alternation":
@@ -358,6 +361,8 @@ def _extract(model, layer, images, k, seed, refine, ura, skip_tokens, opts, prog
     if progress:
         progress("signal vectors", 1, 1)
     metadata = dict(basis.metadata)
+    # extract_directions' own settings record refine=False (the refinement runs here)
+    metadata["settings"] = dict(metadata.get("settings", {}), refine=bool(refine))
     metadata.update({
         "method": "pyconcepts.extract: " + metadata.get("method", "")
         + ("+refinement" if refine else "") + ("+URA" if refine and ura else "")
@@ -369,6 +374,16 @@ def _extract(model, layer, images, k, seed, refine, ura, skip_tokens, opts, prog
     })
     return ConceptBasis(decoding, bias, encoding, mean, layer=layer, model_id=model_id, metadata=metadata,
                         absent_level=absent)
+
+
+def _warn_if_guard_kept_nothing(report: dict, stage: str, opts) -> None:
+    """A refinement whose every checked step the merge guard rejected returns its start
+    unchanged: say so, rather than let a refined basis pass for one."""
+    if report.get("steps_run", 0) > 0 and report.get("kept_step", 0) == 0 and report.get("failed_checks", 0) > 0:
+        warnings.warn(
+            f"the {stage} changed nothing: its merge guard rejected every step (two detectors came to "
+            f"overlap by more than merge_guard = {opts['merge_guard']} Jaccard), so the detectors are "
+            "those it started from; options={'merge_guard': None} turns the guard off", stacklevel=3)
 
 
 def _weights(opts) -> Dict[str, float]:

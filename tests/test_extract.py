@@ -80,3 +80,19 @@ def test_pc_extract_is_the_function_after_importing_the_submodule():
     assert pc.extract is extraction.extract
     for name in ("restore_corrections", "contribution_maps", "rcav"):
         assert callable(getattr(pc, name)), name
+
+
+def test_a_refinement_the_merge_guard_rejects_throughout_says_so():
+    from pyconcepts.extraction import DEFAULTS, _warn_if_guard_kept_nothing
+    with pytest.warns(UserWarning, match="changed nothing"):
+        _warn_if_guard_kept_nothing({"steps_run": 60, "kept_step": 0, "failed_checks": 6}, "refinement", DEFAULTS)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_if_guard_kept_nothing({"steps_run": 60, "kept_step": 40, "failed_checks": 2}, "refinement", DEFAULTS)
+        _warn_if_guard_kept_nothing({"steps_run": 0, "kept_step": 0, "failed_checks": 0}, "refinement", DEFAULTS)
+    # the extraction's metadata records the refinement it ran
+    model = SmallCNN().eval()
+    basis = pc.extract(model, "features.3", images(), 3, seed=0, refine=True,
+                       options={"refine_steps": 3, "ura_images": 8, "ura_batch": 4})
+    assert basis.metadata["refine"] and basis.metadata["settings"]["refine"]
