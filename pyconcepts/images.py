@@ -395,7 +395,7 @@ class FolderImages:
                     picture.draft("RGB", (ow, oh))
                 picture = ImageOps.exif_transpose(picture)
                 picture.load()
-                return picture
+                return _to_8bit(picture)
         except (OSError, ValueError, SyntaxError) as exc:  # Pillow's decode errors
             raise ValueError(f"cannot decode image {path!r}: {exc}") from None
 
@@ -592,7 +592,19 @@ def _as_image_tensor(obj, path: str) -> torch.Tensor:
     x = x.to(torch.float32).contiguous()
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{path!r}: the images contain NaN or Inf")
+    top = float(x.abs().max())
+    if top > _FLOAT_PIXEL_LIMIT:
+        import warnings
+
+        warnings.warn(f"{path!r}: float images are read as they are, and these reach {top:g}: pixels in "
+                      "0..255 should be stored as uint8 (scaled to [0, 1] on reading) or divided by 255",
+                      stacklevel=2)
     return x
+
+
+# Float images beyond this magnitude are most likely 0..255 pixels stored as floats (images in
+# [0, 1], or normalised by mean/std, stay within a few units).
+_FLOAT_PIXEL_LIMIT = 8.0
 
 
 def open_images(path: Union[str, os.PathLike], *, preprocess: Optional[Preprocess] = None,
@@ -635,3 +647,25 @@ def _check_indices(indices: Sequence[int], total: int) -> List[int]:
     if bad:
         raise IndexError(f"select: index {bad[0]} is out of range for {total} images")
     return idx
+
+
+def _to_8bit(picture):
+    """A 16-bit or 32-bit (integer or float) grey picture as 8-bit grey, scaled by its bit depth
+    (Pillow's own conversion to RGB clips such values to 255: a 16-bit PNG turns white)."""
+    from PIL import Image
+
+    if picture.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return picture
+    import numpy as np
+
+    values = np.asarray(picture, dtype=np.float64)
+    top = float(values.max()) if values.size else 0.0
+    if picture.mode.startswith("I;16") or (picture.mode == "I" and 255 < top <= 65535):
+        scale = 255.0 / 65535.0
+    elif picture.mode == "F" and top <= 1.0:
+        scale = 255.0
+    elif top <= 255:
+        scale = 1.0
+    else:
+        scale = 255.0 / top
+    return Image.fromarray(np.clip(values * scale + 0.5, 0, 255).astype(np.uint8))  # 2-D uint8: "L"

@@ -222,6 +222,9 @@ class LayerTap:
 
     # ------------------------------------------------------------------ running
     def _check_images(self, batch: torch.Tensor) -> torch.Tensor:
+        if isinstance(batch, torch.Tensor) and not batch.is_floating_point():
+            raise TypeError(f"images must be a floating-point tensor, got {batch.dtype}"
+                            + (" (uint8 pixels: divide by 255)" if batch.dtype == torch.uint8 else ""))
         expected = _input_channels(self.model)
         if expected is not None and batch.shape[1] != expected:
             raise ValueError(

@@ -187,3 +187,28 @@ def test_select_and_an_even_spread_cover_every_class_folder(tmp_path):
         src.select([12])
     with pytest.raises(ValueError, match="no indices"):
         tensors.select([])
+
+
+def test_sixteen_bit_grey_pictures_keep_their_contrast(tmp_path):
+    ramp = (np.arange(12 * 10, dtype=np.uint16).reshape(12, 10) * 500)  # 0 .. 59500
+    os.makedirs(tmp_path / "g", exist_ok=True)
+    Image.fromarray(ramp).save(tmp_path / "g" / "r.png")  # uint16: a 16-bit grey PNG
+    src = FolderImages(tmp_path / "g", workers=1)
+    x = next(iter(src.batches(1)))[0]
+    assert x.shape == (3, 12, 10)
+    expected = torch.from_numpy(np.round(ramp.astype(np.float64) * 255 / 65535) / 255).float()
+    torch.testing.assert_close(x[0], expected, rtol=0, atol=1.5 / 255)
+    assert float(x.max()) < 0.95 and float(x.min()) == 0.0  # not clipped to white
+
+
+def test_float_pixels_in_0_255_are_flagged_and_uint8_batches_refused(tmp_path):
+    x = np.random.default_rng(0).random((3, 8, 8, 3)) * 255
+    np.save(tmp_path / "f.npy", x.astype(np.float32))
+    with pytest.warns(UserWarning, match="uint8"):
+        images, _, _ = load_tensor_images(str(tmp_path / "f.npy"))
+    assert float(images.max()) > 200  # read as they are, not silently rescaled
+    import pyconcepts as pc
+    from torch import nn
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    with pytest.raises(TypeError, match="divide by 255"):
+        pc.LayerTap(model, "1").activations(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
