@@ -389,6 +389,7 @@ class _Probe:
             raise UserError(f"the model's output (after --output) should be logits (B, classes), got {shape}")
         self.width = int(tap.shape.channels)
         self.kind = tap.shape.kind
+        self.positions = int(tap.shape.positions)
         self.n_outputs = int(logits.shape[1])
         self.input_shape = tuple(first.shape[1:])
 
@@ -731,6 +732,12 @@ def _cmd_extract(args) -> int:
         source = source.subset(rank * total // world, (rank + 1) * total // world)
     output = parse_output(args.output)
     probe = _Probe(model, layer, source, output, args.skip_tokens or 0)
+    if probe.kind == "tokens" and round(probe.positions ** 0.5) ** 2 != probe.positions:
+        _warn(f"layer {layer!r} gives {probe.positions} tokens per image, not a square grid: if the first "
+              f"ones are class or register tokens, pass --skip-tokens N (report and explain need the grid)")
+    if args.concepts > len(source) * probe.positions:
+        raise UserError(f"-k {args.concepts} exceeds the {len(source) * probe.positions} patches of "
+                        f"{len(source)} image(s) at {layer!r}")
     batch_size = args.batch_size or int(options.get("batch_size", DEFAULTS["batch_size"]))
     bar = ProgressBar(enabled=not args.quiet and rank == 0)
     try:

@@ -216,7 +216,8 @@ class LayerTap:
         side = int(round(n ** 0.5))
         if side * side != n:
             raise ValueError(
-                f"{n} patch tokens are not a square grid; pass grid=(h, w) (or skip_tokens for class tokens)"
+                f"{n} patch tokens are not a square grid: leading class or register tokens are left out "
+                "with skip_tokens=N (command line: --skip-tokens N), a non-square grid is given as grid=(h, w)"
             )
         return side, side
 

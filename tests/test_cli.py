@@ -484,3 +484,41 @@ def test_class_folders_in_another_order_than_the_outputs_are_flagged(ws, capsys,
     assert rc == 0 and "match the class subfolders" in err
     rc, _, err = _run(capsys, *common, "--strength", "-1")
     assert rc == 2 and ">= 0" in err
+
+
+TOKEN_MODEL_SRC = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    class Tok(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Conv2d(3, 8, 4, stride=4)
+            self.cls = nn.Parameter(torch.zeros(1, 1, 8))
+            self.block = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            t = self.embed(x).flatten(2).transpose(1, 2)                 # (B, 16, 8)
+            t = self.block(torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1))
+            return self.head(t[:, 0])
+
+
+    def make():
+        torch.manual_seed(0)
+        return Tok()
+''')
+
+
+def test_extract_flags_a_token_layer_with_a_class_token_and_too_many_concepts(ws, capsys, tmp_path):
+    (tmp_path / "tok.py").write_text(TOKEN_MODEL_SRC)
+    common = ["extract", "--model", f"{tmp_path / 'tok.py'}:make", "--images", ws / "photos", "--layer", "block",
+              "--options", FAST, "--quiet"]
+    rc, _, err = _run(capsys, *common, "-k", 2, "--out", tmp_path / "a.safetensors")
+    assert rc == 0 and "17 tokens per image, not a square grid" in err and "--skip-tokens" in err
+    rc, _, err = _run(capsys, *common, "-k", 2, "--skip-tokens", 1, "--out", tmp_path / "b.safetensors")
+    assert rc == 0 and "square grid" not in err
+    rc, _, err = _run(capsys, *common, "-k", 500, "--skip-tokens", 1, "--out", tmp_path / "c.safetensors")
+    assert rc == 2 and "-k 500 exceeds the 192 patches of 12 image(s)" in err
+    assert not (tmp_path / "c.safetensors").exists()
