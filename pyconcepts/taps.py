@@ -235,8 +235,16 @@ class LayerTap:
 
     @contextlib.contextmanager
     def hook(self, fn: Callable[[torch.Tensor], Optional[torch.Tensor]]):
-        """Install ``fn(output) -> replacement or None`` on the layer for the duration."""
+        """Install ``fn(output) -> replacement or None`` on the layer for the duration (one
+        forward pass of the model: a layer that runs twice in it is refused, since its patches
+        would be two different activations)."""
+        calls = [0]
+
         def _hook(module, inputs, output):
+            calls[0] += 1
+            if calls[0] > 1:
+                raise ValueError(f"layer {self.layer!r} runs more than once in one forward pass of the model; "
+                                 "tap a layer that runs once per image batch")
             self.shape = self._describe(output)
             return fn(output)
 

@@ -212,3 +212,4 @@ def test_float_pixels_in_0_255_are_flagged_and_uint8_batches_refused(tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     with pytest.raises(TypeError, match="divide by 255"):
         pc.LayerTap(model, "1").activations(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+

@@ -107,3 +107,22 @@ def test_wrong_channel_count_is_named():
         tap.activations(torch.rand(2, 1, 8, 8))
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         list(tap.rows(torch.rand(3, 8, 8)))
+
+
+def test_a_layer_that_runs_twice_in_a_forward_pass_is_refused():
+    import pyconcepts as pc
+    from torch import nn
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU())
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(self.features(self.features(x)).mean((2, 3)))
+
+    tap = pc.LayerTap(Twice(), "features")
+    with pytest.raises(ValueError, match="runs more than once"):
+        tap.forward_with(torch.rand(2, 3, 8, 8), lambda out: out)
+    assert tap.activations(torch.rand(2, 3, 8, 8)).shape == (2, 3, 8, 8)  # stops at the first call
