@@ -285,7 +285,12 @@ class Preprocess:
 
     def __call__(self, picture) -> torch.Tensor:
         if self.transform is not None:
-            out = self.transform(picture)
+            try:
+                out = self.transform(picture)
+            except Exception as exc:  # the user's function: say which one failed, and how
+                name = getattr(self.transform, "__name__", type(self.transform).__name__)
+                raise ValueError(f"the image transform {name!r} failed on a picture: "
+                                 f"{type(exc).__name__}: {exc}") from exc
             out = torch.as_tensor(out)
             if out.dim() != 3:
                 raise ValueError(f"the transform returned shape {tuple(out.shape)}; expected (C, H, W)")

@@ -213,3 +213,14 @@ def test_float_pixels_in_0_255_are_flagged_and_uint8_batches_refused(tmp_path):
     with pytest.raises(TypeError, match="divide by 255"):
         pc.LayerTap(model, "1").activations(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
 
+
+
+def test_a_failing_transform_is_named(tmp_path):
+    _write(str(tmp_path / "a.png"), _pixels(0))
+
+    def make():  # takes no picture: the mistake of passing a model factory as --transform
+        return None
+
+    src = FolderImages(tmp_path, preprocess=Preprocess(transform=make), workers=1)
+    with pytest.raises(ValueError, match="transform 'make' failed"):
+        next(iter(src.batches(1)))
