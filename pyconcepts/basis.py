@@ -150,6 +150,8 @@ class ConceptBasis:
             )
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        if not bool(torch.isfinite(x).all()):  # NaN compares False: a silent "not detected"
+            raise ValueError("x contains NaN or Inf")
         return x
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,11 @@ def test_detect_and_latent_follow_the_definitions():
     # leading dimensions (e.g. a token map) pass through
     assert b.detect(torch.randn(2, 4, 5)).shape == (2, 4, 3)
     assert b.n_concepts == 3 and b.dim == 5
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    for use in (b.detect, b.latent, b.scores, b.membership):
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            use(bad)
 
 
 def test_latent_of_signal_vector_step_is_one():
