@@ -735,9 +735,9 @@ def _cmd_extract(args) -> int:
     if probe.kind == "tokens" and round(probe.positions ** 0.5) ** 2 != probe.positions:
         _warn(f"layer {layer!r} gives {probe.positions} tokens per image, not a square grid: if the first "
               f"ones are class or register tokens, pass --skip-tokens N (report and explain need the grid)")
-    if args.concepts > len(source) * probe.positions:
-        raise UserError(f"-k {args.concepts} exceeds the {len(source) * probe.positions} patches of "
-                        f"{len(source)} image(s) at {layer!r}")
+    if args.concepts > total * probe.positions:  # all ranks' images together
+        raise UserError(f"-k {args.concepts} exceeds the {total * probe.positions} patches of "
+                        f"{total} image(s) at {layer!r}")
     batch_size = args.batch_size or int(options.get("batch_size", DEFAULTS["batch_size"]))
     bar = ProgressBar(enabled=not args.quiet and rank == 0)
     try:
