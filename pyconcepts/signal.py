@@ -101,25 +101,28 @@ class AbsentSums:
         self.b = bias.detach().to(torch.float32)
         self.offset = self.w @ mean.detach().to(device=self.w.device, dtype=torch.float32)
         k = self.w.shape[0]
-        self.sums = torch.zeros(k, dtype=torch.float64)
-        self.counts = torch.zeros(k, dtype=torch.float64)
+        # on the chunks' device until the pass ends (no transfer per chunk)
+        self.sums = torch.zeros(k, dtype=torch.float64, device=self.w.device)
+        self.counts = torch.zeros(k, dtype=torch.float64, device=self.w.device)
         self.rows = 0
 
     def update(self, chunk: torch.Tensor) -> None:
         chunk = chunk.to(torch.float32)
+        if self.sums.device != chunk.device:
+            self.sums, self.counts = self.sums.to(chunk.device), self.counts.to(chunk.device)
         score = chunk @ self.w.to(chunk.device).T
         off = score <= self.b.to(chunk.device)
         # z relative to the mean from the same product: w.x - w.mean
         z = (score - self.offset.to(chunk.device)).to(torch.float64)
-        self.sums += (z * off).sum(0).cpu()
-        self.counts += off.sum(0).cpu().to(torch.float64)
+        self.sums += (z * off).sum(0)
+        self.counts += off.sum(0).to(torch.float64)
         self.rows += chunk.shape[0]
 
     def levels(self, encoding: torch.Tensor) -> torch.Tensor:
         """(K,) float32 levels in latent units (divided by w_i . s_i), after ``all_reduce``."""
+        sums, counts = self.sums.cpu(), self.counts.cpu()
         gain = (self.w.double() * encoding.detach().double().to(self.w.device)).sum(1).cpu()
-        level = torch.where(self.counts > 0, self.sums / self.counts.clamp_min(1) / gain,
-                            torch.zeros_like(self.sums))
+        level = torch.where(counts > 0, sums / counts.clamp_min(1) / gain, torch.zeros_like(sums))
         return level.to(torch.float32)
 
     def all_reduce(self) -> "AbsentSums":
