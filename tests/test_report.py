@@ -279,3 +279,14 @@ def test_log_odds_of_a_confident_prediction_do_not_saturate():
     assert float(got[0]) == pytest.approx(40.0 - math.log(1 + math.exp(-5.0)), rel=1e-6)
     p = torch.softmax(scores[1].double(), 0)[2]
     assert float(got[1]) == pytest.approx(float(torch.log(p / (1 - p))), rel=1e-5)
+
+
+def test_every_class_log_odds_match_the_definition_and_stay_finite():
+    from pyconcepts.report.collect import _every_log_odds
+    scores = torch.tensor([[50.0, 0.0, -3.0], [0.3, 0.1, -0.2]])
+    got = _every_log_odds(scores)
+    p = torch.softmax(scores[1].double(), 0)
+    torch.testing.assert_close(got[1], torch.log(p / (1 - p)))
+    assert bool(torch.isfinite(got).all())          # p rounds to 1 for class 0 of row 0
+    assert float(got[0, 0]) == pytest.approx(50.0 - math.log(1 + math.exp(-3.0)), rel=1e-9)
+    assert float(got[0, 1]) == pytest.approx(0.0 - math.log(math.exp(50.0) + math.exp(-3.0)), rel=1e-9)

@@ -203,7 +203,7 @@ def write_report(
     for rank, i in enumerate(order, start=1):
         effects = []
         for j in range(c):
-            e = ClassEffect(class_names[j], float(m.prob_change[i, j]))
+            e = ClassEffect(class_names[j], float(m.class_odds_change[i, j]))
             if i in row_of:
                 r = row_of[i]
                 e.rcav = float(result.scores[r, j])
@@ -230,8 +230,8 @@ def write_report(
                     f"a random sample of {n_s} of the {n_total} images (seed {seed})")
     influence_note = (
         f"Removal: pyconcepts.intervene(remove=[i]) on {sample_words}; the concept's latent factor is lowered "
-        "to its level where the concept is not detected, along its signal vector, at every patch (strength 1). Green: the class loses "
-        "probability without the concept (the concept supports it); red: it gains probability.")
+        "to its level where the concept is not detected, along its signal vector, at every patch (strength 1). Green: the class's log-odds "
+        "log(p/(1-p)) fall without the concept (the concept supports it); red: they rise.")
     rcav_note = ""
     if result is not None:
         floor = min(1.0, len(tested) * c / (n_perm + 1))
@@ -259,7 +259,7 @@ def write_report(
         f"margin of the prediction; unlike a probability it still moves when the model is confident), when the "
         f"concept is removed at {layer} from {sample_words}. Flips: predictions that change.",
         "Fires on: the share of the layer's patches where the detector fires (w.x > b on the raw activation).",
-        "Pushes up / down: the classes that lose / gain the most probability (at least 0.001) when the concept "
+        "Pushes up / down: the classes whose log-odds fall / rise the most (by at least 0.01) when the concept "
         "is removed" + ("; classes marked * come first: RCAV finds that adding the concept raises / lowers their "
                         "probability significantly. " + rcav_note if result is not None else " (RCAV not run)."),
         f"Top patches: {crop_note}",

@@ -218,6 +218,7 @@ class Measurements:
     top_maps: _RunningTop                 # values: mean membership over the grid; payload map
     influence_sample: List[int]           # image indices the removal effects were measured on
     prob_change: torch.Tensor             # (K, C) mean change of class probabilities on removal
+    class_odds_change: torch.Tensor       # (K, C) mean change of each class's log-odds on removal
     tv_change: torch.Tensor               # (K,) mean total-variation change of the probabilities
     odds_change: torch.Tensor             # (K,) mean |change| of the predicted class's log-odds
     odds_drop: torch.Tensor               # (K,) mean drop of the predicted class's log-odds
@@ -273,7 +274,7 @@ def measure(
     patches_fired = torch.zeros(k, dtype=torch.int64)
     images_fired = torch.zeros(k, dtype=torch.int64)
     inter = union_det = mask_pixels = None
-    prob_change = tv = drop = flips = predicted = odds_change = odds_drop = None
+    prob_change = tv = drop = flips = predicted = odds_change = odds_drop = class_odds = None
     n_batches = math.ceil(n_total / batch_size)
     grid = input_size = None
     seen = 0
@@ -332,6 +333,7 @@ def measure(
                 c = before.shape[1]
                 if prob_change is None:
                     prob_change = torch.zeros(k, c, dtype=torch.float64)
+                    class_odds = torch.zeros(k, c, dtype=torch.float64)
                     tv = torch.zeros(k, dtype=torch.float64)
                     odds_change = torch.zeros(k, dtype=torch.float64)
                     odds_drop = torch.zeros(k, dtype=torch.float64)
@@ -341,12 +343,14 @@ def measure(
                 p0 = before.softmax(1)
                 pred = before.argmax(1)
                 odds0 = _log_odds(before, pred)
+                every0 = _every_log_odds(before)
                 predicted += torch.bincount(pred, minlength=c)
                 for i in range(k):
                     with intervene(model, basis, layer=tap.layer, remove=[i]):
                         after = model(tap._check_images(sub)).float().cpu()
                     p1 = after.softmax(1)
                     prob_change[i] += (p1 - p0).sum(0).double()
+                    class_odds[i] += (_every_log_odds(after) - every0).sum(0)
                     tv[i] += 0.5 * (p1 - p0).abs().sum(1).sum().double()
                     change = (odds0 - _log_odds(after, pred)).double()
                     odds_change[i] += change.abs().sum()
@@ -373,6 +377,7 @@ def measure(
         patches_fired=patches_fired, images_fired=images_fired, histogram=hist,
         top_patches=top_patches, top_maps=top_maps, influence_sample=sample,
         prob_change=(prob_change / n_s).float(), tv_change=(tv / n_s).float(),
+        class_odds_change=(class_odds / n_s).float(),
         odds_change=(odds_change / n_s).float(), odds_drop=(odds_drop / n_s).float(),
         logit_drop=(drop / n_s).float(), flips=(flips / n_s).float(), predicted=predicted, probe=probe,
         rcav_images=torch.cat(rcav_keep) if rcav_keep else None,
@@ -389,3 +394,15 @@ def _log_odds(scores: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
     own = scores.gather(1, cls[:, None])[:, 0]
     others = scores.scatter(1, cls[:, None], float("-inf"))
     return own - torch.logsumexp(others, dim=1)
+
+
+def _every_log_odds(scores: torch.Tensor) -> torch.Tensor:
+    """(B, C) float64 log(p_j / (1 - p_j)) of every class: for a class below the top one
+    (p <= 1/2) from log p - log1p(-p), for the top class as in ``_log_odds`` (exact where its
+    p rounds to 1)."""
+    s = scores.double()
+    logp = torch.log_softmax(s, dim=1)
+    out = logp - torch.log1p(-logp.exp().clamp(max=0.5))
+    top = s.argmax(1)
+    out[torch.arange(s.shape[0]), top] = _log_odds(s, top)
+    return out

@@ -26,7 +26,7 @@ class Picture:
 @dataclass
 class ClassEffect:
     name: str
-    removal: float                 # mean change of the class probability when the concept is removed
+    removal: float                 # mean change of the class's log-odds when the concept is removed
     rcav: Optional[float] = None   # fraction of images whose probability rose when it was added
     p: Optional[float] = None
     p_adjusted: Optional[float] = None
@@ -59,7 +59,7 @@ class ConceptView:
 
     def up_down(self, n: int = 3) -> Tuple[List[ClassEffect], List[ClassEffect]]:
         """Classes the concept pushes up and down: first those RCAV finds significant, then
-        by the probability the class loses / gains when the concept is removed, leaving out
+        by the log-odds the class loses / gains when the concept is removed, leaving out
         changes below ``MIN_REMOVAL_EFFECT`` (a non-significant RCAV score says nothing)."""
         sig_up = sorted((e for e in self.effects if e.significant and e.rcav > 0.5), key=lambda e: -e.rcav)
         sig_down = sorted((e for e in self.effects if e.significant and e.rcav < 0.5), key=lambda e: e.rcav)
@@ -166,7 +166,7 @@ def _p(p: Optional[float]) -> str:
 
 
 # a class whose probability moves less than this when the concept is removed is not listed
-MIN_REMOVAL_EFFECT = 1e-3
+MIN_REMOVAL_EFFECT = 1e-2   # log-odds
 
 
 def _class_tag(e: ClassEffect, kind: str) -> str:
@@ -362,7 +362,7 @@ def concept_page(view: ReportView, c: ConceptView, crop_note: str, map_note: str
         ranked = sorted(effects, key=key, reverse=True)
         effects = ranked[:6] + ranked[-6:]
     scale = max((abs(e.removal) for e in c.effects), default=0.0)
-    head = ("<th>class</th><th colspan=\"2\">support: probability lost without it</th>")
+    head = ("<th>class</th><th colspan=\"2\">support: log-odds lost without it</th>")
     if view.has_rcav:
         head += "<th class=\"num\">RCAV</th><th class=\"num\">p (Bonf.)</th>"
     rows = []
