@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -390,7 +390,7 @@ def matched_label_jaccard(a: torch.Tensor, b: torch.Tensor, n_concepts: int) -> 
 
 
 def _sample_restarts(sample: torch.Tensor, n_concepts: int, seed: int, n_init: int, max_iter: int,
-                     shrinkage: float):
+                     shrinkage: float, step=lambda: None):
     """``n_init`` spherical k-means runs on the sample rows in the coordinates of the given
     whitening (sample mean and covariance). Returns (best centroids, agreement): the mean
     ``matched_label_jaccard`` of the best run (largest objective) with each near-best run
@@ -408,6 +408,7 @@ def _sample_restarts(sample: torch.Tensor, n_concepts: int, seed: int, n_init: i
             km = DirectionalClustering(n_concepts, seed=seed * 7919 + r, center=False,
                                        max_iter=max_iter, pruning=False, num_threads=1).fit(u)
         runs.append((km.objective_, km.centroids_, km.labels_))
+        step()
     best = max(range(n_init), key=lambda r: runs[r][0])
     top = runs[best][0]
     # runs that end in a clearly worse optimum say the best one is distinct, not that the
@@ -438,11 +439,14 @@ def extract_directions(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     layer: Optional[str] = None,
     model_id: Optional[str] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> ConceptBasis:
     """Concept direction pairs of the activations ``x`` (a tensor (N, D) or chunk stream).
 
     Returns a ``ConceptBasis`` (decoding W, bias b, encoding S, mean). See the module
-    docstring for the steps; ``seed`` fixes every random choice.
+    docstring for the steps; ``seed`` fixes every random choice. ``progress(done, total)`` is
+    called after each restart and each later step (the fit on all rows, the filters, the
+    thresholds, the signal vectors).
     """
     if isinstance(n_concepts, bool) or not isinstance(n_concepts, int) or n_concepts < 1:
         raise ValueError(f"n_concepts must be a positive int, got {n_concepts!r}")
@@ -484,13 +488,21 @@ def extract_directions(
     restart_rows = sample[order[:max(_RESTART_ROWS, _RESTART_ROWS_PER_CONCEPT * n_concepts)]]
     whitened = whiten is not False
     shrinkage = whiten_shrinkage if whitened else _NO_WHITENING_SHRINKAGE
-    start, agreement = _sample_restarts(restart_rows, n_concepts, seed, n_init, max_iter, shrinkage)
+    total_steps = n_init * (2 if whiten == "auto" and n_init > 1 else 1) + 4
+    done = [0]
+
+    def step():
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total_steps)
+
+    start, agreement = _sample_restarts(restart_rows, n_concepts, seed, n_init, max_iter, shrinkage, step)
     plain_agreement = None if whitened else agreement
     agreement = agreement if whitened else None
     if whiten == "auto" and n_init > 1:
         # keep the coordinates in which the restarts reproduce each other's clustering more
         plain_start, plain_agreement = _sample_restarts(restart_rows, n_concepts, seed, n_init,
-                                                        max_iter, _NO_WHITENING_SHRINKAGE)
+                                                        max_iter, _NO_WHITENING_SHRINKAGE, step)
         if plain_agreement > agreement:
             start, shrinkage, whitened = plain_start, _NO_WHITENING_SHRINKAGE, False
     km = DirectionalClustering(
@@ -509,6 +521,7 @@ def extract_directions(
             ) from None
         raise
     mean, covariance = km.mean_.to(torch.float64), km.covariance_
+    step()  # the fit on all rows
     k, d = n_concepts, km.n_features_in_
 
     def labels_of(chunk):
@@ -556,6 +569,7 @@ def extract_directions(
     else:
         decoding, decoder_members, background_share = discriminants, None, None
     decoding = decoding / decoding.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    step()  # the filters
     decoding = decoding.to(torch.float32)
     bias, scale = f1_thresholds(x, decoding, labels_of, k, mean, covariance, chunk_size, return_scale=True,
                                 expected_rows=km.n_samples_)
@@ -563,6 +577,7 @@ def extract_directions(
     # y_i = sigmoid(w_i . x - b_i) is a usable membership (refinement starts from it)
     decoding, bias = decoding * scale[:, None], bias * scale
 
+    step()  # the thresholds
     if refine:
         from .detectors import refine_detectors, sample_rows
 
@@ -579,6 +594,7 @@ def extract_directions(
     centred_means = class_sums / class_counts.to(torch.float64).clamp_min(1)[:, None] - mean
     within = covariance.to(torch.float64) - (centred_means * shares[:, None]).T @ centred_means
     encoding, absent = _signal_vectors(x, decoding, bias, mean, chunk_size, km.n_samples_)
+    step()  # the signal vectors
     for _ in range(alternations):
         filters = pattern_to_filter(encoding / encoding.norm(dim=1, keepdim=True), within)
         filters = (filters / filters.norm(dim=1, keepdim=True)).to(torch.float32)

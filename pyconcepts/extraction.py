@@ -326,9 +326,9 @@ def _extract(model, layer, images, k, seed, refine, ura, skip_tokens, opts, prog
                                decoder=str(opts["decoder"]), decoder_penalty=float(opts["decoder_penalty"]),
                                decoder_sample=int(opts["decoder_sample"]),
                                background_rounds=int(opts["background_rounds"]),
-                               layer=layer, model_id=model_id)
-    if progress:
-        progress("clustering", 1, 1)
+                               layer=layer, model_id=model_id,
+                               progress=(lambda done, total: progress("clustering", done, total))
+                               if progress else None)
     mean = basis.mean
     decoding, bias, encoding = basis.decoding, basis.bias, basis.encoding
     history: Dict[str, float] = {}

@@ -283,3 +283,14 @@ def test_refinement_stops_once_the_detections_settle():
     assert not report["stopped_early"] and report["steps_run"] == 30
     with pytest.raises(ValueError, match="stop_flips"):
         detectors.refine_detectors(data.x, basis.decoding, basis.bias, stop_flips=-1.0)
+
+
+def test_extract_directions_reports_its_progress_step_by_step():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 5, generator=g) + 4 * torch.eye(5)[torch.randint(0, 3, (600,), generator=g)]
+    calls = []
+    pc.extract_directions(x, 3, seed=0, n_init=3, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(i, 10) for i in range(1, 11)]  # 3 + 3 restarts, fit, filters, thresholds, signal
+    calls.clear()
+    pc.extract_directions(x, 3, seed=0, n_init=3, whiten=False, progress=lambda d, t: calls.append((d, t)))
+    assert calls[-1] == (7, 7) and len(calls) == 7
