@@ -12,17 +12,18 @@ Pipeline (METHOD.md sections 2-4):
    U[0.5, 0.9]), on a bounded sample of patches and a small pool of images. It starts from
    the calibrated sigmoids of step 2, rotates each direction by at most ``refine_rotation_lr``
    radians per step, and its merge guard keeps the last state in which no two detectors
-   overlap by more than ``merge_guard`` (Jaccard). Off by default because, measured, it does
-   not improve what it is for once the clustering stage fits max-margin filters: paper
-   synthetic (seeds 0-9), min detector IoU 0.994-0.999 without it, 0.972-0.985 with it (60
-   steps; 0.966-0.983 with the former 300 steps + 25 joint steps); MTCNN RNet
-   (``benchmarks.real_network``): the face-margin drop of the top-5 removal is unchanged and the
-   directions reproduce less across halves of the data (matched cosine 0.85 -> 0.76 with 300
-   steps), at 3x the cost.
-4. **Joint step** (``joint_steps``, 0 by default): W, b refined again together with the encoding, adding the
-   filter-signal orthogonality loss L_fso. The encoding in this step is the signal-vector
-   estimator itself, evaluated differentiably on each batch (our choice: free S parameters
-   could satisfy L_fso without moving W).
+   overlap by more than ``merge_guard`` (Jaccard); a refinement whose every step it rejects
+   warns that it changed nothing. Off by default because, measured, it does not improve what
+   it is for once the clustering stage fits max-margin filters: paper synthetic (seeds 0-9),
+   min detector IoU 0.994-0.999 without it, 0.972-0.985 with it (60 steps; 0.966-0.983 with
+   the former 300 steps + 25 joint steps); MTCNN RNet (``benchmarks.real_network``, K = 16):
+   the top-5 face-margin drop 3.30 vs 3.20 without, the detection sets reproduce less across
+   halves (Jaccard 0.63 vs 0.66; 300 steps also turned the directions, 0.85 -> 0.76), at
+   about twice the cost.
+4. **Joint step** (``joint_steps``, 0 by default): W, b refined again together with the
+   encoding, adding the filter-signal orthogonality loss L_fso. The encoding in this step is
+   the signal-vector estimator itself, evaluated differentiably on each batch (our choice:
+   free S parameters could satisfy L_fso without moving W). The demo runs this step alone.
 5. **Encoding**: by default (``final_encoding='alternation'``, a historical name) the
    clustering stage's encoding (signal vectors of its logistic filters, after ``alternations``
    pattern-to-filter rounds, 0 by default) rescaled so that w_i . s_i = 1 for the final
@@ -269,8 +270,8 @@ def extract(
 
     ``images``: a tensor (B, C, H, W) or an iterable of batches (tensors or tuples whose first
     item is the batch). ``refine``: the gradient refinement (paper losses, joint L_fso step;
-    off by default, see the module docstring); ``ura``: add URA to it. ``output``: which part of the model's output holds the class
-    scores URA reads (an index into a tuple, a dict key, or a callable; see
+    off by default, see the module docstring); ``ura``: add URA to it. ``output``: which part
+    of the model's output holds the class scores URA reads (an index into a tuple, a dict key, or a callable; see
     ``pyconcepts.outputs``); with URA on, the first batch is run through the whole model and
     an output that is not (B, C) logits or probabilities raises before any clustering.
     ``options`` overrides ``DEFAULTS``. Returns a ``ConceptBasis`` recording the layer, the

@@ -229,9 +229,10 @@ def write_report(
     sample_words = (f"all {n_total} images" if n_s == n_total else
                     f"a random sample of {n_s} of the {n_total} images (seed {seed})")
     influence_note = (
-        f"Removal: pyconcepts.intervene(remove=[i]) on {sample_words}; the concept's latent factor is lowered "
-        "to its level where the concept is not detected, along its signal vector, at every patch (strength 1). Green: the class's log-odds "
-        "log(p/(1-p)) fall without the concept (the concept supports it); red: they rise.")
+        f"Removal: pyconcepts.intervene(remove=[i]) on {sample_words}; the concept's latent factor is "
+        "lowered to its level where the concept is not detected, along its signal vector, at every patch "
+        "(strength 1). Green: the class's log-odds log(p/(1-p)) fall without the concept (the concept "
+        "supports it); red: they rise.")
     rcav_note = ""
     if result is not None:
         floor = min(1.0, len(tested) * c / (n_perm + 1))

@@ -342,17 +342,19 @@ def measure(
                     predicted = torch.zeros(c, dtype=torch.int64)
                 p0 = before.softmax(1)
                 pred = before.argmax(1)
-                odds0 = _log_odds(before, pred)
                 every0 = _every_log_odds(before)
+                image_at = torch.arange(pred.shape[0])
                 predicted += torch.bincount(pred, minlength=c)
                 for i in range(k):
                     with intervene(model, basis, layer=tap.layer, remove=[i]):
                         after = model(tap._check_images(sub)).float().cpu()
                     p1 = after.softmax(1)
                     prob_change[i] += (p1 - p0).sum(0).double()
-                    class_odds[i] += (_every_log_odds(after) - every0).sum(0)
+                    every1 = _every_log_odds(after)
+                    class_odds[i] += (every1 - every0).sum(0)
                     tv[i] += 0.5 * (p1 - p0).abs().sum(1).sum().double()
-                    change = (odds0 - _log_odds(after, pred)).double()
+                    # the predicted class's log-odds: its column (the top one before removal)
+                    change = every0[image_at, pred] - every1[image_at, pred]
                     odds_change[i] += change.abs().sum()
                     odds_drop[i] += change.sum()
                     drop[i] += (before.gather(1, pred[:, None]) - after.gather(1, pred[:, None])).sum().double()
