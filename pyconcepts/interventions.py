@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -424,23 +424,58 @@ class ConceptRanking:
     the images when the concept is removed (``method='removal'``: measured;
     ``'gradient'``: its first-order estimate, the removal's change of the layer dotted with
     the score's gradient). With ``greedy`` the i-th effect is the drop when the first i + 1
-    concepts are removed together."""
+    concepts are removed together.
+
+    A plain (not greedy) removal ranking also measures, in the same forward passes and in the
+    same order: ``abs_effects`` (the mean |change| of the score), ``class_effects``
+    (len(concepts), C) the mean change of every class's log-odds log(p / (1 - p)) (> 0: the
+    removal raises that class, so the concept holds it down) and ``flip_rates`` (the share of
+    images whose top class changes). They are None for the gradient and greedy rankings."""
 
     concepts: List[int]
     effects: torch.Tensor
     method: str
     greedy: bool
     base_score: float
+    abs_effects: Optional[torch.Tensor] = None
+    class_effects: Optional[torch.Tensor] = None
+    flip_rates: Optional[torch.Tensor] = None
+
+
+def log_odds(scores: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """(B,) log(p / (1 - p)) of class ``classes[b]`` under softmax(scores[b]): its score minus
+    the log-sum-exp of the other classes' scores. Exact where p rounds to 1 in float32, so a
+    confident model's changes still show (a probability saturates)."""
+    own = scores.gather(1, classes[:, None].long())[:, 0]
+    others = scores.scatter(1, classes[:, None].long(), float("-inf"))
+    return own - torch.logsumexp(others, dim=1)
+
+
+def every_log_odds(scores: torch.Tensor) -> torch.Tensor:
+    """(B, C) float64 log(p_j / (1 - p_j)) of every class: below the top class (p <= 1/2) from
+    log p - log1p(-p), for the top class as in ``log_odds`` (exact where its p rounds to 1)."""
+    s = scores.double()
+    logp = torch.log_softmax(s, dim=1)
+    out = logp - torch.log1p(-logp.exp().clamp(max=0.5))
+    top = s.argmax(1)
+    out[torch.arange(s.shape[0]), top] = log_odds(s, top)
+    return out
 
 
 def _score_fn(target, n_classes: int):
+    """score(logits (B, C), predicted (B,)) -> (B,)."""
+    if isinstance(target, str):
+        if target != "predicted":
+            raise ValueError(f"target must be a class index, a callable or 'predicted', got {target!r}")
+        return lambda logits, predicted: log_odds(logits.float(), predicted)
     if callable(target):
-        return target
+        return lambda logits, predicted: target(logits)
     if isinstance(target, bool) or not isinstance(target, int):
-        raise TypeError(f"target must be a class index (int) or a callable on the (B, C) logits, got {target!r}")
+        raise TypeError(f"target must be a class index (int), a callable on the (B, C) logits or "
+                        f"'predicted', got {target!r}")
     if not -n_classes <= target < n_classes:
         raise IndexError(f"target {target} is out of range for {n_classes} classes")
-    return lambda logits: logits[:, target]
+    return lambda logits, predicted: logits[:, target]
 
 
 def rank_concepts(
@@ -459,18 +494,23 @@ def rank_concepts(
     membership: str = "all",
     batch_size: Optional[int] = None,
     skip_tokens: int = 0,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> ConceptRanking:
     """Rank concepts by their effect on a chosen output of ``model`` over ``images``.
 
     ``target``: a class index (its logit; the log-probability for a model that ends in
-    probabilities) or a callable ``f(logits (B, C)) -> (B,)`` (e.g. a margin).
+    probabilities), a callable ``f(logits (B, C)) -> (B,)`` (e.g. a margin), or
+    ``'predicted'``: each image's log-odds of the class the unedited model predicts for it
+    (how much the concept supports the model's own decisions).
     ``output``: which part of the model's output holds the class scores (index, key or
     callable). ``method='removal'`` removes each concept (as ``intervene(remove=...)`` does,
     with the same ``strength``, ``direction`` and ``membership``) and measures the drop of the
     mean score; ``greedy=m`` instead picks m concepts one at a time, each the one whose
     removal together with those already picked lowers the score most. ``method='gradient'``
     estimates each removal's drop to first order from one backward pass per batch.
-    ``concepts`` restricts the candidates (default: all). Returns a ``ConceptRanking``."""
+    ``concepts`` restricts the candidates (default: all). ``progress(done, total)`` is called
+    after each removal measured. The layer's activations of every image are held in memory.
+    Returns a ``ConceptRanking``."""
     basis = _check_basis(basis)
     output = check_output_spec(output)
     if method not in _RANK_METHODS:
@@ -483,6 +523,8 @@ def rank_concepts(
         raise ValueError(f"greedy must be a non-negative int (the number of concepts to pick), got {greedy!r}")
     if greedy and method != "removal":
         raise ValueError("greedy ranking measures removals: use method='removal'")
+    if isinstance(target, str) and target != "predicted":
+        raise ValueError(f"target must be a class index, a callable or 'predicted', got {target!r}")
     k = basis.decoding.shape[0]
     candidates = list(range(k)) if concepts is None else _normalise_edits(basis, None, None, list(concepts))[2]
     if not candidates:
@@ -501,39 +543,61 @@ def rank_concepts(
         if score is None:  # the output and the target are checked on the first batch
             kind = scores_kind(raw)
             score = _score_fn(target, raw.shape[1])
-        base = score(read_scores(raw, None, kind)).float()
+        logits = read_scores(raw, None, kind).float()
+        predicted = logits.argmax(1)
+        base = score(logits, predicted).float()
         if base.shape != (batch.shape[0],):
             raise ValueError(f"target must give one score per image ({batch.shape[0]}), got shape {tuple(base.shape)}")
         rows = tap.to_rows(acts)
         _check_dim(basis.decoding.shape[1], rows, tap.layer)
-        batches.append((batch, acts, rows, base))
+        batches.append((batch, acts, rows, base, predicted, every_log_odds(logits)))
     if not batches:
         raise ValueError("images is empty")
     n_images = sum(b[0].shape[0] for b in batches)
     base_score = float(sum(b[3].sum() for b in batches) / n_images)
     tensors = (basis.decoding, basis.bias, basis.encoding, basis.mean)
+    n = len(candidates)
+    total_steps = (sum(n - r for r in range(greedy)) if greedy else n) if method == "removal" else len(batches)
+    done = [0]
 
-    def drop(removed: List[int]) -> float:
-        total = 0.0
+    def step():
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total_steps)
+
+    def removal(removed: List[int], detail: bool = False):
+        """The mean drop of the score when ``removed`` are removed; with ``detail`` also the
+        mean |drop|, the mean change of every class's log-odds and the share of flips."""
+        total, total_abs, flips, classes = 0.0, 0.0, 0, None
         with torch.no_grad():
-            for batch, acts, rows, base in batches:
+            for batch, acts, rows, base, predicted, odds in batches:
                 new = tap.from_rows(edit_rows(rows, *tensors, remove=removed, **edit), acts)
-                after = score(read_scores(tap.forward_with(batch, lambda _: new), output, kind)).float()
-                total += float((base - after).sum())
-        return total / n_images
+                logits = read_scores(tap.forward_with(batch, lambda _: new), output, kind).float()
+                change = base - score(logits, predicted).float()
+                total += float(change.sum())
+                if detail:
+                    total_abs += float(change.abs().sum())
+                    flips += int((logits.argmax(1) != predicted).sum())
+                    shift = (every_log_odds(logits) - odds).sum(0)
+                    classes = shift if classes is None else classes + shift
+        step()
+        if not detail:
+            return total / n_images
+        return total / n_images, total_abs / n_images, classes / n_images, flips / n_images
 
     if method == "gradient":
         effects = torch.zeros(len(candidates), dtype=torch.float64)
-        for batch, acts, rows, _ in batches:
+        for batch, acts, rows, _, predicted, _ in batches:
             leaf = acts.detach().float().requires_grad_(True)
             with torch.enable_grad():
                 out = tap.forward_with(batch, lambda o: leaf.to(o.dtype))
-                score(read_scores(out, output, kind)).float().sum().backward()
+                score(read_scores(out, output, kind).float(), predicted).float().sum().backward()
             grads = tap.to_rows(leaf.grad).double()
             rows_f = rows.float()
             for j, c in enumerate(candidates):
                 delta = (rows_f - edit_rows(rows_f, *tensors, remove=[c], **edit)).double()
                 effects[j] += float((delta * grads).sum())
+            step()
         effects = (effects / n_images).float()
         order = torch.argsort(effects, descending=True, stable=True)
         return ConceptRanking([candidates[i] for i in order], effects[order], method, False, base_score)
@@ -541,11 +605,17 @@ def rank_concepts(
         chosen: List[int] = []
         effects_g: List[float] = []
         for _ in range(greedy):
-            trials = [(drop(chosen + [c]), c) for c in candidates if c not in chosen]
+            trials = [(removal(chosen + [c]), c) for c in candidates if c not in chosen]
             best = max(trials, key=lambda t: t[0])
             chosen.append(best[1])
             effects_g.append(best[0])
         return ConceptRanking(chosen, torch.tensor(effects_g), method, True, base_score)
-    effects = torch.tensor([drop([c]) for c in candidates])
+    measured = [removal([c], detail=True) for c in candidates]
+    effects = torch.tensor([m[0] for m in measured])
     order = torch.argsort(effects, descending=True, stable=True)
-    return ConceptRanking([candidates[i] for i in order], effects[order], method, False, base_score)
+    return ConceptRanking(
+        [candidates[i] for i in order], effects[order], method, False, base_score,
+        abs_effects=torch.tensor([measured[i][1] for i in order]),
+        class_effects=torch.stack([measured[i][2] for i in order]).float(),
+        flip_rates=torch.tensor([measured[i][3] for i in order]),
+    )

@@ -197,6 +197,42 @@ def test_rank_concepts_by_removal_measures_each_drop():
             assert abs(float((base - after).mean()) - float(e)) < 1e-5
 
 
+def test_rank_concepts_predicted_measures_log_odds_every_class_and_flips():
+    model = SmallCNN().eval()
+    images = torch.rand(12, 3, 8, 8)
+    basis = _basis_at(model, "features.3", images, seed=2)
+    r = pc.rank_concepts(model, basis, images, target="predicted", batch_size=5)
+    assert sorted(r.concepts) == [0, 1, 2, 3]
+    assert r.class_effects.shape == (4, 3) and r.flip_rates.shape == (4,) and r.abs_effects.shape == (4,)
+
+    def odds(logits, cls):  # log(p / (1 - p)) from the probabilities, in float64
+        p = logits.double().softmax(1)[torch.arange(len(logits)), cls]
+        return torch.log(p) - torch.log1p(-p)
+
+    with torch.no_grad():
+        before = model(images)
+        pred = before.argmax(1)
+        for j, c in enumerate(r.concepts):
+            with pc.intervene(model, basis, remove=[c]):
+                after = model(images)
+            change = odds(before, pred) - odds(after, pred)
+            assert float(r.effects[j]) == pytest.approx(float(change.mean()), abs=1e-4)
+            assert float(r.abs_effects[j]) == pytest.approx(float(change.abs().mean()), abs=1e-4)
+            assert float(r.flip_rates[j]) == pytest.approx(float((after.argmax(1) != pred).double().mean()))
+            for cls in range(3):
+                every = torch.full((12,), cls)
+                shift = (odds(after, every) - odds(before, every)).mean()
+                assert float(r.class_effects[j, cls]) == pytest.approx(float(shift), abs=1e-4)
+    # the gradient and greedy rankings do not measure the per-class effects
+    g = pc.rank_concepts(model, basis, images, target="predicted", method="gradient")
+    assert g.class_effects is None and g.flip_rates is None
+    seen = []
+    pc.rank_concepts(model, basis, images, target=0, greedy=2, progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(d, 7) for d in range(1, 8)]  # 4 + 3 removals measured
+    with pytest.raises(ValueError, match="'predicted'"):
+        pc.rank_concepts(model, basis, images, target="argmax")
+
+
 def test_rank_concepts_gradient_is_exact_for_a_linear_rest_and_greedy_starts_at_the_top():
     # after features.3 SmallCNN is mean pooling + a linear head: the first-order estimate of
     # a removal's drop is the drop

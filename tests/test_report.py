@@ -272,7 +272,7 @@ def test_demo_command_writes_the_report_to_report_dir_by_default():
 
 
 def test_log_odds_of_a_confident_prediction_do_not_saturate():
-    from pyconcepts.report.collect import _log_odds
+    from pyconcepts.interventions import log_odds as _log_odds
     scores = torch.tensor([[40.0, 0.0, -5.0], [1.0, 2.0, 3.0]])
     got = _log_odds(scores, torch.tensor([0, 2]))
     # p = 1 - 4e-18 rounds to 1 in float32 and float64, yet the log-odds are exact
@@ -282,7 +282,7 @@ def test_log_odds_of_a_confident_prediction_do_not_saturate():
 
 
 def test_every_class_log_odds_match_the_definition_and_stay_finite():
-    from pyconcepts.report.collect import _every_log_odds
+    from pyconcepts.interventions import every_log_odds as _every_log_odds
     scores = torch.tensor([[50.0, 0.0, -3.0], [0.3, 0.1, -0.2]])
     got = _every_log_odds(scores)
     p = torch.softmax(scores[1].double(), 0)

@@ -215,8 +215,7 @@ def write_report(
         w, s = basis.decoding[i].cpu(), basis.encoding[i].cpu()
         views.append(ConceptView(
             index=i, rank=rank, influence=float(m.odds_change[i]), odds_drop=float(m.odds_drop[i]),
-            tv=float(m.tv_change[i]), flips=float(m.flips[i]),
-            logit_drop=float(m.logit_drop[i]), patch_share=float(m.patches_fired[i]) / m.n_patches,
+            flips=float(m.flips[i]), patch_share=float(m.patches_fired[i]) / m.n_patches,
             image_share=float(m.images_fired[i]) / m.n_images, margin=float(1.0 / w.norm()),
             cos_ws=float(w @ s / (w.norm() * s.norm()).clamp_min(1e-12)),
             hist_counts=m.histogram.counts[i].tolist(), hist_edges=edges,
@@ -258,7 +257,8 @@ def write_report(
     notes = [
         f"Influence: the mean change of the predicted class's log-odds, |log(p'/(1-p')) - log(p/(1-p))| (the "
         f"margin of the prediction; unlike a probability it still moves when the model is confident), when the "
-        f"concept is removed at {layer} from {sample_words}. Flips: predictions that change.",
+        f"concept is removed at {layer} from {sample_words} (as pc.rank_concepts(target='predicted') "
+        f"measures it). Flips: predictions that change.",
         "Fires on: the share of the layer's patches where the detector fires (w.x > b on the raw activation).",
         "Pushes up / down: the classes whose log-odds fall / rise the most (by at least 0.01) when the concept "
         "is removed" + ("; classes marked * come first: RCAV finds that adding the concept raises / lowers their "

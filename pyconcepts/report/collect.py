@@ -2,8 +2,9 @@
 
 Per concept, memory stays bounded whatever the number of images: counts, a histogram of the
 detector score, the running top patches (one per image), the running top detection maps
-(h x w each), intersections and unions with ground-truth masks, and the effect of removing
-the concept on a seeded sample of at most ``influence_images`` images.
+(h x w each), intersections and unions with ground-truth masks. After the pass, the effect of
+removing each concept is measured by ``pyconcepts.rank_concepts(target='predicted')`` on a
+seeded sample of at most ``influence_images`` images (held in memory).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..interventions import intervene
+from ..interventions import rank_concepts
 from ..outputs import OutputSpec, check_output_spec, read_scores
 from ..taps import LayerTap
 
@@ -217,14 +218,11 @@ class Measurements:
     top_patches: _RunningTop              # values: best score in the image; payload pos, latent
     top_maps: _RunningTop                 # values: mean membership over the grid; payload map
     influence_sample: List[int]           # image indices the removal effects were measured on
-    prob_change: torch.Tensor             # (K, C) mean change of class probabilities on removal
+    # from rank_concepts(target='predicted') on that sample, indexed by concept:
     class_odds_change: torch.Tensor       # (K, C) mean change of each class's log-odds on removal
-    tv_change: torch.Tensor               # (K,) mean total-variation change of the probabilities
     odds_change: torch.Tensor             # (K,) mean |change| of the predicted class's log-odds
     odds_drop: torch.Tensor               # (K,) mean drop of the predicted class's log-odds
-    logit_drop: torch.Tensor              # (K,) mean drop of the predicted class's logit
     flips: torch.Tensor                   # (K,) fraction of predictions that change
-    predicted: torch.Tensor               # (C,) predicted-class counts on the sample
     probe: torch.Tensor = field(repr=False, default=None)  # the first few inputs (receptive field)
     rcav_images: Optional[torch.Tensor] = field(default=None, repr=False)   # inputs for RCAV
     rcav_indices: List[int] = field(default_factory=list)
@@ -274,7 +272,7 @@ def measure(
     patches_fired = torch.zeros(k, dtype=torch.int64)
     images_fired = torch.zeros(k, dtype=torch.int64)
     inter = union_det = mask_pixels = None
-    prob_change = tv = drop = flips = predicted = odds_change = odds_drop = class_odds = None
+    influence_batches: List[torch.Tensor] = []
     n_batches = math.ceil(n_total / batch_size)
     grid = input_size = None
     seen = 0
@@ -327,38 +325,7 @@ def measure(
             mask_pixels = m.sum((0, 2)).double() + (0 if mask_pixels is None else mask_pixels)
         chosen = [i for i in range(b) if seen + i in sample_set]
         if chosen:
-            sub = batch[chosen]
-            with tap.eval_mode(), torch.no_grad():
-                before = model(tap._check_images(sub)).float().cpu()
-                c = before.shape[1]
-                if prob_change is None:
-                    prob_change = torch.zeros(k, c, dtype=torch.float64)
-                    class_odds = torch.zeros(k, c, dtype=torch.float64)
-                    tv = torch.zeros(k, dtype=torch.float64)
-                    odds_change = torch.zeros(k, dtype=torch.float64)
-                    odds_drop = torch.zeros(k, dtype=torch.float64)
-                    drop = torch.zeros(k, dtype=torch.float64)
-                    flips = torch.zeros(k, dtype=torch.float64)
-                    predicted = torch.zeros(c, dtype=torch.int64)
-                p0 = before.softmax(1)
-                pred = before.argmax(1)
-                every0 = _every_log_odds(before)
-                image_at = torch.arange(pred.shape[0])
-                predicted += torch.bincount(pred, minlength=c)
-                for i in range(k):
-                    with intervene(model, basis, layer=tap.layer, remove=[i]):
-                        after = model(tap._check_images(sub)).float().cpu()
-                    p1 = after.softmax(1)
-                    prob_change[i] += (p1 - p0).sum(0).double()
-                    every1 = _every_log_odds(after)
-                    class_odds[i] += (every1 - every0).sum(0)
-                    tv[i] += 0.5 * (p1 - p0).abs().sum(1).sum().double()
-                    # the predicted class's log-odds: its column (the top one before removal)
-                    change = every0[image_at, pred] - every1[image_at, pred]
-                    odds_change[i] += change.abs().sum()
-                    odds_drop[i] += change.sum()
-                    drop[i] += (before.gather(1, pred[:, None]) - after.gather(1, pred[:, None])).sum().double()
-                    flips[i] += (after.argmax(1) != pred).sum().double()
+            influence_batches.append(batch[chosen].detach().cpu())
             keep = [i for i in chosen if seen + i in rcav_set]
             if keep:
                 rcav_keep.append(batch[keep].detach().cpu())
@@ -369,42 +336,25 @@ def measure(
         raise ValueError("source.batches() yielded no images")
     if seen != n_total:
         raise ValueError(f"source has len {n_total} but its batches held {seen} images")
-    n_s = max(len(sample), 1)
+    # the removal effects, in concept order (the ranking returns them largest drop first)
+    ranking = rank_concepts(
+        model, basis, torch.cat(influence_batches), target="predicted", layer=tap.layer,
+        batch_size=batch_size, skip_tokens=tap.skip_tokens,
+        progress=(lambda done, total: progress("report: removals", done, total)) if progress else None)
+    at = torch.argsort(torch.tensor(ranking.concepts))
     iou = None
     if inter is not None:
         union = union_det[:, None] + mask_pixels[None, :] - inter
         iou = torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(union)).float()
     return Measurements(
-        n_images=seen, grid=grid, input_size=input_size, n_classes=prob_change.shape[1],
+        n_images=seen, grid=grid, input_size=input_size, n_classes=ranking.class_effects.shape[1],
         patches_fired=patches_fired, images_fired=images_fired, histogram=hist,
         top_patches=top_patches, top_maps=top_maps, influence_sample=sample,
-        prob_change=(prob_change / n_s).float(), tv_change=(tv / n_s).float(),
-        class_odds_change=(class_odds / n_s).float(),
-        odds_change=(odds_change / n_s).float(), odds_drop=(odds_drop / n_s).float(),
-        logit_drop=(drop / n_s).float(), flips=(flips / n_s).float(), predicted=predicted, probe=probe,
+        class_odds_change=ranking.class_effects[at], odds_change=ranking.abs_effects[at].float(),
+        odds_drop=ranking.effects[at].float(), flips=ranking.flip_rates[at].float(), probe=probe,
         rcav_images=torch.cat(rcav_keep) if rcav_keep else None,
         rcav_indices=sorted(rcav_set),
         mask_names=list(mask_names) if mask_names is not None else None,
         mask_iou=iou, mask_pixels=mask_pixels.float() if mask_pixels is not None else None,
     )
 
-
-def _log_odds(scores: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
-    """(B,) log(p / (1 - p)) of class ``cls[b]`` under softmax(scores[b]): its score minus the
-    log-sum-exp of the other classes' scores (exact where p rounds to 1 in float32; it does not
-    saturate as a probability does, so a confident model's changes still show)."""
-    own = scores.gather(1, cls[:, None])[:, 0]
-    others = scores.scatter(1, cls[:, None], float("-inf"))
-    return own - torch.logsumexp(others, dim=1)
-
-
-def _every_log_odds(scores: torch.Tensor) -> torch.Tensor:
-    """(B, C) float64 log(p_j / (1 - p_j)) of every class: for a class below the top one
-    (p <= 1/2) from log p - log1p(-p), for the top class as in ``_log_odds`` (exact where its
-    p rounds to 1)."""
-    s = scores.double()
-    logp = torch.log_softmax(s, dim=1)
-    out = logp - torch.log1p(-logp.exp().clamp(max=0.5))
-    top = s.argmax(1)
-    out[torch.arange(s.shape[0]), top] = _log_odds(s, top)
-    return out

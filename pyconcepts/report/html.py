@@ -39,9 +39,7 @@ class ConceptView:
     rank: int
     influence: float               # mean |change| of the predicted class's log-odds when removed
     odds_drop: float               # its signed mean: > 0 when the concept supports the prediction
-    tv: float
     flips: float
-    logit_drop: float
     patch_share: float
     image_share: float
     margin: float
@@ -333,9 +331,7 @@ def concept_page(view: ReportView, c: ConceptView, crop_note: str, map_note: str
         (f"{c.influence:.3f}", "influence: mean change of the predicted class's log-odds when removed"),
         (f"{c.odds_drop:+.3f}", "mean drop of the predicted class's log-odds when removed (> 0: it supports "
                                 "the prediction)"),
-        (f"{c.tv:.3f}", "mean change of the class probabilities (total variation) when removed"),
         (_pct(c.flips), "predictions that change when it is removed"),
-        (f"{c.logit_drop:+.3f}", "mean drop of the predicted class's logit when removed"),
         (_pct(c.patch_share), "of patches where it fires"),
         (_pct(c.image_share), "of images with at least one such patch"),
         (f"{c.margin:.3g}", "detector margin 1/||w|| (activation units)"),
