@@ -85,6 +85,23 @@ def _factor(basis, rows, w, s, mu, idx, reference):
     return torch.clamp(_latent(rows, w, s, mu) - level, min=0)
 
 
+def _contributions(basis, rows, grads, w, s, mu, idx, reference, clamp):
+    """(N, K') each concept's contribution at each row: the change of the rows that its
+    removal (``reference='removal'``) or its signed factor ('mean') makes along s, dotted with
+    the score's gradient ``grads`` (N, D). A removal on a non-negative layer (or ``clamp``)
+    passes through the ReLU that ``intervene`` applies: the change is x - max(x - k s, 0),
+    so no channel is lowered below zero."""
+    factor = _factor(basis, rows, w, s, mu, idx, reference)            # (N, K')
+    nonneg = bool((rows >= 0).all()) if clamp is None else bool(clamp)
+    if reference == "mean" or not nonneg:
+        return factor * (grads @ s.T)
+    out = torch.empty_like(factor)
+    for j in range(s.shape[0]):
+        change = rows - torch.clamp(rows - factor[:, j:j + 1] * s[j], min=0)
+        out[:, j] = (change * grads).sum(1)
+    return out
+
+
 # ------------------------------------------------------------------------ detection maps
 def detection_maps(
     model: nn.Module,
@@ -144,14 +161,16 @@ def contribution_maps(
     grid=None,
     output: OutputSpec = None,
     reference: str = "removal",
+    clamp: Optional[bool] = None,
 ) -> torch.Tensor:
     """(B, K', h, w) contribution of each concept at each position to class ``target``'s
     score (a logit). ``reference='removal'`` (default): how much removing the concept there, as
-    ``intervene(remove=...)`` does, lowers the score: the concept's excess over its absent level
-    times the score's change along its signal vector, ``max(a_hat - l, 0) * (s . d score / dx)``.
-    Summed over positions it is the removal's effect to first order (exactly, through a linear
-    head, where the layer has no ReLU clamp to apply); the concepts' sums are not a
-    decomposition of the score. ``reference='mean'``: the signed latent factor from the mean,
+    ``intervene(remove=...)`` does, lowers the score: the change that the removal makes to the
+    activation (the concept's excess over its absent level along its signal vector,
+    ``max(a_hat - l, 0) s``, through the ReLU that ``intervene`` applies on a non-negative
+    layer; ``clamp`` as in ``intervene``) dotted with the score's gradient. Summed over
+    positions it is the removal's effect to first order (exactly, through a linear head); the
+    concepts' sums are not a decomposition of the score. ``reference='mean'``: the signed latent factor from the mean,
     ``a_hat * (s . d score / dx)`` (METHOD.md section 5), which for a complete basis (W S^T = I,
     K = D) through a linear head adds up to the score minus the score at the mean. ``method``:
     'linear' (needs ``head``, the nn.Linear after global average pooling of this layer),
@@ -182,10 +201,9 @@ def contribution_maps(
             positions = rows.shape[0] // b
             cls = _targets(target, b, rows.device)
             v = head.weight.detach().to(rows)[cls]                      # (B, D)
-            gain_k = v @ s.T                                             # (B, K')
-            a = _factor(basis, rows, w, s, mu, idx, reference).reshape(b, positions, -1)  # (B, P, K')
-            contrib = a * gain_k[:, None, :] / positions
-            maps = tap.rows_to_maps(contrib.reshape(b * positions, -1), b)
+            grads = (v / positions).repeat_interleave(positions, dim=0)  # d score / d row
+            contrib = _contributions(basis, rows, grads, w, s, mu, idx, reference, clamp)
+            maps = tap.rows_to_maps(contrib, b)
         else:
             captured = {}
 
@@ -204,7 +222,7 @@ def contribution_maps(
             _check_dim(basis, rows, tap.layer)
             w, _, s, mu = _basis_tensors(basis, rows)
             w, s = w[idx], s[idx]
-            contrib = _factor(basis, rows, w, s, mu, idx, reference) * (grads @ s.T)
+            contrib = _contributions(basis, rows.float(), grads.float(), w, s, mu, idx, reference, clamp)
             maps = tap.rows_to_maps(contrib, b)
         out.append(maps.detach().cpu())
     if not out:

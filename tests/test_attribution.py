@@ -71,22 +71,31 @@ def test_contributions_add_up_for_a_complete_basis():
 
 def test_contributions_are_the_removal_effect_through_a_linear_head():
     # by default a concept's summed contribution is what intervene(remove=[i]) takes off the
-    # score (exactly, through pooling + linear, without the ReLU clamp)
+    # score: exactly, through pooling + linear, with the ReLU clamp that intervene applies on
+    # this non-negative layer (and without it when both are told clamp=False)
     model = SmallCNN().eval()
     images = torch.rand(4, 3, 8, 8)
     base = basis_for(model, "features.3", images)
     basis = pc.ConceptBasis(base.decoding, base.bias, base.encoding, base.mean, layer="features.3",
                             absent_level=torch.tensor([-0.3, 0.2, -1.0]))
-    c = attr.contribution_maps(model, basis, images, 1, head=model.fc).sum((2, 3))   # (B, K)
-    grad = attr.contribution_maps(model, basis, images, 1, method="gradient").sum((2, 3))
-    with torch.no_grad():
-        before = model(images)[:, 1]
-        for i in range(3):
-            with pc.intervene(model, basis, remove=[i], clamp=False):
-                drop = before - model(images)[:, 1]
-            assert torch.allclose(c[:, i], drop, atol=1e-4), i
-            assert torch.allclose(grad[:, i], drop, atol=1e-4), i
-    assert bool((c.abs() > 1e-3).any())
+    assert bool((LayerTap(model, "features.3").activations(images) >= 0).all())
+    clipped_somewhere = False
+    for clamp in (None, False):
+        c = attr.contribution_maps(model, basis, images, 1, head=model.fc, clamp=clamp).sum((2, 3))  # (B, K)
+        grad = attr.contribution_maps(model, basis, images, 1, method="gradient", clamp=clamp).sum((2, 3))
+        with torch.no_grad():
+            before = model(images)[:, 1]
+            for i in range(3):
+                with pc.intervene(model, basis, remove=[i], clamp=clamp):
+                    drop = before - model(images)[:, 1]
+                assert torch.allclose(c[:, i], drop, atol=1e-4), (clamp, i)
+                assert torch.allclose(grad[:, i], drop, atol=1e-4), (clamp, i)
+        assert bool((c.abs() > 1e-3).any())
+        if clamp is None:
+            clipped = c
+        else:
+            clipped_somewhere = not torch.allclose(clipped, c, atol=1e-4)
+    assert clipped_somewhere  # the clamp mattered on this layer: the test tells the two apart
     with pytest.raises(ValueError, match="reference"):
         attr.contribution_maps(model, basis, images, 1, head=model.fc, reference="zero")
 
