@@ -290,3 +290,50 @@ def test_every_class_log_odds_match_the_definition_and_stay_finite():
     assert bool(torch.isfinite(got).all())          # p rounds to 1 for class 0 of row 0
     assert float(got[0, 0]) == pytest.approx(50.0 - math.log(1 + math.exp(-3.0)), rel=1e-9)
     assert float(got[0, 1]) == pytest.approx(0.0 - math.log(math.exp(50.0) + math.exp(-3.0)), rel=1e-9)
+
+
+def test_joint_table_removes_each_classes_strongest_supporters_together(tmp_path):
+    import html as html_lib
+
+    import pyconcepts as pc
+    from pyconcepts.interventions import log_odds
+
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    with torch.no_grad():  # a head that reads the layer strongly: removals move the classes
+        model.fc.weight.mul_(40.0)
+        model.fc.bias.copy_(-model.fc(model.act2(model.conv2(model.act(model.conv1(_source().images))))
+                                      .mean((2, 3))).mean(0) + model.fc.bias)
+    out = tmp_path / "joint"
+    write_report(out, _basis(), model, "act", _source(), **{**FAST, "rcav": False})
+    text = (out / "index.html").read_text(encoding="utf-8")
+    assert "removed together</h2>" in text
+    card = text.split("removed together</h2>")[1].split("</table>")[0]
+    body = card.split("<tbody>")[1]
+    rows = re.findall(r"<tr><td>(.*?)</td><td class=\"num\">(\d+)</td><td>(.*?)</td>"
+                      r"<td class=\"num\">([-+0-9.]+) &#8594; ([-+0-9.]+)</td><td class=\"num\">(.*?)</td></tr>", body)
+    assert rows, card
+    # independently: every image is in the sample (12 <= 64); supporters from the ranking's
+    # per-class effects, removed together with intervene
+    images = _source().images
+    basis = _basis()
+    ranking = pc.rank_concepts(model, basis, images, target="predicted", layer="act")
+    effect = torch.zeros_like(ranking.class_effects)
+    effect[torch.tensor(ranking.concepts)] = ranking.class_effects
+    names = ["cat", "dog", WEIRD]
+    with torch.no_grad():
+        before = model(images)
+    predicted = before.argmax(1)
+    for name, n, links, b, a, changed in rows:
+        c = names.index(html_lib.unescape(name))
+        sel = predicted == c
+        assert int(n) == int(sel.sum())
+        supporters = [int(i) for i in torch.argsort(effect[:, c], stable=True)[:3] if effect[i, c] <= -1e-2]
+        assert [int(v) for v in re.findall(r">(\d+)</a>", links)] == supporters
+        with torch.no_grad(), pc.intervene(model, basis, layer="act", remove=supporters):
+            after = model(images[sel])
+        cls = torch.full((int(sel.sum()),), c)
+        assert float(b) == pytest.approx(float(log_odds(before[sel], cls).mean()), abs=6e-3)
+        assert float(a) == pytest.approx(float(log_odds(after, cls).mean()), abs=6e-3)
+        share = float((after.argmax(1) != c).double().mean())
+        assert changed == f"{100 * share:.0f}%" or changed.startswith(f"{100 * share:.1f}"), (changed, share)

@@ -29,13 +29,16 @@ from torch import nn
 from ..attribution import rcav as _rcav
 from ..taps import LayerTap, resolve_layer
 from .collect import Measurements, OutputSelected, ReceptiveField, measure, receptive_field
-from .html import CSS, ClassEffect, ConceptView, Picture, ReportView, concept_page, index_page
+from .html import (CSS, MIN_REMOVAL_EFFECT, ClassEffect, ConceptView, JointRemoval, Picture, ReportView,
+                   concept_page, index_page)
 
 __all__ = ["write_report", "OPTIONS"]
 
 # Options of write_report(**options) and their defaults.
 OPTIONS: Dict[str, object] = {
     "influence_images": 256,   # seeded sample the removal effects (the ranking) are measured on
+    "joint_concepts": 3,       # each predicted class's strongest supporters removed together (0: off)
+    "joint_classes": 8,        # ... for at most this many classes, the most predicted first
     "rcav_concepts": 4,        # RCAV tests this many of the most influential concepts
     "rcav_images": 32,         # the first images of that sample that RCAV runs on
     "rcav_permutations": None, # label permutations of the RCAV test; None: enough that the
@@ -158,6 +161,8 @@ def write_report(
     influence_images = _check_int("influence_images", opts["influence_images"], 1)
     rcav_images = _check_int("rcav_images", opts["rcav_images"], 2 if rcav else 0)
     rcav_concepts = _check_int("rcav_concepts", opts["rcav_concepts"], 1)
+    joint_concepts = _check_int("joint_concepts", opts["joint_concepts"], 0)
+    joint_classes = _check_int("joint_classes", opts["joint_classes"], 1)
     if opts["rcav_permutations"] is not None:
         _check_int("rcav_permutations", opts["rcav_permutations"], 1)
     rcav_batch = _check_int("rcav_batch", opts["rcav_batch"] or batch_size, 1)
@@ -195,6 +200,8 @@ def write_report(
                        level=level, seed=seed, batch_size=rcav_batch, skip_tokens=int(opts["skip_tokens"]),
                        progress=progress)
     row_of = {i: r for r, i in enumerate(tested)}
+    joint = (_joint_removals(wrapped, tap, basis, m, class_names, batch_size, joint_concepts, joint_classes,
+                             progress) if joint_concepts else [])
     writer = _Writer(root)
     old = writer.previous()
     pictures = _write_pictures(writer, source, m, rf, order, progress)
@@ -277,7 +284,14 @@ def write_report(
                ("input", f"{m.input_size[0]} x {m.input_size[1]}"), ("images", str(n_total)),
                ("concepts", str(k)), ("classes", str(c))],
         notes=notes, concepts=views, has_masks=m.mask_iou is not None, has_rcav=result is not None,
-        rcav_note=rcav_note, version=__version__,
+        rcav_note=rcav_note, version=__version__, joint=joint,
+        joint_note=(
+            f"A network can spread what it relies on over several concepts; removing one of them then changes "
+            f"few predictions (the flips above) while removing them together changes many. Per class predicted "
+            f"on {sample_words}: its (up to) {joint_concepts} strongest supporters, the concepts whose single "
+            f"removal lowers its log-odds the most (by at least {MIN_REMOVAL_EFFECT:g}), removed together from "
+            f"the images predicted as it; the mean log-odds log(p/(1-p)) of the class before and after, and the "
+            f"share of those predictions that change."),
     )
     writer.write("report.css", CSS)
     for j, cv in enumerate(views):
@@ -296,6 +310,49 @@ def write_report(
                 pass
     writer.write(MANIFEST, json.dumps({"files": sorted(writer.written | {MANIFEST})}, indent=1))
     return root / "index.html"
+
+
+def _joint_removals(model: nn.Module, tap: LayerTap, basis, m: Measurements, class_names: List[str],
+                    batch_size: int, size: int, max_classes: int, progress) -> List[JointRemoval]:
+    """Per class predicted on the influence sample (the most predicted first, at most
+    ``max_classes``): its ``size`` strongest supporters by single removal
+    (``m.class_odds_change``), removed together from the sample images predicted as it."""
+    from ..interventions import intervene, log_odds
+
+    images = m.influence_images
+    if images is None or images.shape[0] == 0:
+        return []
+
+    def logits_of(x, remove=None):
+        out = []
+        with tap.eval_mode(), torch.no_grad():
+            for start in range(0, x.shape[0], batch_size):
+                chunk = tap._check_images(x[start:start + batch_size])
+                if remove:
+                    with intervene(model, basis, layer=tap.layer, remove=remove, skip_tokens=tap.skip_tokens):
+                        out.append(model(chunk).float().cpu())
+                else:
+                    out.append(model(chunk).float().cpu())
+        return torch.cat(out)
+
+    before = logits_of(images)
+    predicted = before.argmax(1)
+    counts = torch.bincount(predicted, minlength=before.shape[1])
+    classes = [int(c) for c in torch.argsort(counts, descending=True, stable=True) if counts[c] > 0][:max_classes]
+    joint = []
+    for j, c in enumerate(classes):
+        change = m.class_odds_change[:, c]
+        supporters = [int(i) for i in torch.argsort(change, stable=True)[:size] if change[i] <= -MIN_REMOVAL_EFFECT]
+        if supporters:
+            sel = predicted == c
+            after = logits_of(images[sel], supporters)
+            cls = torch.full((int(sel.sum()),), c)
+            joint.append(JointRemoval(
+                class_names[c], int(sel.sum()), supporters, float(log_odds(before[sel], cls).mean()),
+                float(log_odds(after, cls).mean()), float((after.argmax(1) != c).double().mean())))
+        if progress:
+            progress("report: joint removals", j + 1, len(classes))
+    return joint
 
 
 def _write_pictures(writer: _Writer, source, m: Measurements, rf: ReceptiveField, order: List[int],

@@ -223,6 +223,7 @@ class Measurements:
     odds_change: torch.Tensor             # (K,) mean |change| of the predicted class's log-odds
     odds_drop: torch.Tensor               # (K,) mean drop of the predicted class's log-odds
     flips: torch.Tensor                   # (K,) fraction of predictions that change
+    influence_images: Optional[torch.Tensor] = field(default=None, repr=False)  # the sample's inputs
     probe: torch.Tensor = field(repr=False, default=None)  # the first few inputs (receptive field)
     rcav_images: Optional[torch.Tensor] = field(default=None, repr=False)   # inputs for RCAV
     rcav_indices: List[int] = field(default_factory=list)
@@ -337,8 +338,9 @@ def measure(
     if seen != n_total:
         raise ValueError(f"source has len {n_total} but its batches held {seen} images")
     # the removal effects, in concept order (the ranking returns them largest drop first)
+    influence = torch.cat(influence_batches)
     ranking = rank_concepts(
-        model, basis, torch.cat(influence_batches), target="predicted", layer=tap.layer,
+        model, basis, influence, target="predicted", layer=tap.layer,
         batch_size=batch_size, skip_tokens=tap.skip_tokens,
         progress=(lambda done, total: progress("report: removals", done, total)) if progress else None)
     at = torch.argsort(torch.tensor(ranking.concepts))
@@ -351,7 +353,8 @@ def measure(
         patches_fired=patches_fired, images_fired=images_fired, histogram=hist,
         top_patches=top_patches, top_maps=top_maps, influence_sample=sample,
         class_odds_change=ranking.class_effects[at], odds_change=ranking.abs_effects[at].float(),
-        odds_drop=ranking.effects[at].float(), flips=ranking.flip_rates[at].float(), probe=probe,
+        odds_drop=ranking.effects[at].float(), flips=ranking.flip_rates[at].float(),
+        influence_images=influence, probe=probe,
         rcav_images=torch.cat(rcav_keep) if rcav_keep else None,
         rcav_indices=sorted(rcav_set),
         mask_names=list(mask_names) if mask_names is not None else None,

@@ -68,6 +68,16 @@ class ConceptView:
 
 
 @dataclass
+class JointRemoval:
+    class_name: str
+    n_images: int                  # sample images predicted as the class
+    concepts: List[int]            # its strongest supporters, removed together
+    before: float                  # mean log-odds of the class on those images
+    after: float                   # ... with the concepts removed
+    changed: float                 # share of those predictions that change
+
+
+@dataclass
 class ReportView:
     title: str
     facts: List[Tuple[str, str]]          # (label, value) shown under the title
@@ -77,6 +87,8 @@ class ReportView:
     has_rcav: bool
     rcav_note: str = ""
     version: str = ""
+    joint: List[JointRemoval] = field(default_factory=list)
+    joint_note: str = ""
 
 
 CSS = """
@@ -217,11 +229,30 @@ def index_page(view: ReportView) -> str:
         f"<h1>{esc(view.title)}</h1>\n{_facts(view.facts)}\n"
         f"<div class=\"card\"><h2>Concepts, most influential first</h2>\n"
         f"<table class=\"ranking\">\n<thead><tr>{header}</tr></thead>\n<tbody>\n" + "\n".join(rows) +
-        "\n</tbody>\n</table></div>\n"
+        "\n</tbody>\n</table></div>\n" + _joint_card(view) +
         f"<div class=\"card\"><h2>How to read this report</h2><ul class=\"notes\">{notes}</ul></div>\n"
         f"<footer>Written by pyconcepts {esc(view.version)}. Static files: no network, no server.</footer>"
     )
     return _page(view.title, body, "")
+
+
+def _joint_card(view: ReportView) -> str:
+    if not view.joint:
+        return ""
+    page = {c.index: c.page for c in view.concepts}
+    rows = []
+    for j in view.joint:
+        links = ", ".join(f"<a href=\"{esc(page[i])}\">{i}</a>" for i in j.concepts)
+        rows.append(
+            f"<tr><td>{esc(j.class_name)}</td><td class=\"num\">{j.n_images}</td><td>{links}</td>"
+            f"<td class=\"num\">{j.before:+.2f} &#8594; {j.after:+.2f}</td>"
+            f"<td class=\"num\">{esc(_pct(j.changed))}</td></tr>")
+    head = ("<tr><th>predicted class</th><th class=\"num\">images</th><th>concepts removed together</th>"
+            "<th class=\"num\">log-odds of the class</th><th class=\"num\">predictions changed</th></tr>")
+    return (f"<div class=\"card\"><h2>Each class's strongest concepts, removed together</h2>"
+            f"<p class=\"muted\">{esc(view.joint_note)}</p>\n"
+            f"<table class=\"ranking\">\n<thead>{head}</thead>\n<tbody>\n" + "\n".join(rows) +
+            "\n</tbody>\n</table></div>\n")
 
 
 # ---------------------------------------------------------------------------- charts
