@@ -19,6 +19,9 @@ from typing import Optional, Tuple
 # (the `pyconcepts` command does). On a shared machine spinning workers keep the cores the
 # thread that everyone waits for at the next barrier needs (benchmarks.extract --contention).
 import os  # noqa: E402
+import sys  # noqa: E402
+# torch loaded first: libgomp has read its environment already, and its threads spin
+_SPIN_SET_BEFORE = "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
@@ -65,6 +68,32 @@ ASSIGN_GROUP: int = _C.ASSIGN_GROUP
 
 class CopyWarning(UserWarning):
     """An input had a layout the kernels cannot read in place and was copied."""
+
+
+def spinning_threads_note(torch_first: bool, threads: int, load: float, cores: int) -> Optional[str]:
+    """The warning ``import pyconcepts`` gives when torch was imported first (its OpenMP
+    threads then spin while they wait: the environment was read before pyconcepts could set
+    ``OMP_WAIT_POLICY=PASSIVE``), it runs more than one thread and the machine is busy (1-minute
+    load average ``load`` >= ``cores``); None otherwise."""
+    if not torch_first or threads <= 1 or load < cores:
+        return None
+    return (f"torch was imported before pyconcepts, so its {threads} OpenMP threads spin while they wait, and "
+            f"this machine is busy (load average {load:.1f} on {cores} cores): torch and pyconcepts calls can "
+            "run several times slower (measured: a report 10x). Import pyconcepts before torch, or set "
+            "OMP_WAIT_POLICY=PASSIVE in the environment before Python starts.")
+
+
+def _warn_if_spinning() -> None:
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return
+    note = spinning_threads_note(_SPIN_SET_BEFORE, torch.get_num_threads(), load, os.cpu_count() or 1)
+    if note:
+        warnings.warn(note, RuntimeWarning, stacklevel=3)
+
+
+_warn_if_spinning()
 
 
 def cuda_available() -> bool:

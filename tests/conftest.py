@@ -1,4 +1,6 @@
 import pytest
+
+import pyconcepts  # noqa: F401  (before torch: its OpenMP threads then wait passively)
 import torch
 
 
