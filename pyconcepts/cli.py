@@ -9,7 +9,8 @@
     pyconcepts intervene basis.safetensors --model ... --images ... --remove I   predictions without concept I
     pyconcepts bench                               time the extraction pipeline on the demo
 
-Without ``--model`` every command uses the built-in demo network and generated demo images.
+Without ``--model`` every command uses the built-in demo network and generated demo images; a
+basis extracted from another model is refused then, with the ``--model`` it came from.
 ``--model`` imports and runs Python code (a file path or module name and a factory in it).
 ``--images`` is a folder of image files (class subfolders optional) or a tensor file (.pt,
 .npy, .safetensors). A user mistake ends with one line on stderr and exit code 2 (``--debug``
@@ -560,6 +561,38 @@ def _load_basis(path: str):
         raise UserError(_one_line(exc)) from exc
 
 
+def _check_model_given(args, basis) -> None:
+    """Without --model the commands run the demo network: a basis that records another model
+    (its model_id, or a fingerprint of other parameter names and shapes) stops here, before
+    any work, with the --model (and --weights) it was extracted with."""
+    if args.model is not None or args.allow_mismatch:
+        return
+    from .demo.model import DEMO_MODEL_ID, ShapesNet
+
+    model_id = basis.model_id
+    if model_id == DEMO_MODEL_ID:
+        return
+    if model_id is None:  # a basis made in Python without model_id: its fingerprint, if any, tells
+        from .basis import model_fingerprint
+
+        recorded = basis.metadata.get("model_fingerprint")
+        if not isinstance(recorded, dict) or \
+                recorded.get("architecture") == model_fingerprint(ShapesNet())["architecture"]:
+            return
+    source = f"from {model_id}" if model_id else "from another model than the demo network"
+    if model_id and ":" in model_id:  # a --model spec (file.py:factory, module:factory, torchvision:NAME)
+        fix = f"pass --model {model_id}"
+    else:
+        fix = "pass --model with that network (path/to/file.py:factory)"
+    weights = basis.metadata.get("weights", "unknown")
+    if weights == "unknown":  # a basis that does not say which weights it came with
+        fix += " (and its --weights)"
+    elif weights:
+        fix += f" --weights {weights}"
+    raise UserError(f"{args.basis} was extracted {source}; {fix} (without --model the commands run the "
+                    "demo network)")
+
+
 def _check_basis_fits(basis, model, probe: "_Probe", layer: str, allow_mismatch: bool) -> None:
     problems = basis.compatibility_problems(layer=layer, width=probe.width, model=model)
     if not problems:
@@ -588,6 +621,9 @@ def _model_setup(args, layer_from_basis=None):
         resolve_layer(model, layer)
     except ValueError as exc:
         where = "--layer" if args.layer else f"the basis's layer (from {args.basis})"
+        if args.model is None and not args.layer:  # the hint first: the layer list runs long
+            where += (": without --model the commands run the demo network; pass the --model the basis "
+                      "was extracted from")
         raise UserError(f"{where}: {_one_line(exc)}") from exc
     return model, layer
 
@@ -717,6 +753,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_extract(args) -> int:
+    from .demo.model import DEMO_MODEL_ID
     from .extraction import DEFAULTS, extract
     from .images import BatchStream
 
@@ -745,7 +782,7 @@ def _cmd_extract(args) -> int:
             extract, model, layer, BatchStream(source, batch_size), args.concepts, seed=args.seed,
             refine=args.refine and not args.no_refine, ura=not args.no_ura, options=options or None,
             progress=bar,
-            model_id=args.model or "pyconcepts-demo-shapesnet", skip_tokens=args.skip_tokens or 0,
+            model_id=args.model or DEMO_MODEL_ID, skip_tokens=args.skip_tokens or 0,
             model=model, output=output)
     finally:
         bar.close()
@@ -757,6 +794,7 @@ def _cmd_extract(args) -> int:
         dist.all_reduce(n_patches)
         basis.metadata["n_patches"] = int(n_patches)
     basis.metadata.update({"n_images": total, "images": os.path.abspath(args.images) if args.images else "demo",
+                           "weights": os.path.abspath(args.weights) if args.weights else None,
                            "output": output if not callable(output) else None,
                            "input_shape": list(probe.input_shape)})
     if rank == 0:
@@ -790,6 +828,7 @@ def _cmd_report(args) -> int:
                             "no other option prints a text summary of the basis)")
         _print_summary(basis)
         return 0
+    _check_model_given(args, basis)
     _check_out_folder(args.out)
     report_options = _parse_options(args.options)
     try:
@@ -841,6 +880,7 @@ def _cmd_explain(args) -> int:
     from .outputs import read_scores
 
     basis = _load_basis(args.basis)
+    _check_model_given(args, basis)
     model, layer = _model_setup(args, basis.layer)
     source = _open_source(args, model, default_count=16)
     output = parse_output(args.output)
@@ -881,6 +921,7 @@ def _cmd_intervene(args) -> int:
     from .interventions import counterfactual
 
     basis = _load_basis(args.basis)
+    _check_model_given(args, basis)
     remove = _check_concepts(args.remove, basis.n_concepts, "--remove")
     if args.layer and basis.layer and args.layer != basis.layer and not args.allow_mismatch:
         raise UserError(f"the basis was extracted at layer {basis.layer!r}, not {args.layer!r} "

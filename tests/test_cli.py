@@ -522,3 +522,56 @@ def test_extract_flags_a_token_layer_with_a_class_token_and_too_many_concepts(ws
     rc, _, err = _run(capsys, *common, "-k", 500, "--skip-tokens", 1, "--out", tmp_path / "c.safetensors")
     assert rc == 2 and "-k 500 exceeds the 192 patches of 12 image(s)" in err
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_a_basis_of_another_model_asks_for_its_model_before_any_work(ws, capsys, monkeypatch):
+    """Without --model the commands would run the demo network; a basis that records another
+    model names the --model and --weights it came from, before a model is built."""
+    import pyconcepts.cli as cli
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(cli, "load_model", no_model)
+    spec, weights = f"{ws / 'model.py'}:make", ws / "w.safetensors"
+    basis = ws / "basis.safetensors"
+    for command in (["explain", basis, "--limit", 2], ["intervene", basis, "--remove", 0],
+                    ["report", basis, "--out", ws / "report_without_model"]):
+        line = _one_line_error(*_run(capsys, *command, "--images", ws / "photos")[::2])
+        assert f"{basis} was extracted from {spec}; pass --model {spec} --weights {weights} " in line, line
+    assert not (ws / "report_without_model").exists()
+    # a basis made in Python without a model_id: its fingerprint tells it is not the demo's
+    import importlib.util
+
+    module_spec = importlib.util.spec_from_file_location("_cli_test_model_fp", ws / "model.py")
+    mod = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(mod)
+    python_basis = ConceptBasis(torch.randn(2, 8), torch.zeros(2), torch.randn(2, 8), torch.zeros(8),
+                                layer="features.3")
+    python_basis.record_model(mod.make())
+    python_basis.save(ws / "python_basis.safetensors")
+    line = _one_line_error(*_run(capsys, "explain", ws / "python_basis.safetensors")[::2])
+    assert "extracted from another model than the demo network; pass --model with that network" in line
+
+
+def test_demo_bases_still_need_no_model(capsys, tmp_path):
+    from pyconcepts.demo.model import DEMO_LAYER, ShapesNet
+
+    out = tmp_path / "demo.safetensors"
+    rc, _, err = _run(capsys, "extract", "--limit", 8, "-k", 2, "--out", out, "--options", FAST, "--quiet")
+    assert rc == 0, err
+    assert ConceptBasis.load(out).metadata["weights"] is None
+    rc, text, err = _run(capsys, "explain", out, "--limit", 2)
+    assert rc == 0 and len(text.splitlines()) == 3, err
+    # made in Python from the demo's architecture, without a model_id
+    basis = ConceptBasis(torch.randn(2, 64), torch.zeros(2), torch.randn(2, 64), torch.zeros(64), layer=DEMO_LAYER)
+    basis.record_model(ShapesNet())
+    basis.save(tmp_path / "python.safetensors")
+    rc, text, err = _run(capsys, "intervene", tmp_path / "python.safetensors", "--limit", 2, "--remove", 0,
+                         "--allow-mismatch")  # the fingerprint's random weights are not the demo's
+    assert rc == 0 and len(text.splitlines()) == 3, err
+    # nothing recorded and a layer the demo lacks: the error says what --model would fix
+    ConceptBasis(torch.randn(2, 8), torch.zeros(2), torch.randn(2, 8), torch.zeros(8),
+                 layer="relu2").save(tmp_path / "bare.safetensors")
+    line = _one_line_error(*_run(capsys, "explain", tmp_path / "bare.safetensors")[::2])
+    assert "'relu2' does not exist" in line and "pass the --model the basis was extracted from" in line
