@@ -15,7 +15,7 @@ basis extracted from another model is refused then, with the ``--model`` it came
 ``--images`` is a folder of image files (class subfolders optional) or a tensor file (.pt,
 .npy, .safetensors). A user mistake ends with one line on stderr and exit code 2 (``--debug``
 shows the traceback). Progress goes to stderr (text bars on a terminal, one line per stage
-otherwise); results go to stdout. ``torchrun --nproc_per_node=N -m pyconcepts extract ...``
+otherwise; ``--quiet`` turns it off, for every command); results go to stdout. ``torchrun --nproc_per_node=N -m pyconcepts extract ...``
 shards the images across ranks (gloo) and rank 0 writes the basis.
 """
 
@@ -876,9 +876,6 @@ def _check_concepts(indices: Sequence[int], k: int, option: str) -> List[int]:
 
 
 def _cmd_explain(args) -> int:
-    from .attribution import contribution_maps
-    from .outputs import read_scores
-
     basis = _load_basis(args.basis)
     _check_model_given(args, basis)
     model, layer = _model_setup(args, basis.layer)
@@ -892,6 +889,25 @@ def _cmd_explain(args) -> int:
     top = min(args.top, basis.n_concepts)
     print(f"{_count(len(source), 'image')}; concepts of {args.basis} at {layer}; per concept, how much removing "
           f"it (pyconcepts intervene --remove) lowers the predicted class's logit, to first order")
+    # the lines on stdout show the progress on a terminal; redirected, a bar on stderr does
+    bar = ProgressBar(enabled=not args.quiet and not _is_terminal(sys.stdout))
+    try:
+        all_preds = _explain_batches(args, model, basis, layer, source, output, skip, head, top, class_name, bar)
+    finally:
+        bar.close()
+    _check_folder_classes(args, source, torch.cat(all_preds), probe.n_outputs)
+    return 0
+
+
+def _is_terminal(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _explain_batches(args, model, basis, layer, source, output, skip, head, top, class_name, bar):
+    from .attribution import contribution_maps
+    from .outputs import read_scores
+
     j, all_preds = 0, []
     for batch in source.batches(args.batch_size or 32):
         with torch.no_grad():
@@ -912,8 +928,26 @@ def _cmd_explain(args) -> int:
             print(f"{source.names[j]}: predicted {class_name(int(preds[b]))} "
                   f"(p {float(probs[b, preds[b]]):.3f}{truth}); {parts}")
             j += 1
-    _check_folder_classes(args, source, torch.cat(all_preds), probe.n_outputs)
-    return 0
+        bar("images", j, len(source))
+    return all_preds
+
+
+class _ReportingBatches:
+    """A re-iterable of batches that calls ``progress(stage, images done, total)`` after each
+    batch was used (for functions that take batches but no progress callback)."""
+
+    def __init__(self, batches, total: int, progress, stage: str):
+        self.batches, self.total, self.progress, self.stage = batches, total, progress, stage
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        done = 0
+        for batch in self.batches:
+            yield batch
+            done += int(batch.shape[0])
+            self.progress(self.stage, done, self.total)
 
 
 def _cmd_intervene(args) -> int:
@@ -933,9 +967,14 @@ def _cmd_intervene(args) -> int:
     probe = _Probe(model, layer, source, output, skip)
     _check_basis_fits(basis, model, probe, args.layer or basis.layer or layer, args.allow_mismatch)
     class_name = _class_namer(args, source, probe.n_outputs)
-    cf = call_with_output(counterfactual, model, basis, BatchStream(source, args.batch_size or 32), remove,
-                          layer=layer, strength=args.strength, direction=args.direction,
-                          membership=args.membership, skip_tokens=skip, model=model, output=output)
+    bar = ProgressBar(enabled=not args.quiet)
+    try:
+        batches = _ReportingBatches(BatchStream(source, args.batch_size or 32), len(source), bar, "images")
+        cf = call_with_output(counterfactual, model, basis, batches, remove,
+                              layer=layer, strength=args.strength, direction=args.direction,
+                              membership=args.membership, skip_tokens=skip, model=model, output=output)
+    finally:
+        bar.close()
     rows = torch.arange(cf.logits_before.shape[0])
     before, after = cf.pred_before, cf.pred_after
     dp = cf.probs_after[rows, before] - cf.probs_before[rows, before]
@@ -987,14 +1026,21 @@ MODEL_HELP = ("the network: path/to/file.py:factory or package.module:factory (t
               "installed (no download: give --weights), default: the demo CNN")
 
 
+QUIET_HELP = "no progress output on stderr (bars, or one line per stage); warnings and errors still show"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pyconcepts", description="Concept direction pairs for vision networks.",
                      epilog="--model imports and runs Python code: use it only with code you trust.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    debug = argparse.ArgumentParser(add_help=False)
-    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    # the flags every command takes, before or after its name (SUPPRESS: the main parser's
+    # default stands unless the flag is given after the command's name)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
 
     def model_options(p):
         g = p.add_argument_group("model")
@@ -1033,7 +1079,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--skip-tokens", type=int, default=None,
                        help="leading tokens of a token layer that are not patches (default: as extracted)")
 
-    p = sub.add_parser("demo", help="run the built-in demo and print its tables", parents=[debug])
+    p = sub.add_parser("demo", help="run the built-in demo and print its tables", parents=[common])
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--concepts", type=int, default=16)
@@ -1041,12 +1087,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the gradient refinement of the detectors (on by default)")
     p.add_argument("--ura", action="store_true", help="add URA to the refinement")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--report-dir", default="report", help="folder of the HTML concept report (default: report)")
     p.add_argument("--no-report", action="store_true", help="do not write the HTML concept report")
     p.set_defaults(run=_cmd_demo)
 
-    p = sub.add_parser("extract", help="extract concepts at a layer and save the basis", parents=[debug],
+    p = sub.add_parser("extract", help="extract concepts at a layer and save the basis", parents=[common],
                        epilog="--model imports and runs Python code. Under torchrun the images are split "
                               "across ranks; rank 0 writes --out.")
     model_options(p)
@@ -1062,11 +1107,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "through the rest of the network (slower; off by default)")
     p.add_argument("--no-refine", action="store_true", help="no refinement (the default)")
     p.add_argument("--no-ura", action="store_true", help="with --refine: refine without URA")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_cmd_extract)
 
     p = sub.add_parser("report", help="an HTML report of a basis (without --out: a text summary)",
-                       parents=[debug], epilog="--model imports and runs Python code.")
+                       parents=[common], epilog="--model imports and runs Python code.")
     basis_options(p)
     model_options(p)
     image_options(p, 200)
@@ -1074,10 +1118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder to write index.html into (made if missing; its parent must exist)")
     p.add_argument("--options", help="JSON object of report options (top, maps, rcav, influence_images, ...)")
     p.add_argument("--classes", help="class names of the model's outputs: a text file, one per line, or a JSON list")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_cmd_report)
 
-    p = sub.add_parser("explain", help="per image, the prediction and the concepts behind it", parents=[debug],
+    p = sub.add_parser("explain", help="per image, the prediction and the concepts behind it", parents=[common],
                        epilog="--model imports and runs Python code.")
     basis_options(p)
     model_options(p)
@@ -1087,7 +1130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", help="class names of the model's outputs: a text file, one per line, or a JSON list")
     p.set_defaults(run=_cmd_explain)
 
-    p = sub.add_parser("intervene", help="predictions with and without concepts", parents=[debug],
+    p = sub.add_parser("intervene", help="predictions with and without concepts", parents=[common],
                        epilog="--model imports and runs Python code.")
     basis_options(p)
     model_options(p)
@@ -1105,7 +1148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", help="class names of the model's outputs: a text file, one per line, or a JSON list")
     p.set_defaults(run=_cmd_intervene)
 
-    p = sub.add_parser("bench", help="time the extraction pipeline on the demo model", parents=[debug])
+    p = sub.add_parser("bench", help="time the extraction pipeline on the demo model", parents=[common])
     p.add_argument("--n-images", type=_positive_int, default=300)
     p.add_argument("--concepts", type=_positive_int, default=12)
     p.set_defaults(run=_cmd_bench)

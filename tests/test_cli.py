@@ -575,3 +575,22 @@ def test_demo_bases_still_need_no_model(capsys, tmp_path):
                  layer="relu2").save(tmp_path / "bare.safetensors")
     line = _one_line_error(*_run(capsys, "explain", tmp_path / "bare.safetensors")[::2])
     assert "'relu2' does not exist" in line and "pass the --model the basis was extracted from" in line
+
+
+def test_quiet_means_no_progress_output_for_every_command(ws, capsys):
+    from pyconcepts.cli import build_parser
+
+    parser = build_parser()
+    for command in (["demo"], ["extract", "--out", "b.safetensors"], ["report", "b.safetensors"],
+                    ["explain", "b.safetensors"], ["intervene", "b.safetensors", "--remove", "0"], ["bench"]):
+        assert parser.parse_args([*command, "--quiet"]).quiet, command
+        assert parser.parse_args(["--quiet", *command]).quiet, command
+        assert not parser.parse_args(command).quiet, command
+    basis, images = ws / "basis.safetensors", ["--images", ws / "photos"]
+    for command in (["explain", basis, *_model_args(ws), *images],
+                    ["intervene", basis, *_model_args(ws), *images, "--remove", 0, "--batch-size", 5]):
+        rc, out, err = _run(capsys, *command)
+        # stdout is not a terminal here: the progress goes to stderr, one line per stage
+        assert rc == 0 and "  images: 12/12 (" in err, err
+        rc, quiet_out, quiet_err = _run(capsys, *command, "--quiet")
+        assert rc == 0 and quiet_out == out and quiet_err == "", quiet_err
