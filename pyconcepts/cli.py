@@ -358,9 +358,15 @@ def call_with_output(fn, *args, model: torch.nn.Module, output, **kwargs):
 
 
 class _Probe:
-    """One image through the model: the layer's width and kind, the number of outputs."""
+    """One image through the model: the layer's width and kind, the number of outputs.
 
-    def __init__(self, model, layer: str, source, output, skip_tokens: int = 0):
+    ``needs_scores``: whether the command reads the class scores. When it does not (extract
+    without URA) and no ``--output`` is given, the model may return anything (``n_outputs`` is
+    then None); a given ``--output`` is checked either way, as ``pc.extract`` does.
+    ``why_scores`` says, in the error of a model whose output needs ``--output``, what reads it."""
+
+    def __init__(self, model, layer: str, source, output, skip_tokens: int = 0, *,
+                 needs_scores: bool = True, why_scores: str = ""):
         from .taps import LayerTap
 
         tap = LayerTap(model, layer, skip_tokens=skip_tokens)
@@ -384,15 +390,23 @@ class _Probe:
                                 f"{tuple(first.shape[1:])}): {type(exc).__name__}: {_one_line(exc)}") from exc
         if "out" not in seen:
             raise UserError(f"layer {layer!r} is not called by the model's forward")
-        logits = select_output(out, output)
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise UserError(f"the model's output (after --output) should be logits (B, classes), got {shape}")
         self.width = int(tap.shape.channels)
         self.kind = tap.shape.kind
         self.positions = int(tap.shape.positions)
-        self.n_outputs = int(logits.shape[1])
         self.input_shape = tuple(first.shape[1:])
+        self.n_outputs: Optional[int] = None
+        if not needs_scores and output is None:
+            return
+        try:
+            logits = select_output(out, output)
+        except UserError as exc:
+            if output is None and why_scores:
+                raise UserError(f"{exc} ({why_scores})") from exc
+            raise
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise UserError(f"the model's output (after --output) should be logits (B, classes), got {shape}")
+        self.n_outputs = int(logits.shape[1])
 
 
 # ------------------------------------------------------------------------ image inputs
@@ -768,7 +782,11 @@ def _cmd_extract(args) -> int:
             raise UserError(f"--images has {total} image(s) for {world} ranks")
         source = source.subset(rank * total // world, (rank + 1) * total // world)
     output = parse_output(args.output)
-    probe = _Probe(model, layer, source, output, args.skip_tokens or 0)
+    refine = args.refine and not args.no_refine
+    ura = not args.no_ura
+    # as in pc.extract: only the refinement's URA reads the class scores
+    probe = _Probe(model, layer, source, output, args.skip_tokens or 0, needs_scores=refine and ura,
+                   why_scores="--refine reads the class scores for URA; --no-ura refines without them")
     if probe.kind == "tokens" and round(probe.positions ** 0.5) ** 2 != probe.positions:
         _warn(f"layer {layer!r} gives {probe.positions} tokens per image, not a square grid: if the first "
               f"ones are class or register tokens, pass --skip-tokens N (report and explain need the grid)")
@@ -780,7 +798,7 @@ def _cmd_extract(args) -> int:
     try:
         basis = call_with_output(
             extract, model, layer, BatchStream(source, batch_size), args.concepts, seed=args.seed,
-            refine=args.refine and not args.no_refine, ura=not args.no_ura, options=options or None,
+            refine=refine, ura=ura, options=options or None,
             progress=bar,
             model_id=args.model or DEMO_MODEL_ID, skip_tokens=args.skip_tokens or 0,
             model=model, output=output)
@@ -1048,7 +1066,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--weights", help="state dict for --model: .safetensors, or a torch.save file read with "
                                          "weights_only (pickles need --allow-pickle)")
         g.add_argument("--output", help="which output holds the logits when the model returns a tuple or a "
-                                        "dict: an index or a key")
+                                        "dict: an index or a key (extract reads the logits only with --refine)")
         g.add_argument("--allow-pickle", action="store_true",
                        help="read --weights / --images files that hold pickled objects (runs code in them)")
         g.add_argument("--seed", type=int, default=0)

@@ -213,7 +213,8 @@ def _mistakes(ws):
         "model without images": ([*ext, *m, *out], "--images is required with --model"),
         "model without layer": (["extract", *m, *img, *out], "--layer is required"),
         "bad layer": ([*ext[:1], "--layer", "features.9", *m, *img, *out], "does not exist"),
-        "dict output without --output": ([*ext, *_model_args(ws, "make_dict", None), *img, *out], "--output KEY"),
+        "dict output without --output": ([*ext, *_model_args(ws, "make_dict", None), *img, *out, "--refine"],
+                                         "--output KEY"),
         "bad --output": ([*ext, *_model_args(ws, "make_dict", None), "--output", "probs", *img, *out],
                          "--output 'probs'"),
         "remove out of range": (["intervene", basis, *m, *img, "--remove", "3"], "3 concepts, numbered 0 to 2"),
@@ -594,3 +595,21 @@ def test_quiet_means_no_progress_output_for_every_command(ws, capsys):
         assert rc == 0 and "  images: 12/12 (" in err, err
         rc, quiet_out, quiet_err = _run(capsys, *command, "--quiet")
         assert rc == 0 and quiet_out == out and quiet_err == "", quiet_err
+
+
+def test_extract_needs_output_only_where_the_class_scores_are_read(ws, capsys, tmp_path):
+    """As pc.extract: plain extraction and refinement without URA never read the class scores,
+    so a model returning a dict needs no --output; --refine (with URA) does, and says why."""
+    common = ["extract", *_model_args(ws, "make_dict", None), "--images", ws / "photos", "--layer", "features.3",
+              "-k", 2, "--limit", 4, "--options", FAST, "--quiet"]
+    for extra in ([], ["--refine", "--no-ura"]):
+        out = tmp_path / f"b{len(extra)}.safetensors"
+        rc, text, err = _run(capsys, *common, "--out", out, *extra)
+        assert rc == 0, err
+        assert ConceptBasis.load(out).dim == 8 and ConceptBasis.load(out).metadata["output"] is None
+    line = _one_line_error(*_run(capsys, *common, "--out", tmp_path / "c.safetensors", "--refine")[::2])
+    assert "pass --output KEY" in line and "--refine reads the class scores for URA" in line
+    assert not (tmp_path / "c.safetensors").exists()
+    # a given --output is checked even when nothing reads it
+    line = _one_line_error(*_run(capsys, *common, "--out", tmp_path / "c.safetensors", "--output", "probs")[::2])
+    assert "--output 'probs'" in line
