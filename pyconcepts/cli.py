@@ -9,12 +9,13 @@
     pyconcepts intervene basis.safetensors --model ... --images ... --remove I   predictions without concept I
     pyconcepts bench                               time the extraction pipeline on the demo
 
-Without ``--model`` every command uses the built-in demo network and generated demo images.
+Without ``--model`` every command uses the built-in demo network and generated demo images; a
+basis extracted from another model is refused then, with the ``--model`` it came from.
 ``--model`` imports and runs Python code (a file path or module name and a factory in it).
 ``--images`` is a folder of image files (class subfolders optional) or a tensor file (.pt,
 .npy, .safetensors). A user mistake ends with one line on stderr and exit code 2 (``--debug``
 shows the traceback). Progress goes to stderr (text bars on a terminal, one line per stage
-otherwise); results go to stdout. ``torchrun --nproc_per_node=N -m pyconcepts extract ...``
+otherwise; ``--quiet`` turns it off, for every command); results go to stdout. ``torchrun --nproc_per_node=N -m pyconcepts extract ...``
 shards the images across ranks (gloo) and rank 0 writes the basis.
 """
 
@@ -357,9 +358,15 @@ def call_with_output(fn, *args, model: torch.nn.Module, output, **kwargs):
 
 
 class _Probe:
-    """One image through the model: the layer's width and kind, the number of outputs."""
+    """One image through the model: the layer's width and kind, the number of outputs.
 
-    def __init__(self, model, layer: str, source, output, skip_tokens: int = 0):
+    ``needs_scores``: whether the command reads the class scores. When it does not (extract
+    without URA) and no ``--output`` is given, the model may return anything (``n_outputs`` is
+    then None); a given ``--output`` is checked either way, as ``pc.extract`` does.
+    ``why_scores`` says, in the error of a model whose output needs ``--output``, what reads it."""
+
+    def __init__(self, model, layer: str, source, output, skip_tokens: int = 0, *,
+                 needs_scores: bool = True, why_scores: str = ""):
         from .taps import LayerTap
 
         tap = LayerTap(model, layer, skip_tokens=skip_tokens)
@@ -383,15 +390,23 @@ class _Probe:
                                 f"{tuple(first.shape[1:])}): {type(exc).__name__}: {_one_line(exc)}") from exc
         if "out" not in seen:
             raise UserError(f"layer {layer!r} is not called by the model's forward")
-        logits = select_output(out, output)
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise UserError(f"the model's output (after --output) should be logits (B, classes), got {shape}")
         self.width = int(tap.shape.channels)
         self.kind = tap.shape.kind
         self.positions = int(tap.shape.positions)
-        self.n_outputs = int(logits.shape[1])
         self.input_shape = tuple(first.shape[1:])
+        self.n_outputs: Optional[int] = None
+        if not needs_scores and output is None:
+            return
+        try:
+            logits = select_output(out, output)
+        except UserError as exc:
+            if output is None and why_scores:
+                raise UserError(f"{exc} ({why_scores})") from exc
+            raise
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise UserError(f"the model's output (after --output) should be logits (B, classes), got {shape}")
+        self.n_outputs = int(logits.shape[1])
 
 
 # ------------------------------------------------------------------------ image inputs
@@ -560,6 +575,38 @@ def _load_basis(path: str):
         raise UserError(_one_line(exc)) from exc
 
 
+def _check_model_given(args, basis) -> None:
+    """Without --model the commands run the demo network: a basis that records another model
+    (its model_id, or a fingerprint of other parameter names and shapes) stops here, before
+    any work, with the --model (and --weights) it was extracted with."""
+    if args.model is not None or args.allow_mismatch:
+        return
+    from .demo.model import DEMO_MODEL_ID, ShapesNet
+
+    model_id = basis.model_id
+    if model_id == DEMO_MODEL_ID:
+        return
+    if model_id is None:  # a basis made in Python without model_id: its fingerprint, if any, tells
+        from .basis import model_fingerprint
+
+        recorded = basis.metadata.get("model_fingerprint")
+        if not isinstance(recorded, dict) or \
+                recorded.get("architecture") == model_fingerprint(ShapesNet())["architecture"]:
+            return
+    source = f"from {model_id}" if model_id else "from another model than the demo network"
+    if model_id and ":" in model_id:  # a --model spec (file.py:factory, module:factory, torchvision:NAME)
+        fix = f"pass --model {model_id}"
+    else:
+        fix = "pass --model with that network (path/to/file.py:factory)"
+    weights = basis.metadata.get("weights", "unknown")
+    if weights == "unknown":  # a basis that does not say which weights it came with
+        fix += " (and its --weights)"
+    elif weights:
+        fix += f" --weights {weights}"
+    raise UserError(f"{args.basis} was extracted {source}; {fix} (without --model the commands run the "
+                    "demo network)")
+
+
 def _check_basis_fits(basis, model, probe: "_Probe", layer: str, allow_mismatch: bool) -> None:
     problems = basis.compatibility_problems(layer=layer, width=probe.width, model=model)
     if not problems:
@@ -588,6 +635,9 @@ def _model_setup(args, layer_from_basis=None):
         resolve_layer(model, layer)
     except ValueError as exc:
         where = "--layer" if args.layer else f"the basis's layer (from {args.basis})"
+        if args.model is None and not args.layer:  # the hint first: the layer list runs long
+            where += (": without --model the commands run the demo network; pass the --model the basis "
+                      "was extracted from")
         raise UserError(f"{where}: {_one_line(exc)}") from exc
     return model, layer
 
@@ -717,6 +767,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_extract(args) -> int:
+    from .demo.model import DEMO_MODEL_ID
     from .extraction import DEFAULTS, extract
     from .images import BatchStream
 
@@ -731,7 +782,11 @@ def _cmd_extract(args) -> int:
             raise UserError(f"--images has {total} image(s) for {world} ranks")
         source = source.subset(rank * total // world, (rank + 1) * total // world)
     output = parse_output(args.output)
-    probe = _Probe(model, layer, source, output, args.skip_tokens or 0)
+    refine = args.refine and not args.no_refine
+    ura = not args.no_ura
+    # as in pc.extract: only the refinement's URA reads the class scores
+    probe = _Probe(model, layer, source, output, args.skip_tokens or 0, needs_scores=refine and ura,
+                   why_scores="--refine reads the class scores for URA; --no-ura refines without them")
     if probe.kind == "tokens" and round(probe.positions ** 0.5) ** 2 != probe.positions:
         _warn(f"layer {layer!r} gives {probe.positions} tokens per image, not a square grid: if the first "
               f"ones are class or register tokens, pass --skip-tokens N (report and explain need the grid)")
@@ -743,9 +798,9 @@ def _cmd_extract(args) -> int:
     try:
         basis = call_with_output(
             extract, model, layer, BatchStream(source, batch_size), args.concepts, seed=args.seed,
-            refine=args.refine and not args.no_refine, ura=not args.no_ura, options=options or None,
+            refine=refine, ura=ura, options=options or None,
             progress=bar,
-            model_id=args.model or "pyconcepts-demo-shapesnet", skip_tokens=args.skip_tokens or 0,
+            model_id=args.model or DEMO_MODEL_ID, skip_tokens=args.skip_tokens or 0,
             model=model, output=output)
     finally:
         bar.close()
@@ -757,6 +812,7 @@ def _cmd_extract(args) -> int:
         dist.all_reduce(n_patches)
         basis.metadata["n_patches"] = int(n_patches)
     basis.metadata.update({"n_images": total, "images": os.path.abspath(args.images) if args.images else "demo",
+                           "weights": os.path.abspath(args.weights) if args.weights else None,
                            "output": output if not callable(output) else None,
                            "input_shape": list(probe.input_shape)})
     if rank == 0:
@@ -790,6 +846,7 @@ def _cmd_report(args) -> int:
                             "no other option prints a text summary of the basis)")
         _print_summary(basis)
         return 0
+    _check_model_given(args, basis)
     _check_out_folder(args.out)
     report_options = _parse_options(args.options)
     try:
@@ -837,10 +894,8 @@ def _check_concepts(indices: Sequence[int], k: int, option: str) -> List[int]:
 
 
 def _cmd_explain(args) -> int:
-    from .attribution import contribution_maps
-    from .outputs import read_scores
-
     basis = _load_basis(args.basis)
+    _check_model_given(args, basis)
     model, layer = _model_setup(args, basis.layer)
     source = _open_source(args, model, default_count=16)
     output = parse_output(args.output)
@@ -852,6 +907,25 @@ def _cmd_explain(args) -> int:
     top = min(args.top, basis.n_concepts)
     print(f"{_count(len(source), 'image')}; concepts of {args.basis} at {layer}; per concept, how much removing "
           f"it (pyconcepts intervene --remove) lowers the predicted class's logit, to first order")
+    # the lines on stdout show the progress on a terminal; redirected, a bar on stderr does
+    bar = ProgressBar(enabled=not args.quiet and not _is_terminal(sys.stdout))
+    try:
+        all_preds = _explain_batches(args, model, basis, layer, source, output, skip, head, top, class_name, bar)
+    finally:
+        bar.close()
+    _check_folder_classes(args, source, torch.cat(all_preds), probe.n_outputs)
+    return 0
+
+
+def _is_terminal(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _explain_batches(args, model, basis, layer, source, output, skip, head, top, class_name, bar):
+    from .attribution import contribution_maps
+    from .outputs import read_scores
+
     j, all_preds = 0, []
     for batch in source.batches(args.batch_size or 32):
         with torch.no_grad():
@@ -872,8 +946,26 @@ def _cmd_explain(args) -> int:
             print(f"{source.names[j]}: predicted {class_name(int(preds[b]))} "
                   f"(p {float(probs[b, preds[b]]):.3f}{truth}); {parts}")
             j += 1
-    _check_folder_classes(args, source, torch.cat(all_preds), probe.n_outputs)
-    return 0
+        bar("images", j, len(source))
+    return all_preds
+
+
+class _ReportingBatches:
+    """A re-iterable of batches that calls ``progress(stage, images done, total)`` after each
+    batch was used (for functions that take batches but no progress callback)."""
+
+    def __init__(self, batches, total: int, progress, stage: str):
+        self.batches, self.total, self.progress, self.stage = batches, total, progress, stage
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        done = 0
+        for batch in self.batches:
+            yield batch
+            done += int(batch.shape[0])
+            self.progress(self.stage, done, self.total)
 
 
 def _cmd_intervene(args) -> int:
@@ -881,6 +973,7 @@ def _cmd_intervene(args) -> int:
     from .interventions import counterfactual
 
     basis = _load_basis(args.basis)
+    _check_model_given(args, basis)
     remove = _check_concepts(args.remove, basis.n_concepts, "--remove")
     if args.layer and basis.layer and args.layer != basis.layer and not args.allow_mismatch:
         raise UserError(f"the basis was extracted at layer {basis.layer!r}, not {args.layer!r} "
@@ -892,9 +985,14 @@ def _cmd_intervene(args) -> int:
     probe = _Probe(model, layer, source, output, skip)
     _check_basis_fits(basis, model, probe, args.layer or basis.layer or layer, args.allow_mismatch)
     class_name = _class_namer(args, source, probe.n_outputs)
-    cf = call_with_output(counterfactual, model, basis, BatchStream(source, args.batch_size or 32), remove,
-                          layer=layer, strength=args.strength, direction=args.direction,
-                          membership=args.membership, skip_tokens=skip, model=model, output=output)
+    bar = ProgressBar(enabled=not args.quiet)
+    try:
+        batches = _ReportingBatches(BatchStream(source, args.batch_size or 32), len(source), bar, "images")
+        cf = call_with_output(counterfactual, model, basis, batches, remove,
+                              layer=layer, strength=args.strength, direction=args.direction,
+                              membership=args.membership, skip_tokens=skip, model=model, output=output)
+    finally:
+        bar.close()
     rows = torch.arange(cf.logits_before.shape[0])
     before, after = cf.pred_before, cf.pred_after
     dp = cf.probs_after[rows, before] - cf.probs_before[rows, before]
@@ -946,14 +1044,21 @@ MODEL_HELP = ("the network: path/to/file.py:factory or package.module:factory (t
               "installed (no download: give --weights), default: the demo CNN")
 
 
+QUIET_HELP = "no progress output on stderr (bars, or one line per stage); warnings and errors still show"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pyconcepts", description="Concept direction pairs for vision networks.",
                      epilog="--model imports and runs Python code: use it only with code you trust.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    debug = argparse.ArgumentParser(add_help=False)
-    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    # the flags every command takes, before or after its name (SUPPRESS: the main parser's
+    # default stands unless the flag is given after the command's name)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
 
     def model_options(p):
         g = p.add_argument_group("model")
@@ -961,7 +1066,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--weights", help="state dict for --model: .safetensors, or a torch.save file read with "
                                          "weights_only (pickles need --allow-pickle)")
         g.add_argument("--output", help="which output holds the logits when the model returns a tuple or a "
-                                        "dict: an index or a key")
+                                        "dict: an index or a key (extract reads the logits only with --refine)")
         g.add_argument("--allow-pickle", action="store_true",
                        help="read --weights / --images files that hold pickled objects (runs code in them)")
         g.add_argument("--seed", type=int, default=0)
@@ -992,7 +1097,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--skip-tokens", type=int, default=None,
                        help="leading tokens of a token layer that are not patches (default: as extracted)")
 
-    p = sub.add_parser("demo", help="run the built-in demo and print its tables", parents=[debug])
+    p = sub.add_parser("demo", help="run the built-in demo and print its tables", parents=[common])
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--concepts", type=int, default=16)
@@ -1000,12 +1105,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the gradient refinement of the detectors (on by default)")
     p.add_argument("--ura", action="store_true", help="add URA to the refinement")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--report-dir", default="report", help="folder of the HTML concept report (default: report)")
     p.add_argument("--no-report", action="store_true", help="do not write the HTML concept report")
     p.set_defaults(run=_cmd_demo)
 
-    p = sub.add_parser("extract", help="extract concepts at a layer and save the basis", parents=[debug],
+    p = sub.add_parser("extract", help="extract concepts at a layer and save the basis", parents=[common],
                        epilog="--model imports and runs Python code. Under torchrun the images are split "
                               "across ranks; rank 0 writes --out.")
     model_options(p)
@@ -1021,11 +1125,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "through the rest of the network (slower; off by default)")
     p.add_argument("--no-refine", action="store_true", help="no refinement (the default)")
     p.add_argument("--no-ura", action="store_true", help="with --refine: refine without URA")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_cmd_extract)
 
     p = sub.add_parser("report", help="an HTML report of a basis (without --out: a text summary)",
-                       parents=[debug], epilog="--model imports and runs Python code.")
+                       parents=[common], epilog="--model imports and runs Python code.")
     basis_options(p)
     model_options(p)
     image_options(p, 200)
@@ -1033,10 +1136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder to write index.html into (made if missing; its parent must exist)")
     p.add_argument("--options", help="JSON object of report options (top, maps, rcav, influence_images, ...)")
     p.add_argument("--classes", help="class names of the model's outputs: a text file, one per line, or a JSON list")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_cmd_report)
 
-    p = sub.add_parser("explain", help="per image, the prediction and the concepts behind it", parents=[debug],
+    p = sub.add_parser("explain", help="per image, the prediction and the concepts behind it", parents=[common],
                        epilog="--model imports and runs Python code.")
     basis_options(p)
     model_options(p)
@@ -1046,7 +1148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", help="class names of the model's outputs: a text file, one per line, or a JSON list")
     p.set_defaults(run=_cmd_explain)
 
-    p = sub.add_parser("intervene", help="predictions with and without concepts", parents=[debug],
+    p = sub.add_parser("intervene", help="predictions with and without concepts", parents=[common],
                        epilog="--model imports and runs Python code.")
     basis_options(p)
     model_options(p)
@@ -1064,7 +1166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", help="class names of the model's outputs: a text file, one per line, or a JSON list")
     p.set_defaults(run=_cmd_intervene)
 
-    p = sub.add_parser("bench", help="time the extraction pipeline on the demo model", parents=[debug])
+    p = sub.add_parser("bench", help="time the extraction pipeline on the demo model", parents=[common])
     p.add_argument("--n-images", type=_positive_int, default=300)
     p.add_argument("--concepts", type=_positive_int, default=12)
     p.set_defaults(run=_cmd_bench)

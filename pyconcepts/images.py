@@ -270,7 +270,7 @@ class Preprocess:
             w, h = picture.size
             if ch > h or cw > w:
                 raise ValueError(f"the picture is {w}x{h} after resizing, smaller than the crop {cw}x{ch}; "
-                                 "resize it first (--resize)")
+                                 "resize it first with Preprocess(resize=...) (command line: --resize)")
             left, top = (w - cw) // 2, (h - ch) // 2
             picture = picture.crop((left, top, left + cw, top + ch))
         return picture
@@ -310,7 +310,8 @@ class Preprocess:
             ch, cw = self.crop
             h, w = x.shape[-2:]
             if ch > h or cw > w:
-                raise ValueError(f"the images are {w}x{h}, smaller than the crop {cw}x{ch}; resize them first")
+                raise ValueError(f"the images are {w}x{h}, smaller than the crop {cw}x{ch}; resize them first "
+                                 "with Preprocess(resize=...) (command line: --resize)")
             top, left = (h - ch) // 2, (w - cw) // 2
             x = x[..., top:top + ch, left:left + cw]
         return self.normalise(x)
@@ -423,7 +424,8 @@ class FolderImages:
                 if item.shape != shape:
                     raise ValueError(
                         f"images differ in size ({chunk[0]!r} gives {tuple(shape)}, {name!r} gives "
-                        f"{tuple(item.shape)}): pass a resize and crop (--resize, --crop)")
+                        f"{tuple(item.shape)}): give them one size with Preprocess(resize=..., crop=...) "
+                        "or a transform returning one size (command line: --resize, --crop)")
             yield torch.stack(items)
 
     def display(self, indices: Sequence[int]) -> torch.Tensor:
@@ -495,11 +497,13 @@ def _check_sizes(root: str, entries, preprocess: Preprocess) -> None:
             if before[0] < preprocess.crop[0] or before[1] < preprocess.crop[1]:
                 raise ValueError(
                     f"{name!r} in {root!r} is {before[1]}x{before[0]} (after resizing), smaller than the "
-                    f"crop {preprocess.crop[1]}x{preprocess.crop[0]}; pass --resize")
+                    f"crop {preprocess.crop[1]}x{preprocess.crop[0]}; resize it first with "
+                    "Preprocess(resize=...) (command line: --resize)")
         elif out != first:
             raise ValueError(
                 f"the images in {root!r} differ in size ({first_name!r} is {w0}x{h0}, {name!r} is {w}x{h}); "
-                "pass --crop (and --resize) to give the model one input size")
+                "give the model one input size with Preprocess(resize=..., crop=...) (command line: "
+                "--resize, --crop)")
 
 
 # ------------------------------------------------------------------------- tensor files
@@ -524,8 +528,8 @@ def load_tensor_images(path: Union[str, os.PathLike], *, allow_pickle: bool = Fa
             data = np.load(path, allow_pickle=allow_pickle)
         except ValueError as exc:
             if "pickle" in str(exc).lower():
-                raise ValueError(f"{path!r} holds pickled objects; pass --allow-pickle only if you trust "
-                                 "the file (unpickling runs code)") from None
+                raise ValueError(f"{path!r} holds pickled objects; pass allow_pickle=True (command line: "
+                                 "--allow-pickle) only if you trust the file (unpickling runs code)") from None
             raise ValueError(f"cannot read {path!r}: {exc}") from None
         except OSError as exc:
             raise ValueError(f"cannot read {path!r}: {exc}") from None
@@ -555,8 +559,8 @@ def load_tensor_images(path: Union[str, os.PathLike], *, allow_pickle: bool = Fa
         except pickle.UnpicklingError as exc:
             if allow_pickle:
                 raise ValueError(f"cannot read {path!r}: {exc}") from None
-            raise ValueError(f"{path!r} holds more than tensors (a pickle); pass --allow-pickle only if "
-                             "you trust the file (unpickling runs code)") from None
+            raise ValueError(f"{path!r} holds more than tensors (a pickle); pass allow_pickle=True (command "
+                             "line: --allow-pickle) only if you trust the file (unpickling runs code)") from None
         except Exception as exc:  # torch.load raises many types on foreign bytes (struct.error, ...)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ValueError(f"cannot read {path!r} as a torch.save file: {first}") from None

@@ -369,6 +369,26 @@ class Counterfactual:
         """(B,) bool: the predicted class changed."""
         return self.pred_before != self.pred_after
 
+    def __repr__(self) -> str:
+        """A summary (the tensors hold one row per image: print the attributes for them)."""
+        before, after = self.logits_before, self.logits_after
+        tensors = ("tensors: logits_before, logits_after, probs_before, probs_after, pred_before, "
+                   "pred_after, changed")
+        if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)
+                and before.dim() == 2 and before.shape == after.shape):
+            shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (before, after)]
+            return f"Counterfactual(logits_before {shapes[0]}, logits_after {shapes[1]}; {tensors})"
+        n, classes = before.shape
+        if n == 0 or classes == 0:
+            return f"Counterfactual(0 images, {classes} classes; {tensors})"
+        rows = torch.arange(n, device=before.device)
+        pred = self.pred_before
+        dp = (self.probs_after[rows, pred] - self.probs_before[rows, pred]).float().mean()
+        changed = int(self.changed.sum())
+        return (f"Counterfactual({n} image{'s' if n != 1 else ''}, {classes} classes: {changed} prediction"
+                f"{'s' if changed != 1 else ''} changed, predicted class's probability {float(dp):+.3f} on "
+                f"average; {tensors})")
+
 
 def counterfactual(
     model: nn.Module,

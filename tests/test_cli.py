@@ -213,7 +213,8 @@ def _mistakes(ws):
         "model without images": ([*ext, *m, *out], "--images is required with --model"),
         "model without layer": (["extract", *m, *img, *out], "--layer is required"),
         "bad layer": ([*ext[:1], "--layer", "features.9", *m, *img, *out], "does not exist"),
-        "dict output without --output": ([*ext, *_model_args(ws, "make_dict", None), *img, *out], "--output KEY"),
+        "dict output without --output": ([*ext, *_model_args(ws, "make_dict", None), *img, *out, "--refine"],
+                                         "--output KEY"),
         "bad --output": ([*ext, *_model_args(ws, "make_dict", None), "--output", "probs", *img, *out],
                          "--output 'probs'"),
         "remove out of range": (["intervene", basis, *m, *img, "--remove", "3"], "3 concepts, numbered 0 to 2"),
@@ -522,3 +523,93 @@ def test_extract_flags_a_token_layer_with_a_class_token_and_too_many_concepts(ws
     rc, _, err = _run(capsys, *common, "-k", 500, "--skip-tokens", 1, "--out", tmp_path / "c.safetensors")
     assert rc == 2 and "-k 500 exceeds the 192 patches of 12 image(s)" in err
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_a_basis_of_another_model_asks_for_its_model_before_any_work(ws, capsys, monkeypatch):
+    """Without --model the commands would run the demo network; a basis that records another
+    model names the --model and --weights it came from, before a model is built."""
+    import pyconcepts.cli as cli
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(cli, "load_model", no_model)
+    spec, weights = f"{ws / 'model.py'}:make", ws / "w.safetensors"
+    basis = ws / "basis.safetensors"
+    for command in (["explain", basis, "--limit", 2], ["intervene", basis, "--remove", 0],
+                    ["report", basis, "--out", ws / "report_without_model"]):
+        line = _one_line_error(*_run(capsys, *command, "--images", ws / "photos")[::2])
+        assert f"{basis} was extracted from {spec}; pass --model {spec} --weights {weights} " in line, line
+    assert not (ws / "report_without_model").exists()
+    # a basis made in Python without a model_id: its fingerprint tells it is not the demo's
+    import importlib.util
+
+    module_spec = importlib.util.spec_from_file_location("_cli_test_model_fp", ws / "model.py")
+    mod = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(mod)
+    python_basis = ConceptBasis(torch.randn(2, 8), torch.zeros(2), torch.randn(2, 8), torch.zeros(8),
+                                layer="features.3")
+    python_basis.record_model(mod.make())
+    python_basis.save(ws / "python_basis.safetensors")
+    line = _one_line_error(*_run(capsys, "explain", ws / "python_basis.safetensors")[::2])
+    assert "extracted from another model than the demo network; pass --model with that network" in line
+
+
+def test_demo_bases_still_need_no_model(capsys, tmp_path):
+    from pyconcepts.demo.model import DEMO_LAYER, ShapesNet
+
+    out = tmp_path / "demo.safetensors"
+    rc, _, err = _run(capsys, "extract", "--limit", 8, "-k", 2, "--out", out, "--options", FAST, "--quiet")
+    assert rc == 0, err
+    assert ConceptBasis.load(out).metadata["weights"] is None
+    rc, text, err = _run(capsys, "explain", out, "--limit", 2)
+    assert rc == 0 and len(text.splitlines()) == 3, err
+    # made in Python from the demo's architecture, without a model_id
+    basis = ConceptBasis(torch.randn(2, 64), torch.zeros(2), torch.randn(2, 64), torch.zeros(64), layer=DEMO_LAYER)
+    basis.record_model(ShapesNet())
+    basis.save(tmp_path / "python.safetensors")
+    rc, text, err = _run(capsys, "intervene", tmp_path / "python.safetensors", "--limit", 2, "--remove", 0,
+                         "--allow-mismatch")  # the fingerprint's random weights are not the demo's
+    assert rc == 0 and len(text.splitlines()) == 3, err
+    # nothing recorded and a layer the demo lacks: the error says what --model would fix
+    ConceptBasis(torch.randn(2, 8), torch.zeros(2), torch.randn(2, 8), torch.zeros(8),
+                 layer="relu2").save(tmp_path / "bare.safetensors")
+    line = _one_line_error(*_run(capsys, "explain", tmp_path / "bare.safetensors")[::2])
+    assert "'relu2' does not exist" in line and "pass the --model the basis was extracted from" in line
+
+
+def test_quiet_means_no_progress_output_for_every_command(ws, capsys):
+    from pyconcepts.cli import build_parser
+
+    parser = build_parser()
+    for command in (["demo"], ["extract", "--out", "b.safetensors"], ["report", "b.safetensors"],
+                    ["explain", "b.safetensors"], ["intervene", "b.safetensors", "--remove", "0"], ["bench"]):
+        assert parser.parse_args([*command, "--quiet"]).quiet, command
+        assert parser.parse_args(["--quiet", *command]).quiet, command
+        assert not parser.parse_args(command).quiet, command
+    basis, images = ws / "basis.safetensors", ["--images", ws / "photos"]
+    for command in (["explain", basis, *_model_args(ws), *images],
+                    ["intervene", basis, *_model_args(ws), *images, "--remove", 0, "--batch-size", 5]):
+        rc, out, err = _run(capsys, *command)
+        # stdout is not a terminal here: the progress goes to stderr, one line per stage
+        assert rc == 0 and "  images: 12/12 (" in err, err
+        rc, quiet_out, quiet_err = _run(capsys, *command, "--quiet")
+        assert rc == 0 and quiet_out == out and quiet_err == "", quiet_err
+
+
+def test_extract_needs_output_only_where_the_class_scores_are_read(ws, capsys, tmp_path):
+    """As pc.extract: plain extraction and refinement without URA never read the class scores,
+    so a model returning a dict needs no --output; --refine (with URA) does, and says why."""
+    common = ["extract", *_model_args(ws, "make_dict", None), "--images", ws / "photos", "--layer", "features.3",
+              "-k", 2, "--limit", 4, "--options", FAST, "--quiet"]
+    for extra in ([], ["--refine", "--no-ura"]):
+        out = tmp_path / f"b{len(extra)}.safetensors"
+        rc, text, err = _run(capsys, *common, "--out", out, *extra)
+        assert rc == 0, err
+        assert ConceptBasis.load(out).dim == 8 and ConceptBasis.load(out).metadata["output"] is None
+    line = _one_line_error(*_run(capsys, *common, "--out", tmp_path / "c.safetensors", "--refine")[::2])
+    assert "pass --output KEY" in line and "--refine reads the class scores for URA" in line
+    assert not (tmp_path / "c.safetensors").exists()
+    # a given --output is checked even when nothing reads it
+    line = _one_line_error(*_run(capsys, *common, "--out", tmp_path / "c.safetensors", "--output", "probs")[::2])
+    assert "--output 'probs'" in line

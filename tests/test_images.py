@@ -224,3 +224,36 @@ def test_a_failing_transform_is_named(tmp_path):
     src = FolderImages(tmp_path, preprocess=Preprocess(transform=make), workers=1)
     with pytest.raises(ValueError, match="transform 'make' failed"):
         next(iter(src.batches(1)))
+
+
+def test_errors_name_the_python_argument_and_the_command_line_flag(tmp_path):
+    """The messages reach Python users (Preprocess(...), allow_pickle=True) as well as the command
+    line (--resize, --crop, --allow-pickle): both spellings are named."""
+    _write(str(tmp_path / "mixed" / "wide.png"), _pixels(0, 20, 40))
+    _write(str(tmp_path / "mixed" / "tall.png"), _pixels(1, 30, 10))
+    both = "Preprocess(resize=..., crop=...) (command line: --resize, --crop)"
+    with pytest.raises(ValueError) as err:
+        FolderImages(tmp_path / "mixed")
+    assert both in str(err.value) and "pass --crop" not in str(err.value)
+    resize = "Preprocess(resize=...) (command line: --resize)"
+    with pytest.raises(ValueError) as err:
+        FolderImages(tmp_path / "mixed", preprocess=Preprocess(crop=16))
+    assert resize in str(err.value)
+    with pytest.raises(ValueError) as err:
+        Preprocess(crop=16).tensor(torch.rand(1, 3, 8, 8))
+    assert resize in str(err.value)
+    with pytest.raises(ValueError) as err:
+        Preprocess(crop=16).geometry(Image.fromarray(_pixels(0, 8, 8)))
+    assert resize in str(err.value)
+    # a transform that keeps each picture's size: the sizes differ only when decoded
+    keep_size = Preprocess(transform=lambda picture: torch.zeros(3, picture.size[1], picture.size[0]))
+    with pytest.raises(ValueError) as err:
+        list(FolderImages(tmp_path / "mixed", preprocess=keep_size, workers=1).batches(2))
+    assert "Preprocess(resize=..., crop=...) or a transform returning one size (command line: --resize, --crop)" \
+        in str(err.value)
+    torch.save({"images": torch.rand(2, 3, 4, 4), "note": _Note()}, tmp_path / "p.pt")
+    np.save(tmp_path / "o.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    for name in ("p.pt", "o.npy"):
+        with pytest.raises(ValueError) as err:
+            load_tensor_images(tmp_path / name)
+        assert "pass allow_pickle=True (command line: --allow-pickle)" in str(err.value)

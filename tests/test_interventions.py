@@ -149,6 +149,25 @@ def test_counterfactual_reports_both_predictions():
     assert torch.allclose(cf.probs_after.sum(1), torch.ones(5))
 
 
+def test_counterfactual_prints_a_summary_not_its_logits():
+    from pyconcepts.interventions import Counterfactual
+
+    before = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]])
+    after = torch.tensor([[0.0, 2.0], [0.0, 1.0], [3.0, 0.0]])  # the first prediction flips
+    text = repr(Counterfactual(before, after))
+    dp = (after.softmax(-1)[0, 0] - before.softmax(-1)[0, 0]) / 3  # the other two do not move
+    assert text.startswith("Counterfactual(3 images, 2 classes: 1 prediction changed, ")
+    assert f"predicted class's probability {float(dp):+.3f} on average" in text
+    assert "tensors: logits_before, logits_after, probs_before, probs_after, pred_before, pred_after, changed" in text
+    # a real one: one line whatever the number of images, the fields as they were
+    cf = pc.counterfactual(SmallCNN().eval(), random_basis(8, layer="features.3"), torch.rand(160, 3, 8, 8), [0])
+    assert "\n" not in repr(cf) and len(repr(cf)) < 300 and str(cf) == repr(cf)
+    assert repr(cf).startswith("Counterfactual(160 images, 3 classes: ")
+    assert [f.name for f in __import__("dataclasses").fields(cf)] == ["logits_before", "logits_after"]
+    assert "0 images" in repr(Counterfactual(torch.zeros(0, 3), torch.zeros(0, 3)))
+    assert "logits_before (3,)" in repr(Counterfactual(torch.zeros(3), torch.zeros(3)))
+
+
 def test_bad_input_is_named():
     model = SmallCNN().eval()
     images = torch.rand(2, 3, 8, 8)

@@ -6,10 +6,14 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-__all__ = ["ShapesNet", "DEMO_LAYER"]
+__all__ = ["ShapesNet", "DEMO_LAYER", "DEMO_MODEL_ID"]
 
 # The layer the demo extracts concepts at: the last conv block, 8 x 8 x 64 for 32 x 32 inputs.
 DEMO_LAYER = "features.relu5"
+
+# The model_id of the bases extracted from the demo network (by the demo and by `pyconcepts extract`
+# without --model): the commands apply such a basis to the demo network when --model is not given.
+DEMO_MODEL_ID = "pyconcepts-demo-shapesnet"
 
 
 class ShapesNet(nn.Module):

@@ -48,7 +48,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..datasets.shapes import CLASSES, CONCEPTS, make_shapes
-from .model import DEMO_LAYER, ShapesNet
+from .model import DEMO_LAYER, DEMO_MODEL_ID, ShapesNet
 
 __all__ = ["load_model", "run_demo", "print_demo", "WEIGHTS_PATH", "nd_iou", "match_one_to_one", "shapes_source"]
 
@@ -230,7 +230,7 @@ def run_demo(
     # ---------------------------------------------------------------- 1. concept discovery
     fit = make_shapes(n_extract, seed=seed + 10, watermark="random", watermark_rate=0.3, with_masks=False)
     basis = extract(model, DEMO_LAYER, fit.images, n_concepts, seed=seed, refine=refine, ura=ura,
-                    options=DEMO_OPTIONS, progress=progress, model_id="pyconcepts-demo-shapesnet")
+                    options=DEMO_OPTIONS, progress=progress, model_id=DEMO_MODEL_ID)
     t_extract = time.time() - t0
 
     _stage(progress, "scoring", 0, 3)
