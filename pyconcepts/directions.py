@@ -309,8 +309,11 @@ def calibrated_scales(
     regression with the threshold held; concave in beta, solved by bisection on its
     derivative in log beta). Clusters that a half-space separates perfectly would send beta to
     infinity: beta is capped so that the members' median score is ``max_logit``
-    (sigmoid = 1 - 1e-7). A detector whose members do not sit above its threshold gets the
-    smallest scale tried (a soft detector), never a negative one.
+    (sigmoid = 1 - 1e-7), or their 90th percentile for a detector that fires on fewer than
+    half of its members (the likelihood still picks the scale below the cap). Only a detector
+    whose scores say nothing about membership (the likelihood falls from the smallest scale
+    tried on, or no member scores above the threshold) gets that smallest scale (a flat
+    sigmoid), never a negative one.
     """
     t = score.to(torch.float64)
     n = count_all.to(torch.float64)
@@ -319,12 +322,17 @@ def calibrated_scales(
     for i in range(t.shape[0]):
         members = m[i]
         cum = members.cumsum(0)
-        half = float(cum[-1]) / 2
-        median_score = float(t[i][int(torch.searchsorted(cum, torch.tensor(half, dtype=torch.float64)))]) \
-            if cum[-1] > 0 else 0.0
+
+        def member_score(share):  # the score below which this share of the members lies
+            at = torch.searchsorted(cum, torch.tensor(share * float(cum[-1]), dtype=torch.float64))
+            return float(t[i][min(int(at), t.shape[1] - 1)]) if cum[-1] > 0 else 0.0
+
+        median_score = member_score(0.5)
+        # a detector that fires on fewer than half of its members: the cap from the upper ones
+        reference = median_score if median_score > 0 else member_score(0.9)
         spread = float(((n[i] * t[i] ** 2).sum() / n[i].sum().clamp_min(1)).sqrt().clamp_min(1e-300))
         lo = 1e-3 / spread                     # sigmoid nearly flat over the data
-        hi = max_logit / median_score if median_score > 0 else lo
+        hi = max_logit / reference if reference > 0 else lo
 
         def slope(beta):  # d LL / d beta
             return float((t[i] * (m[i] - n[i] * torch.sigmoid(beta * t[i]))).sum())

@@ -174,6 +174,16 @@ def test_calibrated_scales_recover_a_logistic_slope():
     # perfectly separated: capped so the members' median score is max_logit
     sep = calibrated_scales(t[:1], n[:1], n[:1] * (t[:1] > 0), max_logit=16.0)
     assert float(sep) == pytest.approx(16.0 / 2.5, rel=0.02)
+    # a detector that fires on fewer than half of its members still gets its likelihood's
+    # scale (it had the flat floor, 1e-3 / spread, a 1000x smaller filter than its neighbours)
+    rows = 1000.0 * torch.exp(-t[:1])                     # most rows, and members, below t = 0
+    weak_members = rows * torch.sigmoid(1.5 * t[:1])
+    assert float((weak_members * (t[:1] > 0)).sum() / weak_members.sum()) < 0.5
+    weak = calibrated_scales(t[:1], rows, weak_members)
+    assert float(weak) == pytest.approx(1.5, rel=0.02)
+    # scores unrelated to membership: the flat floor
+    flat = calibrated_scales(t[:1], n[:1], torch.full_like(t[:1], 10.0))
+    assert float(flat) < 1e-2
 
 
 def test_detectors_come_with_a_sharp_calibrated_sigmoid():
