@@ -449,8 +449,10 @@ class ConceptRanking:
     A plain (not greedy) removal ranking also measures, in the same forward passes and in the
     same order: ``abs_effects`` (the mean |change| of the score), ``class_effects``
     (len(concepts), C) the mean change of every class's log-odds log(p / (1 - p)) (> 0: the
-    removal raises that class, so the concept holds it down) and ``flip_rates`` (the share of
-    images whose top class changes). They are None for the gradient and greedy rankings."""
+    removal raises that class, so the concept holds it down), ``flip_rates`` (the share of
+    images whose top class changes) and ``image_effects`` (len(concepts), N) each image's drop
+    of the score; ``predicted`` (N,) is each image's top class before any removal. They are
+    None for the gradient and greedy rankings."""
 
     concepts: List[int]
     effects: torch.Tensor
@@ -460,6 +462,8 @@ class ConceptRanking:
     abs_effects: Optional[torch.Tensor] = None
     class_effects: Optional[torch.Tensor] = None
     flip_rates: Optional[torch.Tensor] = None
+    image_effects: Optional[torch.Tensor] = None
+    predicted: Optional[torch.Tensor] = None
 
 
 def log_odds(scores: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -588,7 +592,7 @@ def rank_concepts(
     def removal(removed: List[int], detail: bool = False):
         """The mean drop of the score when ``removed`` are removed; with ``detail`` also the
         mean |drop|, the mean change of every class's log-odds and the share of flips."""
-        total, total_abs, flips, classes = 0.0, 0.0, 0, None
+        total, total_abs, flips, classes, per_image = 0.0, 0.0, 0, None, []
         with torch.no_grad():
             for batch, acts, rows, base, predicted, odds in batches:
                 new = tap.from_rows(edit_rows(rows, *tensors, remove=removed, **edit), acts)
@@ -600,10 +604,11 @@ def rank_concepts(
                     flips += int((logits.argmax(1) != predicted).sum())
                     shift = (every_log_odds(logits) - odds).sum(0)
                     classes = shift if classes is None else classes + shift
+                    per_image.append(change.detach().cpu())
         step()
         if not detail:
             return total / n_images
-        return total / n_images, total_abs / n_images, classes / n_images, flips / n_images
+        return total / n_images, total_abs / n_images, classes / n_images, flips / n_images, torch.cat(per_image)
 
     if method == "gradient":
         effects = torch.zeros(len(candidates), dtype=torch.float64)
@@ -638,4 +643,6 @@ def rank_concepts(
         abs_effects=torch.tensor([measured[i][1] for i in order]),
         class_effects=torch.stack([measured[i][2] for i in order]).float(),
         flip_rates=torch.tensor([measured[i][3] for i in order]),
+        image_effects=torch.stack([measured[i][4] for i in order]),
+        predicted=torch.cat([b[4].cpu() for b in batches]),
     )

@@ -313,27 +313,69 @@ def test_joint_table_removes_each_classes_strongest_supporters_together(tmp_path
     rows = re.findall(r"<tr><td>(.*?)</td><td class=\"num\">(\d+)</td><td>(.*?)</td>"
                       r"<td class=\"num\">([-+0-9.]+) &#8594; ([-+0-9.]+)</td><td class=\"num\">(.*?)</td></tr>", body)
     assert rows, card
-    # independently: every image is in the sample (12 <= 64); supporters from the ranking's
-    # per-class effects, removed together with intervene
+    # independently: every image is in the sample (12 <= 64); each concept's single removal
+    # measured with intervene on the images predicted as the class, the strongest removed together
     images = _source().images
     basis = _basis()
-    ranking = pc.rank_concepts(model, basis, images, target="predicted", layer="act")
-    effect = torch.zeros_like(ranking.class_effects)
-    effect[torch.tensor(ranking.concepts)] = ranking.class_effects
     names = ["cat", "dog", WEIRD]
     with torch.no_grad():
         before = model(images)
     predicted = before.argmax(1)
+    assert len(set(predicted.tolist())) >= 2  # the per-class choice is exercised
     for name, n, links, b, a, changed in rows:
         c = names.index(html_lib.unescape(name))
         sel = predicted == c
         assert int(n) == int(sel.sum())
-        supporters = [int(i) for i in torch.argsort(effect[:, c], stable=True)[:3] if effect[i, c] <= -1e-2]
+        cls = torch.full((int(sel.sum()),), c)
+        effect = torch.zeros(3)
+        for i in range(3):
+            with torch.no_grad(), pc.intervene(model, basis, layer="act", remove=[i]):
+                effect[i] = (log_odds(model(images[sel]), cls) - log_odds(before[sel], cls)).mean()
+        supporters = [int(i) for i in torch.argsort(effect, stable=True)[:3] if effect[i] <= -1e-2]
         assert [int(v) for v in re.findall(r">(\d+)</a>", links)] == supporters
         with torch.no_grad(), pc.intervene(model, basis, layer="act", remove=supporters):
             after = model(images[sel])
-        cls = torch.full((int(sel.sum()),), c)
         assert float(b) == pytest.approx(float(log_odds(before[sel], cls).mean()), abs=6e-3)
         assert float(a) == pytest.approx(float(log_odds(after, cls).mean()), abs=6e-3)
         share = float((after.argmax(1) != c).double().mean())
         assert changed == f"{100 * share:.0f}%" or changed.startswith(f"{100 * share:.1f}"), (changed, share)
+
+
+class _Gate(nn.Module):
+    """Concept 0 (channel 0) scales the margin whose sign channel 1 decides: it supports
+    whichever class is predicted, so its mean effect over all images cancels."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.Identity()
+
+    def forward(self, x):
+        h = self.act(x[:, :2])
+        z = 8.0 * h[:, 0].mean((1, 2)) * (h[:, 1].mean((1, 2)) - 0.5)
+        return torch.stack([z, -z], 1)
+
+
+def test_class_effects_are_measured_on_the_images_predicted_as_each_class(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    n = 12
+    images = torch.rand(n, 3, 8, 8, generator=g)
+    images[:, 0] = 0.5 + 0.5 * images[:, 0]
+    images[:, 1] = torch.where(torch.arange(n) % 2 == 0, 0.2, 0.8)[:, None, None]
+    model = _Gate().eval()
+    assert sorted(set(model(images).argmax(1).tolist())) == [0, 1]
+    rows = images[:, :2].permute(0, 2, 3, 1).reshape(-1, 2)
+    basis = ConceptBasis(torch.eye(2), torch.tensor([0.75, 0.5]), torch.eye(2), rows.mean(0), layer="act")
+    source = TensorImages(images, names=[f"{i}.png" for i in range(n)], class_names=["left", "right"])
+    write_report(tmp_path, basis, model, "act", source, **{**FAST, "rcav": False})
+    text = (tmp_path / "index.html").read_text(encoding="utf-8")
+    row = [r for r in re.findall(r"<tr>(.*?)</tr>", text.split("<tbody>")[1].split("</tbody>")[0], flags=re.S)
+           if "concept 0</a>" in r][0]
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row, flags=re.S)
+    up = cells[5]
+    # on each class's own images removing it lowers that class: it pushes both up (averaged
+    # over all images, the two changes cancel and neither class would show)
+    assert "&#8593; left" in up and "&#8593; right" in up, up
+    card = text.split("removed together</h2>")[1].split("</table>")[0]
+    for name in ("left", "right"):
+        line = re.search(rf"<tr><td>{name}</td>.*?</tr>", card, flags=re.S).group(0)
+        assert ">0</a>" in line, line

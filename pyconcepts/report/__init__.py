@@ -210,7 +210,7 @@ def write_report(
     for rank, i in enumerate(order, start=1):
         effects = []
         for j in range(c):
-            e = ClassEffect(class_names[j], float(m.class_odds_change[i, j]))
+            e = ClassEffect(class_names[j], float(m.class_odds_change[i, j]), images=int(m.class_images[j]))
             if i in row_of:
                 r = row_of[i]
                 e.rcav = float(result.scores[r, j])
@@ -237,8 +237,8 @@ def write_report(
     influence_note = (
         f"Removal: pyconcepts.intervene(remove=[i]) on {sample_words}; the concept's latent factor is "
         "lowered to its level where the concept is not detected, along its signal vector, at every patch "
-        "(strength 1). Green: the class's log-odds log(p/(1-p)) fall without the concept (the concept "
-        "supports it); red: they rise.")
+        "(strength 1). Per class, on the sampled images predicted as it: green, the class's log-odds "
+        "log(p/(1-p)) fall without the concept (the concept supports it there); red: they rise.")
     rcav_note = ""
     if result is not None:
         floor = min(1.0, len(tested) * c / (n_perm + 1))
@@ -268,7 +268,7 @@ def write_report(
         f"measures it). Flips: predictions that change.",
         "Fires on: the share of the layer's patches where the detector fires (w.x > b on the raw activation).",
         "Pushes up / down: the classes whose log-odds fall / rise the most (by at least 0.01) when the concept "
-        "is removed" + ("; classes marked * come first: RCAV finds that adding the concept raises / lowers their "
+        "is removed, each measured on the sampled images predicted as it" + ("; classes marked * come first: RCAV finds that adding the concept raises / lowers their "
                         "probability significantly. " + rcav_note if result is not None else " (RCAV not run)."),
         f"Top patches: {crop_note}",
     ]
@@ -289,9 +289,9 @@ def write_report(
             f"A network can spread what it relies on over several concepts; removing one of them then changes "
             f"few predictions (the flips above) while removing them together changes many. Per class predicted "
             f"on {sample_words}: its (up to) {joint_concepts} strongest supporters, the concepts whose single "
-            f"removal lowers its log-odds the most (by at least {MIN_REMOVAL_EFFECT:g}), removed together from "
-            f"the images predicted as it; the mean log-odds log(p/(1-p)) of the class before and after, and the "
-            f"share of those predictions that change."),
+            f"removal lowers its log-odds the most (by at least {MIN_REMOVAL_EFFECT:g}) on the images predicted "
+            f"as it, removed together from those images; the mean log-odds log(p/(1-p)) of the class before and "
+            f"after, and the share of those predictions that change."),
     )
     writer.write("report.css", CSS)
     for j, cv in enumerate(views):
@@ -315,7 +315,7 @@ def write_report(
 def _joint_removals(model: nn.Module, tap: LayerTap, basis, m: Measurements, class_names: List[str],
                     batch_size: int, size: int, max_classes: int, progress) -> List[JointRemoval]:
     """Per class predicted on the influence sample (the most predicted first, at most
-    ``max_classes``): its ``size`` strongest supporters by single removal
+    ``max_classes``): its ``size`` strongest supporters by single removal on those images
     (``m.class_odds_change``), removed together from the sample images predicted as it."""
     from ..interventions import intervene, log_odds
 

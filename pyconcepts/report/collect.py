@@ -219,7 +219,9 @@ class Measurements:
     top_maps: _RunningTop                 # values: mean membership over the grid; payload map
     influence_sample: List[int]           # image indices the removal effects were measured on
     # from rank_concepts(target='predicted') on that sample, indexed by concept:
-    class_odds_change: torch.Tensor       # (K, C) mean change of each class's log-odds on removal
+    class_odds_change: torch.Tensor       # (K, C) mean change of class c's log-odds on removal, over
+                                          # the sample images predicted as c (0 where there is none)
+    class_images: torch.Tensor            # (C,) sample images predicted as each class
     odds_change: torch.Tensor             # (K,) mean |change| of the predicted class's log-odds
     odds_drop: torch.Tensor               # (K,) mean drop of the predicted class's log-odds
     flips: torch.Tensor                   # (K,) fraction of predictions that change
@@ -344,15 +346,21 @@ def measure(
         batch_size=batch_size, skip_tokens=tap.skip_tokens,
         progress=(lambda done, total: progress("report: removals", done, total)) if progress else None)
     at = torch.argsort(torch.tensor(ranking.concepts))
+    # per class, on the images predicted as it: the change of its log-odds (the drop's negative)
+    n_classes = ranking.class_effects.shape[1]
+    predicted = torch.nn.functional.one_hot(ranking.predicted.long(), n_classes).double()   # (N, C)
+    class_images = predicted.sum(0)
+    own_change = -(ranking.image_effects[at].double() @ predicted) / class_images.clamp_min(1)
     iou = None
     if inter is not None:
         union = union_det[:, None] + mask_pixels[None, :] - inter
         iou = torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(union)).float()
     return Measurements(
-        n_images=seen, grid=grid, input_size=input_size, n_classes=ranking.class_effects.shape[1],
+        n_images=seen, grid=grid, input_size=input_size, n_classes=n_classes,
         patches_fired=patches_fired, images_fired=images_fired, histogram=hist,
         top_patches=top_patches, top_maps=top_maps, influence_sample=sample,
-        class_odds_change=ranking.class_effects[at], odds_change=ranking.abs_effects[at].float(),
+        class_odds_change=own_change.float(), class_images=class_images.long(),
+        odds_change=ranking.abs_effects[at].float(),
         odds_drop=ranking.effects[at].float(), flips=ranking.flip_rates[at].float(),
         influence_images=influence, probe=probe,
         rcav_images=torch.cat(rcav_keep) if rcav_keep else None,

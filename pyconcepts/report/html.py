@@ -26,7 +26,9 @@ class Picture:
 @dataclass
 class ClassEffect:
     name: str
-    removal: float                 # mean change of the class's log-odds when the concept is removed
+    removal: float                 # mean change of the class's log-odds when the concept is removed,
+                                   # on the sample images predicted as the class (0 without any)
+    images: int = 0                # those images
     rcav: Optional[float] = None   # fraction of images whose probability rose when it was added
     p: Optional[float] = None
     p_adjusted: Optional[float] = None
@@ -389,13 +391,15 @@ def concept_page(view: ReportView, c: ConceptView, crop_note: str, map_note: str
         ranked = sorted(effects, key=key, reverse=True)
         effects = ranked[:6] + ranked[-6:]
     scale = max((abs(e.removal) for e in c.effects), default=0.0)
-    head = ("<th>class</th><th colspan=\"2\">support: log-odds lost without it</th>")
+    head = ("<th>class</th><th class=\"num\">images</th>"
+            "<th colspan=\"2\">support: log-odds lost without it, on those images</th>")
     if view.has_rcav:
         head += "<th class=\"num\">RCAV</th><th class=\"num\">p (Bonf.)</th>"
     rows = []
     for e in effects:
-        row = (f"<td>{esc(e.name)}</td><td>{_diverging(-e.removal, scale, 110)}</td>"
-               f"<td class=\"num\">{-e.removal:+.3f}</td>")
+        row = (f"<td>{esc(e.name)}</td><td class=\"num\">{e.images}</td>" +
+               (f"<td>{_diverging(-e.removal, scale, 110)}</td><td class=\"num\">{-e.removal:+.3f}</td>"
+                if e.images else "<td></td><td class=\"num muted\">-</td>"))
         if view.has_rcav:
             if e.rcav is None:
                 row += "<td class=\"num muted\">-</td><td class=\"num muted\">-</td>"
