@@ -831,11 +831,20 @@ def _print_summary(basis) -> None:
     print(f"  method: {basis.metadata.get('method')}")
     print(f"  patches: {basis.metadata.get('n_patches')}  silent detectors: {basis.metadata.get('silent_detectors')}")
     gain = (basis.decoding * basis.encoding).sum(1)
-    print(f"  {'concept':>7} {'margin':>9} {'|s|':>8} {'w.s':>6} {'cos(w,s)':>9}")
+    agreement = basis.metadata.get("concept_agreement")
+    if agreement is not None and len(agreement) != basis.n_concepts:
+        agreement = None
+    print(f"  {'concept':>7} {'margin':>9} {'|s|':>8} {'w.s':>6} {'cos(w,s)':>9}"
+          + (f" {'restarts agree':>15}" if agreement is not None else ""))
     for i in range(basis.n_concepts):
         w, s = basis.decoding[i], basis.encoding[i]
         cos = float(w @ s / (w.norm() * s.norm()))
-        print(f"  {i:>7} {float(basis.margin[i]):>9.4f} {float(s.norm()):>8.3f} {float(gain[i]):>6.2f} {cos:>9.3f}")
+        agree = "" if agreement is None else f" {agreement[i]:>13.2f}" + (" !" if agreement[i] < 0.5 else "  ")
+        print(f"  {i:>7} {float(basis.margin[i]):>9.4f} {float(s.norm()):>8.3f} {float(gain[i]):>6.2f} {cos:>9.3f}"
+              + agree)
+    if agreement is not None:
+        print("  restarts agree: overlap of the concept's cluster with its partners in the near-best k-means "
+              "restarts; ! (below 0.5): another seed or half of the images may not give it back")
 
 
 def _cmd_report(args) -> int:

@@ -384,8 +384,9 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
-def matched_label_jaccard(a: torch.Tensor, b: torch.Tensor, n_concepts: int) -> float:
-    """Mean Jaccard overlap of two labelings' clusters, paired by the Hungarian method."""
+def matched_label_jaccard(a: torch.Tensor, b: torch.Tensor, n_concepts: int, per_cluster: bool = False):
+    """Mean Jaccard overlap of two labelings' clusters, paired by the Hungarian method; with
+    ``per_cluster``, the (n_concepts,) float64 overlaps of a's clusters with their partners."""
     from .metrics import linear_sum_assignment
 
     one_a = torch.nn.functional.one_hot(a.long().cpu(), n_concepts).to(torch.float32)
@@ -394,16 +395,21 @@ def matched_label_jaccard(a: torch.Tensor, b: torch.Tensor, n_concepts: int) -> 
     union = one_a.sum(0)[:, None] + one_b.sum(0)[None, :] - inter
     jac = (inter / union.clamp_min(1)).double().numpy()
     rows, cols = linear_sum_assignment(-jac)
+    if per_cluster:
+        out = torch.zeros(n_concepts, dtype=torch.float64)
+        out[torch.as_tensor(rows)] = torch.as_tensor(jac[rows, cols])
+        return out
     return float(jac[rows, cols].mean())
 
 
 def _sample_restarts(sample: torch.Tensor, n_concepts: int, seed: int, n_init: int, max_iter: int,
                      shrinkage: float, step=lambda: None):
     """``n_init`` spherical k-means runs on the sample rows in the coordinates of the given
-    whitening (sample mean and covariance). Returns (best centroids, agreement): the mean
-    ``matched_label_jaccard`` of the best run (largest objective) with each near-best run
-    (``_NEAR_BEST``), 1.0 when there is none: how reproducible the clustering is in these
-    coordinates."""
+    whitening (sample mean and covariance). Returns (best centroids, agreement, per cluster):
+    the mean ``matched_label_jaccard`` of the best run (largest objective) with each near-best
+    run (``_NEAR_BEST``), 1.0 when there is none: how reproducible the clustering is in these
+    coordinates; and the (K,) mean overlap of each of the best run's clusters with its partner
+    in those runs (None when there is none)."""
     from .clustering import whitening_matrix
 
     mean = sample.to(torch.float64).mean(0)
@@ -421,9 +427,12 @@ def _sample_restarts(sample: torch.Tensor, n_concepts: int, seed: int, n_init: i
     top = runs[best][0]
     # runs that end in a clearly worse optimum say the best one is distinct, not that the
     # clustering is arbitrary: only the near-best runs are compared
-    others = [matched_label_jaccard(runs[r][2], runs[best][2], n_concepts)
-              for r in range(n_init) if r != best and runs[r][0] >= top - _NEAR_BEST * abs(top)]
-    return runs[best][1], (sum(others) / len(others) if others else 1.0)
+    per = [matched_label_jaccard(runs[best][2], runs[r][2], n_concepts, per_cluster=True)
+           for r in range(n_init) if r != best and runs[r][0] >= top - _NEAR_BEST * abs(top)]
+    if not per:
+        return runs[best][1], 1.0, None
+    per_cluster = torch.stack(per).mean(0)
+    return runs[best][1], float(per_cluster.mean()), per_cluster
 
 
 def extract_directions(
@@ -504,15 +513,17 @@ def extract_directions(
         if progress is not None:
             progress(done[0], total_steps)
 
-    start, agreement = _sample_restarts(restart_rows, n_concepts, seed, n_init, max_iter, shrinkage, step)
+    start, agreement, per_concept = _sample_restarts(restart_rows, n_concepts, seed, n_init, max_iter,
+                                                     shrinkage, step)
     plain_agreement = None if whitened else agreement
     agreement = agreement if whitened else None
     if whiten == "auto" and n_init > 1:
         # keep the coordinates in which the restarts reproduce each other's clustering more
-        plain_start, plain_agreement = _sample_restarts(restart_rows, n_concepts, seed, n_init,
-                                                        max_iter, _NO_WHITENING_SHRINKAGE, step)
+        plain_start, plain_agreement, plain_per_concept = _sample_restarts(
+            restart_rows, n_concepts, seed, n_init, max_iter, _NO_WHITENING_SHRINKAGE, step)
         if plain_agreement > agreement:
             start, shrinkage, whitened = plain_start, _NO_WHITENING_SHRINKAGE, False
+            per_concept = plain_per_concept
     km = DirectionalClustering(
         n_concepts, seed=seed, whiten=True, whiten_shrinkage=shrinkage, init=start,
         max_iter=max_iter, chunk_size=chunk_size,
@@ -626,6 +637,10 @@ def extract_directions(
             "cluster_objective": km.objective_,
             "whitened": whitened,
             "restart_agreement": {"whitened": agreement, "plain": plain_agreement},
+            # per concept (the fit on all rows starts from the best restart's centroids, in
+            # order): its cluster's mean overlap with its partners in the near-best restarts;
+            # low where the clustering could as well have drawn the concept elsewhere
+            "concept_agreement": None if per_concept is None else [round(float(v), 4) for v in per_concept],
             "decoder_members": None if decoder_members is None else decoder_members.tolist(),
             # share of the decoder sample's rows taken as background (background_filters)
             "background_share": background_share,

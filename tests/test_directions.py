@@ -253,6 +253,10 @@ def test_auto_whitening_keeps_it_where_the_restarts_agree():
     assert basis.metadata["whitened"] is True
     agreement = basis.metadata["restart_agreement"]
     assert agreement["whitened"] >= agreement["plain"]
+    # per concept: each cluster's overlap with its partners, averaging to the chosen agreement
+    per_concept = basis.metadata["concept_agreement"]
+    assert len(per_concept) == 3 and all(0.0 <= v <= 1.0 for v in per_concept)
+    assert sum(per_concept) / 3 == pytest.approx(agreement["whitened"], abs=1e-3)
     report = recovery_report(basis, data)
     assert report["iou_min"] >= 0.95 and report["encoding_cosine_min"] >= 0.95, report
 

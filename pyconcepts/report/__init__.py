@@ -206,6 +206,9 @@ def write_report(
     old = writer.previous()
     pictures = _write_pictures(writer, source, m, rf, order, progress)
 
+    agreement = (getattr(basis, "metadata", None) or {}).get("concept_agreement")
+    if agreement is not None and len(agreement) != k:
+        agreement = None
     views = []
     for rank, i in enumerate(order, start=1):
         effects = []
@@ -229,6 +232,7 @@ def write_report(
             patches=pictures["top"][i], maps=pictures["map"][i], effects=effects,
             mask_iou=([(name, float(m.mask_iou[i, j])) for j, name in enumerate(m.mask_names)]
                       if m.mask_iou is not None else None),
+            agreement=float(agreement[i]) if agreement is not None else None,
         ))
 
     n_s, n_total = len(m.influence_sample), m.n_images
@@ -267,6 +271,10 @@ def write_report(
         f"concept is removed at {layer} from {sample_words} (as pc.rank_concepts(target='predicted') "
         f"measures it). Flips: predictions that change.",
         "Fires on: the share of the layer's patches where the detector fires (w.x > b on the raw activation).",
+        *(["Restarts agree: how well the concept's cluster overlaps its partners in the other k-means restarts "
+           "of the extraction that came near the best one (matched Jaccard); below 0.5 (marked !) the clustering "
+           "could as well have drawn the concept elsewhere, and another seed or another half of the images "
+           "may not give it back."] if agreement is not None else []),
         "Pushes up / down: the classes whose log-odds fall / rise the most (by at least 0.01) when the concept "
         "is removed, each measured on the sampled images predicted as it" + ("; classes marked * come first: RCAV finds that adding the concept raises / lowers their "
                         "probability significantly. " + rcav_note if result is not None else " (RCAV not run)."),

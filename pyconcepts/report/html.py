@@ -52,6 +52,7 @@ class ConceptView:
     maps: List[Picture]
     effects: List[ClassEffect]     # every class
     mask_iou: Optional[List[Tuple[str, float]]] = None
+    agreement: Optional[float] = None  # overlap with its partners in near-best k-means restarts
 
     @property
     def page(self) -> str:
@@ -198,11 +199,13 @@ def _facts(facts: Sequence[Tuple[str, str]]) -> str:
 # ------------------------------------------------------------------------------ index
 def index_page(view: ReportView) -> str:
     top = max((c.influence for c in view.concepts), default=0.0) or 1.0
-    head = ["#", "concept", "influence", "flips", "fires on patches", "pushes up", "pushes down"]
+    agree = any(c.agreement is not None for c in view.concepts)
+    head = ["#", "concept", "influence", "flips", "fires on patches"] + (["restarts agree"] if agree else []) + \
+        ["pushes up", "pushes down"]
     if view.has_masks:
         head.append("best mask IoU")
     head.append("top patches")
-    num = {"flips", "fires on patches", "best mask IoU"}
+    num = {"flips", "fires on patches", "best mask IoU", "restarts agree"}
     rows = []
     for c in view.concepts:
         up, down = c.up_down(2)
@@ -213,6 +216,7 @@ def index_page(view: ReportView) -> str:
             f"{c.influence:.3f}</td>",
             f"<td class=\"num\">{esc(_pct(c.flips))}</td>",
             f"<td class=\"num\" title=\"{esc(_pct(c.image_share))} of the images\">{esc(_pct(c.patch_share))}</td>",
+            *([_agreement_cell(c.agreement)] if agree else []),
             "<td>" + (" ".join(_class_tag(e, "up") for e in up) or "<span class=\"muted\">-</span>") + "</td>",
             "<td>" + (" ".join(_class_tag(e, "down") for e in down) or "<span class=\"muted\">-</span>") + "</td>",
         ]
@@ -236,6 +240,21 @@ def index_page(view: ReportView) -> str:
         f"<footer>Written by pyconcepts {esc(view.version)}. Static files: no network, no server.</footer>"
     )
     return _page(view.title, body, "")
+
+
+# a concept whose cluster overlaps its partners in the other near-best k-means restarts by less
+# than this is marked: the clustering could as well have drawn it elsewhere (on the MTCNN RNet,
+# the one concept below it was the one that another seed did not reproduce)
+LOW_AGREEMENT = 0.5
+
+
+def _agreement_cell(value: Optional[float]) -> str:
+    if value is None:
+        return "<td class=\"num muted\" title=\"no other restart came near the best one\">-</td>"
+    if value < LOW_AGREEMENT:
+        return (f"<td class=\"num down\" title=\"the k-means restarts do not reproduce this concept: "
+                f"trust it less\">{value:.2f} !</td>")
+    return f"<td class=\"num\">{value:.2f}</td>"
 
 
 def _joint_card(view: ReportView) -> str:
@@ -369,6 +388,9 @@ def concept_page(view: ReportView, c: ConceptView, crop_note: str, map_note: str
         (_pct(c.image_share), "of images with at least one such patch"),
         (f"{c.margin:.3g}", "detector margin 1/||w|| (activation units)"),
     ]
+    if c.agreement is not None:
+        stats.append((f"{c.agreement:.2f}", "overlap with its partners in the near-best k-means restarts"
+                      + (" (low: trust it less)" if c.agreement < LOW_AGREEMENT else "")))
     if c.mask_iou:
         name, best = max(c.mask_iou, key=lambda t: t[1])
         stats.append((f"{best:.2f}", f"IoU with the ground-truth mask '{name}'"))
