@@ -394,3 +394,34 @@ def test_concepts_the_restarts_do_not_reproduce_are_marked(tmp_path):
     assert ">0.90<" in by_concept[0] and ">0.70<" in by_concept[2]
     page = (tmp_path / "concepts" / "concept-001.html").read_text(encoding="utf-8")
     assert "trust it less" in page
+
+
+def test_concept_page_gives_firing_per_predicted_class_and_the_patches_removal_edits(report):
+    out, _, model = report
+    images = _source().images
+    basis = _basis()
+    tap = LayerTap(model, "act")
+    with torch.no_grad():
+        rows = tap.to_rows(tap.activations(images))
+        predicted = model(images).argmax(1)
+    fired = basis.detect(rows).reshape(len(images), -1, 3).any(1)            # (B, K)
+    edited = (basis.latent(rows) > 0).double().mean(0)                       # no absent level: 0
+    for i in range(3):
+        text = (out / "concepts" / f"concept-{i:03d}.html").read_text(encoding="utf-8")
+        share = re.search(r"<div class=\"v\">([0-9.<%]+)</div><div class=\"l\">of patches that removing it edits", text)
+        assert share and share.group(1) == f"{100 * float(edited[i]):.1f}%", (i, share)
+        table = text.split("<table class=\"effects\">")[1].split("</table>")[0]
+        for c, name in enumerate(["cat", "dog", WEIRD]):
+            sel = predicted == c
+            cell = re.search(rf"<td>{re.escape(html_escape(name))}</td><td class=\"num\">(\d+)</td>"
+                             rf"<td class=\"num\">([^<]*)</td>", table)
+            assert cell and int(cell.group(1)) == int(sel.sum())
+            want = "-" if not bool(sel.any()) else f"{100 * float(fired[sel, i].double().mean()):.1f}%"
+            if want.startswith("0.0"):
+                want = "0%"
+            assert cell.group(2) == want, (i, name, cell.group(2), want)
+
+
+def html_escape(text):
+    import html as html_lib
+    return html_lib.escape(text, quote=True)

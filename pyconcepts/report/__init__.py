@@ -213,7 +213,8 @@ def write_report(
     for rank, i in enumerate(order, start=1):
         effects = []
         for j in range(c):
-            e = ClassEffect(class_names[j], float(m.class_odds_change[i, j]), images=int(m.class_images[j]))
+            e = ClassEffect(class_names[j], float(m.class_odds_change[i, j]), images=int(m.class_images[j]),
+                            fires=float(m.class_fire_rate[i, j]))
             if i in row_of:
                 r = row_of[i]
                 e.rcav = float(result.scores[r, j])
@@ -233,6 +234,7 @@ def write_report(
             mask_iou=([(name, float(m.mask_iou[i, j])) for j, name in enumerate(m.mask_names)]
                       if m.mask_iou is not None else None),
             agreement=float(agreement[i]) if agreement is not None else None,
+            edited_share=float(m.edited_patches[i]) / m.n_patches,
         ))
 
     n_s, n_total = len(m.influence_sample), m.n_images

@@ -222,6 +222,8 @@ class Measurements:
     class_odds_change: torch.Tensor       # (K, C) mean change of class c's log-odds on removal, over
                                           # the sample images predicted as c (0 where there is none)
     class_images: torch.Tensor            # (C,) sample images predicted as each class
+    class_fire_rate: torch.Tensor         # (K, C) share of those images where detector i fires
+    edited_patches: torch.Tensor          # (K,) patches the default removal edits (latent above its level)
     odds_change: torch.Tensor             # (K,) mean |change| of the predicted class's log-odds
     odds_drop: torch.Tensor               # (K,) mean drop of the predicted class's log-odds
     flips: torch.Tensor                   # (K,) fraction of predictions that change
@@ -276,6 +278,10 @@ def measure(
     images_fired = torch.zeros(k, dtype=torch.int64)
     inter = union_det = mask_pixels = None
     influence_batches: List[torch.Tensor] = []
+    influence_fired: List[torch.Tensor] = []
+    edited = torch.zeros(k, dtype=torch.int64)
+    level = getattr(basis, "absent_level", None)
+    level = torch.zeros(k) if level is None else level.detach().cpu().float()
     n_batches = math.ceil(n_total / batch_size)
     grid = input_size = None
     seen = 0
@@ -303,6 +309,7 @@ def measure(
             input_size = tuple(batch.shape[-2:])
         scores = rows @ decoding.T - bias                            # (B*P, K)
         latent = basis.latent(rows)
+        edited += (latent > level).sum(0)  # where removal (membership 'all') changes the patch
         p = grid[0] * grid[1]
         per_image = scores.reshape(b, p, k)
         fired = per_image > 0
@@ -329,6 +336,7 @@ def measure(
         chosen = [i for i in range(b) if seen + i in sample_set]
         if chosen:
             influence_batches.append(batch[chosen].detach().cpu())
+            influence_fired.append(fired.any(1)[chosen])
             keep = [i for i in chosen if seen + i in rcav_set]
             if keep:
                 rcav_keep.append(batch[keep].detach().cpu())
@@ -351,6 +359,7 @@ def measure(
     predicted = torch.nn.functional.one_hot(ranking.predicted.long(), n_classes).double()   # (N, C)
     class_images = predicted.sum(0)
     own_change = -(ranking.image_effects[at].double() @ predicted) / class_images.clamp_min(1)
+    fire_rate = (torch.cat(influence_fired).double().T @ predicted) / class_images.clamp_min(1)
     iou = None
     if inter is not None:
         union = union_det[:, None] + mask_pixels[None, :] - inter
@@ -360,6 +369,7 @@ def measure(
         patches_fired=patches_fired, images_fired=images_fired, histogram=hist,
         top_patches=top_patches, top_maps=top_maps, influence_sample=sample,
         class_odds_change=own_change.float(), class_images=class_images.long(),
+        class_fire_rate=fire_rate.float(), edited_patches=edited,
         odds_change=ranking.abs_effects[at].float(),
         odds_drop=ranking.effects[at].float(), flips=ranking.flip_rates[at].float(),
         influence_images=influence, probe=probe,

@@ -29,6 +29,7 @@ class ClassEffect:
     removal: float                 # mean change of the class's log-odds when the concept is removed,
                                    # on the sample images predicted as the class (0 without any)
     images: int = 0                # those images
+    fires: Optional[float] = None  # share of those images where the detector fires
     rcav: Optional[float] = None   # fraction of images whose probability rose when it was added
     p: Optional[float] = None
     p_adjusted: Optional[float] = None
@@ -53,6 +54,7 @@ class ConceptView:
     effects: List[ClassEffect]     # every class
     mask_iou: Optional[List[Tuple[str, float]]] = None
     agreement: Optional[float] = None  # overlap with its partners in near-best k-means restarts
+    edited_share: Optional[float] = None  # patches the default removal edits
 
     @property
     def page(self) -> str:
@@ -386,6 +388,9 @@ def concept_page(view: ReportView, c: ConceptView, crop_note: str, map_note: str
         (_pct(c.flips), "predictions that change when it is removed"),
         (_pct(c.patch_share), "of patches where it fires"),
         (_pct(c.image_share), "of images with at least one such patch"),
+        *([(_pct(c.edited_share), "of patches that removing it edits (its latent factor above its level "
+                                  "where it is not detected)")]
+          if c.edited_share is not None else []),
         (f"{c.margin:.3g}", "detector margin 1/||w|| (activation units)"),
     ]
     if c.agreement is not None:
@@ -413,13 +418,14 @@ def concept_page(view: ReportView, c: ConceptView, crop_note: str, map_note: str
         ranked = sorted(effects, key=key, reverse=True)
         effects = ranked[:6] + ranked[-6:]
     scale = max((abs(e.removal) for e in c.effects), default=0.0)
-    head = ("<th>class</th><th class=\"num\">images</th>"
+    head = ("<th>class</th><th class=\"num\">images</th><th class=\"num\">fires in</th>"
             "<th colspan=\"2\">support: log-odds lost without it, on those images</th>")
     if view.has_rcav:
         head += "<th class=\"num\">RCAV</th><th class=\"num\">p (Bonf.)</th>"
     rows = []
     for e in effects:
-        row = (f"<td>{esc(e.name)}</td><td class=\"num\">{e.images}</td>" +
+        fires = _pct(e.fires) if e.images and e.fires is not None else "-"
+        row = (f"<td>{esc(e.name)}</td><td class=\"num\">{e.images}</td><td class=\"num\">{esc(fires)}</td>" +
                (f"<td>{_diverging(-e.removal, scale, 110)}</td><td class=\"num\">{-e.removal:+.3f}</td>"
                 if e.images else "<td></td><td class=\"num muted\">-</td>"))
         if view.has_rcav:
