@@ -914,8 +914,10 @@ def _cmd_explain(args) -> int:
     class_name = _class_namer(args, source, probe.n_outputs)
     head = model.fc if args.model is None else None  # the demo: exact contributions through its linear head
     top = min(args.top, basis.n_concepts)
+    how = ("measured (one forward pass per concept)" if args.exact else
+           "to first order (--exact measures it)")
     print(f"{_count(len(source), 'image')}; concepts of {args.basis} at {layer}; per concept, how much removing "
-          f"it (pyconcepts intervene --remove) lowers the predicted class's logit, to first order")
+          f"it (pyconcepts intervene --remove) lowers the predicted class's logit, {how}")
     # the lines on stdout show the progress on a terminal; redirected, a bar on stderr does
     bar = ProgressBar(enabled=not args.quiet and not _is_terminal(sys.stdout))
     try:
@@ -931,6 +933,19 @@ def _is_terminal(stream) -> bool:
     return bool(isatty and isatty())
 
 
+def _measured_removals(model, basis, batch, preds, layer, skip, output) -> torch.Tensor:
+    """(B, K) drop of each image's predicted-class logit when each concept is removed, measured
+    by ``pc.rank_concepts`` (the removal ``intervene`` makes, one forward pass per concept)."""
+    from .interventions import rank_concepts
+
+    cls = preds.long()
+    ranking = call_with_output(rank_concepts, model, basis, batch, target=lambda logits: logits.gather(
+        1, cls[:, None].to(logits.device))[:, 0], layer=layer, skip_tokens=skip, model=model, output=output)
+    totals = torch.empty(batch.shape[0], basis.n_concepts)
+    totals[:, torch.tensor(ranking.concepts)] = ranking.image_effects.T.float()
+    return totals
+
+
 def _explain_batches(args, model, basis, layer, source, output, skip, head, top, class_name, bar):
     from .attribution import contribution_maps
     from .outputs import read_scores
@@ -944,9 +959,12 @@ def _explain_batches(args, model, basis, layer, source, output, skip, head, top,
         probs = logits.softmax(-1)
         preds = logits.argmax(-1)
         all_preds.append(preds)
-        maps = call_with_output(contribution_maps, model, basis, batch, preds, layer=layer, head=head,
-                                skip_tokens=skip, model=model, output=output)
-        totals = maps.sum((2, 3))
+        if args.exact:
+            totals = _measured_removals(model, basis, batch, preds, layer, skip, output)
+        else:
+            maps = call_with_output(contribution_maps, model, basis, batch, preds, layer=layer, head=head,
+                                    skip_tokens=skip, model=model, output=output)
+            totals = maps.sum((2, 3))
         for b in range(batch.shape[0]):
             order = totals[b].argsort(descending=True)[:top]
             parts = ", ".join(f"concept {int(i)} {float(totals[b, i]):+.3f}" for i in order)
@@ -1154,6 +1172,9 @@ def build_parser() -> argparse.ArgumentParser:
     image_options(p, 16)
     p.add_argument("--layer", help=argparse.SUPPRESS)
     p.add_argument("--top", type=_positive_int, default=3, help="concepts listed per image (default 3)")
+    p.add_argument("--exact", action="store_true",
+                   help="measure each removal (one forward pass per concept) instead of its first-order "
+                        "estimate from one backward pass")
     p.add_argument("--classes", help="class names of the model's outputs: a text file, one per line, or a JSON list")
     p.set_defaults(run=_cmd_explain)
 

@@ -136,6 +136,23 @@ def test_explain_speaks_file_and_class_names(ws, capsys):
     assert rc == 0 and len(out.splitlines()) == 3 and out.splitlines()[1].count("concept ") == 1
 
 
+def test_explain_exact_gives_the_logit_drop_that_intervene_measures(ws, capsys):
+    args = ["explain", ws / "basis.safetensors", *_model_args(ws), "--images", ws / "photos", "--limit", 2,
+            "--top", 1]
+    rc, out, err = _run(capsys, *args, "--exact")
+    assert rc == 0, err
+    assert "measured" in out.splitlines()[0]
+    for line in out.splitlines()[1:]:
+        name = line.split(": predicted ")[0]
+        concept, value = line.rsplit("concept ", 1)[1].split()
+        rc, cf, err = _run(capsys, "intervene", ws / "basis.safetensors", *_model_args(ws), "--images",
+                           ws / "photos", "--limit", 2, "--remove", concept)
+        assert rc == 0, err
+        row = [r for r in cf.splitlines()[1:] if r.startswith(name + ": ")][0]
+        change = float(row.rsplit("logit ", 1)[1].split()[0])     # intervene: logit after - before
+        assert float(value) == pytest.approx(-change, abs=2e-3), (line, row)
+
+
 def test_intervene_reports_probability_and_logit_changes(ws, capsys):
     common = ["intervene", ws / "basis.safetensors", *_model_args(ws), "--images", ws / "photos", "--remove", 0, 1, 2]
     rc, out, err = _run(capsys, *common, "--strength", 0)
