@@ -231,6 +231,10 @@ def test_receptive_field_of_two_convolutions():
     rf = receptive_field(tap, torch.rand(2, 1, 16, 16), (8, 8))
     assert rf.extent == (7, 7) and rf.stride == (2.0, 2.0)
     assert 2 <= rf.size <= 7
+    # a 16 px input is under ReceptiveField.MIN_CROP: every crop is the whole picture
+    assert rf.crop_side == 16 and rf.box(0, 0) == rf.box(7, 7) == (0, 0, 16, 16)
+    assert "the patch's own square is" in rf.describe()
+    rf.MIN_CROP = 0   # crops of the patch's own square
     top, left, bottom, right = rf.box(0, 0)
     assert (top, left) == (0, 0) and bottom - top == rf.size == right - left      # slid inside the image
     top, left, bottom, right = rf.box(7, 7)
@@ -425,3 +429,19 @@ def test_concept_page_gives_firing_per_predicted_class_and_the_patches_removal_e
 def html_escape(text):
     import html as html_lib
     return html_lib.escape(text, quote=True)
+
+
+def test_detection_maps_show_images_the_concept_covers_in_part(tmp_path):
+    images = torch.full((3, 3, 8, 8), 0.2)
+    images[:, 1] = torch.tensor([0.2, 0.8, 0.2])[:, None, None]
+    images[0, 0] = 1.0                      # fires everywhere
+    images[1, 0, :, :4] = 1.0               # fires on the left half
+    images[2, 0, :2, :2] = 1.0              # fires on a corner
+    rows = images[:, :2].permute(0, 2, 3, 1).reshape(-1, 2)
+    basis = ConceptBasis(torch.eye(2) * 20, torch.tensor([12.0, 10.0]), torch.eye(2) / 20, rows.mean(0),
+                         layer="act")
+    source = TensorImages(images, names=["full.png", "half.png", "corner.png"], class_names=["left", "right"])
+    write_report(tmp_path, basis, _Gate().eval(), "act", source, **{**FAST, "maps": 1, "rcav": False})
+    page = (tmp_path / "concepts" / "concept-000.html").read_text(encoding="utf-8")
+    maps = page.split("c000-map-00.png")[1][:400]
+    assert "half.png: fires on 50.0% of the patches" in maps, maps

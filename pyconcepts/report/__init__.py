@@ -264,7 +264,8 @@ def write_report(
     crop_note = (f"One patch per image: the {top} images whose best patch scores highest, that patch outlined "
                  f"(its cell of the {m.grid[0]} x {m.grid[1]} grid). {rf.describe()[0].upper()}{rf.describe()[1:]}. "
                  "Captions: image name and detector score.")
-    map_note = ("The images where the detector's mean membership sigmoid(w.x - b) over the grid is highest: "
+    map_note = ("The images where the detector's mean membership m = sigmoid(w.x - b) over the grid is closest "
+                "to a half (largest m (1 - m)), so that where it fires and where it does not both show: "
                 "bright where it fires, dark where it does not; the yellow line is w.x = b (scores upsampled "
                 "bilinearly to the image). Captions: image name and the share of its patches where it fires.")
     notes = [
@@ -412,7 +413,7 @@ def _write_pictures(writer: _Writer, source, m: Measurements, rf: ReceptiveField
                     out["map"][i][slot] = Picture(
                         rel, name, f"fires on {100 * share:.0f}% of it",
                         f"{name}: fires on {100 * share:.1f}% of the patches, mean membership "
-                        f"{float(m.top_maps.values[i, slot]):.3f}")
+                        f"{float(torch.sigmoid(score_map).mean()):.3f}")
         if progress:
             progress("report: pictures", min(start + chunk, len(indices)), len(indices))
     k = m.top_patches.values.shape[0]

@@ -60,14 +60,22 @@ class ReceptiveField:
     mass: float
     method: str
 
+    # crops show at least this many input pixels a side (or the whole input): a receptive field
+    # of a few pixels (8 x 8 of a 24 x 24 face) is unreadable without its surroundings
+    MIN_CROP = 32
+
+    @property
+    def crop_side(self) -> int:
+        return max(self.size, min(self.MIN_CROP, max(self.input_size)))
+
     def box(self, r: int, c: int, scale: Tuple[float, float] = (1.0, 1.0)) -> Tuple[int, int, int, int]:
         """(top, left, bottom, right) of cell (r, c)'s crop in a picture ``scale`` times the
         input size: a square of side ``size`` slid to stay inside the picture (so every crop
         has the same size and still holds the cell's centre)."""
         h, w = self.input_size
         sy, sx = scale
-        side_y = max(1, min(round(self.size * sy), round(h * sy)))
-        side_x = max(1, min(round(self.size * sx), round(w * sx)))
+        side_y = max(1, min(round(self.crop_side * sy), round(h * sy)))
+        side_x = max(1, min(round(self.crop_side * sx), round(w * sx)))
         cy = (self.centre[0] + (r - self.cell[0]) * self.stride[0]) * sy
         cx = (self.centre[1] + (c - self.cell[1]) * self.stride[1]) * sx
         top = int(round(cy - side_y / 2))
@@ -88,7 +96,14 @@ class ReceptiveField:
         how = {"gradient": f"the square around each patch holding {self.mass:.0%} of the gradient of its "
                            "activation with respect to the input",
                "stride": "the patch's own cell (input size / grid size): the gradient was zero"}[self.method]
-        return (f"{self.size} x {self.size} px crops of {self.input_size[0]} x {self.input_size[1]} inputs: {how} "
+        side = self.crop_side
+        if side > self.size:
+            crop = (f"{min(side, self.input_size[0])} x {min(side, self.input_size[1])} px crops of "
+                    f"{self.input_size[0]} x {self.input_size[1]} inputs (at least {self.MIN_CROP} px a side, for "
+                    f"context); the patch's own square is {self.size} x {self.size} px")
+        else:
+            crop = f"{side} x {side} px crops of {self.input_size[0]} x {self.input_size[1]} inputs"
+        return (f"{crop}: {how} "
                 f"(theoretical receptive field {self.extent[0]} x {self.extent[1]} px, stride "
                 f"{self.stride[0]:g} x {self.stride[1]:g} px)")
 
@@ -216,7 +231,7 @@ class Measurements:
     images_fired: torch.Tensor            # (K,) images with at least one such patch
     histogram: _SymmetricHistogram
     top_patches: _RunningTop              # values: best score in the image; payload pos, latent
-    top_maps: _RunningTop                 # values: mean membership over the grid; payload map
+    top_maps: _RunningTop                 # values: m (1 - m), m the mean membership; payload map
     influence_sample: List[int]           # image indices the removal effects were measured on
     # from rank_concepts(target='predicted') on that sample, indexed by concept:
     class_odds_change: torch.Tensor       # (K, C) mean change of class c's log-odds on removal, over
@@ -319,6 +334,9 @@ def measure(
         best, pos = per_image.max(1)                                 # (B, K)
         top_patches.update(best, index, pos=pos, latent=latent.reshape(b, p, k).gather(1, pos[:, None, :])[:, 0])
         cover = torch.sigmoid(per_image).mean(1)                     # (B, K)
+        # the maps shown: where the concept covers about half of the image (m (1 - m) peaks at
+        # m = 1/2): its outline shows, which neither an image it fills nor one it misses shows
+        cover = cover * (1 - cover)
         score_maps = tap.rows_to_maps(scores, b)                     # (B, K, h, w)
         top_maps.update(cover, index, map=score_maps.to(torch.float16))
         if masks_fn is not None:
