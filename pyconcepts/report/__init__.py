@@ -274,7 +274,7 @@ def write_report(
         f"concept is removed at {layer} from {sample_words} (as pc.rank_concepts(target='predicted') "
         f"measures it). Flips: predictions that change.",
         "Fires on: the share of the layer's patches where the detector fires (w.x > b on the raw activation).",
-        *(["Restarts agree: how well the concept's cluster overlaps its partners in the other k-means restarts "
+        *(["Agree: how well the concept's cluster overlaps its partners in the other k-means restarts "
            "of the extraction that came near the best one (matched Jaccard); below 0.5 (marked !) the clustering "
            "could as well have drawn the concept elsewhere, and another seed or another half of the images "
            "may not give it back."] if agreement is not None else []),

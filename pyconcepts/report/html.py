@@ -202,12 +202,12 @@ def _facts(facts: Sequence[Tuple[str, str]]) -> str:
 def index_page(view: ReportView) -> str:
     top = max((c.influence for c in view.concepts), default=0.0) or 1.0
     agree = any(c.agreement is not None for c in view.concepts)
-    head = ["#", "concept", "influence", "flips", "fires on patches"] + (["restarts agree"] if agree else []) + \
+    head = ["#", "concept", "influence", "flips", "fires on"] + (["agree"] if agree else []) + \
         ["pushes up", "pushes down"]
     if view.has_masks:
         head.append("best mask IoU")
     head.append("top patches")
-    num = {"flips", "fires on patches", "best mask IoU", "restarts agree"}
+    num = {"flips", "fires on", "best mask IoU", "agree"}
     rows = []
     for c in view.concepts:
         up, down = c.up_down(2)
@@ -419,7 +419,7 @@ def concept_page(view: ReportView, c: ConceptView, crop_note: str, map_note: str
         effects = ranked[:6] + ranked[-6:]
     scale = max((abs(e.removal) for e in c.effects), default=0.0)
     head = ("<th>class</th><th class=\"num\">images</th><th class=\"num\">fires in</th>"
-            "<th colspan=\"2\">support: log-odds lost without it, on those images</th>")
+            "<th colspan=\"2\">support: log-odds lost without it</th>")
     if view.has_rcav:
         head += "<th class=\"num\">RCAV</th><th class=\"num\">p (Bonf.)</th>"
     rows = []
