@@ -308,6 +308,14 @@ def parse_output(text: Optional[str]):
         return stripped
 
 
+def _output_of(args, basis):
+    """``--output``, or else the one the basis was extracted with (``metadata['output']``)."""
+    if args.output is not None:
+        return parse_output(args.output)
+    recorded = basis.metadata.get("output")
+    return recorded if isinstance(recorded, (int, str)) and not isinstance(recorded, bool) else None
+
+
 def select_output(out, output):
     """The logits in what a model returned (``pyconcepts.outputs.select_output``), with
     ``UserError``s that speak of ``--output``."""
@@ -866,7 +874,7 @@ def _cmd_report(args) -> int:
         raise
     model, layer = _model_setup(args, basis.layer)
     source = _open_source(args, model, default_count=200)
-    output = parse_output(args.output)
+    output = _output_of(args, basis)
     probe = _Probe(model, layer, source, output, _skip_tokens(args, basis))
     _check_basis_fits(basis, model, probe, layer, args.allow_mismatch)
     names = _output_class_names(args, source, probe.n_outputs)
@@ -907,7 +915,7 @@ def _cmd_explain(args) -> int:
     _check_model_given(args, basis)
     model, layer = _model_setup(args, basis.layer)
     source = _open_source(args, model, default_count=16)
-    output = parse_output(args.output)
+    output = _output_of(args, basis)
     skip = _skip_tokens(args, basis)
     probe = _Probe(model, layer, source, output, skip)
     _check_basis_fits(basis, model, probe, layer, args.allow_mismatch)
@@ -1007,7 +1015,7 @@ def _cmd_intervene(args) -> int:
                         "(--allow-mismatch applies it anyway)")
     model, layer = _model_setup(args, basis.layer)
     source = _open_source(args, model, default_count=16)
-    output = parse_output(args.output)
+    output = _output_of(args, basis)
     skip = _skip_tokens(args, basis)
     probe = _Probe(model, layer, source, output, skip)
     _check_basis_fits(basis, model, probe, args.layer or basis.layer or layer, args.allow_mismatch)

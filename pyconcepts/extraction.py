@@ -372,6 +372,9 @@ def _extract(model, layer, images, k, seed, refine, ura, skip_tokens, opts, prog
         "refine": bool(refine), "ura": bool(ura), "seed": seed,
         "final_losses": history, "merge_guard": guards, "silent_detectors": dead, "n_patches": source.n_rows,
         "skip_tokens": skip_tokens,
+        # the class scores' place in the model's output (an index or a key; a callable is not
+        # recorded): the CLI's explain, intervene and report use it when --output is not given
+        "output": output if isinstance(output, (int, str)) and not isinstance(output, bool) else None,
     })
     return ConceptBasis(decoding, bias, encoding, mean, layer=layer, model_id=model_id, metadata=metadata,
                         absent_level=absent)

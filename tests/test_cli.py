@@ -178,6 +178,14 @@ def test_extract_honours_limit_and_module_output_selection(ws, capsys, tmp_path)
     rc, text, err = _run(capsys, "explain", out, *_model_args(ws, "make_dict", None), "--output", "logits",
                          "--images", ws / "photos", "--limit", 3)
     assert rc == 0 and len(text.splitlines()) == 4, err
+    # the basis records the output it was extracted with: the later commands default to it
+    assert ConceptBasis.load(out).metadata["output"] == "logits"
+    rc, again, err = _run(capsys, "explain", out, *_model_args(ws, "make_dict", None), "--images", ws / "photos",
+                          "--limit", 3)
+    assert rc == 0 and again == text, err
+    rc, _, err = _run(capsys, "intervene", out, *_model_args(ws, "make_dict", None), "--images", ws / "photos",
+                      "--limit", 3, "--remove", 0)
+    assert rc == 0, err
 
 
 def test_tensor_files_and_demo_weights_saved_with_torch_save(ws, capsys, tmp_path):
