@@ -233,11 +233,20 @@ def matched_abs_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(hungarian((an @ bn.T).abs().double().numpy()).mean())
 
 
-def matched_jaccard(da: torch.Tensor, db: torch.Tensor) -> float:
+def matched_jaccard(da: torch.Tensor, db: torch.Tensor, per_concept: bool = False):
+    """Mean Hungarian-matched Jaccard of two detection sets; with ``per_concept``, the (K,)
+    overlaps of da's concepts with their partners."""
+    from scipy.optimize import linear_sum_assignment
+
     a, b = da.float(), db.float()
     inter = a.T @ b
     union = a.sum(0)[:, None] + b.sum(0)[None, :] - inter
     jac = (inter / union.clamp_min(1)).double().numpy()
+    if per_concept:
+        r, c = linear_sum_assignment(-jac)
+        out = np.zeros(jac.shape[0])
+        out[r] = jac[r, c]
+        return out
     return float(hungarian(jac).mean())
 
 
@@ -458,6 +467,20 @@ def main(argv=None):
                                        target=lambda l: l[:, FACE_CLASS] - l[:, 1 - FACE_CLASS],
                                        method="removal", greedy=args.max_m)
             res_m["rank_concepts_greedy_face"] = ranking.concepts
+            # does the per-concept restart agreement (metadata) say which concepts another
+            # seed gives back?
+            agreement = f0.basis.metadata.get("concept_agreement")
+            if agreement is not None:
+                seed_jac = matched_jaccard(f0.detect(all_rows), f1.detect(all_rows), per_concept=True)
+                agree = np.asarray(agreement)
+                low = agree < 0.5
+                corr = float(np.corrcoef(agree, seed_jac)[0, 1])
+                res_m["concept_agreement_vs_seed_jaccard"] = {
+                    "agreement": agree.tolist(), "seed_jaccard": seed_jac.tolist(), "correlation": corr}
+                print(f"per concept: restart agreement vs Jaccard with the other seed's partner: r = {corr:.2f}; "
+                      f"agreement < 0.5: {int(low.sum())} concepts, their Jaccard "
+                      f"{np.round(seed_jac[low], 2).tolist()} (the others: mean {seed_jac[~low].mean():.2f}, "
+                      f"min {seed_jac[~low].min():.2f})")
             print(f"pc.rank_concepts(method='removal', greedy={args.max_m}) on half-A faces: "
                   f"{ranking.concepts} (the benchmark's greedy loop: {res_m['removal']['face/default']['order']})")
         results["methods"][method] = res_m
