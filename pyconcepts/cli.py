@@ -835,6 +835,8 @@ def _cmd_extract(args) -> int:
 
 
 def _print_summary(basis) -> None:
+    from .directions import LOW_CONCEPT_AGREEMENT
+
     print(f"{basis}")
     print(f"  method: {basis.metadata.get('method')}")
     print(f"  patches: {basis.metadata.get('n_patches')}  silent detectors: {basis.metadata.get('silent_detectors')}")
@@ -847,12 +849,13 @@ def _print_summary(basis) -> None:
     for i in range(basis.n_concepts):
         w, s = basis.decoding[i], basis.encoding[i]
         cos = float(w @ s / (w.norm() * s.norm()))
-        agree = "" if agreement is None else f" {agreement[i]:>13.2f}" + (" !" if agreement[i] < 0.5 else "  ")
+        agree = "" if agreement is None else f" {agreement[i]:>13.2f}" + (" !" if agreement[i] < LOW_CONCEPT_AGREEMENT
+                                                                          else "  ")
         print(f"  {i:>7} {float(basis.margin[i]):>9.4f} {float(s.norm()):>8.3f} {float(gain[i]):>6.2f} {cos:>9.3f}"
               + agree)
     if agreement is not None:
         print("  restarts agree: overlap of the concept's cluster with its partners in the near-best k-means "
-              "restarts; ! (below 0.5): another seed or half of the images may not give it back")
+              f"restarts; ! (below {LOW_CONCEPT_AGREEMENT:g}): another seed or half of the images may not give it back")
 
 
 def _cmd_report(args) -> int:

@@ -363,6 +363,11 @@ _RESTART_ROWS = 8192
 _RESTART_ROWS_PER_CONCEPT = 256
 # Restarts whose objective is within this relative gap of the best one's are "near-best".
 _NEAR_BEST = 0.01
+# A concept whose cluster overlaps its partners in the near-best restarts by less than this
+# (metadata "concept_agreement") is one the clustering could as well have drawn elsewhere: on
+# the MTCNN RNet (K = 16) three concepts fell below it, one of which another seed did not give
+# back (Jaccard 0.10); the 13 above it all came back at Jaccard >= 0.86.
+LOW_CONCEPT_AGREEMENT = 0.5
 # "No whitening": a floor so far above the spectrum that the transform is a scalar multiple
 # of the identity (cosines, hence the clustering, do not see the scalar).
 _NO_WHITENING_SHRINKAGE = 1e6

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
+from ..directions import LOW_CONCEPT_AGREEMENT
+
 __all__ = ["esc", "CSS", "ConceptView", "ClassEffect", "Picture", "ReportView", "index_page", "concept_page",
            "histogram_svg"]
 
@@ -244,10 +246,8 @@ def index_page(view: ReportView) -> str:
     return _page(view.title, body, "")
 
 
-# a concept whose cluster overlaps its partners in the other near-best k-means restarts by less
-# than this is marked: the clustering could as well have drawn it elsewhere (on the MTCNN RNet,
-# the one concept below it was the one that another seed did not reproduce)
-LOW_AGREEMENT = 0.5
+# concepts whose restart agreement is below this are marked (see directions.py)
+LOW_AGREEMENT = LOW_CONCEPT_AGREEMENT
 
 
 def _agreement_cell(value: Optional[float]) -> str:
