@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .outputs import OutputSpec, check_output_spec, read_scores, scores_kind
+from .outputs import OutputSpec, output_or_recorded, read_scores, scores_kind
 from .signal import masked_signal_vectors
 from .taps import LayerTap, iter_batches
 
@@ -177,7 +177,7 @@ def contribution_maps(
     'gradient' (any network), 'auto' (linear when ``head`` is given). ``output``: which part of the model's output holds the class scores (an
     index, a key or a callable; for a model ending in probabilities the score is the
     log-probability)."""
-    output = check_output_spec(output)
+    output = output_or_recorded(output, basis)
     if reference not in ("removal", "mean"):
         raise ValueError(f"reference must be 'removal' or 'mean', got {reference!r}")
     if method not in ("auto", "linear", "gradient"):
@@ -280,7 +280,7 @@ def rcav(
     detected on fewer than two of the sampled patches cannot be tested (p = 1). ``output``:
     which part of the model's output holds the class scores (index, key or callable).
     """
-    output = check_output_spec(output)
+    output = output_or_recorded(output, basis)
     if not isinstance(n_permutations, int) or n_permutations < 1:
         raise ValueError(f"n_permutations must be a positive int, got {n_permutations!r}")
     if not 0 < level < 1:

@@ -310,10 +310,9 @@ def parse_output(text: Optional[str]):
 
 def _output_of(args, basis):
     """``--output``, or else the one the basis was extracted with (``metadata['output']``)."""
-    if args.output is not None:
-        return parse_output(args.output)
-    recorded = basis.metadata.get("output")
-    return recorded if isinstance(recorded, (int, str)) and not isinstance(recorded, bool) else None
+    from .outputs import output_or_recorded
+
+    return output_or_recorded(parse_output(args.output), basis)
 
 
 def select_output(out, output):

@@ -42,7 +42,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import torch
 from torch import nn
 
-from .outputs import OutputSpec, check_output_spec, read_scores, scores_kind
+from .outputs import OutputSpec, output_or_recorded, read_scores, scores_kind
 from .taps import LayerTap, iter_batches, resolve_layer
 
 __all__ = [
@@ -412,7 +412,7 @@ def counterfactual(
     a callable; ``pyconcepts.outputs``). A model that ends in probabilities is recorded as
     log-probabilities, so ``probs_before`` / ``probs_after`` are its own probabilities."""
     basis = _check_basis(basis)
-    output = check_output_spec(output)
+    output = output_or_recorded(output, basis)
     tap = LayerTap(model, _layer_name(basis, layer), skip_tokens=skip_tokens)
     before, after = [], []
     kind = "auto"
@@ -536,7 +536,7 @@ def rank_concepts(
     after each removal measured. The layer's activations of every image are held in memory.
     Returns a ``ConceptRanking``."""
     basis = _check_basis(basis)
-    output = check_output_spec(output)
+    output = output_or_recorded(output, basis)
     if method not in _RANK_METHODS:
         raise ValueError(f"method must be one of {_RANK_METHODS}, got {method!r}")
     if direction not in _DIRECTIONS:

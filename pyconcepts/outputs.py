@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 
 __all__ = ["OutputSpec", "check_output_spec", "select_output", "scores_kind", "as_logits",
-           "read_scores", "KINDS"]
+           "read_scores", "KINDS", "output_or_recorded"]
 
 OutputSpec = Union[None, int, str, Callable[[Any], torch.Tensor]]
 KINDS = ("auto", "logits", "probs")
@@ -37,6 +37,32 @@ def check_output_spec(output: OutputSpec) -> OutputSpec:
     raise TypeError(
         f"output must be None, an int (tuple index), a str (dict key) or a callable, got {output!r}"
     )
+
+
+class _Recorded:
+    """The output a basis was extracted with (its ``metadata['output']``, an index or a key),
+    applied to a model output that is not a tensor already."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def __call__(self, value):
+        return value if isinstance(value, torch.Tensor) else select_output(value, self.spec)
+
+    def __repr__(self) -> str:
+        return f"{self.spec!r} (recorded in the basis)"
+
+
+def output_or_recorded(output: OutputSpec, basis) -> OutputSpec:
+    """``output`` when given; else the one ``basis`` was extracted with
+    (``basis.metadata['output']``, an index or a key) for models whose output is not a tensor;
+    else None."""
+    if output is not None:
+        return check_output_spec(output)
+    recorded = (getattr(basis, "metadata", None) or {}).get("output")
+    if isinstance(recorded, (int, str)) and not isinstance(recorded, bool):
+        return _Recorded(recorded)
+    return None
 
 
 def _describe(value: Any) -> str:

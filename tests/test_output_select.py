@@ -195,3 +195,27 @@ def test_counterfactual_and_attribution_read_the_selected_output():
     with pytest.raises(ValueError, match="not a key"):
         pc.rcav(DictNet().eval(), pc.ConceptBasis(w, torch.zeros(2), w, torch.zeros(8), layer="body.features.3"),
                 x, output="nope", n_permutations=2)
+
+
+def test_a_basis_remembers_the_output_it_was_extracted_with():
+    model = TupleNet().eval()
+    images = torch.rand(8, 3, 8, 8)
+    basis = pc.extract(model, "body.features.3", images, 2, seed=0, output=1, options={"n_init": 1})
+    assert basis.metadata["output"] == 1
+    # the API's later calls default to it ...
+    cf = pc.counterfactual(model, basis, images, [0])
+    with torch.no_grad():
+        assert torch.allclose(cf.logits_before, model(images)[1])
+    ranking = pc.rank_concepts(model, basis, images, target=0)
+    assert sorted(ranking.concepts) == [0, 1]
+    maps = pc.contribution_maps(model, basis, images, 0, method="gradient")
+    assert maps.shape[:2] == (8, 2)
+    # ... a model that returns the scores themselves passes through it
+    plain = model.body
+    plain_basis = pc.ConceptBasis(basis.decoding, basis.bias, basis.encoding, basis.mean, layer="features.3",
+                                  metadata={"output": 1})
+    assert torch.allclose(pc.counterfactual(plain, plain_basis, images, [0]).logits_before, plain(images))
+    # and a basis without it still asks for output=
+    bare = pc.ConceptBasis(basis.decoding, basis.bias, basis.encoding, basis.mean, layer="body.features.3")
+    with pytest.raises(TypeError, match="output="):
+        pc.counterfactual(model, bare, images, [0])

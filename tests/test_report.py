@@ -432,16 +432,43 @@ def html_escape(text):
 
 
 def test_detection_maps_show_images_the_concept_covers_in_part(tmp_path):
-    images = torch.full((3, 3, 8, 8), 0.2)
-    images[:, 1] = torch.tensor([0.2, 0.8, 0.2])[:, None, None]
+    images = torch.full((4, 3, 8, 8), 0.2)
+    images[:, 1] = torch.tensor([0.2, 0.8, 0.2, 0.8])[:, None, None]
     images[0, 0] = 1.0                      # fires everywhere
-    images[1, 0, :, :4] = 1.0               # fires on the left half
+    images[1, 0, :, :3] = 1.0               # fires on 3 of 8 columns
     images[2, 0, :2, :2] = 1.0              # fires on a corner
+    images[3, 0] = 0.599                    # just below the threshold everywhere: membership ~0.5
     rows = images[:, :2].permute(0, 2, 3, 1).reshape(-1, 2)
     basis = ConceptBasis(torch.eye(2) * 20, torch.tensor([12.0, 10.0]), torch.eye(2) / 20, rows.mean(0),
                          layer="act")
-    source = TensorImages(images, names=["full.png", "half.png", "corner.png"], class_names=["left", "right"])
+    source = TensorImages(images, names=["full.png", "part.png", "corner.png", "flat.png"],
+                          class_names=["left", "right"])
     write_report(tmp_path, basis, _Gate().eval(), "act", source, **{**FAST, "maps": 1, "rcav": False})
     page = (tmp_path / "concepts" / "concept-000.html").read_text(encoding="utf-8")
     maps = page.split("c000-map-00.png")[1][:400]
-    assert "half.png: fires on 50.0% of the patches" in maps, maps
+    assert "part.png: fires on 37.5% of the patches" in maps, maps
+
+
+def test_rcav_runs_on_a_random_part_of_the_sample():
+    from pyconcepts.report.collect import OutputSelected, measure
+
+    model = OutputSelected(TinyNet().eval(), None)
+    tap = LayerTap(model, "inner.act")
+    m = measure(model, tap, _basis(), _source(n=40), batch_size=8, top=2, maps=1, influence_images=20,
+                rcav_images=6, seed=0)
+    assert len(m.rcav_indices) == 6 and set(m.rcav_indices) <= set(m.influence_sample)
+    assert m.rcav_indices != sorted(m.influence_sample)[:6]   # not the first (one class of a sorted folder)
+    assert m.rcav_images.shape[0] == 6
+
+
+def test_a_significant_rcav_result_that_the_removal_contradicts_is_not_shown_as_a_push():
+    from pyconcepts.report.html import ClassEffect, ConceptView
+
+    agree = ClassEffect("a", removal=-0.5, images=3, rcav=0.9, significant=True)       # both: supports a
+    clash = ClassEffect("b", removal=+0.4, images=3, rcav=1.0, significant=True)       # removal raises b
+    view = ConceptView(index=0, rank=1, influence=1.0, odds_drop=0.5, flips=0.0, patch_share=0.1,
+                       image_share=0.2, margin=1.0, cos_ws=1.0, hist_counts=[], hist_edges=[], patches=[], maps=[],
+                       effects=[agree, clash])
+    up, down = view.up_down()
+    assert [e.name for e in up] == ["a"] and [e.name for e in down] == ["b"]
+    assert agree.rcav_supported and not clash.rcav_supported

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..attribution import rcav as _rcav
+from ..outputs import output_or_recorded
 from ..taps import LayerTap, resolve_layer
 from .collect import Measurements, OutputSelected, ReceptiveField, measure, receptive_field
 from .html import (CSS, MIN_REMOVAL_EFFECT, ClassEffect, ConceptView, JointRemoval, Picture, ReportView,
@@ -176,7 +177,7 @@ def write_report(
         raise ValueError(f"out_dir {str(root)!r} exists and is not a folder")
     root.mkdir(parents=True, exist_ok=True)
 
-    wrapped = OutputSelected(model, output)
+    wrapped = OutputSelected(model, output_or_recorded(output, basis))
     tap = LayerTap(wrapped, "inner." + layer, skip_tokens=int(opts["skip_tokens"]), grid=opts["grid"])
     m = measure(wrapped, tap, basis, source, batch_size=batch_size, top=top, maps=maps,
                 influence_images=influence_images, rcav_images=rcav_images if rcav else 0,
@@ -264,8 +265,8 @@ def write_report(
     crop_note = (f"One patch per image: the {top} images whose best patch scores highest, that patch outlined "
                  f"(its cell of the {m.grid[0]} x {m.grid[1]} grid). {rf.describe()[0].upper()}{rf.describe()[1:]}. "
                  "Captions: image name and detector score.")
-    map_note = ("The images where the detector's mean membership m = sigmoid(w.x - b) over the grid is closest "
-                "to a half (largest m (1 - m)), so that where it fires and where it does not both show: "
+    map_note = ("The images where the detector fires on closest to half of the patches (largest f (1 - f), f "
+                "the share it fires on), so that where it fires and where it does not both show: "
                 "bright where it fires, dark where it does not; the yellow line is w.x = b (scores upsampled "
                 "bilinearly to the image). Captions: image name and the share of its patches where it fires.")
     notes = [

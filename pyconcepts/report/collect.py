@@ -97,10 +97,12 @@ class ReceptiveField:
                            "activation with respect to the input",
                "stride": "the patch's own cell (input size / grid size): the gradient was zero"}[self.method]
         side = self.crop_side
-        if side > self.size:
-            crop = (f"{min(side, self.input_size[0])} x {min(side, self.input_size[1])} px crops of "
-                    f"{self.input_size[0]} x {self.input_size[1]} inputs (at least {self.MIN_CROP} px a side, for "
-                    f"context); the patch's own square is {self.size} x {self.size} px")
+        if side >= max(self.input_size) and side > self.size:
+            crop = (f"whole {self.input_size[0]} x {self.input_size[1]} px inputs (crops show at least "
+                    f"{self.MIN_CROP} px a side, for context); the patch's own square is {self.size} x {self.size} px")
+        elif side > self.size:
+            crop = (f"{side} x {side} px crops of {self.input_size[0]} x {self.input_size[1]} inputs (at least "
+                    f"{self.MIN_CROP} px a side, for context); the patch's own square is {self.size} x {self.size} px")
         else:
             crop = f"{side} x {side} px crops of {self.input_size[0]} x {self.input_size[1]} inputs"
         return (f"{crop}: {how} "
@@ -231,7 +233,7 @@ class Measurements:
     images_fired: torch.Tensor            # (K,) images with at least one such patch
     histogram: _SymmetricHistogram
     top_patches: _RunningTop              # values: best score in the image; payload pos, latent
-    top_maps: _RunningTop                 # values: m (1 - m), m the mean membership; payload map
+    top_maps: _RunningTop                 # values: f (1 - f), f the share fired (+ ties); payload map
     influence_sample: List[int]           # image indices the removal effects were measured on
     # from rank_concepts(target='predicted') on that sample, indexed by concept:
     class_odds_change: torch.Tensor       # (K, C) mean change of class c's log-odds on removal, over
@@ -283,7 +285,9 @@ def measure(
     k = basis.n_concepts
     sample = _sample(n_total, influence_images, seed)
     sample_set = set(sample)
-    rcav_set = set(sample[:rcav_images]) if rcav_images > 0 else set()
+    # RCAV's images: a seeded random part of the sample (its first indices would be one class
+    # of a folder sorted by class)
+    rcav_set = set(sample[i] for i in _sample(len(sample), rcav_images, seed + 1)) if rcav_images > 0 else set()
     rcav_keep: List[torch.Tensor] = []
     masks_fn, mask_names = (source.concept_masks if source.concept_masks is not None else (None, None))
     hist = _SymmetricHistogram(k)
@@ -333,10 +337,11 @@ def measure(
         hist.update(scores)
         best, pos = per_image.max(1)                                 # (B, K)
         top_patches.update(best, index, pos=pos, latent=latent.reshape(b, p, k).gather(1, pos[:, None, :])[:, 0])
-        cover = torch.sigmoid(per_image).mean(1)                     # (B, K)
-        # the maps shown: where the concept covers about half of the image (m (1 - m) peaks at
-        # m = 1/2): its outline shows, which neither an image it fills nor one it misses shows
-        cover = cover * (1 - cover)
+        # the maps shown: where the concept fires on about half of the image (f (1 - f) peaks at
+        # f = 1/2): its outline shows, which neither an image it fills nor one it misses shows;
+        # the mean membership breaks ties (images it fires nowhere on come last)
+        share = fired.float().mean(1)                                 # (B, K)
+        cover = share * (1 - share) + 1e-3 * torch.sigmoid(per_image).mean(1)
         score_maps = tap.rows_to_maps(scores, b)                     # (B, K, h, w)
         top_maps.update(cover, index, map=score_maps.to(torch.float16))
         if masks_fn is not None:

@@ -37,6 +37,17 @@ class ClassEffect:
     p_adjusted: Optional[float] = None
     significant: bool = False
 
+    @property
+    def rcav_supported(self) -> bool:
+        """Significant under RCAV, and the measured removal does not point the other way
+        (adding the concept raises the class while removing it raises the class too, or the
+        reverse: the two tests disagree, and the measured removal is shown)."""
+        if not self.significant or self.rcav is None:
+            return False
+        if self.rcav > 0.5:
+            return self.removal < MIN_REMOVAL_EFFECT
+        return self.removal > -MIN_REMOVAL_EFFECT
+
 
 @dataclass
 class ConceptView:
@@ -63,12 +74,13 @@ class ConceptView:
         return f"concepts/concept-{self.index:03d}.html"
 
     def up_down(self, n: int = 3) -> Tuple[List[ClassEffect], List[ClassEffect]]:
-        """Classes the concept pushes up and down: first those RCAV finds significant, then
-        by the log-odds the class loses / gains when the concept is removed, leaving out
-        changes below ``MIN_REMOVAL_EFFECT`` (a non-significant RCAV score says nothing)."""
-        sig_up = sorted((e for e in self.effects if e.significant and e.rcav > 0.5), key=lambda e: -e.rcav)
-        sig_down = sorted((e for e in self.effects if e.significant and e.rcav < 0.5), key=lambda e: e.rcav)
-        rest = [e for e in self.effects if not e.significant]
+        """Classes the concept pushes up and down: first those RCAV finds significant (where the
+        measured removal does not point the other way), then by the log-odds the class loses /
+        gains when the concept is removed, leaving out changes below ``MIN_REMOVAL_EFFECT`` (a
+        non-significant RCAV score says nothing)."""
+        sig_up = sorted((e for e in self.effects if e.rcav_supported and e.rcav > 0.5), key=lambda e: -e.rcav)
+        sig_down = sorted((e for e in self.effects if e.rcav_supported and e.rcav < 0.5), key=lambda e: e.rcav)
+        rest = [e for e in self.effects if not e.rcav_supported]
         up = sig_up + sorted((e for e in rest if e.removal <= -MIN_REMOVAL_EFFECT), key=lambda e: e.removal)
         down = sig_down + sorted((e for e in rest if e.removal >= MIN_REMOVAL_EFFECT), key=lambda e: -e.removal)
         return up[:n], down[:n]
@@ -188,10 +200,12 @@ MIN_REMOVAL_EFFECT = 1e-2   # log-odds
 
 def _class_tag(e: ClassEffect, kind: str) -> str:
     arrow = "&#8593;" if kind == "up" else "&#8595;"
-    if e.significant:
+    if e.rcav_supported:
         return (f"<span class=\"cls {kind} sig\" title=\"significant (RCAV, Bonferroni)\">"
                 f"{arrow} {esc(e.name)}*</span>")
-    why = "from the removal effect (RCAV: not significant)" if e.rcav is not None else "from the removal effect"
+    why = ("from the removal effect" if e.rcav is None else
+           "from the removal effect (RCAV: significant the other way; the measured removal is shown)"
+           if e.significant else "from the removal effect (RCAV: not significant)")
     return f"<span class=\"cls {kind} weak\" title=\"{why}\">{arrow} {esc(e.name)}</span>"
 
 
