@@ -572,13 +572,14 @@ def rank_concepts(
         base = score(logits, predicted).float()
         if base.shape != (batch.shape[0],):
             raise ValueError(f"target must give one score per image ({batch.shape[0]}), got shape {tuple(base.shape)}")
-        rows = tap.to_rows(acts)
-        _check_dim(basis.decoding.shape[1], rows, tap.layer)
-        batches.append((batch, acts, rows, base, predicted, every_log_odds(logits)))
+        _check_dim(basis.decoding.shape[1], tap.to_rows(acts), tap.layer)
+        # the layer's output only: its rows are laid out again per removal (a copy per batch
+        # would double what the ranking holds)
+        batches.append((batch, acts, base, predicted, every_log_odds(logits)))
     if not batches:
         raise ValueError("images is empty")
     n_images = sum(b[0].shape[0] for b in batches)
-    base_score = float(sum(b[3].sum() for b in batches) / n_images)
+    base_score = float(sum(b[2].sum() for b in batches) / n_images)
     tensors = (basis.decoding, basis.bias, basis.encoding, basis.mean)
     n = len(candidates)
     total_steps = (sum(n - r for r in range(greedy)) if greedy else n) if method == "removal" else len(batches)
@@ -594,8 +595,8 @@ def rank_concepts(
         mean |drop|, the mean change of every class's log-odds and the share of flips."""
         total, total_abs, flips, classes, per_image = 0.0, 0.0, 0, None, []
         with torch.no_grad():
-            for batch, acts, rows, base, predicted, odds in batches:
-                new = tap.from_rows(edit_rows(rows, *tensors, remove=removed, **edit), acts)
+            for batch, acts, base, predicted, odds in batches:
+                new = tap.from_rows(edit_rows(tap.to_rows(acts), *tensors, remove=removed, **edit), acts)
                 logits = read_scores(tap.forward_with(batch, lambda _: new), output, kind).float()
                 change = base - score(logits, predicted).float()
                 total += float(change.sum())
@@ -612,7 +613,8 @@ def rank_concepts(
 
     if method == "gradient":
         effects = torch.zeros(len(candidates), dtype=torch.float64)
-        for batch, acts, rows, _, predicted, _ in batches:
+        for batch, acts, _, predicted, _ in batches:
+            rows = tap.to_rows(acts)
             leaf = acts.detach().float().requires_grad_(True)
             with torch.enable_grad():
                 out = tap.forward_with(batch, lambda o: leaf.to(o.dtype))
@@ -644,5 +646,5 @@ def rank_concepts(
         class_effects=torch.stack([measured[i][2] for i in order]).float(),
         flip_rates=torch.tensor([measured[i][3] for i in order]),
         image_effects=torch.stack([measured[i][4] for i in order]),
-        predicted=torch.cat([b[4].cpu() for b in batches]),
+        predicted=torch.cat([b[3].cpu() for b in batches]),
     )
