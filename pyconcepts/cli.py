@@ -924,14 +924,18 @@ def _cmd_explain(args) -> int:
     class_name = _class_namer(args, source, probe.n_outputs)
     head = model.fc if args.model is None else None  # the demo: exact contributions through its linear head
     top = min(args.top, basis.n_concepts)
-    how = ("measured (one forward pass per concept)" if args.exact else
-           "to first order (--exact measures it)")
+    # measured removals cost one forward pass per concept and image: the default where that is
+    # cheap (the first-order estimate ranked the RNet's concepts differently in half its images)
+    exact = args.exact or (not args.first_order and basis.n_concepts * len(source) <= _EXACT_BUDGET)
+    how = ("measured (one forward pass per concept" + ("; --first-order estimates it)" if not args.exact else ")")
+           if exact else "to first order (--exact measures it, one forward pass per concept)")
     print(f"{_count(len(source), 'image')}; concepts of {args.basis} at {layer}; per concept, how much removing "
           f"it (pyconcepts intervene --remove) lowers the predicted class's logit, {how}")
     # the lines on stdout show the progress on a terminal; redirected, a bar on stderr does
     bar = ProgressBar(enabled=not args.quiet and not _is_terminal(sys.stdout))
     try:
-        all_preds = _explain_batches(args, model, basis, layer, source, output, skip, head, top, class_name, bar)
+        all_preds = _explain_batches(args, model, basis, layer, source, output, skip, head, top, class_name, bar,
+                                     exact)
     finally:
         bar.close()
     _check_folder_classes(args, source, torch.cat(all_preds), probe.n_outputs)
@@ -941,6 +945,10 @@ def _cmd_explain(args) -> int:
 def _is_terminal(stream) -> bool:
     isatty = getattr(stream, "isatty", None)
     return bool(isatty and isatty())
+
+
+# explain measures removals by default while concepts x images stays at or below this
+_EXACT_BUDGET = 512
 
 
 def _measured_removals(model, basis, batch, preds, layer, skip, output) -> torch.Tensor:
@@ -956,7 +964,7 @@ def _measured_removals(model, basis, batch, preds, layer, skip, output) -> torch
     return totals
 
 
-def _explain_batches(args, model, basis, layer, source, output, skip, head, top, class_name, bar):
+def _explain_batches(args, model, basis, layer, source, output, skip, head, top, class_name, bar, exact):
     from .attribution import contribution_maps
     from .outputs import read_scores
 
@@ -969,7 +977,7 @@ def _explain_batches(args, model, basis, layer, source, output, skip, head, top,
         probs = logits.softmax(-1)
         preds = logits.argmax(-1)
         all_preds.append(preds)
-        if args.exact:
+        if exact:
             totals = _measured_removals(model, basis, batch, preds, layer, skip, output)
         else:
             maps = call_with_output(contribution_maps, model, basis, batch, preds, layer=layer, head=head,
@@ -1182,9 +1190,12 @@ def build_parser() -> argparse.ArgumentParser:
     image_options(p, 16)
     p.add_argument("--layer", help=argparse.SUPPRESS)
     p.add_argument("--top", type=_positive_int, default=3, help="concepts listed per image (default 3)")
-    p.add_argument("--exact", action="store_true",
-                   help="measure each removal (one forward pass per concept) instead of its first-order "
-                        "estimate from one backward pass")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--exact", action="store_true",
+                     help="measure each removal (one forward pass per concept and image; the default when "
+                          f"concepts x images <= {_EXACT_BUDGET})")
+    how.add_argument("--first-order", action="store_true",
+                     help="estimate each removal to first order from one backward pass (the default above that)")
     p.add_argument("--classes", help="class names of the model's outputs: a text file, one per line, or a JSON list")
     p.set_defaults(run=_cmd_explain)
 

@@ -142,6 +142,11 @@ def test_explain_exact_gives_the_logit_drop_that_intervene_measures(ws, capsys):
     rc, out, err = _run(capsys, *args, "--exact")
     assert rc == 0, err
     assert "measured" in out.splitlines()[0]
+    # 3 concepts x 2 images: measured by default too; --first-order estimates
+    rc, default, _ = _run(capsys, *args)
+    assert rc == 0 and default == out
+    rc, estimate, _ = _run(capsys, *args, "--first-order")
+    assert rc == 0 and "to first order" in estimate.splitlines()[0]
     for line in out.splitlines()[1:]:
         name = line.split(": predicted ")[0]
         concept, value = line.rsplit("concept ", 1)[1].split()
