@@ -715,12 +715,18 @@ def _check_folder_classes(args, source, preds: torch.Tensor, n_outputs: int) -> 
     agree with them less often than chance: the folders' sorted order is then probably not the
     model's output order (or the preprocessing is not the model's), and every class name
     printed is wrong."""
-    if args.classes or args.model is None or source.labels is None or preds.numel() < _MIN_ORDER_CHECK:
+    if args.classes or args.model is None or source.labels is None or preds.numel() == 0:
         return
     if not source.class_names or len(source.class_names) != n_outputs:
         return
-    agree = float((preds.cpu() == source.labels[: preds.numel()]).float().mean())
-    if agree < 1.0 / n_outputs:
+    n = preds.numel()
+    matches = int((preds.cpu() == source.labels[:n]).sum())
+    agree = matches / n
+    # below chance on enough images, or so far below it that chance would rarely give as few
+    # matches (two classes, 7 images, none matching: p = 1/128)
+    p_chance = 1.0 / n_outputs
+    tail = sum(math.comb(n, j) * p_chance ** j * (1 - p_chance) ** (n - j) for j in range(matches + 1))
+    if agree < p_chance and (n >= _MIN_ORDER_CHECK or tail < 0.01):
         _warn(f"the model's predictions match the class subfolders of --images on only {100 * agree:.0f}% of the "
               f"images (chance: {100 / n_outputs:.0f}%): the folders' sorted order ({', '.join(source.class_names[:4])}"
               f"{', ...' if n_outputs > 4 else ''}) is probably not the model's output order (name the outputs "
