@@ -706,7 +706,8 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-# the class-order check judges at least this many images (fewer: chance decides)
+# the class-order check judges "below chance" from this many images on (fewer: only where chance
+# would give so few matches with probability under 1%)
 _MIN_ORDER_CHECK = 20
 
 
