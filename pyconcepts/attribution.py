@@ -170,13 +170,14 @@ def contribution_maps(
     ``max(a_hat - l, 0) s``, through the ReLU that ``intervene`` applies on a non-negative
     layer; ``clamp`` as in ``intervene``) dotted with the score's gradient. Summed over
     positions it is the removal's effect to first order (exactly, through a linear head); the
-    concepts' sums are not a decomposition of the score. ``reference='mean'``: the signed latent factor from the mean,
-    ``a_hat * (s . d score / dx)`` (METHOD.md section 5), which for a complete basis (W S^T = I,
-    K = D) through a linear head adds up to the score minus the score at the mean. ``method``:
-    'linear' (needs ``head``, the nn.Linear after global average pooling of this layer),
-    'gradient' (any network), 'auto' (linear when ``head`` is given). ``output``: which part of the model's output holds the class scores (an
-    index, a key or a callable; for a model ending in probabilities the score is the
-    log-probability)."""
+    concepts' sums are not a decomposition of the score. ``reference='mean'``: the signed latent
+    factor from the mean, ``a_hat * (s . d score / dx)`` (METHOD.md section 5), which for a
+    complete basis (W S^T = I, K = D) through a linear head adds up to the score minus the
+    score at the mean. ``method``: 'linear' (needs ``head``, the nn.Linear after global average
+    pooling of this layer), 'gradient' (any network), 'auto' (linear when ``head`` is given).
+    ``output``: which part of the model's output holds the class scores (an index, a key or a
+    callable; default: the one the basis was extracted with; for a model ending in
+    probabilities the score is the log-probability)."""
     output = output_or_recorded(output, basis)
     if reference not in ("removal", "mean"):
         raise ValueError(f"reference must be 'removal' or 'mean', got {reference!r}")

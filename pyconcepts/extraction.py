@@ -373,7 +373,8 @@ def _extract(model, layer, images, k, seed, refine, ura, skip_tokens, opts, prog
         "final_losses": history, "merge_guard": guards, "silent_detectors": dead, "n_patches": source.n_rows,
         "skip_tokens": skip_tokens,
         # the class scores' place in the model's output (an index or a key; a callable is not
-        # recorded): the CLI's explain, intervene and report use it when --output is not given
+        # recorded): the CLI's commands, counterfactual, rank_concepts, contribution_maps, rcav
+        # and the report use it when no output is given (outputs.output_or_recorded)
         "output": output if isinstance(output, (int, str)) and not isinstance(output, bool) else None,
     })
     return ConceptBasis(decoding, bias, encoding, mean, layer=layer, model_id=model_id, metadata=metadata,
