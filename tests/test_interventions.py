@@ -16,6 +16,15 @@ def random_basis(d, k=3, layer=None, seed=0):
     return pc.ConceptBasis(w, torch.zeros(k), s, torch.rand(d, generator=g), layer=layer)
 
 
+def _restored_copy(model):
+    """A fresh SmallCNN with ``model``'s state dict, corrections re-installed from it."""
+    fresh = SmallCNN().eval()
+    state = model.state_dict()
+    restore_corrections(fresh, state)
+    fresh.load_state_dict(state)
+    return fresh
+
+
 def test_set_puts_the_latent_factor_at_the_target():
     basis = random_basis(6)
     x = torch.randn(50, 6)
@@ -70,10 +79,7 @@ def test_hard_correction_survives_a_state_dict_round_trip():
     with torch.no_grad(), pc.intervene(model, basis, remove=[1], membership="hard", strength=2.0):
         want = model(images)
     pc.correct(model, basis, [1], membership="hard", strength=2.0)
-    fresh = SmallCNN().eval()
-    state = model.state_dict()
-    restore_corrections(fresh, state)
-    fresh.load_state_dict(state)
+    fresh = _restored_copy(model)
     with torch.no_grad():
         assert torch.allclose(fresh(images), want, atol=1e-6)
 
@@ -343,10 +349,7 @@ def test_removal_lowers_a_concept_to_its_absent_level():
     with torch.no_grad(), pc.intervene(model, leveled, remove=[0, 2], membership="hard"):
         edited = model(images)
     fix = pc.correct(model, leveled, [0, 2], membership="hard")
-    fresh = SmallCNN().eval()
-    state = model.state_dict()
-    restore_corrections(fresh, state)
-    fresh.load_state_dict(state)
+    fresh = _restored_copy(model)
     with torch.no_grad():
         assert torch.allclose(model(images), edited, atol=1e-6)
         assert torch.allclose(fresh(images), edited, atol=1e-6)
