@@ -31,12 +31,14 @@ _LAZY = {
     "rank_concepts": "interventions",
     "contribution_maps": "attribution",
     "rcav": "attribution",
+    "compare_bases": "stability",
+    "concept_stability": "stability",
 }
 
 _SUBMODULES = {
     "reference", "stats", "clustering", "pruning", "signal", "detectors", "directions", "basis",
     "synthetic", "metrics", "taps", "ura", "extraction", "interventions", "attribution",
-    "datasets", "demo", "cli", "images", "outputs",
+    "datasets", "demo", "cli", "images", "outputs", "stability",
 }
 
 

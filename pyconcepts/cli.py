@@ -788,6 +788,8 @@ def _cmd_extract(args) -> int:
     _check_out_file(args.out)
     options = _parse_options(args.options, DEFAULTS)
     rank, world = _distributed()
+    if args.stability and world > 1:
+        raise UserError("--stability runs in one process: run it without torchrun")
     model, layer = _model_setup(args)
     source = _open_source(args, model, default_count=600)
     total = len(source)
@@ -829,6 +831,19 @@ def _cmd_extract(args) -> int:
                            "weights": os.path.abspath(args.weights) if args.weights else None,
                            "output": output if not callable(output) else None,
                            "input_shape": list(probe.input_shape)})
+    if args.stability:
+        from .stability import LOW_HALVES_JACCARD, concept_stability
+
+        bar = ProgressBar(enabled=not args.quiet)
+        try:
+            check = concept_stability(model, basis, BatchStream(source, batch_size), seed=args.seed, progress=bar)
+        finally:
+            bar.close()
+        check.record(basis)
+        low = check.unstable()
+        print(f"split-half check: the two halves' concepts overlap at Jaccard {check.between_halves.mean_jaccard:.2f} "
+              f"on average; {len(low)} of {basis.n_concepts} concepts come back below "
+              f"{LOW_HALVES_JACCARD:g} with their partners there" + (f": {', '.join(map(str, low))}" if low else ""))
     if rank == 0:
         basis.save(args.out)
         print(f"wrote {basis} from {total} images ({probe.width} channels at {layer}) to {args.out}")
@@ -842,6 +857,7 @@ def _cmd_extract(args) -> int:
 
 def _print_summary(basis) -> None:
     from .directions import LOW_CONCEPT_AGREEMENT
+    from .stability import LOW_HALVES_JACCARD
 
     print(f"{basis}")
     print(f"  method: {basis.metadata.get('method')}")
@@ -850,18 +866,29 @@ def _print_summary(basis) -> None:
     agreement = basis.metadata.get("concept_agreement")
     if agreement is not None and len(agreement) != basis.n_concepts:
         agreement = None
+    halves = basis.metadata.get("halves_jaccard")
+    if halves is not None and len(halves) != basis.n_concepts:
+        halves = None
     print(f"  {'concept':>7} {'margin':>9} {'|s|':>8} {'w.s':>6} {'cos(w,s)':>9}"
-          + (f" {'restarts agree':>15}" if agreement is not None else ""))
+          + (f" {'restarts agree':>15}" if agreement is not None else "")
+          + (f" {'halves':>8}" if halves is not None else ""))
+
+    def marked(value, low, width):
+        return f" {value:>{width}.2f}" + (" !" if value < low else "  ")
+
     for i in range(basis.n_concepts):
         w, s = basis.decoding[i], basis.encoding[i]
         cos = float(w @ s / (w.norm() * s.norm()))
-        agree = "" if agreement is None else f" {agreement[i]:>13.2f}" + (" !" if agreement[i] < LOW_CONCEPT_AGREEMENT
-                                                                          else "  ")
         print(f"  {i:>7} {float(basis.margin[i]):>9.4f} {float(s.norm()):>8.3f} {float(gain[i]):>6.2f} {cos:>9.3f}"
-              + agree)
+              + ("" if agreement is None else marked(agreement[i], LOW_CONCEPT_AGREEMENT, 13))
+              + ("" if halves is None else marked(halves[i], LOW_HALVES_JACCARD, 6)))
     if agreement is not None:
         print("  restarts agree: overlap of the concept's cluster with its partners in the near-best k-means "
-              f"restarts; ! (below {LOW_CONCEPT_AGREEMENT:g}): another seed or half of the images may not give it back")
+              f"restarts; ! (below {LOW_CONCEPT_AGREEMENT:g}): another seed may not give it back")
+    if halves is not None:
+        print("  halves: mean Jaccard of the concept's detections with its partners in extractions on two random "
+              f"halves of the images (extract --stability); ! (below {LOW_HALVES_JACCARD:g}): other images draw it "
+              f"elsewhere. The two halves' concepts overlap at {float(basis.metadata.get('halves_mean_jaccard') or 0):.2f} on average")
 
 
 def _cmd_report(args) -> int:
@@ -1177,6 +1204,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "through the rest of the network (slower; off by default)")
     p.add_argument("--no-refine", action="store_true", help="no refinement (the default)")
     p.add_argument("--no-ura", action="store_true", help="with --refine: refine without URA")
+    p.add_argument("--stability", action="store_true",
+                   help="also extract on two random halves of the images and record, per concept, how well "
+                        "the halves give it back (pc.concept_stability; about twice the time)")
     p.set_defaults(run=_cmd_extract)
 
     p = sub.add_parser("report", help="an HTML report of a basis (without --out: a text summary)",

@@ -400,6 +400,21 @@ def test_concepts_the_restarts_do_not_reproduce_are_marked(tmp_path):
     assert "trust it less" in page
 
 
+def test_concepts_the_halves_do_not_give_back_are_marked(tmp_path):
+    model = TinyNet().eval()
+    basis = _basis()
+    basis.metadata["halves_jaccard"] = [0.8, 0.65, 0.2]
+    write_report(tmp_path, basis, model, "act", _source(masks=False), **{**FAST, "rcav": False})
+    text = (tmp_path / "index.html").read_text(encoding="utf-8")
+    assert ">halves</th>" in text and ">agree</th>" not in text
+    rows = re.findall(r"<tr>(.*?)</tr>", text.split("<tbody>")[1].split("</tbody>")[0], flags=re.S)
+    by_concept = {int(re.search(r"concept (\d+)</a>", r).group(1)): r for r in rows}
+    assert "0.20 !" in by_concept[2] and "!" not in re.sub(r"<[^>]+>", "", by_concept[1])
+    assert "two random halves" in text  # the note says what the column is
+    page = (tmp_path / "concepts" / "concept-002.html").read_text(encoding="utf-8")
+    assert "two halves of the images (low: trust it less)" in page
+
+
 def test_concept_page_gives_firing_per_predicted_class_and_the_patches_removal_edits(report):
     out, _, model = report
     images = _source().images

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..attribution import rcav as _rcav
 from ..outputs import output_or_recorded
+from ..stability import LOW_HALVES_JACCARD
 from ..taps import LayerTap, resolve_layer
 from .collect import Measurements, OutputSelected, ReceptiveField, measure, receptive_field
 from .html import (CSS, MIN_REMOVAL_EFFECT, ClassEffect, ConceptView, JointRemoval, Picture, ReportView,
@@ -210,6 +211,9 @@ def write_report(
     agreement = (getattr(basis, "metadata", None) or {}).get("concept_agreement")
     if agreement is not None and len(agreement) != k:
         agreement = None
+    halves = (getattr(basis, "metadata", None) or {}).get("halves_jaccard")  # pc.concept_stability
+    if halves is not None and len(halves) != k:
+        halves = None
     views = []
     for rank, i in enumerate(order, start=1):
         effects = []
@@ -235,6 +239,7 @@ def write_report(
             mask_iou=([(name, float(m.mask_iou[i, j])) for j, name in enumerate(m.mask_names)]
                       if m.mask_iou is not None else None),
             agreement=float(agreement[i]) if agreement is not None else None,
+            halves=float(halves[i]) if halves is not None else None,
             edited_share=float(m.edited_patches[i]) / m.n_patches,
         ))
 
@@ -279,6 +284,10 @@ def write_report(
            "of the extraction that came near the best one (matched Jaccard); below 0.5 (marked !) the clustering "
            "could as well have drawn the concept elsewhere, and another seed or another half of the images "
            "may not give it back."] if agreement is not None else []),
+        *([f"Halves: the split-half check (pc.concept_stability, extract --stability): the images were split "
+           f"into two random halves and extracted again on each; the mean Jaccard of the concept's detection set "
+           f"with its partners there. Below {LOW_HALVES_JACCARD:g} (marked !) other images draw the concept "
+           f"elsewhere."] if halves is not None else []),
         "Pushes up / down: the classes whose log-odds fall / rise the most (by at least 0.01) when the concept "
         "is removed, each measured on the sampled images predicted as it" + ("; classes marked * come first: RCAV finds that adding the concept raises / lowers their "
                         "probability significantly. " + rcav_note if result is not None else " (RCAV not run)."),

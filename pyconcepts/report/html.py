@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 from ..directions import LOW_CONCEPT_AGREEMENT
+from ..stability import LOW_HALVES_JACCARD
 
 __all__ = ["esc", "CSS", "ConceptView", "ClassEffect", "Picture", "ReportView", "index_page", "concept_page",
            "histogram_svg"]
@@ -67,6 +68,7 @@ class ConceptView:
     effects: List[ClassEffect]     # every class
     mask_iou: Optional[List[Tuple[str, float]]] = None
     agreement: Optional[float] = None  # overlap with its partners in near-best k-means restarts
+    halves: Optional[float] = None  # mean Jaccard with its partners in the split-half check
     edited_share: Optional[float] = None  # patches the default removal edits
 
     @property
@@ -218,12 +220,13 @@ def _facts(facts: Sequence[Tuple[str, str]]) -> str:
 def index_page(view: ReportView) -> str:
     top = max((c.influence for c in view.concepts), default=0.0) or 1.0
     agree = any(c.agreement is not None for c in view.concepts)
+    halves = any(c.halves is not None for c in view.concepts)
     head = ["#", "concept", "influence", "flips", "fires on"] + (["agree"] if agree else []) + \
-        ["pushes up", "pushes down"]
+        (["halves"] if halves else []) + ["pushes up", "pushes down"]
     if view.has_masks:
         head.append("best mask IoU")
     head.append("top patches")
-    num = {"flips", "fires on", "best mask IoU", "agree"}
+    num = {"flips", "fires on", "best mask IoU", "agree", "halves"}
     rows = []
     for c in view.concepts:
         up, down = c.up_down(2)
@@ -235,6 +238,7 @@ def index_page(view: ReportView) -> str:
             f"<td class=\"num\">{esc(_pct(c.flips))}</td>",
             f"<td class=\"num\" title=\"{esc(_pct(c.image_share))} of the images\">{esc(_pct(c.patch_share))}</td>",
             *([_agreement_cell(c.agreement)] if agree else []),
+            *([_halves_cell(c.halves)] if halves else []),
             "<td>" + (" ".join(_class_tag(e, "up") for e in up) or "<span class=\"muted\">-</span>") + "</td>",
             "<td>" + (" ".join(_class_tag(e, "down") for e in down) or "<span class=\"muted\">-</span>") + "</td>",
         ]
@@ -262,6 +266,15 @@ def index_page(view: ReportView) -> str:
 
 # concepts whose restart agreement is below this are marked (see directions.py)
 LOW_AGREEMENT = LOW_CONCEPT_AGREEMENT
+
+
+def _halves_cell(value: Optional[float]) -> str:
+    if value is None:
+        return "<td class=\"num muted\">-</td>"
+    if value < LOW_HALVES_JACCARD:
+        return (f"<td class=\"num down\" title=\"extractions on two halves of the images draw this concept "
+                f"elsewhere: trust it less\">{value:.2f} !</td>")
+    return f"<td class=\"num\">{value:.2f}</td>"
 
 
 def _agreement_cell(value: Optional[float]) -> str:
@@ -410,6 +423,9 @@ def concept_page(view: ReportView, c: ConceptView, crop_note: str, map_note: str
     if c.agreement is not None:
         stats.append((f"{c.agreement:.2f}", "overlap with its partners in the near-best k-means restarts"
                       + (" (low: trust it less)" if c.agreement < LOW_AGREEMENT else "")))
+    if c.halves is not None:
+        stats.append((f"{c.halves:.2f}", "overlap with its partners in extractions on two halves of the images"
+                      + (" (low: trust it less)" if c.halves < LOW_HALVES_JACCARD else "")))
     if c.mask_iou:
         name, best = max(c.mask_iou, key=lambda t: t[1])
         stats.append((f"{best:.2f}", f"IoU with the ground-truth mask '{name}'"))

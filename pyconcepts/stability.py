@@ -1,0 +1,266 @@
+"""Which concepts other images would give back: comparing bases, and a split-half check.
+
+- ``compare_bases(a, b, x)``: pairs the concepts of two bases of the same layer by the
+  overlap of what they detect on the rows ``x`` (Hungarian matching of the Jaccard index of
+  the detection sets) and gives, per concept of ``a``, its partner in ``b``, their Jaccard and
+  the |cosine| of their decoding and encoding directions.
+- ``concept_stability(model, basis, images)``: splits the images into two random halves,
+  extracts on each with the settings the basis records, and compares the basis with both
+  halves and the halves with each other on the layer rows of all the images. A concept whose
+  partners in the halves detect other patches (Jaccard below ``LOW_HALVES_JACCARD``) is one
+  that a different set of images would draw elsewhere: trust it less.
+
+The restart agreement that every extraction records (``basis.metadata["concept_agreement"]``)
+is free but sees only what another k-means seed would change; this check measures what
+other data would change, at the cost of two extractions on half of the images each and one
+more pass over all of them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .basis import ConceptBasis
+from .metrics import linear_sum_assignment
+from .stats import DEFAULT_CHUNK_SIZE, iter_chunks
+
+__all__ = ["compare_bases", "concept_stability", "BasisComparison", "ConceptStability", "LOW_HALVES_JACCARD"]
+
+# a concept whose partners in the two halves overlap it less than this (mean Jaccard of the
+# detection sets) is marked as one that other images would not give back
+LOW_HALVES_JACCARD = 0.5
+
+
+@dataclass
+class BasisComparison:
+    """Concepts of basis ``a`` paired with those of ``b`` on the same rows.
+
+    Per concept of ``a`` (K_a,): ``partner`` (int64, the index in ``b``, -1 where ``b`` has
+    fewer concepts and none was left), ``jaccard`` (float64, of the two detection sets),
+    ``decoding_cosine`` / ``encoding_cosine`` (|cos| with the partner's directions, NaN
+    without a partner), ``rate_a`` / ``rate_b`` (share of the rows each detector fires on).
+    """
+
+    partner: torch.Tensor
+    jaccard: torch.Tensor
+    decoding_cosine: torch.Tensor
+    encoding_cosine: torch.Tensor
+    rate_a: torch.Tensor
+    rate_b: torch.Tensor
+    n_rows: int
+
+    @property
+    def mean_jaccard(self) -> float:
+        """Mean Jaccard over the concepts of ``a`` (0 for one without a partner)."""
+        return float(self.jaccard.mean())
+
+    def __repr__(self) -> str:
+        return (f"BasisComparison({self.partner.numel()} concepts on {self.n_rows} rows: mean Jaccard "
+                f"{self.mean_jaccard:.3f}, mean decoding |cos| {float(self.decoding_cosine.nan_to_num(0).mean()):.3f})")
+
+
+def _check_basis(basis, name: str) -> None:
+    if not isinstance(basis, ConceptBasis):
+        raise TypeError(f"{name} must be a ConceptBasis, got {type(basis).__name__}")
+
+
+def _overlaps(x, bases: List[ConceptBasis], pairs: List[Tuple[int, int]], chunk_size: int):
+    """Detection counts per basis and intersection counts per pair, from one pass over x."""
+    d = bases[0].decoding.shape[1]
+    counts = [torch.zeros(b.n_concepts, dtype=torch.float64) for b in bases]
+    inter = {p: torch.zeros(bases[p[0]].n_concepts, bases[p[1]].n_concepts, dtype=torch.float64) for p in pairs}
+    rows = 0
+    for chunk in iter_chunks(x, chunk_size, dim=d):
+        chunk = chunk.to(torch.float32)
+        if not bool(torch.isfinite(chunk).all()):
+            raise ValueError("x contains NaN or Inf rows")
+        fired = [b.detect(chunk.to(b.decoding.device)).cpu().to(torch.float32) for b in bases]
+        for j, f in enumerate(fired):
+            counts[j] += f.sum(0).double()
+        for (i, j) in pairs:
+            inter[i, j] += (fired[i].T @ fired[j]).double()
+        rows += chunk.shape[0]
+    if rows == 0:
+        raise ValueError("x is empty: no rows to compare the detections on")
+    return counts, inter, rows
+
+
+def _pair(a: ConceptBasis, b: ConceptBasis, count_a, count_b, inter, rows: int) -> BasisComparison:
+    union = count_a[:, None] + count_b[None, :] - inter
+    jac = (inter / union.clamp_min(1)).numpy()
+    r, c = linear_sum_assignment(-jac)
+    k = a.n_concepts
+    partner = torch.full((k,), -1, dtype=torch.int64)
+    partner[torch.as_tensor(r)] = torch.as_tensor(c)
+    has = partner >= 0
+    jaccard = torch.zeros(k, dtype=torch.float64)
+    jaccard[has] = torch.as_tensor(jac)[has.nonzero().flatten(), partner[has]]
+
+    def cosines(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        u = u.detach().double().cpu()
+        v = v.detach().double().cpu()
+        u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        out = torch.full((k,), math.nan, dtype=torch.float64)
+        out[has] = (u[has] * v[partner[has]]).sum(1).abs()
+        return out
+
+    rate_b = torch.full((k,), math.nan, dtype=torch.float64)
+    rate_b[has] = count_b[partner[has]] / rows
+    return BasisComparison(partner, jaccard, cosines(a.decoding, b.decoding), cosines(a.encoding, b.encoding),
+                           count_a / rows, rate_b, rows)
+
+
+def compare_bases(a: ConceptBasis, b: ConceptBasis, x, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> BasisComparison:
+    """Pair the concepts of ``a`` with those of ``b`` by what they detect on the rows ``x``.
+
+    ``x``: layer rows (N, D) of the layer both bases were extracted from (a tensor or a
+    re-iterable of (n, D) chunks, e.g. ``LayerTap.to_rows`` of some images). The pairing
+    maximises the summed Jaccard index of the detection sets (Hungarian method); see
+    ``BasisComparison`` for what is returned.
+    """
+    _check_basis(a, "a")
+    _check_basis(b, "b")
+    if a.decoding.shape[1] != b.decoding.shape[1]:
+        raise ValueError(f"a and b read different layers: {a.decoding.shape[1]} vs {b.decoding.shape[1]} channels")
+    if isinstance(x, torch.Tensor) and (x.dim() != 2 or x.shape[1] != a.decoding.shape[1]):
+        raise ValueError(f"x must be (N, {a.decoding.shape[1]}) layer rows, got shape {tuple(x.shape)}")
+    counts, inter, rows = _overlaps(x, [a, b], [(0, 1)], chunk_size)
+    return _pair(a, b, counts[0], counts[1], inter[0, 1], rows)
+
+
+@dataclass
+class ConceptStability:
+    """The split-half check of a basis (``concept_stability``).
+
+    ``jaccard`` (K,): per concept of the basis, the mean Jaccard of its detection set with
+    those of its partners in the two halves' extractions, on the rows of all the images;
+    ``to_halves``: the two ``BasisComparison`` of the basis with each half; ``between_halves``:
+    half A's concepts against half B's (its ``mean_jaccard`` is what
+    ``benchmarks.real_network`` reports as the halves' Jaccard); ``halves``: the two bases;
+    ``n_images``: images in each half.
+    """
+
+    jaccard: torch.Tensor
+    to_halves: Tuple[BasisComparison, BasisComparison]
+    between_halves: BasisComparison
+    halves: Tuple[ConceptBasis, ConceptBasis] = field(repr=False)
+    n_images: Tuple[int, int]
+
+    def unstable(self, threshold: float = LOW_HALVES_JACCARD) -> List[int]:
+        """Concepts whose partners in the halves overlap them less than ``threshold``."""
+        return [int(i) for i in torch.nonzero(self.jaccard < threshold).flatten()]
+
+    def record(self, basis: ConceptBasis) -> ConceptBasis:
+        """Store the per-concept figures in ``basis.metadata["halves_jaccard"]`` (the report
+        and ``pyconcepts report BASIS`` show them) and the halves' mutual Jaccard in
+        ``["halves_mean_jaccard"]``; returns the basis."""
+        if basis.n_concepts != self.jaccard.numel():
+            raise ValueError(f"basis has {basis.n_concepts} concepts, this check {self.jaccard.numel()}")
+        basis.metadata["halves_jaccard"] = [round(float(v), 4) for v in self.jaccard]
+        basis.metadata["halves_mean_jaccard"] = round(self.between_halves.mean_jaccard, 4)
+        basis.metadata["halves_images"] = list(self.n_images)
+        return basis
+
+    def __repr__(self) -> str:
+        low = self.unstable()
+        return (f"ConceptStability({self.jaccard.numel()} concepts, halves of {self.n_images[0]} / {self.n_images[1]} "
+                f"images: mean Jaccard with the halves' partners {float(self.jaccard.mean()):.3f}, between the "
+                f"halves {self.between_halves.mean_jaccard:.3f}; below {LOW_HALVES_JACCARD:g}: {low})")
+
+
+class _HalfImages:
+    """The images of one half, as a re-iterable stream of batches: image number g (counted
+    over the whole stream) belongs to it where ``member[g]``."""
+
+    def __init__(self, images, member: torch.Tensor):
+        self.images, self.member = images, member
+
+    def __iter__(self):
+        from .taps import iter_batches
+
+        seen = 0
+        for batch in iter_batches(self.images):
+            keep = self.member[seen:seen + batch.shape[0]]
+            seen += batch.shape[0]
+            if bool(keep.any()):
+                yield batch[keep.to(batch.device)]
+
+
+def concept_stability(
+    model: torch.nn.Module,
+    basis: ConceptBasis,
+    images,
+    *,
+    seed: int = 0,
+    options: Optional[dict] = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: Optional[Callable[[str, int, Optional[int]], None]] = None,
+) -> ConceptStability:
+    """Split-half check: would other images give the basis's concepts back?
+
+    The images (the ones the basis was extracted from, or others of the same kind: a tensor
+    (B, C, H, W) or a re-iterable of batches) are split at random (``seed``) into two halves
+    of whole images; each half is extracted with ``pc.extract`` and the settings the basis
+    records (its layer, K, seed, options, refinement, URA, skip_tokens, output; ``options``
+    overrides some); the basis and both halves are then compared on the layer rows of all
+    the images (``compare_bases``). Costs two extractions on half of the images each and
+    one more pass over all of them. ``progress(stage, done, total)`` as in ``pc.extract``.
+    """
+    from .extraction import _count_images, extract
+    from .taps import LayerTap, iter_batches
+
+    _check_basis(basis, "basis")
+    if basis.layer is None:
+        raise ValueError("basis records no layer: extract it with pc.extract (or set basis.layer)")
+    if not isinstance(images, torch.Tensor) and iter(images) is images:
+        raise TypeError("images must be a tensor or a re-iterable of batches (not a one-shot iterator): "
+                        "the check reads them three times")
+    meta = basis.metadata or {}
+    n = _count_images(images)
+    if n < 2:
+        raise ValueError(f"images has {n} image(s): a split-half check needs at least 2")
+    member = torch.zeros(n, dtype=torch.bool)
+    member[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: n // 2]] = True
+    settings = dict(meta.get("extract_settings") or {})
+    settings.update(options or {})
+    skip = int(meta.get("skip_tokens") or 0)
+    kwargs = dict(seed=int(meta.get("seed", 0) or 0), refine=bool(meta.get("refine", False)),
+                  ura=bool(meta.get("ura", True)), skip_tokens=skip, options=settings or None,
+                  model_id=basis.model_id, output=meta.get("output"))
+    halves = []
+    for h, part in enumerate((member, ~member)):
+        step = None if progress is None else (lambda stage, done, total, h=h: progress(f"half {'AB'[h]}: {stage}",
+                                                                                        done, total))
+        halves.append(extract(model, basis.layer, _HalfImages(images, part), basis.n_concepts,
+                              progress=step, **kwargs))
+    tap = LayerTap(model, basis.layer, skip_tokens=skip)
+    batch_size = int(settings.get("batch_size", 64))
+    if isinstance(images, torch.Tensor):
+        total = math.ceil(n / batch_size)
+    else:
+        total = len(images) if hasattr(images, "__len__") else None
+
+    def rows():
+        for j, batch in enumerate(iter_batches(images, batch_size)):
+            with torch.no_grad():
+                out = tap.to_rows(tap.activations(batch)).float()
+            if progress is not None:
+                progress("comparing", j + 1, total)
+            yield out
+
+    class _Rows:
+        def __iter__(self):
+            return rows()
+
+    bases = [basis, *halves]
+    counts, inter, n_rows = _overlaps(_Rows(), bases, [(0, 1), (0, 2), (1, 2)], chunk_size)
+    to_a = _pair(bases[0], bases[1], counts[0], counts[1], inter[0, 1], n_rows)
+    to_b = _pair(bases[0], bases[2], counts[0], counts[2], inter[0, 2], n_rows)
+    between = _pair(bases[1], bases[2], counts[1], counts[2], inter[1, 2], n_rows)
+    return ConceptStability(0.5 * (to_a.jaccard + to_b.jaccard), (to_a, to_b), between, tuple(halves),
+                            (int(member.sum()), int((~member).sum())))
