@@ -836,12 +836,13 @@ def _cmd_extract(args) -> int:
 
         bar = ProgressBar(enabled=not args.quiet)
         try:
-            check = concept_stability(model, basis, BatchStream(source, batch_size), seed=args.seed, progress=bar)
+            check = concept_stability(model, basis, BatchStream(source, batch_size), splits=args.stability,
+                                      seed=args.seed, progress=bar)
         finally:
             bar.close()
         check.record(basis)
         low = check.unstable()
-        print(f"split-half check: the two halves' concepts overlap at Jaccard {check.between_halves.mean_jaccard:.2f} "
+        print(f"split-half check ({args.stability} split(s)): the two halves' concepts overlap at Jaccard {check.halves_jaccard:.2f} "
               f"on average; {len(low)} of {basis.n_concepts} concepts come back below "
               f"{LOW_HALVES_JACCARD:g} with their partners there" + (f": {', '.join(map(str, low))}" if low else ""))
     if rank == 0:
@@ -1204,9 +1205,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "through the rest of the network (slower; off by default)")
     p.add_argument("--no-refine", action="store_true", help="no refinement (the default)")
     p.add_argument("--no-ura", action="store_true", help="with --refine: refine without URA")
-    p.add_argument("--stability", action="store_true",
-                   help="also extract on two random halves of the images and record, per concept, how well "
-                        "the halves give it back (pc.concept_stability; about twice the time)")
+    p.add_argument("--stability", type=_positive_int, nargs="?", const=3, default=None, metavar="SPLITS",
+                   help="also split the images into two random halves SPLITS times (default 3), extract on each "
+                        "half and record, per concept, how well the halves give it back (pc.concept_stability; "
+                        "about SPLITS + 1 times the time)")
     p.set_defaults(run=_cmd_extract)
 
     p = sub.add_parser("report", help="an HTML report of a basis (without --out: a text summary)",

@@ -12,8 +12,8 @@
 
 The restart agreement that every extraction records (``basis.metadata["concept_agreement"]``)
 is free but sees only what another k-means seed would change; this check measures what
-other data would change, at the cost of two extractions on half of the images each and one
-more pass over all of them.
+other data would change, at the cost of two extractions on half of the images per split and
+one more pass over all of them.
 """
 from __future__ import annotations
 
@@ -138,18 +138,25 @@ class ConceptStability:
     """The split-half check of a basis (``concept_stability``).
 
     ``jaccard`` (K,): per concept of the basis, the mean Jaccard of its detection set with
-    those of its partners in the two halves' extractions, on the rows of all the images;
-    ``to_halves``: the two ``BasisComparison`` of the basis with each half; ``between_halves``:
-    half A's concepts against half B's (its ``mean_jaccard`` is what
-    ``benchmarks.real_network`` reports as the halves' Jaccard); ``halves``: the two bases;
-    ``n_images``: images in each half.
+    those of its partners in the halves' extractions (both halves of every split), on the
+    rows of all the images; ``to_halves``: the ``BasisComparison`` of the basis with each half
+    (two per split); ``between_halves``: per split, its half A's concepts against its half B's;
+    ``halves``: the half bases, in the order of ``to_halves``; ``n_images``: images in the
+    halves of the first split.
     """
 
     jaccard: torch.Tensor
-    to_halves: Tuple[BasisComparison, BasisComparison]
-    between_halves: BasisComparison
-    halves: Tuple[ConceptBasis, ConceptBasis] = field(repr=False)
+    to_halves: Tuple[BasisComparison, ...]
+    between_halves: Tuple[BasisComparison, ...]
+    halves: Tuple[ConceptBasis, ...] = field(repr=False)
     n_images: Tuple[int, int]
+
+    @property
+    def halves_jaccard(self) -> float:
+        """How far two halves' concepts agree: the mean matched Jaccard between the halves of a
+        split, averaged over the splits (what ``benchmarks.real_network`` reports as the
+        halves' Jaccard)."""
+        return float(sum(c.mean_jaccard for c in self.between_halves) / len(self.between_halves))
 
     def unstable(self, threshold: float = LOW_HALVES_JACCARD) -> List[int]:
         """Concepts whose partners in the halves overlap them less than ``threshold``."""
@@ -157,20 +164,23 @@ class ConceptStability:
 
     def record(self, basis: ConceptBasis) -> ConceptBasis:
         """Store the per-concept figures in ``basis.metadata["halves_jaccard"]`` (the report
-        and ``pyconcepts report BASIS`` show them) and the halves' mutual Jaccard in
-        ``["halves_mean_jaccard"]``; returns the basis."""
+        and ``pyconcepts report BASIS`` show them), ``halves_jaccard`` in
+        ``["halves_mean_jaccard"]`` and the number of splits in ``["halves_splits"]``; returns
+        the basis."""
         if basis.n_concepts != self.jaccard.numel():
             raise ValueError(f"basis has {basis.n_concepts} concepts, this check {self.jaccard.numel()}")
         basis.metadata["halves_jaccard"] = [round(float(v), 4) for v in self.jaccard]
-        basis.metadata["halves_mean_jaccard"] = round(self.between_halves.mean_jaccard, 4)
+        basis.metadata["halves_mean_jaccard"] = round(self.halves_jaccard, 4)
         basis.metadata["halves_images"] = list(self.n_images)
+        basis.metadata["halves_splits"] = len(self.between_halves)
         return basis
 
     def __repr__(self) -> str:
         low = self.unstable()
-        return (f"ConceptStability({self.jaccard.numel()} concepts, halves of {self.n_images[0]} / {self.n_images[1]} "
-                f"images: mean Jaccard with the halves' partners {float(self.jaccard.mean()):.3f}, between the "
-                f"halves {self.between_halves.mean_jaccard:.3f}; below {LOW_HALVES_JACCARD:g}: {low})")
+        return (f"ConceptStability({self.jaccard.numel()} concepts, {len(self.between_halves)} split(s) into "
+                f"{self.n_images[0]} / {self.n_images[1]} images: mean Jaccard with the halves' partners "
+                f"{float(self.jaccard.mean()):.3f}, between the halves {self.halves_jaccard:.3f}; below "
+                f"{LOW_HALVES_JACCARD:g}: {low})")
 
 
 class _HalfImages:
@@ -196,6 +206,7 @@ def concept_stability(
     basis: ConceptBasis,
     images,
     *,
+    splits: int = 3,
     seed: int = 0,
     options: Optional[dict] = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -205,11 +216,13 @@ def concept_stability(
 
     The images (the ones the basis was extracted from, or others of the same kind: a tensor
     (B, C, H, W) or a re-iterable of batches) are split at random (``seed``) into two halves
-    of whole images; each half is extracted with ``pc.extract`` and the settings the basis
-    records (its layer, K, seed, options, refinement, URA, skip_tokens, output; ``options``
-    overrides some); the basis and both halves are then compared on the layer rows of all
-    the images (``compare_bases``). Costs two extractions on half of the images each and
-    one more pass over all of them. ``progress(stage, done, total)`` as in ``pc.extract``.
+    of whole images, ``splits`` times; each half is extracted with ``pc.extract`` and the
+    settings the basis records (its layer, K, seed, options, refinement, URA, skip_tokens,
+    output; ``options`` overrides some); the basis and all halves are then compared on the
+    layer rows of all the images (``compare_bases``), in one more pass over them. Costs
+    ``2 * splits`` extractions on half of the images each. The per-concept figures of a single
+    split are noisy (one halving can miss a low one or add one); the splits average that out.
+    ``progress(stage, done, total)`` as in ``pc.extract``.
     """
     from .extraction import _count_images, extract
     from .taps import LayerTap, iter_batches
@@ -217,27 +230,33 @@ def concept_stability(
     _check_basis(basis, "basis")
     if basis.layer is None:
         raise ValueError("basis records no layer: extract it with pc.extract (or set basis.layer)")
+    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
+        raise ValueError(f"splits must be a positive int, got {splits!r}")
     if not isinstance(images, torch.Tensor) and iter(images) is images:
         raise TypeError("images must be a tensor or a re-iterable of batches (not a one-shot iterator): "
-                        "the check reads them three times")
+                        "the check reads them several times")
     meta = basis.metadata or {}
     n = _count_images(images)
     if n < 2:
         raise ValueError(f"images has {n} image(s): a split-half check needs at least 2")
-    member = torch.zeros(n, dtype=torch.bool)
-    member[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: n // 2]] = True
     settings = dict(meta.get("extract_settings") or {})
     settings.update(options or {})
     skip = int(meta.get("skip_tokens") or 0)
     kwargs = dict(seed=int(meta.get("seed", 0) or 0), refine=bool(meta.get("refine", False)),
                   ura=bool(meta.get("ura", True)), skip_tokens=skip, options=settings or None,
                   model_id=basis.model_id, output=meta.get("output"))
-    halves = []
-    for h, part in enumerate((member, ~member)):
-        step = None if progress is None else (lambda stage, done, total, h=h: progress(f"half {'AB'[h]}: {stage}",
-                                                                                        done, total))
-        halves.append(extract(model, basis.layer, _HalfImages(images, part), basis.n_concepts,
-                              progress=step, **kwargs))
+    generator = torch.Generator().manual_seed(seed)
+    halves, sizes = [], None
+    for split in range(splits):
+        member = torch.zeros(n, dtype=torch.bool)
+        member[torch.randperm(n, generator=generator)[: n // 2]] = True
+        sizes = sizes or (int(member.sum()), int((~member).sum()))
+        for h, part in enumerate((member, ~member)):
+            name = f"split {split + 1}, half {'AB'[h]}" if splits > 1 else f"half {'AB'[h]}"
+            step = None if progress is None else (lambda stage, done, total, name=name:
+                                                  progress(f"{name}: {stage}", done, total))
+            halves.append(extract(model, basis.layer, _HalfImages(images, part), basis.n_concepts,
+                                  progress=step, **kwargs))
     tap = LayerTap(model, basis.layer, skip_tokens=skip)
     batch_size = int(settings.get("batch_size", 64))
     if isinstance(images, torch.Tensor):
@@ -245,22 +264,21 @@ def concept_stability(
     else:
         total = len(images) if hasattr(images, "__len__") else None
 
-    def rows():
-        for j, batch in enumerate(iter_batches(images, batch_size)):
-            with torch.no_grad():
-                out = tap.to_rows(tap.activations(batch)).float()
-            if progress is not None:
-                progress("comparing", j + 1, total)
-            yield out
-
     class _Rows:
         def __iter__(self):
-            return rows()
+            for j, batch in enumerate(iter_batches(images, batch_size)):
+                with torch.no_grad():
+                    out = tap.to_rows(tap.activations(batch)).float()
+                if progress is not None:
+                    progress("comparing", j + 1, total)
+                yield out
 
     bases = [basis, *halves]
-    counts, inter, n_rows = _overlaps(_Rows(), bases, [(0, 1), (0, 2), (1, 2)], chunk_size)
-    to_a = _pair(bases[0], bases[1], counts[0], counts[1], inter[0, 1], n_rows)
-    to_b = _pair(bases[0], bases[2], counts[0], counts[2], inter[0, 2], n_rows)
-    between = _pair(bases[1], bases[2], counts[1], counts[2], inter[1, 2], n_rows)
-    return ConceptStability(0.5 * (to_a.jaccard + to_b.jaccard), (to_a, to_b), between, tuple(halves),
-                            (int(member.sum()), int((~member).sum())))
+    pairs = [(0, h) for h in range(1, len(bases))] + [(2 * s + 1, 2 * s + 2) for s in range(splits)]
+    counts, inter, n_rows = _overlaps(_Rows(), bases, pairs, chunk_size)
+    to_halves = tuple(_pair(basis, bases[h], counts[0], counts[h], inter[0, h], n_rows)
+                      for h in range(1, len(bases)))
+    between = tuple(_pair(bases[2 * s + 1], bases[2 * s + 2], counts[2 * s + 1], counts[2 * s + 2],
+                          inter[2 * s + 1, 2 * s + 2], n_rows) for s in range(splits))
+    jaccard = torch.stack([c.jaccard for c in to_halves]).mean(0)
+    return ConceptStability(jaccard, to_halves, between, tuple(halves), sizes)

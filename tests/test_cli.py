@@ -125,10 +125,11 @@ def test_extract_from_a_folder_records_layer_width_and_model(ws):
 def test_extract_with_stability_records_the_split_half_check(ws, capsys, tmp_path):
     out = tmp_path / "checked.safetensors"
     rc, printed, _ = _run(capsys, "extract", *_model_args(ws), "--images", ws / "photos", "--layer", "features.3",
-                          "-k", "3", "--out", out, "--options", FAST, "--quiet", "--stability")
+                          "-k", "3", "--out", out, "--options", FAST, "--quiet", "--stability", "2")
     assert rc == 0 and "split-half check" in printed
     basis = ConceptBasis.load(out)
     assert len(basis.metadata["halves_jaccard"]) == 3 and basis.metadata["halves_images"] == [6, 6]
+    assert basis.metadata["halves_splits"] == 2
     assert all(0.0 <= v <= 1.0 for v in basis.metadata["halves_jaccard"])
     rc, summary, _ = _run(capsys, "report", out)
     assert rc == 0 and "halves" in summary and "two random halves" in summary

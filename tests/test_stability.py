@@ -107,7 +107,7 @@ def test_split_half_check_tells_planted_concepts_from_arbitrary_ones():
     for name, images in (("planted", planted), ("noise", noise)):
         k = 3 if name == "planted" else 8
         basis = pc.extract(model, "body", images, k, options={"n_init": 4})
-        checks[name] = concept_stability(model, basis, images)
+        checks[name] = concept_stability(model, basis, images, splits=1)
     good, bad = checks["planted"], checks["noise"]
     assert good.n_images == (100, 100)
     assert float(good.jaccard.min()) > 0.9 and good.unstable() == []
@@ -116,7 +116,8 @@ def test_split_half_check_tells_planted_concepts_from_arbitrary_ones():
     # the streamed comparison is compare_bases on all rows
     rows = LayerTap(model, "body").to_rows(planted)
     direct = compare_bases(good.halves[0], good.halves[1], rows)
-    assert torch.allclose(direct.jaccard, good.between_halves.jaccard)
+    assert torch.allclose(direct.jaccard, good.between_halves[0].jaccard)
+    assert good.halves_jaccard == pytest.approx(direct.mean_jaccard)
     basis = pc.extract(model, "body", planted, 3, options={"n_init": 4})
     to_a = compare_bases(basis, good.halves[0], rows)
     assert torch.allclose(to_a.jaccard, good.to_halves[0].jaccard)
@@ -126,16 +127,19 @@ def test_split_half_check_is_seeded_records_and_reads_batches():
     model = Rows().eval()
     images = _images(SyntheticModel(dim=16, n_concepts=3, n_distractors=2, seed=1).sample(3600).x)
     basis = pc.extract(model, "body", images, 3, options={"n_init": 3})
-    one = concept_stability(model, basis, images, seed=4)
-    two = concept_stability(model, basis, [images[i:i + 7] for i in range(0, len(images), 7)], seed=4)
+    one = concept_stability(model, basis, images, seed=4, splits=2)
+    two = concept_stability(model, basis, [images[i:i + 7] for i in range(0, len(images), 7)], seed=4, splits=2)
     assert torch.allclose(one.jaccard, two.jaccard)  # the same halves from batches as from a tensor
+    assert len(one.to_halves) == 4 and len(one.between_halves) == 2 and len(one.halves) == 4
+    assert torch.allclose(one.jaccard, torch.stack([c.jaccard for c in one.to_halves]).mean(0))
+    assert one.halves_jaccard == pytest.approx(sum(c.mean_jaccard for c in one.between_halves) / 2)
     seen = []
-    concept_stability(model, basis, images, progress=lambda stage, done, total: seen.append(stage))
+    concept_stability(model, basis, images, splits=1, progress=lambda stage, done, total: seen.append(stage))
     assert any(s.startswith("half A") for s in seen) and any(s.startswith("half B") for s in seen)
     assert "comparing" in seen
     one.record(basis)
     assert basis.metadata["halves_jaccard"] == [round(float(v), 4) for v in one.jaccard]
-    assert basis.metadata["halves_images"] == [50, 50]
+    assert basis.metadata["halves_images"] == [50, 50] and basis.metadata["halves_splits"] == 2
     with pytest.raises(ValueError, match="basis has 2 concepts, this check 3"):
         one.record(_basis(k=2))
     assert "ConceptStability(3 concepts" in repr(one)
@@ -151,5 +155,7 @@ def test_split_half_check_rejects_bad_input():
         concept_stability(model, basis, images[:1])
     with pytest.raises(ValueError, match="records no layer"):
         concept_stability(model, _basis(k=2, layer=None), images)
+    with pytest.raises(ValueError, match="splits must be a positive int"):
+        concept_stability(model, basis, images, splits=0)
     with pytest.raises(TypeError, match="basis must be a ConceptBasis"):
         concept_stability(model, "basis.safetensors", images)
