@@ -420,9 +420,10 @@ def main(argv=None):
         print(f"\n[{method}] fitting on A and B ({len(splits)} splits), A+B (seeds {seed0}, {seed1}) ...",
               flush=True)
         halves = {"halves_decoding_cos": [], "halves_encoding_cos": [], "halves_jaccard": []}
-        times = []
+        times, half_fits = [], []
         for j in range(len(splits)):
             fa, fb = fit(method, "a", seed0, j), fit(method, "b", seed0, j)
+            half_fits += [fa, fb]
             times += [fa.seconds, fb.seconds]
             halves["halves_decoding_cos"].append(matched_abs_cosine(fa.decoding, fb.decoding))
             halves["halves_encoding_cos"].append(matched_abs_cosine(fa.encoding, fb.encoding))
@@ -481,6 +482,24 @@ def main(argv=None):
                       f"agreement < 0.5: {int(low.sum())} concepts, their Jaccard "
                       f"{np.round(seed_jac[low], 2).tolist()} (the others: mean {seed_jac[~low].mean():.2f}, "
                       f"min {seed_jac[~low].min():.2f})")
+            # the split-half check a user runs (other random halves than the benchmark's): does
+            # it say which concepts the benchmark's own halves give back?
+            t0 = time.perf_counter()
+            check = pc.concept_stability(model, f0.basis, data.images, splits=3, seed=seed0)
+            check_seconds = time.perf_counter() - t0
+            reference = np.mean([pc.compare_bases(f0.basis, h.basis, all_rows).jaccard.numpy() for h in half_fits], 0)
+            corr_check = float(np.corrcoef(check.jaccard.numpy(), reference)[0, 1])
+            res_m["concept_stability"] = {
+                "halves_jaccard": check.halves_jaccard, "per_concept": check.jaccard.tolist(),
+                "benchmark_halves_per_concept": reference.tolist(), "correlation": corr_check,
+                "seconds": check_seconds}
+            line = (f"pc.concept_stability(splits=3): halves agree at {check.halves_jaccard:.3f} (the benchmark's "
+                    f"halves: {statistics.mean(halves['halves_jaccard']):.3f}); per concept vs the Jaccard with "
+                    f"partners in the benchmark's halves: r = {corr_check:.2f}")
+            if agreement is not None:
+                line += f" (restart agreement: r = {float(np.corrcoef(agree, reference)[0, 1]):.2f})"
+            print(line + f"; below 0.5: {check.unstable()} (benchmark's halves: "
+                  f"{np.nonzero(reference < 0.5)[0].tolist()}); {check_seconds:.1f} s")
             print(f"pc.rank_concepts(method='removal', greedy={args.max_m}) on half-A faces: "
                   f"{ranking.concepts} (the benchmark's greedy loop: {res_m['removal']['face/default']['order']})")
         results["methods"][method] = res_m
