@@ -35,7 +35,8 @@ on A, on B, and on A + B with two seeds.
 - wall time of each fit.
 
 Removal: the baselines mean-ablate (a concept's code is set to its mean at every patch:
-x - (c_i(x) - mean c_i) d_i); pyconcepts removes as ``pc.intervene(remove=...)`` does: its
+x - (c_i(x) - mean c_i) d_i; for PCA also on one side only: ``pca:lower`` moves the codes above
+the mean down to it, ``pca:raise`` those below it up); pyconcepts removes as ``pc.intervene(remove=...)`` does: its
 default (``membership='all'``: each concept's latent factor lowered to its absent level at
 every patch where it is above it), the detector-gated ``membership='soft'`` (``pc.correct``'s
 default) and ``'hard'``, and, for comparison, the plain projection x - a_hat_i(x) s_i along
@@ -112,7 +113,20 @@ def fit_pca(rows: torch.Tensor, k: int, seed: int) -> Concepts:
 
     def codes(r):
         return (r - mu) @ v.T
-    return Concepts("pca", v, v, lambda r: codes(r) > std, _mean_ablate(codes, v, torch.zeros(k)), seconds)
+
+    def one_sided(clamp):
+        # mean ablation on one side only: "lower" moves codes above the mean down to it (what a
+        # removal that never adds a concept does), "raise" moves the codes below it up
+        def remove(rows, idx):
+            if not idx:
+                return rows
+            idx = list(idx)
+            return rows - clamp(codes(rows)[:, idx]) @ v[idx]
+        return remove
+
+    removals = {"lower": one_sided(lambda c: c.clamp_min(0)), "raise": one_sided(lambda c: c.clamp_max(0))}
+    return Concepts("pca", v, v, lambda r: codes(r) > std, _mean_ablate(codes, v, torch.zeros(k)), seconds,
+                    removals)
 
 
 def fit_kmeans(rows: torch.Tensor, k: int, seed: int) -> Concepts:
