@@ -842,8 +842,8 @@ def _cmd_extract(args) -> int:
             bar.close()
         check.record(basis)
         low = check.unstable()
-        print(f"split-half check ({args.stability} split(s)): the two halves' concepts overlap at Jaccard {check.halves_jaccard:.2f} "
-              f"on average; {len(low)} of {basis.n_concepts} concepts come back below "
+        print(f"split-half check ({args.stability} split(s)): the two halves' concepts overlap at Jaccard "
+              f"{check.halves_jaccard:.2f} on average; {len(low)} of {basis.n_concepts} concepts come back below "
               f"{LOW_HALVES_JACCARD:g} with their partners there" + (f": {', '.join(map(str, low))}" if low else ""))
     if rank == 0:
         basis.save(args.out)
@@ -889,7 +889,8 @@ def _print_summary(basis) -> None:
     if halves is not None:
         print("  halves: mean Jaccard of the concept's detections with its partners in extractions on two random "
               f"halves of the images (extract --stability); ! (below {LOW_HALVES_JACCARD:g}): other images draw it "
-              f"elsewhere. The two halves' concepts overlap at {float(basis.metadata.get('halves_mean_jaccard') or 0):.2f} on average")
+              f"elsewhere. The two halves' concepts overlap at "
+              f"{float(basis.metadata.get('halves_mean_jaccard') or 0):.2f} on average")
 
 
 def _cmd_report(args) -> int:

@@ -21,7 +21,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
-import numpy as np
 import torch
 
 from .basis import ConceptBasis
@@ -165,8 +164,8 @@ class ConceptStability:
     def record(self, basis: ConceptBasis) -> ConceptBasis:
         """Store the per-concept figures in ``basis.metadata["halves_jaccard"]`` (the report
         and ``pyconcepts report BASIS`` show them), ``halves_jaccard`` in
-        ``["halves_mean_jaccard"]`` and the number of splits in ``["halves_splits"]``; returns
-        the basis."""
+        ``["halves_mean_jaccard"]``, the number of splits in ``["halves_splits"]`` and the
+        halves' sizes in ``["halves_images"]``; returns the basis."""
         if basis.n_concepts != self.jaccard.numel():
             raise ValueError(f"basis has {basis.n_concepts} concepts, this check {self.jaccard.numel()}")
         basis.metadata["halves_jaccard"] = [round(float(v), 4) for v in self.jaccard]
