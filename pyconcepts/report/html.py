@@ -268,22 +268,24 @@ def index_page(view: ReportView) -> str:
 LOW_AGREEMENT = LOW_CONCEPT_AGREEMENT
 
 
-def _halves_cell(value: Optional[float]) -> str:
+def _marked_cell(value: Optional[float], low: float, why_low: str, why_missing: str = "") -> str:
+    """A table cell with a reproducibility figure, marked "!" (with ``why_low`` as its tooltip)
+    below ``low``."""
     if value is None:
-        return "<td class=\"num muted\">-</td>"
-    if value < LOW_HALVES_JACCARD:
-        return (f"<td class=\"num down\" title=\"extractions on two halves of the images draw this concept "
-                f"elsewhere: trust it less\">{value:.2f} !</td>")
+        title = f" title=\"{esc(why_missing)}\"" if why_missing else ""
+        return f"<td class=\"num muted\"{title}>-</td>"
+    if value < low:
+        return f"<td class=\"num down\" title=\"{esc(why_low)}: trust it less\">{value:.2f} !</td>"
     return f"<td class=\"num\">{value:.2f}</td>"
+
+
+def _halves_cell(value: Optional[float]) -> str:
+    return _marked_cell(value, LOW_HALVES_JACCARD, "extractions on two halves of the images draw this concept elsewhere")
 
 
 def _agreement_cell(value: Optional[float]) -> str:
-    if value is None:
-        return "<td class=\"num muted\" title=\"no other restart came near the best one\">-</td>"
-    if value < LOW_AGREEMENT:
-        return (f"<td class=\"num down\" title=\"the k-means restarts do not reproduce this concept: "
-                f"trust it less\">{value:.2f} !</td>")
-    return f"<td class=\"num\">{value:.2f}</td>"
+    return _marked_cell(value, LOW_AGREEMENT, "the k-means restarts do not reproduce this concept",
+                        "no other restart came near the best one")
 
 
 def _joint_card(view: ReportView) -> str:
