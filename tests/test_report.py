@@ -403,7 +403,7 @@ def test_concepts_the_restarts_do_not_reproduce_are_marked(tmp_path):
 def test_concepts_the_halves_do_not_give_back_are_marked(tmp_path):
     model = TinyNet().eval()
     basis = _basis()
-    basis.metadata["halves_jaccard"] = [0.8, 0.65, 0.2]
+    basis.metadata.update(halves_jaccard=[0.8, 0.65, 0.2], halves_mean_jaccard=0.61, halves_splits=3)
     write_report(tmp_path, basis, model, "act", _source(masks=False), **{**FAST, "rcav": False})
     text = (tmp_path / "index.html").read_text(encoding="utf-8")
     assert ">halves</th>" in text and ">agree</th>" not in text
@@ -411,6 +411,7 @@ def test_concepts_the_halves_do_not_give_back_are_marked(tmp_path):
     by_concept = {int(re.search(r"concept (\d+)</a>", r).group(1)): r for r in rows}
     assert "0.20 !" in by_concept[2] and "!" not in re.sub(r"<[^>]+>", "", by_concept[1])
     assert "two random halves" in text  # the note says what the column is
+    assert "halves agree: <b>0.61 (3 split(s))</b>" in text
     page = (tmp_path / "concepts" / "concept-002.html").read_text(encoding="utf-8")
     assert "two halves of the images (low: trust it less)" in page
 

@@ -304,7 +304,10 @@ def write_report(
         title=opts["title"] or f"Concepts of {model_name} at {layer}",
         facts=[("model", model_name), ("layer", layer), ("grid", f"{m.grid[0]} x {m.grid[1]}"),
                ("input", f"{m.input_size[0]} x {m.input_size[1]}"), ("images", str(n_total)),
-               ("concepts", str(k)), ("classes", str(c))],
+               ("concepts", str(k)), ("classes", str(c)),
+               *([("halves agree", f"{float(basis.metadata['halves_mean_jaccard']):.2f} "
+                                   f"({basis.metadata.get('halves_splits', 1)} split(s))")]
+                 if halves is not None and basis.metadata.get("halves_mean_jaccard") is not None else [])],
         notes=notes, concepts=views, has_masks=m.mask_iou is not None, has_rcav=result is not None,
         rcav_note=rcav_note, version=__version__, joint=joint,
         joint_note=(
