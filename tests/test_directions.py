@@ -246,6 +246,45 @@ def test_clustering_starts_from_given_centroids():
         pc.DirectionalClustering(3, init=torch.ones(3, 5)).fit(data.x)
 
 
+def test_restarts_with_no_near_best_partner_are_compared_with_all_others(monkeypatch):
+    # no run within _NEAR_BEST of the best: that is no evidence of a reproducible clustering
+    # (it used to score 1.0, and 'auto' then chose whitening by the order of the images)
+    import pyconcepts.directions as directions
+
+    x = torch.randn(3000, 12, generator=torch.Generator().manual_seed(0))
+    near = directions._sample_restarts(x, 8, 0, 4, 50, 1e-3)
+    monkeypatch.setattr(directions, "_NEAR_BEST", -1.0)  # no run is near-best
+    _, agreement, per = directions._sample_restarts(x, 8, 0, 4, 50, 1e-3)
+    assert per is not None and per.shape == (8,)
+    assert agreement < 0.9 and agreement == pytest.approx(float(per.mean()))
+    assert torch.equal(near[0], directions._sample_restarts(x, 8, 0, 4, 50, 1e-3)[0])  # same best run
+    _, single, none = directions._sample_restarts(x, 8, 0, 1, 50, 1e-3)
+    assert single == 1.0 and none is None
+
+
+@pytest.mark.parametrize("whitened, plain, chosen", [
+    (0.594, 0.586, False),   # a near tie of two poorly reproducing clusterings: the layer's own coordinates
+    (0.52, 0.72, False),
+    (0.91, 0.37, True),      # synthetic model with concept-free rows
+    (0.46, 0.33, True),
+    (1.0, 0.9998, True),     # paper's model: both reproduce, the whitened one perfectly
+])
+def test_auto_whitening_needs_a_clear_gain_in_agreement(monkeypatch, whitened, plain, chosen):
+    import pyconcepts.directions as directions
+
+    real = directions._sample_restarts
+
+    def fixed(sample, n_concepts, seed, n_init, max_iter, shrinkage, step=lambda: None):
+        start, _, per = real(sample, n_concepts, seed, 2, max_iter, shrinkage, step)
+        value = plain if shrinkage == directions._NO_WHITENING_SHRINKAGE else whitened
+        return start, value, per
+
+    monkeypatch.setattr(directions, "_sample_restarts", fixed)
+    basis = pc.extract_directions(paper_setup(2000, seed=0).x, 3, seed=0)
+    assert basis.metadata["whitened"] is chosen
+    assert basis.metadata["restart_agreement"] == {"whitened": whitened, "plain": plain}
+
+
 def test_auto_whitening_keeps_it_where_the_restarts_agree():
     # the paper's model: whitened restarts that reach the best objective share its labels
     data = paper_setup(6000, seed=0)
