@@ -820,7 +820,6 @@ def _cmd_extract(args) -> int:
             model=model, output=output)
     finally:
         bar.close()
-    basis.record_model(model)
     if world > 1:  # n_patches counted this rank's shard
         import torch.distributed as dist
 

@@ -377,8 +377,12 @@ def _extract(model, layer, images, k, seed, refine, ura, skip_tokens, opts, prog
         # and the report use it when no output is given (outputs.output_or_recorded)
         "output": output if isinstance(output, (int, str)) and not isinstance(output, bool) else None,
     })
-    return ConceptBasis(decoding, bias, encoding, mean, layer=layer, model_id=model_id, metadata=metadata,
-                        absent_level=absent)
+    basis = ConceptBasis(decoding, bias, encoding, mean, layer=layer, model_id=model_id, metadata=metadata,
+                         absent_level=absent)
+    # the model's architecture and weights: a basis saved from Python is refused by the
+    # command line for other weights, as one saved by extract is
+    basis.record_model(model)
+    return basis
 
 
 def _warn_if_guard_kept_nothing(report: dict, stage: str, opts) -> None:

@@ -96,3 +96,13 @@ def test_a_refinement_the_merge_guard_rejects_throughout_says_so():
     basis = pc.extract(model, "features.3", images(), 3, seed=0, refine=True,
                        options={"refine_steps": 3, "ura_images": 8, "ura_batch": 4})
     assert basis.metadata["refine"] and basis.metadata["settings"]["refine"]
+
+
+def test_extract_records_the_model_so_other_weights_are_told_apart(tmp_path):
+    model = SmallCNN().eval()
+    basis = pc.extract(model, "features.3", images(), 3, options={"n_init": 2})
+    basis.save(tmp_path / "b.safetensors")
+    loaded = pc.ConceptBasis.load(tmp_path / "b.safetensors")
+    assert loaded.compatibility_problems(model=model) == []
+    other = SmallCNN().eval()  # same architecture, other (random) weights
+    assert "other weights" in " ".join(loaded.compatibility_problems(model=other))
