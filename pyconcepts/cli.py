@@ -711,15 +711,15 @@ def _count(n: int, noun: str) -> str:
 _MIN_ORDER_CHECK = 20
 
 
-def _check_folder_classes(args, source, preds: torch.Tensor, n_outputs: int) -> None:
+def _check_folder_classes(args, source, preds: torch.Tensor, n_outputs: int) -> Optional[str]:
     """Warn when class subfolders named the outputs (no --classes) and the model's predictions
     agree with them less often than chance: the folders' sorted order is then probably not the
     model's output order (or the preprocessing is not the model's), and every class name
-    printed is wrong."""
+    printed is wrong. Returns the warning (None when there is none)."""
     if args.classes or args.model is None or source.labels is None or preds.numel() == 0:
-        return
+        return None
     if not source.class_names or len(source.class_names) != n_outputs:
-        return
+        return None
     n = preds.numel()
     matches = int((preds.cpu() == source.labels[:n]).sum())
     agree = matches / n
@@ -728,10 +728,13 @@ def _check_folder_classes(args, source, preds: torch.Tensor, n_outputs: int) -> 
     p_chance = 1.0 / n_outputs
     tail = sum(math.comb(n, j) * p_chance ** j * (1 - p_chance) ** (n - j) for j in range(matches + 1))
     if agree < p_chance and (n >= _MIN_ORDER_CHECK or tail < 0.01):
-        _warn(f"the model's predictions match the class subfolders of --images on only {100 * agree:.0f}% of the "
-              f"images (chance: {100 / n_outputs:.0f}%): the folders' sorted order ({', '.join(source.class_names[:4])}"
-              f"{', ...' if n_outputs > 4 else ''}) is probably not the model's output order (name the outputs "
-              "with --classes), or the preprocessing is not the model's")
+        message = (f"the model's predictions match the class subfolders of --images on only {100 * agree:.0f}% of "
+                   f"the images (chance: {100 / n_outputs:.0f}%): the folders' sorted order "
+                   f"({', '.join(source.class_names[:4])}{', ...' if n_outputs > 4 else ''}) is probably not the "
+                   "model's output order (name the outputs with --classes), or the preprocessing is not the model's")
+        _warn(message)
+        return message
+    return None
 
 
 def _true_name(source, j: int) -> Optional[str]:
@@ -924,7 +927,9 @@ def _cmd_report(args) -> int:
         with torch.no_grad():
             preds = torch.cat([read_scores(select_output(model(b), output), None, "auto").argmax(-1)
                                for b in sample.batches(args.batch_size or 64)])
-        _check_folder_classes(args, sample, preds, probe.n_outputs)
+        warning = _check_folder_classes(args, sample, preds, probe.n_outputs)
+        if warning:  # also in the page: whoever opens the report later sees the class names in doubt
+            report_options["warnings"] = ["Class names: " + warning + ". Every class name below may be wrong."]
     if names != source.class_names:
         source = _SourceView(source, names)
     report_options.setdefault("skip_tokens", _skip_tokens(args, basis))

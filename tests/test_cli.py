@@ -528,6 +528,10 @@ def test_class_folders_in_another_order_than_the_outputs_are_flagged(ws, capsys,
     rc, _, err = _run(capsys, "report", ws / "basis.safetensors", *model, "--images", tmp_path / "photos",
                       "--out", tmp_path / "rep", "--quiet", "--options", '{"rcav": false}')
     assert rc == 0 and "match the class subfolders" in err
+    # the page says so too: whoever opens the report later is not misled by its class names
+    page = (tmp_path / "rep" / "index.html").read_text(encoding="utf-8")
+    warning = page.split("Check before you read on</h2>")[1].split("</div>")[0]
+    assert "match the class subfolders" in warning and "may be wrong" in warning
     rc, _, err = _run(capsys, *common, "--strength", "-1")
     assert rc == 2 and ">= 0" in err
 

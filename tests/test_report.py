@@ -106,6 +106,16 @@ def test_every_link_of_every_page_exists(report):
             assert im.size[0] > 0 and im.mode == "RGB"
 
 
+def test_warnings_come_first_and_only_when_given(report, tmp_path):
+    out, index, model = report
+    assert "Check before you read on" not in index.read_text(encoding="utf-8")
+    write_report(tmp_path, _basis(), model, "act", _source(masks=False), warnings=["names <may> be wrong"],
+                 **{**FAST, "rcav": False})
+    text = (tmp_path / "index.html").read_text(encoding="utf-8")
+    assert text.index("Check before you read on") < text.index("Concepts, most influential first")
+    assert "names &lt;may&gt; be wrong" in text
+
+
 def test_index_has_one_row_per_concept_ranked_by_measured_influence(report):
     out, _, model = report
     text = (out / "index.html").read_text(encoding="utf-8")

@@ -21,7 +21,7 @@ import os
 import pathlib
 import tempfile
 from collections import defaultdict
-from typing import Callable, Dict, List, Optional, Set, Union
+from typing import Callable, Dict, List, Optional, Sequence, Set, Union
 
 import torch
 from torch import nn
@@ -133,6 +133,7 @@ def write_report(
     rcav: bool = True,
     seed: int = 0,
     progress: Optional[Callable[[str, int, Optional[int]], None]] = None,
+    warnings: Sequence[str] = (),
     **options,
 ) -> pathlib.Path:
     """Write the report of ``basis`` (concepts of ``model`` at ``layer``, default the basis's
@@ -140,7 +141,8 @@ def write_report(
 
     ``output`` selects the class scores when the model returns a tuple/dict (an index, a key
     or a callable; see ``pyconcepts.outputs``); probabilities are read as log-probabilities. ``top``: patches per concept; ``maps``: detection maps per concept; ``rcav``:
-    run the RCAV test (the slowest part). ``options``: see ``OPTIONS``.
+    run the RCAV test (the slowest part). ``warnings``: sentences shown first on the index
+    (e.g. that the class names may not be the model's). ``options``: see ``OPTIONS``.
     """
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
@@ -309,7 +311,7 @@ def write_report(
                                    f"({basis.metadata.get('halves_splits', 1)} split(s))")]
                  if halves is not None and basis.metadata.get("halves_mean_jaccard") is not None else [])],
         notes=notes, concepts=views, has_masks=m.mask_iou is not None, has_rcav=result is not None,
-        rcav_note=rcav_note, version=__version__, joint=joint,
+        rcav_note=rcav_note, version=__version__, joint=joint, warnings=[str(w) for w in warnings],
         joint_note=(
             f"A network can spread what it relies on over several concepts; removing one of them then changes "
             f"few predictions (the flips above) while removing them together changes many. Per class predicted "

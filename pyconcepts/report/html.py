@@ -110,6 +110,7 @@ class ReportView:
     version: str = ""
     joint: List[JointRemoval] = field(default_factory=list)
     joint_note: str = ""
+    warnings: List[str] = field(default_factory=list)  # shown first on the index (plain text)
 
 
 CSS = """
@@ -125,6 +126,7 @@ a { color: var(--accent); text-decoration: none; }
 a:hover { text-decoration: underline; }
 .facts { display: flex; flex-wrap: wrap; gap: 6px 18px; color: var(--muted); margin: 4px 0 16px; }
 .facts b { color: var(--ink); font-weight: 600; }
+.card.warning { border-left: 4px solid var(--down); }
 .card { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: 16px 18px; overflow-x: auto;
   margin: 14px 0; }
 .notes { color: var(--muted); font-size: 13px; margin: 0; padding-left: 18px; }
@@ -253,8 +255,10 @@ def index_page(view: ReportView) -> str:
         rows.append("<tr>" + "".join(cells) + "</tr>")
     header = "".join(f"<th class=\"num\">{esc(h)}</th>" if h in num else f"<th>{esc(h)}</th>" for h in head)
     notes = "".join(f"<li>{esc(n)}</li>" for n in view.notes)
+    warned = ("<div class=\"card warning\"><h2>Check before you read on</h2><ul class=\"notes\">"
+              + "".join(f"<li>{esc(w)}</li>" for w in view.warnings) + "</ul></div>\n") if view.warnings else ""
     body = (
-        f"<h1>{esc(view.title)}</h1>\n{_facts(view.facts)}\n"
+        f"<h1>{esc(view.title)}</h1>\n{_facts(view.facts)}\n{warned}"
         f"<div class=\"card\"><h2>Concepts, most influential first</h2>\n"
         f"<table class=\"ranking\">\n<thead><tr>{header}</tr></thead>\n<tbody>\n" + "\n".join(rows) +
         "\n</tbody>\n</table></div>\n" + _joint_card(view) +
