@@ -284,9 +284,10 @@ def write_report(
         "Fires on: the share of the layer's patches where the detector fires (w.x > b on the raw activation).",
         *(["Agree: how well the concept's cluster overlaps its partners in the other k-means restarts "
            "of the extraction that came near the best one (matched Jaccard); below 0.5 (marked !) the clustering "
-           "could as well have drawn the concept elsewhere, and another seed or another half of the images "
-           "may not give it back" + ("." if halves is not None else "; extract --stability (pc.concept_stability) "
-                                     "measures what other images change.")] if agreement is not None else []),
+           "could as well have drawn the concept elsewhere, and another seed may not give it back. It is a weak "
+           "guide to what other images change" + ("." if halves is not None else ": extract --stability "
+                                                  "(pc.concept_stability) measures that.")]
+          if agreement is not None else []),
         *([f"Halves: the split-half check (pc.concept_stability, extract --stability): the images were split "
            f"into two random halves and extracted again on each; the mean Jaccard of the concept's detection set "
            f"with its partners there. Below {LOW_HALVES_JACCARD:g} (marked !) other images draw the concept "
