@@ -970,7 +970,8 @@ def _cmd_explain(args) -> int:
     how = ("measured (one forward pass per concept" + ("; --first-order estimates it)" if not args.exact else ")")
            if exact else "to first order (--exact measures it, one forward pass per concept)")
     print(f"{_count(len(source), 'image')}; concepts of {args.basis} at {layer}; per concept, how much removing "
-          f"it (pyconcepts intervene --remove) lowers the predicted class's logit, {how}")
+          f"it (pyconcepts intervene --remove) lowers the predicted class's logit (log-probability for a model "
+          f"that outputs probabilities), {how}")
     # the lines on stdout show the progress on a terminal; redirected, a bar on stderr does
     bar = ProgressBar(enabled=not args.quiet and not _is_terminal(sys.stdout))
     try:
@@ -995,10 +996,17 @@ def _measured_removals(model, basis, batch, preds, layer, skip, output) -> torch
     """(B, K) drop of each image's predicted-class logit when each concept is removed, measured
     by ``pc.rank_concepts`` (the removal ``intervene`` makes, one forward pass per concept)."""
     from .interventions import rank_concepts
+    from .outputs import read_scores
 
     cls = preds.long()
-    ranking = call_with_output(rank_concepts, model, basis, batch, target=lambda logits: logits.gather(
-        1, cls[:, None].to(logits.device))[:, 0], layer=layer, skip_tokens=skip, model=model, output=output)
+
+    def target(scores):
+        # probabilities are read as log-probabilities, as the first-order estimate reads them
+        logits = read_scores(scores, None, "auto")
+        return logits.gather(1, cls[:, None].to(logits.device))[:, 0]
+
+    ranking = call_with_output(rank_concepts, model, basis, batch, target=target, layer=layer, skip_tokens=skip,
+                               model=model, output=output)
     totals = torch.empty(batch.shape[0], basis.n_concepts)
     totals[:, torch.tensor(ranking.concepts)] = ranking.image_effects.T.float()
     return totals

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import pyconcepts as pc
 from pyconcepts.basis import ConceptBasis
 from pyconcepts.cli import UserError, main
 
@@ -466,6 +467,30 @@ def test_explain_reads_probabilities_as_the_model_gives_them(ws, capsys):
     assert rc == 0 and "differ" not in err, err
     p = [line.split("(p ")[1].split(",")[0] for line in plain.splitlines()[1:]]
     assert p == [line.split("(p ")[1].split(",")[0] for line in probs.splitlines()[1:]]
+    # the measured removals read the probabilities as log-probabilities (they were the raw
+    # probabilities' changes, 100x smaller than the first-order estimate's)
+    import importlib.util
+
+    from pyconcepts.cli import _measured_removals
+
+    spec = importlib.util.spec_from_file_location("_cli_probs_model", ws / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(ws / "w.safetensors"))
+    logits_net, probs_net = mod.make(), mod.make_probs()
+    logits_net.load_state_dict(weights)
+    probs_net.load_state_dict(weights)
+    basis = ConceptBasis.load(ws / "basis.safetensors")
+    batch = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    preds = logits_net(batch).argmax(-1)
+    got = _measured_removals(probs_net.eval(), basis, batch, preds, basis.layer, 0, None)
+    ranking = pc.rank_concepts(logits_net.eval(), basis, batch, layer=basis.layer, greedy=0, target=lambda l: (
+        l.log_softmax(-1).gather(1, preds[:, None])[:, 0]))
+    expected = torch.empty_like(got)
+    expected[:, torch.tensor(ranking.concepts)] = ranking.image_effects.T.float()
+    assert torch.allclose(got, expected, atol=1e-4)
 
 
 def test_a_model_without_weights_is_named_in_a_warning(capsys, tmp_path):
