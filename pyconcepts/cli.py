@@ -542,6 +542,8 @@ def _check_out_file(path: str) -> None:
         raise UserError(f"--out {path!r}: the folder {folder!r} does not exist")
     if not os.access(folder, os.W_OK):
         raise UserError(f"--out {path!r}: the folder {folder!r} is not writable")
+    if not path.endswith(".safetensors"):
+        _warn(f"--out {path!r} will be a safetensors file (pc.ConceptBasis.load reads it), whatever its name says")
 
 
 def _check_out_folder(path: str) -> None:
@@ -812,6 +814,9 @@ def _cmd_extract(args) -> int:
     if args.concepts > total * probe.positions:  # all ranks' images together
         raise UserError(f"-k {args.concepts} exceeds the {total * probe.positions} patches of "
                         f"{total} image(s) at {layer!r}")
+    if args.concepts > probe.width:
+        _warn(f"-k {args.concepts} exceeds the {probe.width} channels of {layer!r}: the concepts' directions "
+              "cannot all be independent, and many will overlap")
     batch_size = args.batch_size or int(options.get("batch_size", DEFAULTS["batch_size"]))
     bar = ProgressBar(enabled=not args.quiet and rank == 0)
     try:

@@ -123,6 +123,14 @@ def test_extract_from_a_folder_records_layer_width_and_model(ws):
     assert set(basis.metadata["model_fingerprint"]) == {"architecture", "weights"}
 
 
+def test_extract_warns_of_an_out_name_and_a_k_that_mislead(ws, capsys, tmp_path):
+    rc, _, err = _run(capsys, "extract", *_model_args(ws), "--images", ws / "photos", "--layer", "features.3",
+                      "-k", "10", "--out", tmp_path / "basis.pt", "--options", FAST, "--quiet")
+    assert rc == 0 and "will be a safetensors file" in err
+    assert "-k 10 exceeds the 8 channels" in err
+    assert ConceptBasis.load(tmp_path / "basis.pt").n_concepts == 10
+
+
 def test_extract_with_stability_records_the_split_half_check(ws, capsys, tmp_path):
     out = tmp_path / "checked.safetensors"
     rc, printed, _ = _run(capsys, "extract", *_model_args(ws), "--images", ws / "photos", "--layer", "features.3",
