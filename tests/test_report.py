@@ -325,7 +325,9 @@ def test_joint_table_removes_each_classes_strongest_supporters_together(tmp_path
     card = text.split("removed together</h2>")[1].split("</table>")[0]
     body = card.split("<tbody>")[1]
     rows = re.findall(r"<tr><td>(.*?)</td><td class=\"num\">(\d+)</td><td>(.*?)</td>"
-                      r"<td class=\"num\">([-+0-9.]+) &#8594; ([-+0-9.]+)</td><td class=\"num\">(.*?)</td></tr>", body)
+                      r"<td class=\"num\">([-+0-9.]+) &#8594; ([-+0-9.]+)</td><td class=\"num\">([^<]*)</td>"
+                      r"<td class=\"num\">([-+0-9.]+) <span class=\"muted\">\(([^<]*)\)</span></td>"
+                      r"<td class=\"num\">([-+0-9.]+) <span class=\"muted\">\(([^<]*)\)</span></td></tr>", body)
     assert rows, card
     # independently: every image is in the sample (12 <= 64); each concept's single removal
     # measured with intervene on the images predicted as the class, the strongest removed together
@@ -336,7 +338,13 @@ def test_joint_table_removes_each_classes_strongest_supporters_together(tmp_path
         before = model(images)
     predicted = before.argmax(1)
     assert len(set(predicted.tolist())) >= 2  # the per-class choice is exercised
-    for name, n, links, b, a, changed in rows:
+    tap = LayerTap(model, "act")
+    with torch.no_grad(), pc.intervene(model, basis, layer="act", remove=[0, 1, 2]):
+        every = model(images)
+    with torch.no_grad():
+        flat = tap.forward_rows(images, lambda rows: basis.mean.expand_as(rows))
+
+    for name, n, links, b, a, changed, all_after, all_changed, mean_after, mean_changed in rows:
         c = names.index(html_lib.unescape(name))
         sel = predicted == c
         assert int(n) == int(sel.sum())
@@ -353,6 +361,11 @@ def test_joint_table_removes_each_classes_strongest_supporters_together(tmp_path
         assert float(a) == pytest.approx(float(log_odds(after, cls).mean()), abs=6e-3)
         share = float((after.argmax(1) != c).double().mean())
         assert changed == f"{100 * share:.0f}%" or changed.startswith(f"{100 * share:.1f}"), (changed, share)
+        # what every concept carries together, and what the layer carries at all
+        for shown, shown_changed, logits in ((all_after, all_changed, every), (mean_after, mean_changed, flat)):
+            assert float(shown) == pytest.approx(float(log_odds(logits[sel], cls).mean()), abs=6e-3)
+            moved = float((logits[sel].argmax(1) != c).double().mean())
+            assert shown_changed in (f"{100 * moved:.0f}%", f"{100 * moved:.1f}%"), (shown_changed, moved)
 
 
 class _Gate(nn.Module):

@@ -319,7 +319,10 @@ def write_report(
             f"on {sample_words}: its (up to) {joint_concepts} strongest supporters, the concepts whose single "
             f"removal lowers its log-odds the most (by at least {MIN_REMOVAL_EFFECT:g}) on the images predicted "
             f"as it, removed together from those images; the mean log-odds log(p/(1-p)) of the class before and "
-            f"after, and the share of those predictions that change."),
+            f"after, and the share of those predictions that change (changed). Every concept removed: the same with all "
+            f"{k} concepts removed at once, what the concepts carry together; layer at its mean: every patch of "
+            f"the layer replaced by its mean activation, what the layer carries at all. Where the two differ "
+            f"much, the concepts miss much of what the network reads at this layer."),
     )
     writer.write("report.css", CSS)
     for j, cv in enumerate(views):
@@ -351,12 +354,16 @@ def _joint_removals(model: nn.Module, tap: LayerTap, basis, m: Measurements, cla
     if images is None or images.shape[0] == 0:
         return []
 
-    def logits_of(x, remove=None):
+    mean = basis.mean.detach()
+
+    def logits_of(x, remove=None, layer_mean=False):
         out = []
         with tap.eval_mode(), torch.no_grad():
             for start in range(0, x.shape[0], batch_size):
                 chunk = tap._check_images(x[start:start + batch_size])
-                if remove:
+                if layer_mean:  # every patch row replaced by the layer's mean row
+                    out.append(tap.forward_rows(chunk, lambda rows: mean.to(rows).expand_as(rows)).float().cpu())
+                elif remove:
                     with intervene(model, basis, layer=tap.layer, remove=remove, skip_tokens=tap.skip_tokens):
                         out.append(model(chunk).float().cpu())
                 else:
@@ -365,19 +372,26 @@ def _joint_removals(model: nn.Module, tap: LayerTap, basis, m: Measurements, cla
 
     before = logits_of(images)
     predicted = before.argmax(1)
+    # what all the concepts carry, against what the whole layer carries: every concept removed,
+    # and the layer replaced by its mean (its content gone)
+    every = logits_of(images, list(range(basis.n_concepts)))
+    flat = logits_of(images, layer_mean=True)
     counts = torch.bincount(predicted, minlength=before.shape[1])
     classes = [int(c) for c in torch.argsort(counts, descending=True, stable=True) if counts[c] > 0][:max_classes]
     joint = []
     for j, c in enumerate(classes):
         change = m.class_odds_change[:, c]
         supporters = [int(i) for i in torch.argsort(change, stable=True)[:size] if change[i] <= -MIN_REMOVAL_EFFECT]
-        if supporters:
-            sel = predicted == c
-            after = logits_of(images[sel], supporters)
-            cls = torch.full((int(sel.sum()),), c)
-            joint.append(JointRemoval(
-                class_names[c], int(sel.sum()), supporters, float(log_odds(before[sel], cls).mean()),
-                float(log_odds(after, cls).mean()), float((after.argmax(1) != c).double().mean())))
+        sel = predicted == c
+        cls = torch.full((int(sel.sum()),), c)
+        after = logits_of(images[sel], supporters) if supporters else before[sel]
+        joint.append(JointRemoval(
+            class_names[c], int(sel.sum()), supporters, float(log_odds(before[sel], cls).mean()),
+            float(log_odds(after, cls).mean()), float((after.argmax(1) != c).double().mean()),
+            all_after=float(log_odds(every[sel], cls).mean()),
+            all_changed=float((every[sel].argmax(1) != c).double().mean()),
+            mean_after=float(log_odds(flat[sel], cls).mean()),
+            mean_changed=float((flat[sel].argmax(1) != c).double().mean())))
         if progress:
             progress("report: joint removals", j + 1, len(classes))
     return joint

@@ -96,6 +96,10 @@ class JointRemoval:
     before: float                  # mean log-odds of the class on those images
     after: float                   # ... with the concepts removed
     changed: float                 # share of those predictions that change
+    all_after: Optional[float] = None     # mean log-odds with every concept removed
+    all_changed: Optional[float] = None   # ... and the share of predictions that change
+    mean_after: Optional[float] = None    # mean log-odds with the layer replaced by its mean
+    mean_changed: Optional[float] = None
 
 
 @dataclass
@@ -297,14 +301,26 @@ def _joint_card(view: ReportView) -> str:
         return ""
     page = {c.index: c.page for c in view.concepts}
     rows = []
+    coverage = any(j.all_after is not None for j in view.joint)
+
+    def outcome(after, changed):
+        if after is None:
+            return "<td class=\"num muted\">-</td>"
+        return f"<td class=\"num\">{after:+.2f} <span class=\"muted\">({esc(_pct(changed))})</span></td>"
+
     for j in view.joint:
-        links = ", ".join(f"<a href=\"{esc(page[i])}\">{i}</a>" for i in j.concepts)
+        links = ", ".join(f"<a href=\"{esc(page[i])}\">{i}</a>" for i in j.concepts) or \
+            "<span class=\"muted\">none supports it</span>"
         rows.append(
             f"<tr><td>{esc(j.class_name)}</td><td class=\"num\">{j.n_images}</td><td>{links}</td>"
             f"<td class=\"num\">{j.before:+.2f} &#8594; {j.after:+.2f}</td>"
-            f"<td class=\"num\">{esc(_pct(j.changed))}</td></tr>")
-    head = ("<tr><th>predicted class</th><th class=\"num\">images</th><th>concepts removed together</th>"
-            "<th class=\"num\">log-odds of the class</th><th class=\"num\">predictions changed</th></tr>")
+            f"<td class=\"num\">{esc(_pct(j.changed))}</td>"
+            + (outcome(j.all_after, j.all_changed) + outcome(j.mean_after, j.mean_changed) if coverage else "")
+            + "</tr>")
+    head = ("<tr><th>predicted class</th><th class=\"num\">images</th><th>removed together</th>"
+            "<th class=\"num\">log-odds of the class</th><th class=\"num\">changed</th>"
+            + ("<th class=\"num\">every concept removed</th><th class=\"num\">layer at its mean</th>"
+               if coverage else "") + "</tr>")
     return (f"<div class=\"card\"><h2>Each class's strongest concepts, removed together</h2>"
             f"<p class=\"muted\">{esc(view.joint_note)}</p>\n"
             f"<table class=\"ranking\">\n<thead>{head}</thead>\n<tbody>\n" + "\n".join(rows) +
