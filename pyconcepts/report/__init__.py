@@ -320,9 +320,10 @@ def write_report(
             f"removal lowers its log-odds the most (by at least {MIN_REMOVAL_EFFECT:g}) on the images predicted "
             f"as it, removed together from those images; the mean log-odds log(p/(1-p)) of the class before and "
             f"after, and the share of those predictions that change (changed). Every concept removed: the same with all "
-            f"{k} concepts removed at once, what the concepts carry together; layer at its mean: every patch of "
-            f"the layer replaced by its mean activation, what the layer carries at all. Where the two differ "
-            f"much, the concepts miss much of what the network reads at this layer."),
+            f"{k} concepts removed at once, what the concepts carry together (the other classes' concepts go "
+            f"too, which can raise a class); layer at its mean: every patch of the layer replaced by its mean "
+            f"activation, what the layer carries at all. A class whose log-odds stay high with every concept "
+            f"removed but fall with the layer at its mean relies on something the concepts do not capture."),
     )
     writer.write("report.css", CSS)
     for j, cv in enumerate(views):
