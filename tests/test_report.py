@@ -243,7 +243,7 @@ def test_receptive_field_of_two_convolutions():
     assert 2 <= rf.size <= 7
     # a 16 px input is under ReceptiveField.MIN_CROP: every crop is the whole picture
     assert rf.crop_side == 16 and rf.box(0, 0) == rf.box(7, 7) == (0, 0, 16, 16)
-    assert "the patch's own square is" in rf.describe()
+    assert "the square each patch reads is" in rf.describe()
     rf.MIN_CROP = 0   # crops of the patch's own square
     top, left, bottom, right = rf.box(0, 0)
     assert (top, left) == (0, 0) and bottom - top == rf.size == right - left      # slid inside the image

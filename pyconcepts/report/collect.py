@@ -99,10 +99,12 @@ class ReceptiveField:
         side = self.crop_side
         if side >= max(self.input_size) and side > self.size:
             crop = (f"whole {self.input_size[0]} x {self.input_size[1]} px inputs (crops show at least "
-                    f"{self.MIN_CROP} px a side, for context); the patch's own square is {self.size} x {self.size} px")
+                    f"{self.MIN_CROP} px a side, for context); the square each patch reads is {self.size} x {self.size} px "
+                    f"(not drawn)")
         elif side > self.size:
             crop = (f"{side} x {side} px crops of {self.input_size[0]} x {self.input_size[1]} inputs (at least "
-                    f"{self.MIN_CROP} px a side, for context); the patch's own square is {self.size} x {self.size} px")
+                    f"{self.MIN_CROP} px a side, for context); the square each patch reads is {self.size} x {self.size} px "
+                    f"(not drawn)")
         else:
             crop = f"{side} x {side} px crops of {self.input_size[0]} x {self.input_size[1]} inputs"
         return (f"{crop}: {how} "
