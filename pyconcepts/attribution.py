@@ -253,6 +253,13 @@ class RCAVResult:
         return sign * self.significant.long()
 
 
+def rcav_tests(n_concepts: int, n_classes: int) -> int:
+    """The number of distinct RCAV tests of ``n_concepts`` concepts on ``n_classes`` classes,
+    the Bonferroni factor: with two classes, the probability of one rises exactly where the
+    other's falls, so their two tests are one (``rcav`` adjusts the larger of the two p-values)."""
+    return n_concepts * (1 if n_classes == 2 else n_classes)
+
+
 def rcav(
     model: nn.Module,
     basis,
@@ -277,7 +284,8 @@ def rcav(
     change of every class probability is recorded per image. The null distribution comes
     from directions estimated like s_i but from randomly permuted detection labels (the
     same number of patches), pushed by the same alpha. p-values are (1 + #null >= observed)
-    / (1 + n_permutations) on |score - 0.5|; Bonferroni over concepts x classes. A concept
+    / (1 + n_permutations) on |score - 0.5|; Bonferroni over concepts x classes
+    (``rcav_tests``: with two classes, one test per concept). A concept
     detected on fewer than two of the sampled patches cannot be tested (p = 1). ``output``:
     which part of the model's output holds the class scores (index, key or callable).
     """
@@ -361,7 +369,10 @@ def rcav(
     # Fewer than two detected patches: the permuted-label directions are undefined (a zero
     # push), so there is no null distribution to test against: not testable, p = 1.
     p[detected.sum(0) < 2] = 1.0
-    p_adj = (p * scores_t.numel()).clamp(max=1.0)
+    # two classes: one test per concept; the larger of its two p-values (they differ only
+    # where a probability does not move at all) keeps it valid
+    tested = p.max(1, keepdim=True).values.expand_as(p) if p.shape[1] == 2 else p
+    p_adj = (tested * rcav_tests(*scores_t.shape)).clamp(max=1.0)
     return RCAVResult(idx, scores_t, p, p_adj, p_adj < level, alpha_t, null_t, level)
 
 

@@ -127,6 +127,22 @@ def test_rcav_finds_a_planted_influence_and_not_a_null_one():
     assert res.influence().shape == (2, 3)
 
 
+def test_rcav_counts_one_test_per_concept_with_two_classes():
+    # two classes: where one probability rises the other falls, so the two tests are one
+    torch.manual_seed(1)
+    model = SmallCNN(c=6, classes=2).eval()
+    images = torch.rand(24, 3, 8, 8)
+    rows = LayerTap(model, "features.3").to_rows(LayerTap(model, "features.3").activations(images))
+    w = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
+    basis = pc.ConceptBasis(w, torch.quantile(rows @ w.T, 0.5, dim=0), w / (w * w).sum(1, keepdim=True),
+                            rows.mean(0), layer="features.3")
+    res = attr.rcav(model, basis, images, alpha=2.0, n_permutations=9, seed=0)
+    assert torch.allclose(res.scores[:, 0] + res.scores[:, 1], torch.ones(2))
+    assert torch.equal(res.p_values[:, 0], res.p_values[:, 1])
+    assert torch.allclose(res.p_adjusted, (res.p_values * 2).clamp(max=1))
+    assert attr.rcav_tests(4, 2) == 4 and attr.rcav_tests(4, 3) == 12
+
+
 def test_rcav_does_not_test_a_concept_detected_on_one_patch():
     # one detected patch: the permuted-label directions are undefined, so no null exists;
     # the concept must come out untestable (p = 1), not significant against a flat null

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..attribution import rcav as _rcav
+from ..attribution import rcav_tests
 from ..outputs import output_or_recorded
 from ..stability import LOW_HALVES_JACCARD
 from ..taps import LayerTap, resolve_layer
@@ -199,7 +200,7 @@ def write_report(
     result, tested, n_perm = None, [], 0
     if rcav and m.rcav_images is not None and m.rcav_images.shape[0] >= 2:
         tested = sorted(order[:rcav_concepts])
-        n_perm = opts["rcav_permutations"] or auto_permutations(len(tested) * c, level)
+        n_perm = opts["rcav_permutations"] or auto_permutations(rcav_tests(len(tested), c), level)
         result = _rcav(wrapped, basis, m.rcav_images, layer=tap.layer, concepts=tested, n_permutations=n_perm,
                        level=level, seed=seed, batch_size=rcav_batch, skip_tokens=int(opts["skip_tokens"]),
                        progress=progress)
@@ -255,12 +256,16 @@ def write_report(
         "log(p/(1-p)) fall without the concept (the concept supports it there); red: they rise.")
     rcav_note = ""
     if result is not None:
-        floor = min(1.0, len(tested) * c / (n_perm + 1))
+        tests = rcav_tests(len(tested), c)
+        floor = min(1.0, tests / (n_perm + 1))
         which = "every concept" if len(tested) == k else f"the {len(tested)} most influential concepts"
         rcav_note = (
             f"RCAV (on {which}): the share of {m.rcav_images.shape[0]} images whose class probability rises when "
             f"the concept is added (alpha = its mean latent factor where detected); p from {n_perm} label "
-            f"permutations, Bonferroni over {len(tested)} x {c} tests; * = p (Bonferroni) < {level:g}. The smallest "
+            f"permutations, Bonferroni over {tests} tests" + (" (with two classes, one per concept: the two "
+                                                              "classes' probabilities move in opposite ways)"
+                                                              if c == 2 else f" ({len(tested)} x {c})")
+            + f"; * = p (Bonferroni) < {level:g}. The smallest "
             f"attainable Bonferroni p is {floor:.3g}" + (" (raise rcav_permutations to reach significance)."
                                                       if floor >= level else "."))
         saturated = float(((result.null_scores == 0) | (result.null_scores == 1)).float().mean())
