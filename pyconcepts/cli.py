@@ -1073,6 +1073,9 @@ def _cmd_intervene(args) -> int:
     basis = _load_basis(args.basis)
     _check_model_given(args, basis)
     remove = _check_concepts(args.remove, basis.n_concepts, "--remove")
+    if args.strength > 1:
+        _warn(f"--strength {args.strength:g} pushes the concepts below their level where they are not detected: "
+              "an anti-concept, beyond what removing them does (the changes can exceed the concepts' own effect)")
     if args.layer and basis.layer and args.layer != basis.layer and not args.allow_mismatch:
         raise UserError(f"the basis was extracted at layer {basis.layer!r}, not {args.layer!r} "
                         "(--allow-mismatch applies it anyway)")
@@ -1265,7 +1268,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="concept(s) to remove, 0 to K-1")
     p.add_argument("--strength", type=_strength, default=1.0,
                    help="how much of each concept to take out (1: its excess over its level where it is "
-                        "not detected; default 1)")
+                        "not detected; default 1; above 1 pushes it below that level, past a removal)")
     p.add_argument("--membership", choices=("all", "soft", "hard"), default="all",
                    help="where: every patch (all, the default), or weighted by the detector (soft: its "
                         "sigmoid; hard: where it fires)")

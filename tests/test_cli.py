@@ -567,6 +567,10 @@ def test_class_folders_in_another_order_than_the_outputs_are_flagged(ws, capsys,
     assert "match the class subfolders" in warning and "may be wrong" in warning
     rc, _, err = _run(capsys, *common, "--strength", "-1")
     assert rc == 2 and ">= 0" in err
+    rc, _, err = _run(capsys, *common, "--strength", "3", "--classes", '["dog", "cat"]')
+    assert rc == 0 and "anti-concept" in err
+    rc, _, err = _run(capsys, *common, "--strength", "1", "--classes", '["dog", "cat"]')
+    assert rc == 0 and "anti-concept" not in err
 
 
 TOKEN_MODEL_SRC = textwrap.dedent('''
