@@ -471,14 +471,14 @@ def concept_page(view: ReportView, c: ConceptView, crop_note: str, map_note: str
         effects = ranked[:6] + ranked[-6:]
     scale = max((abs(e.removal) for e in c.effects), default=0.0)
     head = ("<th>class</th><th class=\"num\">images</th><th class=\"num\">fires in</th>"
-            "<th colspan=\"2\">support: log-odds lost without it</th>")
+            "<th colspan=\"2\">support (log-odds lost)</th>")
     if view.has_rcav:
         head += "<th class=\"num\">RCAV</th><th class=\"num\">p (Bonf.)</th>"
     rows = []
     for e in effects:
         fires = _pct(e.fires) if e.images and e.fires is not None else "-"
         row = (f"<td>{esc(e.name)}</td><td class=\"num\">{e.images}</td><td class=\"num\">{esc(fires)}</td>" +
-               (f"<td>{_diverging(-e.removal, scale, 110)}</td><td class=\"num\">{-e.removal:+.3f}</td>"
+               (f"<td>{_diverging(-e.removal, scale, 90)}</td><td class=\"num\">{-e.removal:+.3f}</td>"
                 if e.images else "<td></td><td class=\"num muted\">-</td>"))
         if view.has_rcav:
             if e.rcav is None:
