@@ -839,7 +839,7 @@ def _cmd_extract(args) -> int:
                            "output": output if not callable(output) else None,
                            "input_shape": list(probe.input_shape)})
     if args.stability:
-        from .stability import LOW_HALVES_JACCARD, concept_stability
+        from .stability import LOW_HALVES_JACCARD, VANISHED_JACCARD, concept_stability
 
         bar = ProgressBar(enabled=not args.quiet)
         try:
@@ -849,9 +849,11 @@ def _cmd_extract(args) -> int:
             bar.close()
         check.record(basis)
         low = check.unstable()
-        print(f"split-half check ({args.stability} split(s)): the two halves' concepts overlap at Jaccard "
+        splits = f"{args.stability} random split" + ("s" if args.stability > 1 else "")
+        print(f"split-half check ({splits}): the halves' concepts overlap each other at Jaccard "
               f"{check.halves_jaccard:.2f} on average; {len(low)} of {basis.n_concepts} concepts come back below "
-              f"{LOW_HALVES_JACCARD:g} with their partners there" + (f": {', '.join(map(str, low))}" if low else ""))
+              f"{LOW_HALVES_JACCARD:g} on average, or below {VANISHED_JACCARD:g} in some half"
+              + (f": {', '.join(map(str, low))}" if low else ""))
     if rank == 0:
         basis.save(args.out)
         print(f"wrote {basis} from {total} images ({probe.width} channels at {layer}) to {args.out}")
@@ -865,7 +867,7 @@ def _cmd_extract(args) -> int:
 
 def _print_summary(basis) -> None:
     from .directions import LOW_CONCEPT_AGREEMENT
-    from .stability import LOW_HALVES_JACCARD
+    from .stability import LOW_HALVES_JACCARD, VANISHED_JACCARD, unstable_concepts
 
     print(f"{basis}")
     print(f"  method: {basis.metadata.get('method')}")
@@ -877,27 +879,37 @@ def _print_summary(basis) -> None:
     halves = basis.metadata.get("halves_jaccard")
     if halves is not None and len(halves) != basis.n_concepts:
         halves = None
+    lowest = basis.metadata.get("halves_lowest")
+    if halves is None or lowest is None or len(lowest) != basis.n_concepts:
+        lowest = [None] * basis.n_concepts
+    unstable = set(unstable_concepts(halves, lowest)) if halves is not None else set()
     print(f"  {'concept':>7} {'margin':>9} {'|s|':>8} {'w.s':>6} {'cos(w,s)':>9}"
           + (f" {'restarts agree':>15}" if agreement is not None else "")
-          + (f" {'halves':>8}" if halves is not None else ""))
+          + (f" {'halves mean / lowest':>22}" if halves is not None else ""))
 
     def marked(value, low, width):
         return f" {value:>{width}.2f}" + (" !" if value < low else "  ")
+
+    def halves_cell(i):
+        if halves[i] is None:
+            return f" {'-':>20}  "
+        text = f"{halves[i]:.2f} / " + ("-" if lowest[i] is None else f"{lowest[i]:.2f}")
+        return f" {text:>20}" + (" !" if i in unstable else "  ")
 
     for i in range(basis.n_concepts):
         w, s = basis.decoding[i], basis.encoding[i]
         cos = float(w @ s / (w.norm() * s.norm()))
         print(f"  {i:>7} {float(basis.margin[i]):>9.4f} {float(s.norm()):>8.3f} {float(gain[i]):>6.2f} {cos:>9.3f}"
               + ("" if agreement is None else marked(agreement[i], LOW_CONCEPT_AGREEMENT, 13))
-              + ("" if halves is None else marked(halves[i], LOW_HALVES_JACCARD, 6)))
+              + ("" if halves is None else halves_cell(i)))
     if agreement is not None:
         print("  restarts agree: overlap of the concept's cluster with its partners in the near-best k-means "
               f"restarts; ! (below {LOW_CONCEPT_AGREEMENT:g}): another seed may not give it back")
     if halves is not None:
-        print("  halves: mean Jaccard of the concept's detections with its partners in extractions on two random "
-              f"halves of the images (extract --stability); ! (below {LOW_HALVES_JACCARD:g}): other images draw it "
-              f"elsewhere. The two halves' concepts overlap at "
-              f"{float(basis.metadata.get('halves_mean_jaccard') or 0):.2f} on average")
+        print("  halves: Jaccard of the concept's detections with its partners in extractions on random halves of "
+              "the images (extract --stability), mean / in the half that gave it back worst; ! (mean below "
+              f"{LOW_HALVES_JACCARD:g} or lowest below {VANISHED_JACCARD:g}): other images change it. The halves' "
+              f"concepts overlap each other at {float(basis.metadata.get('halves_mean_jaccard') or 0):.2f} on average")
 
 
 def _cmd_report(args) -> int:

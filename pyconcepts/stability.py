@@ -7,8 +7,10 @@
 - ``concept_stability(model, basis, images)``: splits the images into two random halves,
   extracts on each with the settings the basis records, and compares the basis with both
   halves and the halves with each other on the layer rows of all the images. A concept whose
-  partners in the halves detect other patches (Jaccard below ``LOW_HALVES_JACCARD``) is one
-  that a different set of images would draw elsewhere: trust it less.
+  partners in the halves detect other patches (mean Jaccard below ``LOW_HALVES_JACCARD``), or
+  that some half does not give back at all (below ``VANISHED_JACCARD`` there: merged into
+  another concept or drawn elsewhere), is one that a different set of images would change:
+  trust it less.
 
 The restart agreement that every extraction records (``basis.metadata["concept_agreement"]``)
 is free but sees only what another k-means seed would change; this check measures what
@@ -18,6 +20,7 @@ one more pass over all of them.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
@@ -27,11 +30,17 @@ from .basis import ConceptBasis
 from .metrics import linear_sum_assignment
 from .stats import DEFAULT_CHUNK_SIZE, iter_chunks
 
-__all__ = ["compare_bases", "concept_stability", "BasisComparison", "ConceptStability", "LOW_HALVES_JACCARD"]
+__all__ = ["compare_bases", "concept_stability", "BasisComparison", "ConceptStability", "LOW_HALVES_JACCARD",
+           "VANISHED_JACCARD"]
 
-# a concept whose partners in the two halves overlap it less than this (mean Jaccard of the
-# detection sets) is marked as one that other images would not give back
+# a concept whose partners in the halves overlap it less than this on average (Jaccard of the
+# detection sets), or less than VANISHED_JACCARD in any one half, is marked as one that other
+# images would not give back (an average over halves hides a concept that one half merges
+# into another)
 LOW_HALVES_JACCARD = 0.5
+VANISHED_JACCARD = 0.2
+# fewer patch rows than this per concept in a half: the check warns that it will mark most
+_MIN_ROWS_PER_CONCEPT = 50
 
 
 @dataclass
@@ -39,7 +48,8 @@ class BasisComparison:
     """Concepts of basis ``a`` paired with those of ``b`` on the same rows.
 
     Per concept of ``a`` (K_a,): ``partner`` (int64, the index in ``b``, -1 where ``b`` has
-    fewer concepts and none was left), ``jaccard`` (float64, of the two detection sets),
+    fewer concepts and none was left), ``jaccard`` (float64, of the two detection sets; NaN
+    where ``a``'s concept fires on none of the rows: nothing to compare there),
     ``decoding_cosine`` / ``encoding_cosine`` (|cos| with the partner's directions, NaN
     without a partner), ``rate_a`` / ``rate_b`` (share of the rows each detector fires on).
     """
@@ -54,8 +64,9 @@ class BasisComparison:
 
     @property
     def mean_jaccard(self) -> float:
-        """Mean Jaccard over the concepts of ``a`` (0 for one without a partner)."""
-        return float(self.jaccard.mean())
+        """Mean Jaccard over the concepts of ``a`` that fire on the rows (0 for one without a
+        partner; NaN when none fires)."""
+        return float(self.jaccard.nanmean())
 
     def __repr__(self) -> str:
         return (f"BasisComparison({self.partner.numel()} concepts on {self.n_rows} rows: mean Jaccard "
@@ -98,6 +109,7 @@ def _pair(a: ConceptBasis, b: ConceptBasis, count_a, count_b, inter, rows: int) 
     has = partner >= 0
     jaccard = torch.zeros(k, dtype=torch.float64)
     jaccard[has] = torch.as_tensor(jac)[has.nonzero().flatten(), partner[has]]
+    jaccard[count_a == 0] = math.nan  # a concept absent from these rows: no evidence either way
 
     def cosines(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         u = u.detach().double().cpu()
@@ -126,6 +138,9 @@ def compare_bases(a: ConceptBasis, b: ConceptBasis, x, *, chunk_size: int = DEFA
     _check_basis(b, "b")
     if a.decoding.shape[1] != b.decoding.shape[1]:
         raise ValueError(f"a and b read different layers: {a.decoding.shape[1]} vs {b.decoding.shape[1]} channels")
+    if a.layer is not None and b.layer is not None and a.layer != b.layer:
+        warnings.warn(f"a was extracted at layer {a.layer!r} and b at {b.layer!r}: the rows x are read by both "
+                      "as if they were one layer's", stacklevel=2)
     if isinstance(x, torch.Tensor) and (x.dim() != 2 or x.shape[1] != a.decoding.shape[1]):
         raise ValueError(f"x must be (N, {a.decoding.shape[1]}) layer rows, got shape {tuple(x.shape)}")
     counts, inter, rows = _overlaps(x, [a, b], [(0, 1)], chunk_size)
@@ -138,13 +153,15 @@ class ConceptStability:
 
     ``jaccard`` (K,): per concept of the basis, the mean Jaccard of its detection set with
     those of its partners in the halves' extractions (both halves of every split), on the
-    rows of all the images; ``to_halves``: the ``BasisComparison`` of the basis with each half
-    (two per split); ``between_halves``: per split, its half A's concepts against its half B's;
-    ``halves``: the half bases, in the order of ``to_halves``; ``n_images``: images in the
-    halves of the first split.
+    rows of all the images (NaN for a concept that fires on none of them); ``lowest`` (K,): the
+    smallest of those Jaccards, the half that gave the concept back worst; ``to_halves``: the
+    ``BasisComparison`` of the basis with each half (two per split); ``between_halves``: per
+    split, its half A's concepts against its half B's; ``halves``: the half bases, in the order
+    of ``to_halves``; ``n_images``: images in the halves of the first split.
     """
 
     jaccard: torch.Tensor
+    lowest: torch.Tensor
     to_halves: Tuple[BasisComparison, ...]
     between_halves: Tuple[BasisComparison, ...]
     halves: Tuple[ConceptBasis, ...] = field(repr=False)
@@ -157,18 +174,21 @@ class ConceptStability:
         halves' Jaccard)."""
         return float(sum(c.mean_jaccard for c in self.between_halves) / len(self.between_halves))
 
-    def unstable(self, threshold: float = LOW_HALVES_JACCARD) -> List[int]:
-        """Concepts whose partners in the halves overlap them less than ``threshold``."""
-        return [int(i) for i in torch.nonzero(self.jaccard < threshold).flatten()]
+    def unstable(self, threshold: float = LOW_HALVES_JACCARD, vanished: float = VANISHED_JACCARD) -> List[int]:
+        """Concepts whose partners in the halves overlap them less than ``threshold`` on
+        average, or less than ``vanished`` in some half."""
+        return unstable_concepts(self.jaccard, self.lowest, threshold, vanished)
 
     def record(self, basis: ConceptBasis) -> ConceptBasis:
-        """Store the per-concept figures in ``basis.metadata["halves_jaccard"]`` (the report
-        and ``pyconcepts report BASIS`` show them), ``halves_jaccard`` in
+        """Store the per-concept figures in ``basis.metadata["halves_jaccard"]`` and
+        ``["halves_lowest"]`` (None where NaN; the report and ``pyconcepts report BASIS`` show
+        them), ``halves_jaccard`` in
         ``["halves_mean_jaccard"]``, the number of splits in ``["halves_splits"]`` and the
         halves' sizes in ``["halves_images"]``; returns the basis."""
         if basis.n_concepts != self.jaccard.numel():
             raise ValueError(f"basis has {basis.n_concepts} concepts, this check {self.jaccard.numel()}")
-        basis.metadata["halves_jaccard"] = [round(float(v), 4) for v in self.jaccard]
+        basis.metadata["halves_jaccard"] = [None if math.isnan(v) else round(float(v), 4) for v in self.jaccard.tolist()]
+        basis.metadata["halves_lowest"] = [None if math.isnan(v) else round(float(v), 4) for v in self.lowest.tolist()]
         basis.metadata["halves_mean_jaccard"] = round(self.halves_jaccard, 4)
         basis.metadata["halves_images"] = list(self.n_images)
         basis.metadata["halves_splits"] = len(self.between_halves)
@@ -176,10 +196,27 @@ class ConceptStability:
 
     def __repr__(self) -> str:
         low = self.unstable()
-        return (f"ConceptStability({self.jaccard.numel()} concepts, {len(self.between_halves)} split(s) into "
-                f"{self.n_images[0]} / {self.n_images[1]} images: mean Jaccard with the halves' partners "
-                f"{float(self.jaccard.mean()):.3f}, between the halves {self.halves_jaccard:.3f}; below "
-                f"{LOW_HALVES_JACCARD:g}: {low})")
+        return (f"ConceptStability({self.jaccard.numel()} concepts, {_count(len(self.between_halves), 'split')} "
+                f"into {self.n_images[0]} / {self.n_images[1]} images: mean Jaccard with the halves' partners "
+                f"{float(self.jaccard.nanmean()):.3f}, half with half {self.halves_jaccard:.3f}; unstable: {low})")
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def unstable_concepts(mean, lowest, threshold: float = LOW_HALVES_JACCARD,
+                      vanished: float = VANISHED_JACCARD) -> List[int]:
+    """Indices whose ``mean`` Jaccard with the halves' partners is below ``threshold`` or whose
+    ``lowest`` is below ``vanished`` (sequences or tensors; None / NaN entries are never
+    marked: those concepts fire on none of the rows)."""
+    out = []
+    for i, (m, low) in enumerate(zip(mean, lowest if lowest is not None else [None] * len(mean))):
+        m = None if m is None or math.isnan(float(m)) else float(m)
+        low = None if low is None or math.isnan(float(low)) else float(low)
+        if (m is not None and m < threshold) or (low is not None and low < vanished):
+            out.append(i)
+    return out
 
 
 class _HalfImages:
@@ -234,6 +271,9 @@ def concept_stability(
     if not isinstance(images, torch.Tensor) and iter(images) is images:
         raise TypeError("images must be a tensor or a re-iterable of batches (not a one-shot iterator): "
                         "the check reads them several times")
+    if isinstance(getattr(images, "sampler", None), torch.utils.data.RandomSampler):
+        raise ValueError("images is a DataLoader that shuffles: every pass would split other images into the "
+                         "halves; pass one with shuffle=False")
     meta = basis.metadata or {}
     n = _count_images(images)
     if n < 2:
@@ -241,6 +281,19 @@ def concept_stability(
     settings = dict(meta.get("extract_settings") or {})
     settings.update(options or {})
     skip = int(meta.get("skip_tokens") or 0)
+    tap = LayerTap(model, basis.layer, skip_tokens=skip)
+    # the layer must be the basis's before any extraction runs
+    first = next(iter_batches(images, 2))
+    with torch.no_grad():
+        width = tap.to_rows(tap.activations(first[:2])).shape[1]
+    problems = basis.compatibility_problems(width=width)
+    if problems:
+        raise ValueError(f"basis does not fit layer {basis.layer!r} of this model: {'; '.join(problems)}")
+    positions = tap.to_rows(tap.activations(first[:1])).shape[0]
+    if (n // 2) * positions < _MIN_ROWS_PER_CONCEPT * basis.n_concepts:
+        warnings.warn(f"a half holds {n // 2} image(s), {(n // 2) * positions} patches for {basis.n_concepts} "
+                      "concepts: so few that the halves will redraw most concepts; use more images",
+                      stacklevel=2)
     kwargs = dict(seed=int(meta.get("seed", 0) or 0), refine=bool(meta.get("refine", False)),
                   ura=bool(meta.get("ura", True)), skip_tokens=skip, options=settings or None,
                   model_id=basis.model_id, output=meta.get("output"))
@@ -256,7 +309,6 @@ def concept_stability(
                                                   progress(f"{name}: {stage}", done, total))
             halves.append(extract(model, basis.layer, _HalfImages(images, part), basis.n_concepts,
                                   progress=step, **kwargs))
-    tap = LayerTap(model, basis.layer, skip_tokens=skip)
     batch_size = int(settings.get("batch_size", 64))
     if isinstance(images, torch.Tensor):
         total = math.ceil(n / batch_size)
@@ -279,5 +331,11 @@ def concept_stability(
                       for h in range(1, len(bases)))
     between = tuple(_pair(bases[2 * s + 1], bases[2 * s + 2], counts[2 * s + 1], counts[2 * s + 2],
                           inter[2 * s + 1, 2 * s + 2], n_rows) for s in range(splits))
-    jaccard = torch.stack([c.jaccard for c in to_halves]).mean(0)
-    return ConceptStability(jaccard, to_halves, between, tuple(halves), sizes)
+    per_half = torch.stack([c.jaccard for c in to_halves])
+    return ConceptStability(per_half.nanmean(0), _nanmin(per_half), to_halves, between, tuple(halves), sizes)
+
+
+def _nanmin(t: torch.Tensor) -> torch.Tensor:
+    """Column minima ignoring NaN (NaN where a column is all NaN)."""
+    low = torch.where(torch.isnan(t), torch.full_like(t, math.inf), t).min(0).values
+    return torch.where(torch.isinf(low), torch.full_like(low, math.nan), low)

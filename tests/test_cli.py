@@ -139,9 +139,10 @@ def test_extract_with_stability_records_the_split_half_check(ws, capsys, tmp_pat
     basis = ConceptBasis.load(out)
     assert len(basis.metadata["halves_jaccard"]) == 3 and basis.metadata["halves_images"] == [6, 6]
     assert basis.metadata["halves_splits"] == 2
-    assert all(0.0 <= v <= 1.0 for v in basis.metadata["halves_jaccard"])
+    assert all(v is None or 0.0 <= v <= 1.0 for v in basis.metadata["halves_jaccard"])
+    assert all(v is None or 0.0 <= v <= 1.0 for v in basis.metadata["halves_lowest"])
     rc, summary, _ = _run(capsys, "report", out)
-    assert rc == 0 and "halves" in summary and "two random halves" in summary
+    assert rc == 0 and "halves mean / lowest" in summary and "random halves of the images" in summary
 
 
 def test_explain_speaks_file_and_class_names(ws, capsys):

@@ -426,17 +426,26 @@ def test_concepts_the_restarts_do_not_reproduce_are_marked(tmp_path):
 def test_concepts_the_halves_do_not_give_back_are_marked(tmp_path):
     model = TinyNet().eval()
     basis = _basis()
-    basis.metadata.update(halves_jaccard=[0.8, 0.65, 0.2], halves_mean_jaccard=0.61, halves_splits=3)
+    # concept 1: good on average but gone in one half; concept 2: poor on average
+    basis.metadata.update(halves_jaccard=[0.8, 0.65, 0.2], halves_lowest=[0.7, 0.05, 0.1], halves_mean_jaccard=0.61,
+                          halves_splits=3)
     write_report(tmp_path, basis, model, "act", _source(masks=False), **{**FAST, "rcav": False})
     text = (tmp_path / "index.html").read_text(encoding="utf-8")
     assert ">halves</th>" in text and ">agree</th>" not in text
     rows = re.findall(r"<tr>(.*?)</tr>", text.split("<tbody>")[1].split("</tbody>")[0], flags=re.S)
     by_concept = {int(re.search(r"concept (\d+)</a>", r).group(1)): r for r in rows}
-    assert "0.20 !" in by_concept[2] and "!" not in re.sub(r"<[^>]+>", "", by_concept[1])
+    plain = {i: re.sub(r"<[^>]+>", "", r) for i, r in by_concept.items()}
+    assert "0.20 / 0.10 !" in plain[2] and "0.65 / 0.05 !" in plain[1] and "0.80 / 0.70" in plain[0]
+    assert "!" not in plain[0]
     assert "two random halves" in text  # the note says what the column is
-    assert "halves agree: <b>0.61 (3 split(s))</b>" in text
-    page = (tmp_path / "concepts" / "concept-002.html").read_text(encoding="utf-8")
-    assert "two halves of the images (low: trust it less)" in page
+    assert "half with half: <b>0.61 (3 random splits)</b>" in text
+    page = (tmp_path / "concepts" / "concept-001.html").read_text(encoding="utf-8")
+    assert "gave it back worst (low: trust it less)" in page
+    # a concept that fires on none of the compared images is shown, not marked
+    basis.metadata.update(halves_jaccard=[0.8, None, 0.9], halves_lowest=[0.7, None, 0.8])
+    write_report(tmp_path / "b", basis, model, "act", _source(masks=False), **{**FAST, "rcav": False})
+    text = (tmp_path / "b" / "index.html").read_text(encoding="utf-8")
+    assert "it fires on none of the images compared" in text and " !</td>" not in text
 
 
 def test_concept_page_gives_firing_per_predicted_class_and_the_patches_removal_edits(report):

@@ -68,6 +68,17 @@ def test_a_concept_without_partner_gets_minus_one():
     assert torch.all(out.jaccard[lone] == 0) and torch.all(torch.isnan(out.decoding_cosine[lone]))
 
 
+def test_a_concept_absent_from_the_rows_has_no_jaccard():
+    a = _basis()
+    x = torch.randn(400, 6, generator=torch.Generator().manual_seed(3))
+    x = x[~a.detect(x)[:, 2]]  # concept 2 never fires on these rows
+    out = compare_bases(a, a, x)
+    assert math.isnan(float(out.jaccard[2])) and float(out.rate_a[2]) == 0.0
+    assert out.mean_jaccard == pytest.approx(1.0)  # a basis matches itself
+    with pytest.warns(UserWarning, match="layer 'body' and b at 'other'"):
+        compare_bases(a, _basis(layer="other"), x)
+
+
 def test_compare_bases_rejects_bad_input():
     a = _basis()
     with pytest.raises(TypeError, match="b must be a ConceptBasis"):
@@ -131,7 +142,8 @@ def test_split_half_check_is_seeded_records_and_reads_batches():
     two = concept_stability(model, basis, [images[i:i + 7] for i in range(0, len(images), 7)], seed=4, splits=2)
     assert torch.allclose(one.jaccard, two.jaccard)  # the same halves from batches as from a tensor
     assert len(one.to_halves) == 4 and len(one.between_halves) == 2 and len(one.halves) == 4
-    assert torch.allclose(one.jaccard, torch.stack([c.jaccard for c in one.to_halves]).mean(0))
+    per_half = torch.stack([c.jaccard for c in one.to_halves])
+    assert torch.allclose(one.jaccard, per_half.mean(0)) and torch.equal(one.lowest, per_half.min(0).values)
     assert one.halves_jaccard == pytest.approx(sum(c.mean_jaccard for c in one.between_halves) / 2)
     seen = []
     concept_stability(model, basis, images, splits=1, progress=lambda stage, done, total: seen.append(stage))
@@ -157,5 +169,14 @@ def test_split_half_check_rejects_bad_input():
         concept_stability(model, _basis(k=2, layer=None), images)
     with pytest.raises(ValueError, match="splits must be a positive int"):
         concept_stability(model, basis, images, splits=0)
+    from torch.utils.data import DataLoader, TensorDataset
+
+    with pytest.raises(ValueError, match="shuffles"):
+        concept_stability(model, basis, DataLoader(TensorDataset(images), batch_size=2, shuffle=True))
+    # the layer is checked before any extraction: a basis of another width
+    with pytest.raises(ValueError, match="does not fit layer 'body'.*width D = 5"):
+        concept_stability(model, _basis(k=2, d=5, layer="body"), images)
+    with pytest.warns(UserWarning, match="so few that the halves will redraw most concepts"):
+        concept_stability(model, basis, images, splits=1)
     with pytest.raises(TypeError, match="basis must be a ConceptBasis"):
         concept_stability(model, "basis.safetensors", images)

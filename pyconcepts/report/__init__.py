@@ -29,7 +29,7 @@ from torch import nn
 from ..attribution import rcav as _rcav
 from ..attribution import rcav_tests
 from ..outputs import output_or_recorded
-from ..stability import LOW_HALVES_JACCARD
+from ..stability import LOW_HALVES_JACCARD, VANISHED_JACCARD
 from ..taps import LayerTap, resolve_layer
 from .collect import Measurements, OutputSelected, ReceptiveField, measure, receptive_field
 from .html import (CSS, MIN_REMOVAL_EFFECT, ClassEffect, ConceptView, JointRemoval, Picture, ReportView,
@@ -217,6 +217,9 @@ def write_report(
     halves = (getattr(basis, "metadata", None) or {}).get("halves_jaccard")  # pc.concept_stability
     if halves is not None and len(halves) != k:
         halves = None
+    halves_lowest = (getattr(basis, "metadata", None) or {}).get("halves_lowest")
+    if halves is None or halves_lowest is None or len(halves_lowest) != k:
+        halves_lowest = None
     views = []
     for rank, i in enumerate(order, start=1):
         effects = []
@@ -242,7 +245,9 @@ def write_report(
             mask_iou=([(name, float(m.mask_iou[i, j])) for j, name in enumerate(m.mask_names)]
                       if m.mask_iou is not None else None),
             agreement=float(agreement[i]) if agreement is not None else None,
-            halves=float(halves[i]) if halves is not None else None,
+            halves=float(halves[i]) if halves is not None and halves[i] is not None else None,
+            halves_lowest=(float(halves_lowest[i]) if halves_lowest is not None and halves_lowest[i] is not None
+                           else None),
             edited_share=float(m.edited_patches[i]) / m.n_patches,
         ))
 
@@ -295,8 +300,10 @@ def write_report(
           if agreement is not None else []),
         *([f"Halves: the split-half check (pc.concept_stability, extract --stability): the images were split "
            f"into two random halves and extracted again on each; the mean Jaccard of the concept's detection set "
-           f"with its partners there. Below {LOW_HALVES_JACCARD:g} (marked !) other images draw the concept "
-           f"elsewhere."] if halves is not None else []),
+           f"with its partners there / the lowest, in the half that gave it back worst. Marked ! where the mean "
+           f"is below {LOW_HALVES_JACCARD:g} or the lowest below {VANISHED_JACCARD:g} (a half merged it into "
+           f"another concept or drew it elsewhere): other images change it. Half with half (above): how well "
+           f"the two halves' concepts agree with each other overall."] if halves is not None else []),
         "Pushes up / down: the classes whose log-odds fall / rise the most (by at least 0.01) when the concept "
         "is removed, each measured on the sampled images predicted as it" + ("; classes marked * come first: RCAV finds that adding the concept raises / lowers their "
                         "probability significantly. " + rcav_note if result is not None else " (RCAV not run)."),
@@ -313,8 +320,8 @@ def write_report(
         facts=[("model", model_name), ("layer", layer), ("grid", f"{m.grid[0]} x {m.grid[1]}"),
                ("input", f"{m.input_size[0]} x {m.input_size[1]}"), ("images", str(n_total)),
                ("concepts", str(k)), ("classes", str(c)),
-               *([("halves agree", f"{float(basis.metadata['halves_mean_jaccard']):.2f} "
-                                   f"({basis.metadata.get('halves_splits', 1)} split(s))")]
+               *([("half with half", f"{float(basis.metadata['halves_mean_jaccard']):.2f} "
+                                     f"({int(basis.metadata.get('halves_splits', 1))} random splits)")]
                  if halves is not None and basis.metadata.get("halves_mean_jaccard") is not None else [])],
         notes=notes, concepts=views, has_masks=m.mask_iou is not None, has_rcav=result is not None,
         rcav_note=rcav_note, version=__version__, joint=joint, warnings=[str(w) for w in warnings],

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 from ..directions import LOW_CONCEPT_AGREEMENT
-from ..stability import LOW_HALVES_JACCARD
+from ..stability import unstable_concepts
 
 __all__ = ["esc", "CSS", "ConceptView", "ClassEffect", "Picture", "ReportView", "index_page", "concept_page",
            "histogram_svg"]
@@ -69,6 +69,7 @@ class ConceptView:
     mask_iou: Optional[List[Tuple[str, float]]] = None
     agreement: Optional[float] = None  # overlap with its partners in near-best k-means restarts
     halves: Optional[float] = None  # mean Jaccard with its partners in the split-half check
+    halves_lowest: Optional[float] = None  # ... in the half that gave it back worst
     edited_share: Optional[float] = None  # patches the default removal edits
 
     @property
@@ -226,7 +227,7 @@ def _facts(facts: Sequence[Tuple[str, str]]) -> str:
 def index_page(view: ReportView) -> str:
     top = max((c.influence for c in view.concepts), default=0.0) or 1.0
     agree = any(c.agreement is not None for c in view.concepts)
-    halves = any(c.halves is not None for c in view.concepts)
+    halves = any(c.halves is not None or c.halves_lowest is not None for c in view.concepts)
     head = ["#", "concept", "influence", "flips", "fires on"] + (["agree"] if agree else []) + \
         (["halves"] if halves else []) + ["pushes up", "pushes down"]
     if view.has_masks:
@@ -244,7 +245,7 @@ def index_page(view: ReportView) -> str:
             f"<td class=\"num\">{esc(_pct(c.flips))}</td>",
             f"<td class=\"num\" title=\"{esc(_pct(c.image_share))} of the images\">{esc(_pct(c.patch_share))}</td>",
             *([_agreement_cell(c.agreement)] if agree else []),
-            *([_halves_cell(c.halves)] if halves else []),
+            *([_halves_cell(c)] if halves else []),
             "<td>" + (" ".join(_class_tag(e, "up") for e in up) or "<span class=\"muted\">-</span>") + "</td>",
             "<td>" + (" ".join(_class_tag(e, "down") for e in down) or "<span class=\"muted\">-</span>") + "</td>",
         ]
@@ -287,8 +288,18 @@ def _marked_cell(value: Optional[float], low: float, why_low: str, why_missing: 
     return f"<td class=\"num\">{value:.2f}</td>"
 
 
-def _halves_cell(value: Optional[float]) -> str:
-    return _marked_cell(value, LOW_HALVES_JACCARD, "extractions on two halves of the images draw this concept elsewhere")
+def _halves_unstable(c: "ConceptView") -> bool:
+    return bool(unstable_concepts([c.halves], [c.halves_lowest]))
+
+
+def _halves_cell(c: "ConceptView") -> str:
+    if c.halves is None:
+        return "<td class=\"num muted\" title=\"it fires on none of the images compared\">-</td>"
+    lowest = f" <span class=\"muted\">/ {c.halves_lowest:.2f}</span>" if c.halves_lowest is not None else ""
+    if _halves_unstable(c):
+        return (f"<td class=\"num down\" title=\"extractions on halves of the images draw this concept elsewhere "
+                f"or merge it into another: trust it less\">{c.halves:.2f}{lowest} !</td>")
+    return f"<td class=\"num\">{c.halves:.2f}{lowest}</td>"
 
 
 def _agreement_cell(value: Optional[float]) -> str:
@@ -446,8 +457,9 @@ def concept_page(view: ReportView, c: ConceptView, crop_note: str, map_note: str
         stats.append((f"{c.agreement:.2f}", "overlap with its partners in the near-best k-means restarts"
                       + (" (low: trust it less)" if c.agreement < LOW_AGREEMENT else "")))
     if c.halves is not None:
-        stats.append((f"{c.halves:.2f}", "overlap with its partners in extractions on two halves of the images"
-                      + (" (low: trust it less)" if c.halves < LOW_HALVES_JACCARD else "")))
+        worst = f"; {c.halves_lowest:.2f} in the half that gave it back worst" if c.halves_lowest is not None else ""
+        stats.append((f"{c.halves:.2f}", "overlap with its partners in extractions on halves of the images" + worst
+                      + (" (low: trust it less)" if _halves_unstable(c) else "")))
     if c.mask_iou:
         name, best = max(c.mask_iou, key=lambda t: t[1])
         stats.append((f"{best:.2f}", f"IoU with the ground-truth mask '{name}'"))
