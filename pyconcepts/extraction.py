@@ -52,7 +52,7 @@ from .directions import extract_directions
 from .signal import absent_levels, masked_signal_vectors, signal_vectors
 from .stats import DEFAULT_CHUNK_SIZE, KeyedRowSample, distributed, fail_together, shard_offset
 from .outputs import OutputSpec, check_output_spec, read_scores, scores_kind
-from .taps import LayerTap, iter_batches
+from .taps import LayerTap, is_image_source, is_one_shot, iter_batches
 from .ura import URALoss
 
 __all__ = ["extract", "DEFAULTS", "fso_loss", "batch_signal_vectors"]
@@ -148,7 +148,7 @@ class _PatchSource:
         self.cached: Optional[List[torch.Tensor]] = []
         self.n_rows = 0
         pool = _ImagePool(ura_images, seed, images)
-        one_shot = not isinstance(images, torch.Tensor) and iter(images) is images
+        one_shot = is_one_shot(images)
         total = _count_batches(images, batch_size)
         for j, batch in enumerate(iter_batches(images, batch_size)):
             rows = tap.to_rows(tap.activations(batch)).float().contiguous()
@@ -216,6 +216,8 @@ def _count_images(images) -> int:
     re-iterable of batches, which is then read once without the network)."""
     if isinstance(images, torch.Tensor):
         return images.shape[0]
+    if is_image_source(images):
+        return len(images)
     source = getattr(images, "source", None)
     if source is not None and hasattr(source, "__len__"):
         return len(source)
@@ -243,8 +245,8 @@ def _coalesce(pieces: List[torch.Tensor], rows: int) -> List[torch.Tensor]:
 
 
 def _count_batches(images, batch_size) -> Optional[int]:
-    if isinstance(images, torch.Tensor):
-        return max(1, math.ceil(images.shape[0] / batch_size))
+    if isinstance(images, torch.Tensor) or is_image_source(images):
+        return max(1, math.ceil(len(images) / batch_size))
     try:
         return len(images)
     except TypeError:

@@ -260,15 +260,15 @@ def concept_stability(
     split are noisy (one halving can miss a low one or add one); the splits average that out.
     ``progress(stage, done, total)`` as in ``pc.extract``.
     """
-    from .extraction import _count_images, extract
-    from .taps import LayerTap, iter_batches
+    from .extraction import _count_batches, _count_images, extract
+    from .taps import LayerTap, is_one_shot, iter_batches
 
     _check_basis(basis, "basis")
     if basis.layer is None:
         raise ValueError("basis records no layer: extract it with pc.extract (or set basis.layer)")
     if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
         raise ValueError(f"splits must be a positive int, got {splits!r}")
-    if not isinstance(images, torch.Tensor) and iter(images) is images:
+    if is_one_shot(images):
         raise TypeError("images must be a tensor or a re-iterable of batches (not a one-shot iterator): "
                         "the check reads them several times")
     if isinstance(getattr(images, "sampler", None), torch.utils.data.RandomSampler):
@@ -310,10 +310,7 @@ def concept_stability(
             halves.append(extract(model, basis.layer, _HalfImages(images, part), basis.n_concepts,
                                   progress=step, **kwargs))
     batch_size = int(settings.get("batch_size", 64))
-    if isinstance(images, torch.Tensor):
-        total = math.ceil(n / batch_size)
-    else:
-        total = len(images) if hasattr(images, "__len__") else None
+    total = _count_batches(images, batch_size)
 
     class _Rows:
         def __iter__(self):

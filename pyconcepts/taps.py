@@ -38,8 +38,26 @@ def resolve_layer(model: nn.Module, layer: str) -> nn.Module:
     )
 
 
+def is_image_source(images) -> bool:
+    """An image source of ``pyconcepts.images`` (``FolderImages``, ``TensorImages``, ...): it has
+    ``batches(batch_size)`` and a length in images."""
+    return not isinstance(images, torch.Tensor) and callable(getattr(images, "batches", None)) \
+        and hasattr(images, "__len__")
+
+
+def is_one_shot(images) -> bool:
+    """An iterator that can be read only once (not a tensor, an image source or a re-iterable)."""
+    if isinstance(images, torch.Tensor) or is_image_source(images):
+        return False
+    try:
+        return iter(images) is images
+    except TypeError:
+        return False  # not iterable at all: iter_batches says so
+
+
 def iter_batches(images, batch_size: Optional[int] = None) -> Iterator[torch.Tensor]:
-    """Yield image batches from a tensor (B, C, H, W) or an iterable of batches.
+    """Yield image batches from a tensor (B, C, H, W), an image source of
+    ``pyconcepts.images`` (read in batches of ``batch_size``) or an iterable of batches.
 
     Items of the iterable may be tensors or tuples/lists whose first item is the batch
     (as a ``DataLoader`` over ``(image, label)`` pairs yields). A tensor is cut into chunks
@@ -54,6 +72,8 @@ def iter_batches(images, batch_size: Optional[int] = None) -> Iterator[torch.Ten
         for start in range(0, images.shape[0], step):
             yield images[start:start + step]
         return
+    if is_image_source(images):
+        images = images.batches(batch_size or 64)
     try:
         iterator = iter(images)
     except TypeError:

@@ -106,3 +106,16 @@ def test_extract_records_the_model_so_other_weights_are_told_apart(tmp_path):
     assert loaded.compatibility_problems(model=model) == []
     other = SmallCNN().eval()  # same architecture, other (random) weights
     assert "other weights" in " ".join(loaded.compatibility_problems(model=other))
+
+
+def test_extract_reads_an_image_source_as_it_reads_a_tensor():
+    from pyconcepts.images import TensorImages
+
+    model = SmallCNN().eval()
+    x = images()
+    seen = []
+    a = pc.extract(model, "features.3", x, 3, options={"n_init": 2})
+    b = pc.extract(model, "features.3", TensorImages(x), 3, options={"n_init": 2},
+                   progress=lambda stage, done, total: seen.append((stage, total)))
+    assert torch.equal(a.decoding, b.decoding) and torch.equal(a.bias, b.bias)
+    assert ("patches", 1) in seen  # 24 images, batches of 64: one batch, counted without reading them

@@ -141,6 +141,10 @@ def test_split_half_check_is_seeded_records_and_reads_batches():
     one = concept_stability(model, basis, images, seed=4, splits=2)
     two = concept_stability(model, basis, [images[i:i + 7] for i in range(0, len(images), 7)], seed=4, splits=2)
     assert torch.allclose(one.jaccard, two.jaccard)  # the same halves from batches as from a tensor
+    from pyconcepts.images import TensorImages
+
+    three = concept_stability(model, basis, TensorImages(images), seed=4, splits=2)  # and from an image source
+    assert torch.allclose(one.jaccard, three.jaccard)
     assert len(one.to_halves) == 4 and len(one.between_halves) == 2 and len(one.halves) == 4
     per_half = torch.stack([c.jaccard for c in one.to_halves])
     assert torch.allclose(one.jaccard, per_half.mean(0)) and torch.equal(one.lowest, per_half.min(0).values)
