@@ -811,6 +811,8 @@ def _cmd_extract(args) -> int:
     if probe.kind == "tokens" and round(probe.positions ** 0.5) ** 2 != probe.positions:
         _warn(f"layer {layer!r} gives {probe.positions} tokens per image, not a square grid: if the first "
               f"ones are class or register tokens, pass --skip-tokens N (report and explain need the grid)")
+    if args.stability and total < 2:
+        raise UserError(f"--stability splits the images into halves: --images has {total} image(s)")
     if args.concepts > total * probe.positions:  # all ranks' images together
         raise UserError(f"-k {args.concepts} exceeds the {total * probe.positions} patches of "
                         f"{total} image(s) at {layer!r}")
@@ -1241,7 +1243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stability", type=_positive_int, nargs="?", const=3, default=None, metavar="SPLITS",
                    help="also split the images into two random halves SPLITS times (default 3), extract on each "
                         "half and record, per concept, how well the halves give it back (pc.concept_stability; "
-                        "about SPLITS + 1 times the time)")
+                        "2 x SPLITS more extractions, each on half of the images)")
     p.set_defaults(run=_cmd_extract)
 
     p = sub.add_parser("report", help="an HTML report of a basis (without --out: a text summary)",

@@ -143,6 +143,9 @@ def test_extract_with_stability_records_the_split_half_check(ws, capsys, tmp_pat
     assert all(v is None or 0.0 <= v <= 1.0 for v in basis.metadata["halves_lowest"])
     rc, summary, _ = _run(capsys, "report", out)
     assert rc == 0 and "halves mean / lowest" in summary and "random halves of the images" in summary
+    rc, _, err = _run(capsys, "extract", *_model_args(ws), "--images", ws / "photos", "--layer", "features.3",
+                      "-k", "3", "--out", tmp_path / "one.safetensors", "--limit", "1", "--stability")
+    assert rc == 2 and "--images has 1 image(s)" in err and not (tmp_path / "one.safetensors").exists()
 
 
 def test_explain_speaks_file_and_class_names(ws, capsys):

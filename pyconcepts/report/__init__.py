@@ -333,9 +333,12 @@ def write_report(
             f"as it, removed together from those images; the mean log-odds log(p/(1-p)) of the class before and "
             f"after, and the share of those predictions that change (changed). Every concept removed: the same with all "
             f"{k} concepts removed at once, what the concepts carry together (the other classes' concepts go "
-            f"too, which can raise a class); layer at its mean: every patch of the layer replaced by its mean "
-            f"activation, what the layer carries at all. A class whose log-odds stay high with every concept "
-            f"removed but fall with the layer at its mean relies on something the concepts do not capture."),
+            f"too, which can raise a class); layer at its mean: every patch of the layer replaced by one row, "
+            f"the layer's mean activation over all patches (this erases where things are, too), what the layer "
+            f"carries at all. A class whose log-odds stay high with every concept removed but fall with the "
+            f"layer at its mean relies on something the concepts do not capture; every concept removed can also "
+            f"go further than the layer at its mean (a removal lowers each concept to its absent level, below "
+            f"the mean)."),
     )
     writer.write("report.css", CSS)
     for j, cv in enumerate(views):
