@@ -708,10 +708,6 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-# the class-order check judges "below chance" from this many images on (fewer: only where chance
-# would give so few matches with probability under 1%)
-_MIN_ORDER_CHECK = 20
-
 
 def _check_folder_classes(args, source, preds: torch.Tensor, n_outputs: int) -> Optional[str]:
     """Warn when class subfolders named the outputs (no --classes) and the model's predictions
@@ -723,20 +719,37 @@ def _check_folder_classes(args, source, preds: torch.Tensor, n_outputs: int) -> 
     if not source.class_names or len(source.class_names) != n_outputs:
         return None
     n = preds.numel()
-    matches = int((preds.cpu() == source.labels[:n]).sum())
+    folders = source.labels[:n].long()
+    matches = int((preds.cpu() == folders).sum())
     agree = matches / n
     # below chance on enough images, or so far below it that chance would rarely give as few
-    # matches (two classes, 7 images, none matching: p = 1/128)
-    p_chance = 1.0 / n_outputs
-    tail = sum(math.comb(n, j) * p_chance ** j * (1 - p_chance) ** (n - j) for j in range(matches + 1))
-    if agree < p_chance and (n >= _MIN_ORDER_CHECK or tail < 0.01):
+    # matches (two classes, 7 images, none matching: p = 1/128). Chance: the agreement of the
+    # predictions with the folders if they were unrelated, from how often each class is
+    # predicted and how many images each folder holds (a model that predicts one class more
+    # often agrees less often by chance: 1 / classes would flag a correct order)
+    predicted_share = torch.bincount(preds.cpu().long(), minlength=n_outputs)[:n_outputs].double() / n
+    folder_share = torch.bincount(folders, minlength=n_outputs)[:n_outputs].double() / n
+    p_chance = float((predicted_share * folder_share).sum())
+    if agree < p_chance and _binomial_cdf(matches, n, p_chance) < 0.01:
         message = (f"the model's predictions match the class subfolders of --images on only {100 * agree:.0f}% of "
-                   f"the images (chance: {100 / n_outputs:.0f}%): the folders' sorted order "
+                   f"the images (chance: {100 * p_chance:.0f}%): the folders' sorted order "
                    f"({', '.join(source.class_names[:4])}{', ...' if n_outputs > 4 else ''}) is probably not the "
                    "model's output order (name the outputs with --classes), or the preprocessing is not the model's")
         _warn(message)
         return message
     return None
+
+
+def _binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p), summed in log space (no overflow for large n)."""
+    if p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 1.0 if k >= n else 0.0
+    logs = [math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1)
+            + j * math.log(p) + (n - j) * math.log1p(-p) for j in range(k + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
 
 
 def _true_name(source, j: int) -> Optional[str]:

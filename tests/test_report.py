@@ -114,6 +114,8 @@ def test_warnings_come_first_and_only_when_given(report, tmp_path):
     text = (tmp_path / "index.html").read_text(encoding="utf-8")
     assert text.index("Check before you read on") < text.index("Concepts, most influential first")
     assert "names &lt;may&gt; be wrong" in text
+    page = (tmp_path / "concepts" / "concept-000.html").read_text(encoding="utf-8")
+    assert page.index("Check before you read on") < page.index("Top-activating patches")
 
 
 def test_index_has_one_row_per_concept_ranked_by_measured_influence(report):

@@ -260,10 +260,8 @@ def index_page(view: ReportView) -> str:
         rows.append("<tr>" + "".join(cells) + "</tr>")
     header = "".join(f"<th class=\"num\">{esc(h)}</th>" if h in num else f"<th>{esc(h)}</th>" for h in head)
     notes = "".join(f"<li>{esc(n)}</li>" for n in view.notes)
-    warned = ("<div class=\"card warning\"><h2>Check before you read on</h2><ul class=\"notes\">"
-              + "".join(f"<li>{esc(w)}</li>" for w in view.warnings) + "</ul></div>\n") if view.warnings else ""
     body = (
-        f"<h1>{esc(view.title)}</h1>\n{_facts(view.facts)}\n{warned}"
+        f"<h1>{esc(view.title)}</h1>\n{_facts(view.facts)}\n{_warnings_card(view)}"
         f"<div class=\"card\"><h2>Concepts, most influential first</h2>\n"
         f"<table class=\"ranking\">\n<thead><tr>{header}</tr></thead>\n<tbody>\n" + "\n".join(rows) +
         "\n</tbody>\n</table></div>\n" + _joint_card(view) +
@@ -271,6 +269,13 @@ def index_page(view: ReportView) -> str:
         f"<footer>Written by pyconcepts {esc(view.version)}. Static files: no network, no server.</footer>"
     )
     return _page(view.title, body, "")
+
+
+def _warnings_card(view: ReportView) -> str:
+    if not view.warnings:
+        return ""
+    return ("<div class=\"card warning\"><h2>Check before you read on</h2><ul class=\"notes\">"
+            + "".join(f"<li>{esc(w)}</li>" for w in view.warnings) + "</ul></div>\n")
 
 
 # concepts whose restart agreement is below this are marked (see directions.py)
@@ -523,7 +528,7 @@ def concept_page(view: ReportView, c: ConceptView, crop_note: str, map_note: str
 
     body = (
         f"{nav}<h1>Concept {c.index} <span class=\"muted\">&#183; rank {c.rank} of {len(order)}</span></h1>"
-        f"<div class=\"facts\">{' &#183; '.join(summary) if summary else ''}</div>{stat_html}"
+        f"<div class=\"facts\">{' &#183; '.join(summary) if summary else ''}</div>{_warnings_card(view)}{stat_html}"
         f"<div class=\"card\"><h2>Top-activating patches</h2><div class=\"grid patches\">{_figures(c.patches, root)}</div>"
         f"<p class=\"caption\">{esc(crop_note)}</p></div>"
         f"<div class=\"card\"><h2>Detection maps</h2><div class=\"grid maps\">{_figures(c.maps, root)}</div>"
