@@ -866,7 +866,7 @@ def _cmd_extract(args) -> int:
         low = check.unstable()
         splits = f"{args.stability} random split" + ("s" if args.stability > 1 else "")
         print(f"split-half check ({splits}): the halves' concepts overlap each other at Jaccard "
-              f"{check.halves_jaccard:.2f} on average; {len(low)} of {basis.n_concepts} concepts come back below "
+              f"{check.half_with_half:.2f} on average; {len(low)} of {basis.n_concepts} concepts come back below "
               f"{LOW_HALVES_JACCARD:g} on average, or below {VANISHED_JACCARD:g} in some half"
               + (f": {', '.join(map(str, low))}" if low else ""))
     if rank == 0:

@@ -168,7 +168,7 @@ class ConceptStability:
     n_images: Tuple[int, int]
 
     @property
-    def halves_jaccard(self) -> float:
+    def half_with_half(self) -> float:
         """How far two halves' concepts agree: the mean matched Jaccard between the halves of a
         split, averaged over the splits (what ``benchmarks.real_network`` reports as the
         halves' Jaccard)."""
@@ -182,14 +182,17 @@ class ConceptStability:
     def record(self, basis: ConceptBasis) -> ConceptBasis:
         """Store the per-concept figures in ``basis.metadata["halves_jaccard"]`` and
         ``["halves_lowest"]`` (None where NaN; the report and ``pyconcepts report BASIS`` show
-        them), ``halves_jaccard`` in
-        ``["halves_mean_jaccard"]``, the number of splits in ``["halves_splits"]`` and the
-        halves' sizes in ``["halves_images"]``; returns the basis."""
+        them), ``half_with_half`` in ``["halves_mean_jaccard"]``, the number of splits in
+        ``["halves_splits"]`` and the halves' sizes in ``["halves_images"]``; returns the basis."""
         if basis.n_concepts != self.jaccard.numel():
             raise ValueError(f"basis has {basis.n_concepts} concepts, this check {self.jaccard.numel()}")
-        basis.metadata["halves_jaccard"] = [None if math.isnan(v) else round(float(v), 4) for v in self.jaccard.tolist()]
-        basis.metadata["halves_lowest"] = [None if math.isnan(v) else round(float(v), 4) for v in self.lowest.tolist()]
-        basis.metadata["halves_mean_jaccard"] = round(self.halves_jaccard, 4)
+
+        def listed(t: torch.Tensor):
+            return [None if math.isnan(v) else round(float(v), 4) for v in t.tolist()]
+
+        basis.metadata["halves_jaccard"] = listed(self.jaccard)
+        basis.metadata["halves_lowest"] = listed(self.lowest)
+        basis.metadata["halves_mean_jaccard"] = round(self.half_with_half, 4)
         basis.metadata["halves_images"] = list(self.n_images)
         basis.metadata["halves_splits"] = len(self.between_halves)
         return basis
@@ -198,7 +201,7 @@ class ConceptStability:
         low = self.unstable()
         return (f"ConceptStability({self.jaccard.numel()} concepts, {_count(len(self.between_halves), 'split')} "
                 f"into {self.n_images[0]} / {self.n_images[1]} images: mean Jaccard with the halves' partners "
-                f"{float(self.jaccard.nanmean()):.3f}, half with half {self.halves_jaccard:.3f}; unstable: {low})")
+                f"{float(self.jaccard.nanmean()):.3f}, half with half {self.half_with_half:.3f}; unstable: {low})")
 
 
 def _count(n: int, word: str) -> str:

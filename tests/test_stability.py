@@ -128,7 +128,7 @@ def test_split_half_check_tells_planted_concepts_from_arbitrary_ones():
     rows = LayerTap(model, "body").to_rows(planted)
     direct = compare_bases(good.halves[0], good.halves[1], rows)
     assert torch.allclose(direct.jaccard, good.between_halves[0].jaccard)
-    assert good.halves_jaccard == pytest.approx(direct.mean_jaccard)
+    assert good.half_with_half == pytest.approx(direct.mean_jaccard)
     basis = pc.extract(model, "body", planted, 3, options={"n_init": 4})
     to_a = compare_bases(basis, good.halves[0], rows)
     assert torch.allclose(to_a.jaccard, good.to_halves[0].jaccard)
@@ -148,7 +148,7 @@ def test_split_half_check_is_seeded_records_and_reads_batches():
     assert len(one.to_halves) == 4 and len(one.between_halves) == 2 and len(one.halves) == 4
     per_half = torch.stack([c.jaccard for c in one.to_halves])
     assert torch.allclose(one.jaccard, per_half.mean(0)) and torch.equal(one.lowest, per_half.min(0).values)
-    assert one.halves_jaccard == pytest.approx(sum(c.mean_jaccard for c in one.between_halves) / 2)
+    assert one.half_with_half == pytest.approx(sum(c.mean_jaccard for c in one.between_halves) / 2)
     seen = []
     concept_stability(model, basis, images, splits=1, progress=lambda stage, done, total: seen.append(stage))
     assert any(s.startswith("half A") for s in seen) and any(s.startswith("half B") for s in seen)
