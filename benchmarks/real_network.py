@@ -507,11 +507,11 @@ def main(argv=None):
             reference_marked = unstable_concepts(reference, per_half.min(0))
             corr_check = float(np.corrcoef(check.jaccard.numpy(), reference)[0, 1])
             res_m["concept_stability"] = {
-                "halves_jaccard": check.half_with_half, "per_concept": check.jaccard.tolist(),
+                "half_with_half": check.half_with_half, "per_concept": check.jaccard.tolist(),
                 "benchmark_halves_per_concept": reference.tolist(), "correlation": corr_check,
                 "marked": check.unstable(), "benchmark_marked": reference_marked,
                 "seconds": check_seconds}
-            line = (f"pc.concept_stability(splits=3): halves agree at {check.half_with_half:.3f} (the benchmark's "
+            line = (f"pc.concept_stability(splits=3): half with half {check.half_with_half:.3f} (the benchmark's "
                     f"halves: {statistics.mean(halves['halves_jaccard']):.3f}); per concept vs the Jaccard with "
                     f"partners in the benchmark's halves: r = {corr_check:.2f}")
             if agreement is not None:
