@@ -286,13 +286,12 @@ def concept_stability(
     skip = int(meta.get("skip_tokens") or 0)
     tap = LayerTap(model, basis.layer, skip_tokens=skip)
     # the layer must be the basis's before any extraction runs
-    first = next(iter_batches(images, 2))
     with torch.no_grad():
-        width = tap.to_rows(tap.activations(first[:2])).shape[1]
+        first_rows = tap.to_rows(tap.activations(next(iter_batches(images, 1))[:1]))
+    positions, width = first_rows.shape
     problems = basis.compatibility_problems(width=width)
     if problems:
         raise ValueError(f"basis does not fit layer {basis.layer!r} of this model: {'; '.join(problems)}")
-    positions = tap.to_rows(tap.activations(first[:1])).shape[0]
     if (n // 2) * positions < _MIN_ROWS_PER_CONCEPT * basis.n_concepts:
         warnings.warn(f"a half holds {n // 2} image(s), {(n // 2) * positions} patches for {basis.n_concepts} "
                       "concepts: so few that the halves will redraw most concepts; use more images",
