@@ -450,9 +450,11 @@ class ConceptRanking:
     same order: ``abs_effects`` (the mean |change| of the score), ``class_effects``
     (len(concepts), C) the mean change of every class's log-odds log(p / (1 - p)) (> 0: the
     removal raises that class, so the concept holds it down), ``flip_rates`` (the share of
-    images whose top class changes) and ``image_effects`` (len(concepts), N) each image's drop
-    of the score; ``predicted`` (N,) is each image's top class before any removal. They are
-    None for the gradient and greedy rankings."""
+    images whose top class changes), ``image_effects`` (len(concepts), N) each image's drop
+    of the score and ``image_predictions`` (len(concepts), N) its top class after the
+    removal; ``predicted`` (N,) is each image's top class before any removal and
+    ``base_scores`` (N,) its score then (so that the score after removing ``concepts[j]`` is
+    ``base_scores - image_effects[j]``). They are None for the gradient and greedy rankings."""
 
     concepts: List[int]
     effects: torch.Tensor
@@ -464,6 +466,8 @@ class ConceptRanking:
     flip_rates: Optional[torch.Tensor] = None
     image_effects: Optional[torch.Tensor] = None
     predicted: Optional[torch.Tensor] = None
+    base_scores: Optional[torch.Tensor] = None
+    image_predictions: Optional[torch.Tensor] = None
 
 
 def log_odds(scores: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -593,7 +597,7 @@ def rank_concepts(
     def removal(removed: List[int], detail: bool = False):
         """The mean drop of the score when ``removed`` are removed; with ``detail`` also the
         mean |drop|, the mean change of every class's log-odds and the share of flips."""
-        total, total_abs, flips, classes, per_image = 0.0, 0.0, 0, None, []
+        total, total_abs, flips, classes, per_image, tops = 0.0, 0.0, 0, None, [], []
         with torch.no_grad():
             for batch, acts, base, predicted, odds in batches:
                 new = tap.from_rows(edit_rows(tap.to_rows(acts), *tensors, remove=removed, **edit), acts)
@@ -606,10 +610,12 @@ def rank_concepts(
                     shift = (every_log_odds(logits) - odds).sum(0)
                     classes = shift if classes is None else classes + shift
                     per_image.append(change.detach().cpu())
+                    tops.append(logits.argmax(1).cpu())
         step()
         if not detail:
             return total / n_images
-        return total / n_images, total_abs / n_images, classes / n_images, flips / n_images, torch.cat(per_image)
+        return (total / n_images, total_abs / n_images, classes / n_images, flips / n_images,
+                torch.cat(per_image), torch.cat(tops))
 
     if method == "gradient":
         effects = torch.zeros(len(candidates), dtype=torch.float64)
@@ -647,4 +653,6 @@ def rank_concepts(
         flip_rates=torch.tensor([measured[i][3] for i in order]),
         image_effects=torch.stack([measured[i][4] for i in order]),
         predicted=torch.cat([b[3].cpu() for b in batches]),
+        base_scores=torch.cat([b[2].detach().cpu() for b in batches]),
+        image_predictions=torch.stack([measured[i][5] for i in order]),
     )

@@ -245,12 +245,15 @@ def test_rank_concepts_predicted_measures_log_odds_every_class_and_flips():
             assert float(r.abs_effects[j]) == pytest.approx(float(change.abs().mean()), abs=1e-4)
             assert float(r.flip_rates[j]) == pytest.approx(float((after.argmax(1) != pred).double().mean()))
             assert torch.allclose(r.image_effects[j].double(), change, atol=1e-4)
+            assert torch.equal(r.image_predictions[j], after.argmax(1))
+            assert torch.allclose((r.base_scores - r.image_effects[j]).double(), odds(after, pred), atol=1e-4)
             for cls in range(3):
                 every = torch.full((12,), cls)
                 shift = (odds(after, every) - odds(before, every)).mean()
                 assert float(r.class_effects[j, cls]) == pytest.approx(float(shift), abs=1e-4)
     # the gradient and greedy rankings do not measure the per-class effects
     assert torch.equal(r.predicted, pred)
+    assert torch.allclose(r.base_scores.double(), odds(before, pred), atol=1e-4)
     g = pc.rank_concepts(model, basis, images, target="predicted", method="gradient")
     assert g.class_effects is None and g.flip_rates is None
     seen = []

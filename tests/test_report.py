@@ -12,7 +12,7 @@ pytest.importorskip("PIL", reason="the report draws its pictures with Pillow")
 
 from pyconcepts.basis import ConceptBasis  # noqa: E402
 from pyconcepts.images import TensorImages  # noqa: E402
-from pyconcepts.interventions import counterfactual  # noqa: E402
+from pyconcepts.interventions import counterfactual, intervene  # noqa: E402
 from pyconcepts.report import write_report  # noqa: E402
 from pyconcepts.report.collect import _RunningTop, _SymmetricHistogram, receptive_field  # noqa: E402
 from pyconcepts.taps import LayerTap  # noqa: E402
@@ -522,3 +522,56 @@ def test_a_significant_rcav_result_that_the_removal_contradicts_is_not_shown_as_
     up, down = view.up_down()
     assert [e.name for e in up] == ["a"] and [e.name for e in down] == ["b"]
     assert agree.rcav_supported and not clash.rcav_supported
+
+
+def test_concept_page_shows_the_images_its_removal_moves_most(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    n = 14
+    images = torch.rand(n, 3, 8, 8, generator=g)
+    images[:, 1] = torch.where(torch.arange(n) % 2 == 0, 0.3, 0.7)[:, None, None]
+    images[:, 1] += 0.2 * torch.rand(n, 1, 1, generator=g) - 0.1  # margins of different sizes
+    model = _Gate().eval()
+    rows = images[:, :2].permute(0, 2, 3, 1).reshape(-1, 2)
+    # concept 0 reads channel 0, which scales every margin; concept 1 reads the class channel
+    basis = ConceptBasis(torch.eye(2), torch.tensor([0.6, 0.5]), torch.eye(2), rows.mean(0), layer="act",
+                         absent_level=torch.tensor([-0.2, -0.05]))
+    names = [f"{i} {WEIRD}.png" for i in range(n)]
+    classes = ["left", "right"]
+    source = TensorImages(images, names=names, class_names=classes)
+    write_report(tmp_path, basis, model, "act", source, **{**FAST, "rcav": False})
+
+    def odds(logits, cls):  # log(p / (1 - p)) of class cls, in float64
+        p = logits.double().softmax(1)[torch.arange(len(logits)), cls]
+        return torch.log(p) - torch.log1p(-p)
+
+    shown = flipped_seen = 0
+    with torch.no_grad():
+        before = model(images)
+        pred = before.argmax(1)
+        for i in range(2):
+            with intervene(model, basis, remove=[i]):
+                after = model(images)
+            change = odds(before, pred) - odds(after, pred)
+            top = torch.argsort(change.abs(), descending=True, stable=True)[:6].tolist()
+            want = [j for j in top if abs(float(change[j])) >= 0.01]
+            page = (tmp_path / "concepts" / f"concept-{i:03d}.html").read_text(encoding="utf-8")
+            if not want:
+                assert "What removing it changes" not in page
+                continue
+            card = page.split("What removing it changes</h2>")[1].split("</div></div>")[0]
+            titles = re.findall(r"title=\"([^\"]*)\"", card)
+            assert len(titles) == len(want), (i, titles)
+            for title, j in zip(titles, want):
+                a, b = float(odds(before, pred)[j]), float(odds(after, pred)[j])
+                assert title.startswith(html_escape(
+                    f"{names[j]}: predicted {classes[int(pred[j])]}, log-odds {a:+.3f} before and {b:+.3f} "
+                    f"after concept {i} is removed")), (title, a, b)
+                flipped = int(after[j].argmax()) != int(pred[j])
+                assert ("the prediction becomes" in title) == flipped, title
+                shown += 1
+                flipped_seen += flipped
+    assert shown >= 6 and flipped_seen >= 1, (shown, flipped_seen)  # the case exercises both
+    write_report(tmp_path, basis, model, "act", source, **{**FAST, "rcav": False, "counterfactuals": 0})
+    assert "What removing it changes" not in (tmp_path / "concepts" / "concept-000.html").read_text(encoding="utf-8")
+    with pytest.raises(ValueError, match="counterfactuals"):
+        write_report(tmp_path, basis, model, "act", source, **{**FAST, "counterfactuals": -1})

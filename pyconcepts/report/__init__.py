@@ -48,6 +48,7 @@ OPTIONS: Dict[str, object] = {
                                # smallest Bonferroni-adjusted p is 0.8 x the level, at most 2000
     "rcav_level": 0.05,        # significance level after Bonferroni over tested concepts x classes
     "rcav_batch": None,        # images per forward pass in RCAV (default: batch_size)
+    "counterfactuals": 6,      # per concept: the sampled images its removal moves most (0: off)
     "rf_mass": 0.9,            # share of the input gradient a patch crop holds
     "rf_images": 8,            # images the receptive field is measured on
     "title": None,
@@ -168,6 +169,7 @@ def write_report(
     rcav_concepts = _check_int("rcav_concepts", opts["rcav_concepts"], 1)
     joint_concepts = _check_int("joint_concepts", opts["joint_concepts"], 0)
     joint_classes = _check_int("joint_classes", opts["joint_classes"], 1)
+    n_counterfactuals = _check_int("counterfactuals", opts["counterfactuals"], 0)
     if opts["rcav_permutations"] is not None:
         _check_int("rcav_permutations", opts["rcav_permutations"], 1)
     rcav_batch = _check_int("rcav_batch", opts["rcav_batch"] or batch_size, 1)
@@ -210,6 +212,8 @@ def write_report(
     writer = _Writer(root)
     old = writer.previous()
     pictures = _write_pictures(writer, source, m, rf, order, progress)
+    counterfactuals = _write_counterfactuals(writer, tap, basis, source, m, class_names, n_counterfactuals,
+                                             batch_size, progress)
 
     agreement = (getattr(basis, "metadata", None) or {}).get("concept_agreement")
     if agreement is not None and len(agreement) != k:
@@ -249,6 +253,7 @@ def write_report(
             halves_lowest=(float(halves_lowest[i]) if halves_lowest is not None and halves_lowest[i] is not None
                            else None),
             edited_share=float(m.edited_patches[i]) / m.n_patches,
+            counterfactuals=counterfactuals[i],
         ))
 
     n_s, n_total = len(m.influence_sample), m.n_images
@@ -286,6 +291,12 @@ def write_report(
                 "the share it fires on), so that where it fires and where it does not both show: "
                 "bright where it fires, dark where it does not; the yellow line is w.x = b (scores upsampled "
                 "bilinearly to the image). Captions: image name and the share of its patches where it fires.")
+    counterfactual_note = (
+        f"The images of {sample_words} whose predicted class's log-odds removing this concept changes most (at "
+        f"least {MIN_REMOVAL_EFFECT:g}), measured as the influence is: lit where the removal edits the layer (the "
+        "concept's latent factor above its absent level, brighter where it is further above; upsampled "
+        "bilinearly), the yellow line where the edit starts. Captions: image name; its predicted class's "
+        "log-odds before and after the removal, and the new prediction where it changes.")
     notes = [
         f"Influence: the mean change of the predicted class's log-odds, |log(p'/(1-p')) - log(p/(1-p))| (the "
         f"margin of the prediction; unlike a probability it still moves when the model is confident), when the "
@@ -342,7 +353,7 @@ def write_report(
     )
     writer.write("report.css", CSS)
     for j, cv in enumerate(views):
-        writer.write(cv.page, concept_page(view, cv, crop_note, map_note, influence_note))
+        writer.write(cv.page, concept_page(view, cv, crop_note, map_note, influence_note, counterfactual_note))
         if progress:
             progress("report: pages", j + 1, len(views) + 1)
     writer.write("index.html", index_page(view))
@@ -411,6 +422,67 @@ def _joint_removals(model: nn.Module, tap: LayerTap, basis, m: Measurements, cla
         if progress:
             progress("report: joint removals", j + 1, len(classes))
     return joint
+
+
+def _write_counterfactuals(writer: _Writer, tap: LayerTap, basis, source, m: Measurements,
+                           class_names: List[str], per_concept: int, batch_size: int,
+                           progress) -> Dict[int, List[Picture]]:
+    """Per concept, the (up to) ``per_concept`` sampled images whose predicted class's log-odds
+    its removal changes most (by at least ``MIN_REMOVAL_EFFECT``), drawn lit where the removal
+    edits the layer, with the log-odds before and after."""
+    from .pictures import overlay_png
+
+    k = basis.n_concepts
+    out: Dict[int, List[Picture]] = {i: [] for i in range(k)}
+    if per_concept == 0 or m.image_change is None or m.influence_images is None:
+        return out
+    chosen = {}
+    for i in range(k):
+        change = m.image_change[i]
+        top = torch.argsort(change.abs(), descending=True, stable=True)[:per_concept].tolist()
+        chosen[i] = [j for j in top if abs(float(change[j])) >= MIN_REMOVAL_EFFECT]
+    positions = sorted({j for picked in chosen.values() for j in picked})
+    if not positions:
+        return out
+    level = getattr(basis, "absent_level", None)
+    level = torch.zeros(k) if level is None else level.detach().cpu().float()
+    # where the default removal edits: the latent factor above its absent level
+    edit_maps: Dict[int, torch.Tensor] = {}
+    for start in range(0, len(positions), batch_size):
+        part = positions[start:start + batch_size]
+        with torch.no_grad():
+            rows = tap.to_rows(tap.activations(m.influence_images[part])).float().cpu()
+        above = tap.rows_to_maps(basis.latent(rows) - level, len(part))  # (b, K, h, w)
+        for t, j in enumerate(part):
+            edit_maps[j] = above[t]
+    names = source.names
+    pictures = source.display([m.influence_sample[j] for j in positions])
+    if not isinstance(pictures, torch.Tensor) or pictures.dim() != 4 or pictures.shape[0] != len(positions):
+        raise ValueError("source.display must return (n, H, W, 3) uint8 pictures")
+    picture_of = dict(zip(positions, pictures.to(torch.uint8).cpu().numpy()))
+    done = 0
+    for i in range(k):
+        for slot, j in enumerate(chosen[i]):
+            name = str(names[m.influence_sample[j]])
+            cls, after_cls = int(m.predicted[j]), int(m.image_after[i, j])
+            before = float(m.image_odds[j])
+            after = before - float(m.image_change[i, j])
+            edit = edit_maps[j][i]
+            # brightness: sigmoid of the edit in units of a third of this image's largest one
+            scale = max(float(edit.max()), 1e-12) / 3
+            rel = f"images/c{i:03d}-removed-{slot:02d}.png"
+            writer.write(rel, overlay_png(picture_of[j], edit / scale))
+            now = f", now {class_names[after_cls]}" if after_cls != cls else ""
+            share = float((edit > 0).float().mean())
+            out[i].append(Picture(
+                rel, name, f"{class_names[cls]} {before:+.2f} \u2192 {after:+.2f}{now}",
+                f"{name}: predicted {class_names[cls]}, log-odds {before:+.3f} before and {after:+.3f} after "
+                f"concept {i} is removed" + (f"; the prediction becomes {class_names[after_cls]}" if now else "")
+                + f"; the removal edits {100 * share:.0f}% of its patches"))
+        done += 1
+        if progress:
+            progress("report: counterfactuals", done, k)
+    return out
 
 
 def _write_pictures(writer: _Writer, source, m: Measurements, rf: ReceptiveField, order: List[int],

@@ -246,6 +246,11 @@ class Measurements:
     odds_change: torch.Tensor             # (K,) mean |change| of the predicted class's log-odds
     odds_drop: torch.Tensor               # (K,) mean drop of the predicted class's log-odds
     flips: torch.Tensor                   # (K,) fraction of predictions that change
+    # per sampled image (positions in influence_sample), from the same removals:
+    predicted: Optional[torch.Tensor] = None     # (S,) its top class before any removal
+    image_odds: Optional[torch.Tensor] = None    # (S,) that class's log-odds before any removal
+    image_change: Optional[torch.Tensor] = None  # (K, S) their drop when concept i is removed
+    image_after: Optional[torch.Tensor] = None   # (K, S) its top class after that removal
     influence_images: Optional[torch.Tensor] = field(default=None, repr=False)  # the sample's inputs
     probe: torch.Tensor = field(repr=False, default=None)  # the first few inputs (receptive field)
     rcav_images: Optional[torch.Tensor] = field(default=None, repr=False)   # inputs for RCAV
@@ -397,6 +402,8 @@ def measure(
         class_fire_rate=fire_rate.float(), edited_patches=edited,
         odds_change=ranking.abs_effects[at].float(),
         odds_drop=ranking.effects[at].float(), flips=ranking.flip_rates[at].float(),
+        predicted=ranking.predicted.long(), image_odds=ranking.base_scores.float(),
+        image_change=ranking.image_effects[at].float(), image_after=ranking.image_predictions[at].long(),
         influence_images=influence, probe=probe,
         rcav_images=torch.cat(rcav_keep) if rcav_keep else None,
         rcav_indices=sorted(rcav_set),

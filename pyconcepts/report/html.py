@@ -71,6 +71,7 @@ class ConceptView:
     halves: Optional[float] = None  # mean Jaccard with its partners in the split-half check
     halves_lowest: Optional[float] = None  # ... in the half that gave it back worst
     edited_share: Optional[float] = None  # patches the default removal edits
+    counterfactuals: List[Picture] = field(default_factory=list)  # sampled images its removal moves most
 
     @property
     def page(self) -> str:
@@ -436,7 +437,8 @@ def _figures(pictures: Sequence[Picture], root: str) -> str:
         for p in pictures)
 
 
-def concept_page(view: ReportView, c: ConceptView, crop_note: str, map_note: str, influence_note: str) -> str:
+def concept_page(view: ReportView, c: ConceptView, crop_note: str, map_note: str, influence_note: str,
+                 counterfactual_note: str = "") -> str:
     root = "../"
     order = view.concepts
     pos = order.index(c)
@@ -533,6 +535,9 @@ def concept_page(view: ReportView, c: ConceptView, crop_note: str, map_note: str
         f"<p class=\"caption\">{esc(crop_note)}</p></div>"
         f"<div class=\"card\"><h2>Detection maps</h2><div class=\"grid maps\">{_figures(c.maps, root)}</div>"
         f"<p class=\"caption\">{esc(map_note)}</p></div>"
+        + (f"<div class=\"card\"><h2>What removing it changes</h2><div class=\"grid maps\">"
+           f"{_figures(c.counterfactuals, root)}</div><p class=\"caption\">{esc(counterfactual_note)}</p></div>"
+           if c.counterfactuals else "") +
         "<div class=\"two\"><div class=\"col\">"
         f"<div class=\"card\"><h2>Detector score over all patches</h2>{histogram_svg(c.hist_counts, c.hist_edges)}"
         f"<p class=\"caption\">It fires on {esc(_pct(c.patch_share))} of the patches (orange bars). The detector's "
