@@ -460,7 +460,7 @@ def _strength(text: str) -> float:
     value = _finite_float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0 (a negative strength would add the concept; "
-                                         f"the Python API's pc.intervene(scale=...) amplifies), got {text!r}")
+                                         f"pc.intervene(amplify={{i: factor}}) raises a concept), got {text!r}")
     return value
 
 

@@ -21,6 +21,20 @@ a_hat_i(x) = (w_i . x - w_i . mean) / g_i (``ConceptBasis.latent``):
   concepts lowers the face margin by 3.2 logits with ``"all"``, 1.6 with ``"soft"``; PCA's top 5
   2.8). The result is passed through a ReLU only when the layer's output is non-negative
   (post-ReLU maps); ``clamp`` overrides this.
+- **amplify** concept i by c: the removal's excess scaled instead of taken out,
+  ``x' = x + (c - 1) m max(a_hat_i(x) - l_i, 0) s_i`` (c > 1 raises the concept where it is
+  above its absent level, c = 0 removes it; with the same ``membership``). Unlike ``scale``,
+  which multiplies the latent factor about the mean, it never moves a patch below that level.
+
+Several concepts are edited jointly. Each edited concept's target t_i is computed from the
+unedited row (set, then scale, then remove or amplify, as above), and
+``x' = x - sum_j c_j s_j`` with the amounts c solving ``sum_j (w_i . s_j / g_i) c_j =
+a_hat_i(x) - t_i`` for every edited i, so that each lands exactly on its own target. (One at a
+time, an edit along s_j would also move every concept whose filter is not orthogonal to s_j,
+partly undoing the edits made before it, and the result would depend on their order.) The
+system is solved with a pseudo-inverse (relative cutoff 1e-6): concepts with (nearly) the same
+filters and signal vectors get a least-squares compromise. The final ReLU, where it applies,
+can move the latent factors off their targets.
 
 ``direction="decoding"`` replaces s_i by w_i / ||w_i||^2 (the paper's control: editing along
 the filter instead of the signal vector).
@@ -36,6 +50,7 @@ dicts (``pyconcepts.outputs``).
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
@@ -101,55 +116,105 @@ def edit_rows(
     clamp: Optional[bool] = None,
     membership: str = "all",
     absent_level: Optional[torch.Tensor] = None,
+    amplify: Optional[Mapping[int, float]] = None,
 ) -> torch.Tensor:
     """Apply the section-5 edits to patch rows (N, D); indices are rows of the basis tensors.
     ``absent_level`` (K,): the latent level a removal lowers each concept to (None: 0, the
-    mean). Differentiable in ``rows`` and in the basis tensors (not through a hard membership)."""
+    mean). Every edited concept's target latent factor is computed from the unedited row
+    (set, then scale, then remove or amplify), and the edits are made jointly, so that each
+    edited concept ends exactly at its target whatever the others' signal vectors do to its
+    filter (see the module docstring). Differentiable in ``rows`` and in the basis tensors
+    (not through a hard membership)."""
     if direction not in _DIRECTIONS:
         raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
     if membership not in _MEMBERSHIPS:
         raise ValueError(f"membership must be one of {_MEMBERSHIPS}, got {membership!r}")
-    w = decoding.to(device=rows.device, dtype=rows.dtype)
-    b = bias.to(device=rows.device, dtype=rows.dtype)
+    set, scale, amplify = dict(set or {}), dict(scale or {}), dict(amplify or {})
+    removed = {int(i) for i in remove}
+    edited = sorted({int(i) for i in (*set, *scale, *removed, *amplify)})
+    if not edited:
+        return rows
+    w = decoding.to(device=rows.device, dtype=rows.dtype)[edited]
+    b = bias.to(device=rows.device, dtype=rows.dtype)[edited]
     mu = mean.to(device=rows.device, dtype=rows.dtype)
     if direction == "encoding":
-        s = encoding.to(device=rows.device, dtype=rows.dtype)
+        s = encoding.to(device=rows.device, dtype=rows.dtype)[edited]
     else:
         s = w / (w * w).sum(1, keepdim=True)
     gain = (w * s).sum(1)
     offset = w @ mu
     level = (torch.zeros_like(gain) if absent_level is None
-             else absent_level.to(device=rows.device, dtype=rows.dtype))
+             else absent_level.to(device=rows.device, dtype=rows.dtype)[edited])
     nonneg = bool((rows.detach() >= 0).all()) if clamp is None else bool(clamp)
-    x = rows
-    for i, t in (set or {}).items():
-        latent = (x @ w[i] - offset[i]) / gain[i]
-        x = x + (float(t) - latent)[:, None] * s[i]
-    for i, c in (scale or {}).items():
-        latent = (x @ w[i] - offset[i]) / gain[i]
-        x = x + ((float(c) - 1.0) * latent)[:, None] * s[i]
-    if remove:
-        for i in remove:
-            proj = x @ w[i]
-            amount = strength * torch.clamp((proj - offset[i]) / gain[i] - level[i], min=0)
+    latent = (rows @ w.T - offset) / gain                               # (N, E)
+    targets = []
+    for j, i in enumerate(edited):
+        t = latent[:, j]
+        if i in set:
+            t = torch.full_like(t, float(set[i]))
+        if i in scale:
+            t = float(scale[i]) * t
+        if i in removed or i in amplify:
+            excess = torch.clamp(t - level[j], min=0)
             if membership == "soft":
-                amount = torch.sigmoid(proj - b[i]) * amount
+                excess = torch.sigmoid(gain[j] * t + offset[j] - b[j]) * excess
             elif membership == "hard":
-                amount = (proj > b[i]).to(x.dtype) * amount
-            x = x - amount[:, None] * s[i]
-        if nonneg:
-            x = torch.relu(x)
+                excess = (gain[j] * t + offset[j] > b[j]).to(rows.dtype) * excess
+            if i in removed:
+                t = t - strength * excess
+            if i in amplify:
+                t = t + (float(amplify[i]) - 1.0) * excess
+        targets.append(t)
+    drop = latent - torch.stack(targets, 1)                             # (N, E)
+    if len(edited) > 1:
+        # moving along s_j changes concept i's latent factor by (w_i . s_j) / g_i per unit:
+        # solve for the amounts that give every edited concept its own drop exactly
+        coupling = (w.double() @ s.double().T) / gain.double()[:, None]  # (E, E), unit diagonal
+        drop = drop @ torch.linalg.pinv(coupling, rtol=1e-6).T.to(drop.dtype)
+    x = rows - drop @ s
+    if nonneg:
+        x = torch.relu(x)
     return x
+
+
+def _finite_value(value, name: str, i: int, low: Optional[float] = None) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: the value for concept {i} must be a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{name}: the value for concept {i} must be finite, got {value!r}")
+    if low is not None and v < low:
+        raise ValueError(f"{name}: the value for concept {i} must be >= {low:g}, got {value!r}")
+    return v
+
+
+def _check_strength(strength) -> float:
+    """A removal's strength: finite and >= 0 (a negative one would add the concept)."""
+    try:
+        v = float(strength)
+    except (TypeError, ValueError):
+        raise TypeError(f"strength must be a number, got {strength!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"strength must be a finite number >= 0, got {strength!r} (a negative strength would "
+                         "add the concept; amplify={i: factor} raises a concept where it is present)")
+    return v
+
+
+def _normalise_amplify(basis, amplify) -> Dict[int, float]:
+    k = basis.decoding.shape[0]
+    return {_check_index(i, k, "amplify"): _finite_value(c, "amplify", i, low=0.0)
+            for i, c in dict(amplify or {}).items()}
 
 
 def _normalise_edits(basis, set, scale, remove):
     k = basis.decoding.shape[0]
     set_ = {}
     for i, t in dict(set or {}).items():
-        set_[_check_index(i, k, "set")] = float(t)
+        set_[_check_index(i, k, "set")] = _finite_value(t, "set", i)
     scale_ = {}
     for i, c in dict(scale or {}).items():
-        scale_[_check_index(i, k, "scale")] = float(c)
+        scale_[_check_index(i, k, "scale")] = _finite_value(c, "scale", i)
     if isinstance(remove, (int,)) and not isinstance(remove, bool):
         remove = [remove]
     remove_ = [_check_index(i, k, "remove") for i in (remove or [])]
@@ -158,10 +223,10 @@ def _normalise_edits(basis, set, scale, remove):
 
 class _EditHook:
     def __init__(self, tap: LayerTap, basis, set_, scale_, remove_, strength, direction, clamp,
-                 membership="all"):
+                 membership="all", amplify_=None):
         self.tap, self.basis = tap, basis
         self.kwargs = dict(set=set_, scale=scale_, remove=remove_, strength=strength,
-                           direction=direction, clamp=clamp, membership=membership)
+                           direction=direction, clamp=clamp, membership=membership, amplify=amplify_)
 
     def __call__(self, module, inputs, output):
         tap = self.tap
@@ -188,21 +253,27 @@ def intervene(
     clamp: Optional[bool] = None,
     skip_tokens: int = 0,
     membership: str = "all",
+    amplify: Optional[Mapping[int, float]] = None,
 ):
     """Within the ``with`` block, ``model`` sees edited activations at ``layer`` (default: the
     layer recorded in the basis). ``set={i: t}`` sets latent factors, ``scale={i: c}`` scales
-    them, ``remove=[i, ...]`` lowers concepts to their absent level (``membership``: 'all',
-    every patch; 'soft' or 'hard', weighted by the detector; see the module docstring).
-    Yields the model."""
+    them (about the mean), ``remove=[i, ...]`` lowers concepts to their absent level (by
+    ``strength`` >= 0 of their excess over it), ``amplify={i: c}`` multiplies their excess over
+    that level by c (c > 1 raises the concept where it is above its level, 0 removes it);
+    ``membership``: where removal and amplification act ('all', every patch; 'soft' or
+    'hard', weighted by the detector). Several concepts are edited jointly: each ends at its
+    own target (see the module docstring). Yields the model."""
     basis = _check_basis(basis)
     if direction not in _DIRECTIONS:
         raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
     if membership not in _MEMBERSHIPS:
         raise ValueError(f"membership must be one of {_MEMBERSHIPS}, got {membership!r}")
+    strength = _check_strength(strength)
     set_, scale_, remove_ = _normalise_edits(basis, set, scale, remove)
+    amplify_ = _normalise_amplify(basis, amplify)
     tap = LayerTap(model, _layer_name(basis, layer), skip_tokens=skip_tokens)
     handle = tap.module.register_forward_hook(
-        _EditHook(tap, basis, set_, scale_, remove_, float(strength), direction, clamp, membership))
+        _EditHook(tap, basis, set_, scale_, remove_, strength, direction, clamp, membership, amplify_))
     try:
         yield model
     finally:
@@ -302,6 +373,7 @@ def correct(
         raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
     if membership not in _MEMBERSHIPS:
         raise ValueError(f"membership must be one of {_MEMBERSHIPS}, got {membership!r}")
+    strength = _check_strength(strength)
     _, _, idx = _normalise_edits(basis, None, None, concepts)
     if not idx:
         raise ValueError("concepts is empty: name at least one concept to suppress")
@@ -405,14 +477,18 @@ def counterfactual(
     skip_tokens: int = 0,
     membership: str = "all",
     output: OutputSpec = None,
+    amplify: Optional[Mapping[int, float]] = None,
 ) -> Counterfactual:
     """The model's outputs on ``images`` as they are and with ``concepts`` removed (or with
-    the ``set`` / ``scale`` edits). ``images``: a tensor (B, C, H, W) or an iterable of batches.
+    the ``set`` / ``scale`` / ``amplify`` edits of ``intervene``). ``images``: a tensor (B, C, H, W) or an iterable of batches.
     ``output``: which part of the model's output holds the class scores (an index, a key or
     a callable; ``pyconcepts.outputs``). A model that ends in probabilities is recorded as
     log-probabilities, so ``probs_before`` / ``probs_after`` are its own probabilities."""
     basis = _check_basis(basis)
     output = output_or_recorded(output, basis)
+    strength = _check_strength(strength)
+    _normalise_edits(basis, set, scale, concepts)  # bad edits fail before any forward pass
+    _normalise_amplify(basis, amplify)
     tap = LayerTap(model, _layer_name(basis, layer), skip_tokens=skip_tokens)
     before, after = [], []
     kind = "auto"
@@ -425,7 +501,7 @@ def counterfactual(
             before.append(read_scores(raw, None, kind).float().cpu())
             with intervene(model, basis, layer=tap.layer, remove=concepts, set=set, scale=scale,
                            strength=strength, direction=direction, skip_tokens=skip_tokens,
-                           membership=membership):
+                           membership=membership, amplify=amplify):
                 after.append(read_scores(model(batch), output, kind).float().cpu())
     if not before:
         raise ValueError("images is empty")
@@ -547,6 +623,7 @@ def rank_concepts(
         raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
     if membership not in _MEMBERSHIPS:
         raise ValueError(f"membership must be one of {_MEMBERSHIPS}, got {membership!r}")
+    strength = _check_strength(strength)
     if isinstance(greedy, bool) or not isinstance(greedy, int) or greedy < 0:
         raise ValueError(f"greedy must be a non-negative int (the number of concepts to pick), got {greedy!r}")
     if greedy and method != "removal":

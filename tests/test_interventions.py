@@ -374,3 +374,91 @@ def test_extracted_absent_level_is_the_mean_latent_where_undetected(tmp_path):
     assert torch.equal(pc.ConceptBasis.load(path).absent_level, basis.absent_level)
     with pytest.raises(ValueError, match="absent_level"):
         pc.ConceptBasis(basis.decoding, basis.bias, basis.encoding, basis.mean, absent_level=torch.zeros(2))
+
+
+def _coupled_basis(k=4, d=6, seed=0):
+    """Filters and signal vectors far from orthogonal to each other: an edit along s_j moves
+    the other concepts' latent factors by (w_i . s_j) / g_i."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(k, d, generator=g) + 1.5 * torch.randn(1, d, generator=g)
+    s = w + 0.5 * torch.randn(k, d, generator=g)
+    s = s / (w * s).sum(1, keepdim=True)
+    mean = 0.3 * torch.randn(d, generator=g)
+    level = torch.tensor([-0.2, 0.1, 0.0, 0.3])[:k]
+    return pc.ConceptBasis(w, torch.zeros(k), s, mean, absent_level=level)
+
+
+def _edit(basis, rows, **kw):
+    return edit_rows(rows, basis.decoding, basis.bias, basis.encoding, basis.mean,
+                     absent_level=basis.absent_level, clamp=False, **kw)
+
+
+def test_several_removals_are_joint_exact_and_independent_of_order():
+    basis = _coupled_basis()
+    rows = torch.randn(500, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    basis64 = pc.ConceptBasis(*(t.double() for t in (basis.decoding, basis.bias, basis.encoding, basis.mean)),
+                              absent_level=basis.absent_level.double())
+    before = basis64.latent(rows)
+    a = _edit(basis64, rows, remove=[0, 2, 3])
+    b = _edit(basis64, rows, remove=[3, 0, 2])
+    assert torch.allclose(a, b, atol=1e-8)
+    after = basis64.latent(a)
+    level = basis64.absent_level
+    for i in (0, 2, 3):  # each removed concept at its level where it was above it, else unchanged
+        assert torch.allclose(after[:, i], torch.minimum(before[:, i], level[i]), atol=1e-6), i
+    # the coupling is strong enough that one-at-a-time edits would miss their targets
+    one_at_a_time = rows
+    for i in (0, 2, 3):
+        one_at_a_time = _edit(basis64, one_at_a_time, remove=[i])
+    missed = (basis64.latent(one_at_a_time)[:, 0] - torch.minimum(before[:, 0], level[0])).abs().max()
+    assert missed > 0.1
+    # half strength: each removed concept loses half its excess
+    half = basis64.latent(_edit(basis64, rows, remove=[0, 2], strength=0.5))
+    for i in (0, 2):
+        want = before[:, i] - 0.5 * torch.clamp(before[:, i] - level[i], min=0)
+        assert torch.allclose(half[:, i], want, atol=1e-6)
+
+
+def test_several_set_scale_and_amplify_edits_each_hit_their_target():
+    basis = _coupled_basis()
+    rows = torch.randn(300, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    b64 = pc.ConceptBasis(*(t.double() for t in (basis.decoding, basis.bias, basis.encoding, basis.mean)),
+                          absent_level=basis.absent_level.double())
+    before = b64.latent(rows)
+    after = b64.latent(_edit(b64, rows, set={0: 2.0, 1: -1.0}, scale={2: 0.5}, amplify={3: 3.0}))
+    assert torch.allclose(after[:, 0], torch.full_like(after[:, 0], 2.0), atol=1e-6)
+    assert torch.allclose(after[:, 1], torch.full_like(after[:, 1], -1.0), atol=1e-6)
+    assert torch.allclose(after[:, 2], 0.5 * before[:, 2], atol=1e-6)
+    excess = torch.clamp(before[:, 3] - b64.absent_level[3], min=0)
+    assert torch.allclose(after[:, 3], before[:, 3] + 2.0 * excess, atol=1e-6)
+    # amplify by 0 is a removal
+    assert torch.allclose(_edit(b64, rows, amplify={1: 0.0}), _edit(b64, rows, remove=[1]), atol=1e-8)
+
+
+def test_amplify_raises_what_remove_lowers_and_bad_edit_values_are_refused():
+    model = SmallCNN().eval()
+    images = torch.rand(12, 3, 8, 8)
+    basis = _basis_at(model, "features.3", images, seed=2)
+    with torch.no_grad():
+        base = model(images)[:, 2]
+        with pc.intervene(model, basis, remove=[1]):
+            removed = model(images)[:, 2]
+        with pc.intervene(model, basis, amplify={1: 2.0}, clamp=False):
+            amplified = model(images)[:, 2]
+        with pc.intervene(model, basis, amplify={1: 0.0}):
+            zero = model(images)[:, 2]
+    assert torch.allclose(zero, removed, atol=1e-5)
+    # to first order amplifying by 2 moves the logit as far the other way as removing does
+    assert float(((amplified - base) * (base - removed)).sum()) > 0
+    for kw, match in ((dict(remove=[0], strength=-1.0), "strength"), (dict(remove=[0], strength=float("nan")), "strength"),
+                      (dict(set={0: float("inf")}), "set"), (dict(scale={1: float("nan")}), "scale"),
+                      (dict(amplify={0: -2.0}), "amplify"), (dict(amplify={9: 2.0}), "amplify")):
+        with pytest.raises((ValueError, IndexError), match=match):
+            with pc.intervene(model, basis, **kw):
+                pass
+    with pytest.raises(ValueError, match="strength"):
+        pc.correct(model, basis, [0], strength=-5.0)
+    with pytest.raises(ValueError, match="strength"):
+        pc.counterfactual(model, basis, images, [0], strength=float("inf"))
+    with pytest.raises(ValueError, match="strength"):
+        pc.rank_concepts(model, basis, images, target=0, strength=-0.5)
