@@ -464,6 +464,20 @@ def _strength(text: str) -> float:
     return value
 
 
+def _amplify_pair(text: str) -> Tuple[int, float]:
+    index, sep, factor = text.partition("=")
+    try:
+        i = int(index)
+    except ValueError:
+        i = None
+    if not sep or i is None:
+        raise argparse.ArgumentTypeError(f"expected CONCEPT=FACTOR such as 3=2, got {text!r}")
+    value = _finite_float(factor)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"the factor must be >= 0 (0 removes the concept), got {text!r}")
+    return i, value
+
+
 def _load_callable(spec: str, option: str):
     module_part, sep, attr = spec.rpartition(":")
     if not sep or not module_part or not attr:
@@ -1100,6 +1114,15 @@ def _cmd_intervene(args) -> int:
     basis = _load_basis(args.basis)
     _check_model_given(args, basis)
     remove = _check_concepts(args.remove, basis.n_concepts, "--remove")
+    amplify = dict(args.amplify)
+    _check_concepts(list(amplify), basis.n_concepts, "--amplify")
+    if not remove and not amplify:
+        raise UserError("nothing to do: give --remove I [I ...] and/or --amplify I=FACTOR [I=FACTOR ...]")
+    both = sorted(set(remove) & set(amplify))
+    if both:
+        raise UserError(f"concept {both[0]} is both removed and amplified: give it to one of --remove, --amplify")
+    if len(amplify) != len(args.amplify):
+        raise UserError("--amplify names a concept twice")
     if args.strength > 1:
         _warn(f"--strength {args.strength:g} pushes the concepts below their level where they are not detected: "
               "an anti-concept, beyond what removing them does (the changes can exceed the concepts' own effect)")
@@ -1118,7 +1141,8 @@ def _cmd_intervene(args) -> int:
         batches = _ReportingBatches(BatchStream(source, args.batch_size or 32), len(source), bar, "images")
         cf = call_with_output(counterfactual, model, basis, batches, remove,
                               layer=layer, strength=args.strength, direction=args.direction,
-                              membership=args.membership, skip_tokens=skip, model=model, output=output)
+                              membership=args.membership, skip_tokens=skip, model=model, output=output,
+                              amplify=amplify)
     finally:
         bar.close()
     rows = torch.arange(cf.logits_before.shape[0])
@@ -1126,9 +1150,12 @@ def _cmd_intervene(args) -> int:
     dp = cf.probs_after[rows, before] - cf.probs_before[rows, before]
     dlogit = cf.logits_after[rows, before] - cf.logits_before[rows, before]
     changed = int(cf.changed.sum())
-    concepts = ", ".join(str(i) for i in remove)
-    print(f"removed concept(s) {concepts} at {layer} (strength {args.strength:g}, along the {args.direction}, "
-          f"membership {args.membership}) "
+    edits = []
+    if remove:
+        edits.append(f"removed concept(s) {', '.join(str(i) for i in remove)} (strength {args.strength:g})")
+    if amplify:
+        edits.append("amplified " + ", ".join(f"concept {i} x{c:g}" for i, c in amplify.items()))
+    print(f"{' and '.join(edits)} at {layer} (along the {args.direction}, membership {args.membership}) "
           f"on {_count(len(source), 'image')}: {_count(changed, 'prediction')} changed; predicted class's probability "
           f"{float(dp.mean()):+.3f} on average (logit {float(dlogit.mean()):+.3f})")
     for j in range(len(source)):
@@ -1291,8 +1318,11 @@ def build_parser() -> argparse.ArgumentParser:
     basis_options(p)
     model_options(p)
     image_options(p, 16)
-    p.add_argument("--remove", type=int, nargs="+", required=True, metavar="I",
+    p.add_argument("--remove", type=int, nargs="+", default=[], metavar="I",
                    help="concept(s) to remove, 0 to K-1")
+    p.add_argument("--amplify", type=_amplify_pair, nargs="+", default=[], metavar="I=FACTOR",
+                   help="concept(s) to raise where they are above their level where not detected: that excess "
+                        "times FACTOR (2 doubles it, 0 removes it); edited jointly with --remove")
     p.add_argument("--strength", type=_strength, default=1.0,
                    help="how much of each concept to take out (1: its excess over its level where it is "
                         "not detected; default 1; above 1 pushes it below that level, past a removal)")

@@ -1,5 +1,6 @@
 """The command line as a user meets it: their model file, a folder of photos, and every mistake
 answered with one line on stderr, a non-zero exit code and no traceback."""
+import importlib
 import json
 import os
 import subprocess
@@ -197,6 +198,29 @@ def test_intervene_reports_probability_and_logit_changes(ws, capsys):
     assert out.splitlines()[1].startswith(os.path.join("cat", "0.jpg") + ": ")
     rc, hard, _ = _run(capsys, *common, "--strength", 4, "--membership", "hard")
     assert rc == 0 and "membership hard" in hard.splitlines()[0] and hard.splitlines()[1:] != out.splitlines()[1:]
+    # amplify: the edit pc.counterfactual makes, jointly with a removal
+    basis = ConceptBasis.load(ws / "basis.safetensors")
+    rc, amp, err = _run(capsys, "intervene", ws / "basis.safetensors", *_model_args(ws), "--images", ws / "photos",
+                        "--remove", 1, "--amplify", "0=3", "2=0.5")
+    assert rc == 0, err
+    assert amp.splitlines()[0].startswith("removed concept(s) 1 (strength 1) and amplified concept 0 x3, concept 2 x0.5")
+    from safetensors.torch import load_file
+
+    from pyconcepts.images import FolderImages
+    model = importlib.import_module("model").make()
+    model.load_state_dict(load_file(str(ws / "w.safetensors")))
+    images = torch.cat(list(FolderImages(ws / "photos").batches(64)))
+    cf = pc.counterfactual(model.eval(), basis, images, [1], amplify={0: 3.0, 2: 0.5})
+    rows = torch.arange(len(images))
+    want = cf.logits_after[rows, cf.pred_before] - cf.logits_before[rows, cf.pred_before]
+    got = [float(line.rsplit("logit ", 1)[1].split()[0]) for line in amp.splitlines()[1:]]
+    assert torch.allclose(torch.tensor(got), want.float(), atol=2e-3), (got, want)
+    for bad, msg in ((["--amplify", "0"], "CONCEPT=FACTOR"), (["--amplify", "0=-1"], ">= 0"),
+                     (["--amplify", "7=2"], "--amplify 7"), (["--remove", 0, "--amplify", "0=2"], "both removed"),
+                     ([], "nothing to do")):
+        rc, _, err = _run(capsys, "intervene", ws / "basis.safetensors", *_model_args(ws), "--images",
+                          ws / "photos", *bad)
+        assert rc == 2 and msg in err, (bad, err)
 
 
 def test_extract_honours_limit_and_module_output_selection(ws, capsys, tmp_path):
