@@ -88,6 +88,14 @@ class ConceptBasis:
             devices.add(absent_level.device)
         if len(devices) != 1:
             raise ValueError(f"decoding, bias, encoding and mean are on different devices: {devices}")
+        gains = (decoding.double() * encoding.double()).sum(1)
+        bad = (~(gains > 0)).nonzero().flatten().tolist()
+        if bad:
+            i = bad[0]
+            raise ValueError(
+                f"encoding row {i} has decoding[{i}] . encoding[{i}] = {float(gains[i]):.3g}: it must be > 0 (the "
+                "latent factor divides by it; an extracted basis has 1), or the concept's edits are undefined "
+                "or reversed")
         if layer is not None and not isinstance(layer, str):
             raise TypeError(f"layer must be a str or None, got {type(layer).__name__}")
         if model_id is not None and not isinstance(model_id, str):
@@ -225,6 +233,7 @@ class ConceptBasis:
             "settings": json.dumps(self.metadata.get("settings")),
             "metadata": json.dumps(self.metadata),
         }
+        header[_CHECKSUM_KEY] = _checksum(tensors, header)
         _remove_stale_temps(path)
         tmp = _temp_name(path)
         try:
@@ -284,6 +293,9 @@ class ConceptBasis:
                 f"{path!r} has ConceptBasis format version {header.get('format_version')!r}; "
                 f"this pyconcepts reads versions 1..{FORMAT_VERSION}"
             )
+        recorded = header.get(_CHECKSUM_KEY)
+        if recorded is not None and recorded != _checksum(tensors, header):
+            raise ValueError(f"{path!r} is corrupt: its contents do not match the checksum written with them")
         try:
             layer = json.loads(header.get("layer", "null"))
             model_id = json.loads(header.get("model_id", "null"))
@@ -305,6 +317,23 @@ class ConceptBasis:
 
 class _Foreign(Exception):
     pass
+
+
+_CHECKSUM_KEY = "checksum_blake2b"
+
+
+def _checksum(tensors: Dict[str, torch.Tensor], header: Dict[str, str]) -> str:
+    """blake2b of the tensors (names, dtypes, shapes, bytes) and of the header's other entries:
+    a flipped byte anywhere in a saved basis shows at load (files saved without it load as
+    they are)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for key in sorted(k for k in header if k != _CHECKSUM_KEY):
+        digest.update(f"{key}={header[key]}\n".encode())
+    return digest.hexdigest()
 
 
 def model_fingerprint(model) -> Dict[str, str]:

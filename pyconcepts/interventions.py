@@ -26,15 +26,23 @@ a_hat_i(x) = (w_i . x - w_i . mean) / g_i (``ConceptBasis.latent``):
   above its absent level, c = 0 removes it; with the same ``membership``). Unlike ``scale``,
   which multiplies the latent factor about the mean, it never moves a patch below that level.
 
-Several concepts are edited jointly. Each edited concept's target t_i is computed from the
-unedited row (set, then scale, then remove or amplify, as above), and
-``x' = x - sum_j c_j s_j`` with the amounts c solving ``sum_j (w_i . s_j / g_i) c_j =
-a_hat_i(x) - t_i`` for every edited i, so that each lands exactly on its own target. (One at a
-time, an edit along s_j would also move every concept whose filter is not orthogonal to s_j,
-partly undoing the edits made before it, and the result would depend on their order.) The
-system is solved with a pseudo-inverse (relative cutoff 1e-6): concepts with (nearly) the same
-filters and signal vectors get a least-squares compromise. The final ReLU, where it applies,
-can move the latent factors off their targets.
+Several concepts are edited jointly, in two steps; one at a time, an edit along s_j would
+also move every concept whose filter is not orthogonal to s_j, partly undoing the edits made
+before it, and the result would depend on their order.
+1. set, scale and amplify: each such concept's target t_i is computed from the unedited row,
+   and ``x' = x - sum_j c_j s_j`` with c solving ``sum_j (w_i . s_j / g_i) c_j =
+   a_hat_i(x) - t_i``, so that each lands exactly on its own target (a pseudo-inverse with a
+   relative cutoff of 1e-6: concepts with nearly the same filters and signal vectors get a
+   least-squares compromise, and targets far apart for such concepts take large edits).
+2. remove: each removed concept's drop d_i (its gated excess above, times ``strength``) is
+   measured on the result, and the amounts c >= 0 subtracted along the removed concepts'
+   signal vectors solve the complementarity problem: every removed concept falls by at least
+   its d_i, and by exactly d_i wherever its own signal vector is subtracted at all. A removal
+   only ever subtracts, so it never adds a concept to compensate for another, and concepts
+   whose signal vectors nearly cancel cannot call for the huge amounts of opposite sign that
+   an exact solve would. Unique (independent of the order) where the coupling matrix
+   (w_i . s_j / g_i) is a P-matrix, e.g. diagonally dominant.
+The final ReLU, where it applies, can move the latent factors off their targets.
 
 ``direction="decoding"`` replaces s_i by w_i / ||w_i||^2 (the paper's control: editing along
 the filter instead of the signal vector).
@@ -120,11 +128,10 @@ def edit_rows(
 ) -> torch.Tensor:
     """Apply the section-5 edits to patch rows (N, D); indices are rows of the basis tensors.
     ``absent_level`` (K,): the latent level a removal lowers each concept to (None: 0, the
-    mean). Every edited concept's target latent factor is computed from the unedited row
-    (set, then scale, then remove or amplify), and the edits are made jointly, so that each
-    edited concept ends exactly at its target whatever the others' signal vectors do to its
-    filter (see the module docstring). Differentiable in ``rows`` and in the basis tensors
-    (not through a hard membership)."""
+    mean). Several concepts are edited jointly (see the module docstring): the set, scale
+    and amplify edits land exactly on their targets, then the removals subtract signal
+    vectors only, until every removed concept is at or below its target. Differentiable in
+    ``rows`` and in the basis tensors (not through a hard membership)."""
     if direction not in _DIRECTIONS:
         raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
     if membership not in _MEMBERSHIPS:
@@ -146,35 +153,80 @@ def edit_rows(
     level = (torch.zeros_like(gain) if absent_level is None
              else absent_level.to(device=rows.device, dtype=rows.dtype)[edited])
     nonneg = bool((rows.detach() >= 0).all()) if clamp is None else bool(clamp)
-    latent = (rows @ w.T - offset) / gain                               # (N, E)
-    targets = []
-    for j, i in enumerate(edited):
-        t = latent[:, j]
-        if i in set:
-            t = torch.full_like(t, float(set[i]))
-        if i in scale:
-            t = float(scale[i]) * t
-        if i in removed or i in amplify:
-            excess = torch.clamp(t - level[j], min=0)
-            if membership == "soft":
-                excess = torch.sigmoid(gain[j] * t + offset[j] - b[j]) * excess
-            elif membership == "hard":
-                excess = (gain[j] * t + offset[j] > b[j]).to(rows.dtype) * excess
-            if i in removed:
-                t = t - strength * excess
+    # moving along s_j changes concept i's latent factor by coupling[i, j] = (w_i . s_j) / g_i per unit
+    coupling = (w @ s.T) / gain[:, None]                                 # (E, E), unit diagonal
+    x = rows
+    # set, scale, amplify: every such concept lands exactly on its target, all solved at once
+    exact = [j for j, i in enumerate(edited) if i in set or i in scale or i in amplify]
+    if exact:
+        latent = (rows @ w[exact].T - offset[exact]) / gain[exact]
+        drops = []
+        for col, j in enumerate(exact):
+            i, t = edited[j], latent[:, col]
+            if i in set:
+                t = torch.full_like(t, float(set[i]))
+            if i in scale:
+                t = float(scale[i]) * t
             if i in amplify:
-                t = t + (float(amplify[i]) - 1.0) * excess
-        targets.append(t)
-    drop = latent - torch.stack(targets, 1)                             # (N, E)
-    if len(edited) > 1:
-        # moving along s_j changes concept i's latent factor by (w_i . s_j) / g_i per unit:
-        # solve for the amounts that give every edited concept its own drop exactly
-        coupling = (w.double() @ s.double().T) / gain.double()[:, None]  # (E, E), unit diagonal
-        drop = drop @ torch.linalg.pinv(coupling, rtol=1e-6).T.to(drop.dtype)
-    x = rows - drop @ s
+                t = t + (float(amplify[i]) - 1.0) * _gated_excess(t, j, level, gain, offset, b, membership)
+            drops.append(latent[:, col] - t)
+        drop = torch.stack(drops, 1)
+        if len(exact) > 1:
+            pick = torch.tensor(exact, device=rows.device)
+            drop = drop @ torch.linalg.pinv(coupling[pick][:, pick].double(), rtol=1e-6).T.to(drop.dtype)
+        x = x - drop @ s[exact]
+    # remove: take out each concept's (gated) excess, subtracting along the signal vectors only
+    gone = [j for j, i in enumerate(edited) if i in removed]
+    if gone:
+        latent = (x @ w[gone].T - offset[gone]) / gain[gone]
+        excess = torch.stack([_gated_excess(latent[:, col], j, level, gain, offset, b, membership)
+                              for col, j in enumerate(gone)], 1)
+        pick = torch.tensor(gone, device=rows.device)
+        amounts = _removal_amounts(strength * excess, coupling[pick][:, pick])
+        x = x - amounts @ s[gone]
     if nonneg:
         x = torch.relu(x)
     return x
+
+
+def _gated_excess(t, j, level, gain, offset, b, membership):
+    """Concept j's excess over its absent level at latent factor t, weighted by ``membership``."""
+    excess = torch.clamp(t - level[j], min=0)
+    if membership == "soft":
+        return torch.sigmoid(gain[j] * t + offset[j] - b[j]) * excess
+    if membership == "hard":
+        return (gain[j] * t + offset[j] > b[j]).to(t.dtype) * excess
+    return excess
+
+
+_REMOVAL_SWEEPS = 200
+
+
+def _removal_amounts(drop: torch.Tensor, coupling: torch.Tensor) -> torch.Tensor:
+    """(N, R) amounts c >= 0 to subtract along the removed concepts' signal vectors so that
+    each removed concept's latent factor falls by at least ``drop`` (N, R), and by exactly that
+    wherever its own amount is positive: the linear complementarity problem
+    ``c >= 0, coupling @ c >= drop, c * (coupling @ c - drop) = 0`` (row by row), solved by
+    projected Gauss-Seidel sweeps. A removal only ever subtracts signal vectors, so concepts
+    whose signal vectors nearly cancel cannot call for the huge opposite amounts that an exact
+    solve of ``coupling @ c = drop`` would. Where the coupling is a P-matrix (e.g. diagonally
+    dominant, or symmetric positive definite) the solution is unique, whatever the order."""
+    if drop.shape[1] == 1:
+        return drop
+    residual = drop                          # how far each latent factor still is above its target
+    amounts = [torch.zeros_like(drop[:, 0]) for _ in range(drop.shape[1])]
+    tol = 1e-6 * float(drop.detach().abs().max().clamp_min(1e-30))
+    for _ in range(_REMOVAL_SWEEPS):
+        moved = 0.0
+        for j in range(drop.shape[1]):
+            new = torch.clamp(amounts[j] + residual[:, j], min=0)
+            delta = new - amounts[j]
+            residual = residual - delta[:, None] * coupling[:, j][None, :]
+            amounts[j] = new
+            moved = max(moved, float(delta.detach().abs().max()))
+        if moved <= tol:
+            break
+    return torch.stack(amounts, 1)
 
 
 def _finite_value(value, name: str, i: int, low: Optional[float] = None) -> float:

@@ -176,7 +176,8 @@ def test_bad_input_is_named():
         attr.contribution_maps(model, basis, images, 0, concepts=[5])
     with pytest.raises(TypeError, match="head"):
         attr.contribution_maps(model, basis, images, 0, method="linear")
-    wrong = pc.ConceptBasis(torch.randn(2, 3), torch.zeros(2), torch.randn(2, 3), torch.zeros(3), layer="features.3")
+    wrong = pc.ConceptBasis(torch.randn(2, 3).abs() + 0.1, torch.zeros(2), torch.ones(2, 3), torch.zeros(3),
+                            layer="features.3")
     with pytest.raises(ValueError, match="D = 3"):
         attr.detection_maps(model, wrong, images)
     with pytest.raises(ValueError, match="channels"):

@@ -11,6 +11,7 @@ def _basis(k=3, d=5, seed=0, **kw):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(k, d, generator=g)
     s = torch.randn(k, d, generator=g)
+    s = s * torch.sign((w * s).sum(1, keepdim=True))  # w_i . s_i > 0, as a basis needs
     return ConceptBasis(w, torch.randn(k, generator=g), s, torch.randn(d, generator=g), **kw)
 
 
@@ -76,6 +77,24 @@ def test_load_rejects_corrupt_and_foreign_files(tmp_path):
     truncated.write_bytes(data[: len(data) - 16])
     with pytest.raises(ValueError):
         ConceptBasis.load(truncated)
+    # one flipped byte in the tensors' data or in the header's values: refused at load
+    _basis(layer="layer4").save(good)
+    data = good.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    for at, what in ((len(data) - 5, "data"), (data.index(b"layer4"), "header")):
+        flipped = tmp_path / f"flipped-{what}.safetensors"
+        flipped.write_bytes(data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:])
+        assert (at >= header_end) == (what == "data")
+        with pytest.raises(ValueError, match="checksum"):
+            ConceptBasis.load(flipped)
+    # a file written without a checksum (an older version) still loads
+    from safetensors import safe_open
+    with safe_open(str(good), framework="pt") as handle:
+        header = {k: v for k, v in handle.metadata().items() if k != "checksum_blake2b"}
+        tensors = {n: handle.get_tensor(n) for n in handle.keys()}
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata=header)
+    assert ConceptBasis.load(old).layer == "layer4"
 
 
 def test_failed_save_leaves_no_temp_and_keeps_old(tmp_path, monkeypatch):
@@ -106,5 +125,10 @@ def test_constructor_validates_shapes():
         ConceptBasis(w * float("nan"), torch.zeros(3), w, torch.zeros(4))
     with pytest.raises(TypeError, match="metadata"):
         ConceptBasis(w, torch.zeros(3), w, torch.zeros(4), metadata={"x": object()})
+    for gain in (0.0, -1.0):  # w_i . s_i must be > 0: the latent factor divides by it
+        s = w.clone()
+        s[1] = gain * w[1] / (w[1] @ w[1])
+        with pytest.raises(ValueError, match=r"encoding row 1 has decoding\[1\] . encoding\[1\]"):
+            ConceptBasis(w, torch.zeros(3), s, torch.zeros(4))
     with pytest.raises(ValueError, match="last dimension"):
         ConceptBasis(w, torch.zeros(3), w, torch.zeros(4)).detect(torch.zeros(2, 5))

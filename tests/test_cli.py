@@ -248,7 +248,7 @@ def test_tensor_files_and_demo_weights_saved_with_torch_save(ws, capsys, tmp_pat
 
     torch.save(load_model().state_dict(), tmp_path / "demo.pt")
     demo_basis = tmp_path / "demo.safetensors"
-    ConceptBasis(torch.randn(2, 64), torch.zeros(2), torch.randn(2, 64), torch.zeros(64),
+    ConceptBasis(torch.randn(2, 64).abs() + 0.1, torch.zeros(2), torch.ones(2, 64), torch.zeros(64),
                  layer="features.relu5").save(demo_basis)
     u8 = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     np.save(tmp_path / "x.npy", u8)
@@ -478,7 +478,7 @@ def test_basis_records_and_checks_the_model_fingerprint():
     b.load_state_dict(a.state_dict())
     c = nn.Sequential(nn.Conv2d(3, 4, 5), nn.ReLU())
     assert model_fingerprint(a) == model_fingerprint(b)
-    basis = ConceptBasis(torch.randn(2, 4), torch.zeros(2), torch.randn(2, 4), torch.zeros(4), layer="1")
+    basis = ConceptBasis(torch.randn(2, 4).abs() + 0.1, torch.zeros(2), torch.ones(2, 4), torch.zeros(4), layer="1")
     assert basis.compatibility_problems(model=a) == []  # nothing recorded: nothing to compare
     basis.record_model(a)
     assert basis.compatibility_problems(layer="1", width=4, model=b) == []
@@ -661,7 +661,7 @@ def test_a_basis_of_another_model_asks_for_its_model_before_any_work(ws, capsys,
     module_spec = importlib.util.spec_from_file_location("_cli_test_model_fp", ws / "model.py")
     mod = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(mod)
-    python_basis = ConceptBasis(torch.randn(2, 8), torch.zeros(2), torch.randn(2, 8), torch.zeros(8),
+    python_basis = ConceptBasis(torch.randn(2, 8).abs() + 0.1, torch.zeros(2), torch.ones(2, 8), torch.zeros(8),
                                 layer="features.3")
     python_basis.record_model(mod.make())
     python_basis.save(ws / "python_basis.safetensors")
@@ -679,14 +679,15 @@ def test_demo_bases_still_need_no_model(capsys, tmp_path):
     rc, text, err = _run(capsys, "explain", out, "--limit", 2)
     assert rc == 0 and len(text.splitlines()) == 3, err
     # made in Python from the demo's architecture, without a model_id
-    basis = ConceptBasis(torch.randn(2, 64), torch.zeros(2), torch.randn(2, 64), torch.zeros(64), layer=DEMO_LAYER)
+    basis = ConceptBasis(torch.randn(2, 64).abs() + 0.1, torch.zeros(2), torch.ones(2, 64), torch.zeros(64),
+                         layer=DEMO_LAYER)
     basis.record_model(ShapesNet())
     basis.save(tmp_path / "python.safetensors")
     rc, text, err = _run(capsys, "intervene", tmp_path / "python.safetensors", "--limit", 2, "--remove", 0,
                          "--allow-mismatch")  # the fingerprint's random weights are not the demo's
     assert rc == 0 and len(text.splitlines()) == 3, err
     # nothing recorded and a layer the demo lacks: the error says what --model would fix
-    ConceptBasis(torch.randn(2, 8), torch.zeros(2), torch.randn(2, 8), torch.zeros(8),
+    ConceptBasis(torch.randn(2, 8).abs() + 0.1, torch.zeros(2), torch.ones(2, 8), torch.zeros(8),
                  layer="relu2").save(tmp_path / "bare.safetensors")
     line = _one_line_error(*_run(capsys, "explain", tmp_path / "bare.safetensors")[::2])
     assert "'relu2' does not exist" in line and "pass the --model the basis was extracted from" in line
