@@ -15,8 +15,9 @@
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -52,12 +53,16 @@ def _check_dim(basis, rows, layer):
 def _concept_list(concepts, k: int) -> List[int]:
     if concepts is None:
         return list(range(k))
-    if isinstance(concepts, int) and not isinstance(concepts, bool):
+    if isinstance(concepts, torch.Tensor) and concepts.dim() == 0 or not isinstance(concepts, (torch.Tensor, Iterable)):
         concepts = [concepts]
     out = []
     for i in concepts:
-        if isinstance(i, bool) or not isinstance(i, int):
-            raise TypeError(f"concepts must hold ints, got {i!r}")
+        try:
+            if isinstance(i, bool):
+                raise TypeError
+            i = operator.index(i.item() if isinstance(i, torch.Tensor) and i.numel() == 1 else i)
+        except TypeError:
+            raise TypeError(f"concepts must hold ints, got {i!r}") from None
         if not -k <= i < k:
             raise IndexError(f"concept index {i} is out of range for a basis of {k} concepts")
         out.append(i % k)
@@ -137,13 +142,24 @@ def detection_maps(
 
 
 # --------------------------------------------------------------------- contribution maps
-def _targets(target, n: int, device) -> torch.Tensor:
-    if isinstance(target, int) and not isinstance(target, bool):
-        return torch.full((n,), target, dtype=torch.long, device=device)
-    t = torch.as_tensor(target, device=device).long().reshape(-1)
-    if t.numel() != n:
-        raise ValueError(f"target must be an int or hold one class per image ({n}), got {t.numel()}")
-    return t
+def _targets(target, n: int, device, n_classes: int) -> torch.Tensor:
+    """(n,) class indices from an int or one per image, checked against ``n_classes``
+    (negative indices count from the end, as in ``rank_concepts``)."""
+    if isinstance(target, bool):
+        raise TypeError(f"target must be a class index or one per image, got {target!r}")
+    if isinstance(target, int):
+        t = torch.full((n,), target, dtype=torch.long, device=device)
+    else:
+        t = torch.as_tensor(target, device=device)
+        if t.is_floating_point() or t.dtype == torch.bool:
+            raise TypeError(f"target must hold class indices (integers), got {t.dtype}")
+        t = t.long().reshape(-1)
+        if t.numel() != n:
+            raise ValueError(f"target must be an int or hold one class per image ({n}), got {t.numel()}")
+    bad = (t < -n_classes) | (t >= n_classes)
+    if bool(bad.any()):
+        raise IndexError(f"target {int(t[bad][0])} is out of range for {n_classes} classes")
+    return t % n_classes
 
 
 def contribution_maps(
@@ -200,7 +216,7 @@ def contribution_maps(
             w, _, s, mu = _basis_tensors(basis, rows)
             w, s = w[idx], s[idx]
             positions = rows.shape[0] // b
-            cls = _targets(target, b, rows.device)
+            cls = _targets(target, b, rows.device, head.out_features)
             v = head.weight.detach().to(rows)[cls]                      # (B, D)
             grads = (v / positions).repeat_interleave(positions, dim=0)  # d score / d row
             contrib = _contributions(basis, rows, grads, w, s, mu, idx, reference, clamp)
@@ -215,7 +231,7 @@ def contribution_maps(
 
             with torch.enable_grad():
                 logits = read_scores(tap.forward_with(batch, replace), output, "auto")
-                cls = _targets(target, b, logits.device)
+                cls = _targets(target, b, logits.device, logits.shape[1])
                 logits.gather(1, cls[:, None]).sum().backward()
             leaf = captured["leaf"]
             rows = tap.to_rows(leaf.detach())

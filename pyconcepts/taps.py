@@ -251,7 +251,13 @@ class LayerTap:
             raise ValueError(
                 f"images have {batch.shape[1]} channels but the model's first layer expects {expected}"
             )
-        return batch.to(self.device)
+        if not bool(torch.isfinite(batch).all()):
+            bad = (~torch.isfinite(batch)).flatten(1).any(1).nonzero().flatten().tolist()
+            raise ValueError(f"images contain NaN or Inf pixels (image(s) {bad[:5]} of this batch)")
+        # images in another floating dtype than the model's weights (float64 arrays, a bf16 model)
+        # are cast to it, as the model's first layer would need
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), batch.dtype)
+        return batch.to(self.device, dtype=dtype)
 
     @contextlib.contextmanager
     def hook(self, fn: Callable[[torch.Tensor], Optional[torch.Tensor]]):

@@ -182,3 +182,16 @@ def test_bad_input_is_named():
         attr.detection_maps(model, wrong, images)
     with pytest.raises(ValueError, match="channels"):
         attr.detection_maps(model, basis, torch.rand(2, 4, 8, 8))
+
+
+
+def test_contribution_maps_check_the_target_class():
+    model = SmallCNN().eval()
+    images = torch.rand(3, 3, 8, 8)
+    basis = pc.extract(model, "features.3", images, 2, seed=0)
+    last = attr.contribution_maps(model, basis, images, 2)
+    assert torch.allclose(attr.contribution_maps(model, basis, images, -1), last)
+    for target, err in ((3, IndexError), (-4, IndexError), ([0, 1, 7], IndexError), (0.5, TypeError),
+                        ([0.0, 1.0, 2.0], TypeError)):
+        with pytest.raises(err, match="target"):
+            attr.contribution_maps(model, basis, images, target)

@@ -394,50 +394,40 @@ def _edit(basis, rows, **kw):
                      absent_level=basis.absent_level, clamp=False, **kw)
 
 
-def test_several_removals_subtract_signal_vectors_until_each_is_at_its_target_in_any_order():
+def test_several_removals_add_up_whatever_their_order():
     basis = _coupled_basis()
     rows = torch.randn(500, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     b64 = pc.ConceptBasis(*(t.double() for t in (basis.decoding, basis.bias, basis.encoding, basis.mean)),
                           absent_level=basis.absent_level.double())
-    removed = [0, 1, 3]
-    before = b64.latent(rows)
-    a = _edit(b64, rows, remove=removed)
-    assert torch.allclose(a, _edit(b64, rows, remove=[3, 1, 0]), atol=1e-6)
-    after = b64.latent(a)
-    target = torch.minimum(before, b64.absent_level)[:, removed]
-    # the amounts subtracted along each signal vector: non-negative, and a concept whose own
-    # signal vector was subtracted sits exactly at its target; every one at or below it
-    amounts = torch.linalg.lstsq(b64.encoding[removed].T.double(), (rows - a).T).solution.T
-    assert torch.allclose(rows - a, amounts @ b64.encoding[removed].double(), atol=1e-6)
-    assert float(amounts.min()) > -1e-6
-    assert bool((after[:, removed] <= target + 1e-5).all())
-    active = amounts > 1e-6
-    assert torch.allclose(after[:, removed][active], target[active], atol=1e-5)
-    assert int(active.sum()) > 300 and int((after[:, removed] < target - 0.01).sum()) > 0  # both cases occur
-    # one at a time, the coupling would leave concepts above their targets, depending on the order
+    for kw in (dict(), dict(strength=0.5), dict(membership="soft")):
+        joint = _edit(b64, rows, remove=[0, 1, 3], **kw)
+        assert torch.allclose(joint, _edit(b64, rows, remove=[3, 1, 0], **kw), atol=1e-12)
+        singles = sum(_edit(b64, rows, remove=[i], **kw) - rows for i in (0, 1, 3))
+        assert torch.allclose(joint - rows, singles, atol=1e-9), kw
+    # one at a time, each removal would read the concepts the earlier ones moved
     one_at_a_time = rows
-    for i in removed:
+    for i in (0, 1, 3):
         one_at_a_time = _edit(b64, one_at_a_time, remove=[i])
-    assert float((b64.latent(one_at_a_time)[:, removed] - target).max()) > 0.1
-    # half strength: each removed concept loses at least half its excess
-    half = b64.latent(_edit(b64, rows, remove=[0, 2], strength=0.5))
-    for i in (0, 2):
-        want = before[:, i] - 0.5 * torch.clamp(before[:, i] - b64.absent_level[i], min=0)
-        assert bool((half[:, i] <= want + 1e-5).all())
+    assert float((one_at_a_time - _edit(b64, rows, remove=[0, 1, 3])).abs().max()) > 0.1
+    # amplify and remove together: their single edits add up too
+    both = _edit(b64, rows, remove=[0], amplify={1: 3.0})
+    singles = (_edit(b64, rows, remove=[0]) - rows) + (_edit(b64, rows, amplify={1: 3.0}) - rows)
+    assert torch.allclose(both - rows, singles, atol=1e-9)
 
 
-def test_several_set_scale_and_amplify_edits_each_hit_their_target():
+def test_several_set_and_scale_edits_each_hit_their_target_and_amplify_scales_the_excess():
     basis = _coupled_basis()
     rows = torch.randn(300, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     b64 = pc.ConceptBasis(*(t.double() for t in (basis.decoding, basis.bias, basis.encoding, basis.mean)),
                           absent_level=basis.absent_level.double())
     before = b64.latent(rows)
-    after = b64.latent(_edit(b64, rows, set={0: 2.0, 1: -1.0}, scale={2: 0.5}, amplify={3: 3.0}))
+    after = b64.latent(_edit(b64, rows, set={0: 2.0, 1: -1.0}, scale={3: 0.5}))
     assert torch.allclose(after[:, 0], torch.full_like(after[:, 0], 2.0), atol=1e-6)
     assert torch.allclose(after[:, 1], torch.full_like(after[:, 1], -1.0), atol=1e-6)
-    assert torch.allclose(after[:, 2], 0.5 * before[:, 2], atol=1e-6)
+    assert torch.allclose(after[:, 3], 0.5 * before[:, 3], atol=1e-6)
+    amplified = b64.latent(_edit(b64, rows, amplify={3: 3.0}))
     excess = torch.clamp(before[:, 3] - b64.absent_level[3], min=0)
-    assert torch.allclose(after[:, 3], before[:, 3] + 2.0 * excess, atol=1e-6)
+    assert torch.allclose(amplified[:, 3], before[:, 3] + 2.0 * excess, atol=1e-6)
     # amplify by 0 is a removal
     assert torch.allclose(_edit(b64, rows, amplify={1: 0.0}), _edit(b64, rows, remove=[1]), atol=1e-8)
 
@@ -469,3 +459,37 @@ def test_amplify_raises_what_remove_lowers_and_bad_edit_values_are_refused():
         pc.counterfactual(model, basis, images, [0], strength=float("inf"))
     with pytest.raises(ValueError, match="strength"):
         pc.rank_concepts(model, basis, images, target=0, strength=-0.5)
+
+
+def test_bad_images_concepts_and_empty_edits_are_named():
+    import numpy as np
+
+    model = SmallCNN().eval()
+    images = torch.rand(6, 3, 8, 8)
+    basis = _basis_at(model, "features.3", images, seed=2)
+    bad = images.clone()
+    bad[4, 1, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"images contain NaN or Inf pixels \(image\(s\) \[4\]"):
+        pc.counterfactual(model, basis, bad, [0])
+    with pytest.raises(ValueError, match="images contain NaN"):
+        pc.rank_concepts(model, basis, bad, target=0)
+    with pytest.raises(ValueError, match="images contain NaN"):
+        pc.extract(model, "features.3", bad, 2)
+    # float64 images run in the model's dtype
+    cf64 = pc.counterfactual(model, basis, images.double(), [0])
+    cf32 = pc.counterfactual(model, basis, images, [0])
+    assert torch.allclose(cf64.logits_after, cf32.logits_after, atol=1e-5)
+    # concept indices: numpy and 0-d tensors are ints; a float is not; the argument is named
+    ints = pc.counterfactual(model, basis, images, [np.int64(1), torch.tensor(2)])
+    assert torch.equal(ints.logits_after, pc.counterfactual(model, basis, images, [1, 2]).logits_after)
+    with pytest.raises(TypeError, match="concepts: concept index must be an int, got 2.0"):
+        pc.counterfactual(model, basis, images, 2.0)
+    with pytest.raises(IndexError, match="concepts: concept index 9"):
+        pc.rank_concepts(model, basis, images, target=0, concepts=[9])
+    with pytest.raises(TypeError, match="set: the value for concept 1 must be a number"):
+        pc.counterfactual(model, basis, images, set={1: "a"})
+    with pytest.raises(ValueError, match="nothing to change"):
+        pc.counterfactual(model, basis, images)
+    with pytest.raises(ValueError, match="nothing to change"):
+        with pc.intervene(model, basis):
+            pass
