@@ -17,8 +17,9 @@ Pipeline (METHOD.md sections 2-4):
    it is for once the clustering stage fits max-margin filters: paper synthetic (seeds 0-9),
    min detector IoU 0.994-0.999 without it, 0.972-0.985 with it (60 steps; 0.966-0.983 with
    the former 300 steps + 25 joint steps); MTCNN RNet (``benchmarks.real_network``, K = 16):
-   the top-5 face-margin drop 3.30 vs 3.20 without, the detection sets reproduce less across
-   halves (Jaccard 0.63 vs 0.66; 300 steps also turned the directions, 0.85 -> 0.76), at
+   the same top-5 face-margin drop (on all 400 images the merge guard rejected every step),
+   the detection sets reproduce less across halves (Jaccard 0.65 vs 0.66; 300 steps also
+   turned the directions, 0.85 -> 0.76), at
    about twice the cost.
 4. **Joint step** (``joint_steps``, 0 by default): W, b refined again together with the
    encoding, adding the filter-signal orthogonality loss L_fso. The encoding in this step is
