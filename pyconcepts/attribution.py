@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .basis import recorded_clamp
 from .outputs import OutputSpec, output_or_recorded, read_scores, scores_kind
 from .signal import masked_signal_vectors
 from .taps import LayerTap, iter_batches
@@ -97,7 +98,8 @@ def _contributions(basis, rows, grads, w, s, mu, idx, reference, clamp):
     passes through the ReLU that ``intervene`` applies: the change is x - max(x - k s, 0),
     so no channel is lowered below zero."""
     factor = _factor(basis, rows, w, s, mu, idx, reference)            # (N, K')
-    nonneg = bool((rows >= 0).all()) if clamp is None else bool(clamp)
+    clamp = recorded_clamp(basis, clamp)
+    nonneg = bool((rows >= 0).all()) if clamp is None else clamp
     if reference == "mean" or not nonneg:
         return factor * (grads @ s.T)
     out = torch.empty_like(factor)

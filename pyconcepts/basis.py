@@ -315,6 +315,16 @@ class ConceptBasis:
         return basis.to(device) if torch.device(device).type != "cpu" else basis
 
 
+def recorded_clamp(basis, clamp: Optional[bool]) -> Optional[bool]:
+    """``clamp`` if given, else whether the basis's layer was non-negative on every activation
+    it was extracted from (``metadata["nonnegative"]``), so that every batch is edited alike;
+    None (decide from each batch) for a basis that does not record it."""
+    if clamp is not None:
+        return bool(clamp)
+    recorded = (getattr(basis, "metadata", None) or {}).get("nonnegative")
+    return None if recorded is None else bool(recorded)
+
+
 class _Foreign(Exception):
     pass
 

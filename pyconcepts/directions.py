@@ -721,12 +721,14 @@ def extract_directions(
     # class sums of raw rows by cluster: the discriminants
     class_sums = torch.zeros(k, d, dtype=torch.float64)
     class_counts = torch.zeros(k, dtype=torch.int64)
+    negatives = torch.zeros(1, dtype=torch.int64)  # whether the layer is non-negative (post-ReLU)
     with fail_together("the class sums"):
         for chunk in iter_chunks(x, chunk_size, dim=d):
             sums, counts = ops.spherical_update(chunk, labels_of(chunk), k)
             class_sums += sums.cpu()
             class_counts += counts.cpu()
-    all_reduce_sum_(class_sums, class_counts)
+            negatives += int((chunk < 0).any())
+    all_reduce_sum_(class_sums, class_counts, negatives)
     total = class_counts.sum()
     _check_rows_read(int(total), km.n_samples_, "the class-sums pass")
     discriminants = _discriminants(class_sums, class_counts, class_sums.sum(0), total, covariance)
@@ -814,6 +816,8 @@ def extract_directions(
             "decoder_members": None if decoder_members is None else decoder_members.tolist(),
             # share of the decoder sample's rows taken as background (background_filters)
             "background_share": background_share,
+            # every activation >= 0 (a post-ReLU layer): edits are passed through a ReLU
+            "nonnegative": bool(int(negatives) == 0),
         },
     )
 

@@ -20,7 +20,9 @@ a_hat_i(x) = (w_i . x - w_i . mean) / g_i (``ConceptBasis.latent``):
   patches below the threshold (MTCNN RNet, ``benchmarks.real_network``: removing the top-5 face
   concepts lowers the face margin by 5.2 logits with ``"all"``, 2.2 with ``"soft"``; PCA's top 5
   2.8). The result is passed through a ReLU only when the layer's output is non-negative
-  (post-ReLU maps); ``clamp`` overrides this.
+  (post-ReLU maps: as recorded in the basis, ``metadata["nonnegative"]``, when it was
+  extracted; for a basis without that record, when the edited batch is); ``clamp`` overrides
+  this.
 - **amplify** concept i by c: the removal's excess scaled instead of taken out,
   ``x' = x + (c - 1) m max(a_hat_i(x) - l_i, 0) s_i`` (c > 1 raises the concept where it is
   above its absent level, c = 0 removes it; with the same ``membership``). Unlike ``scale``,
@@ -67,6 +69,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import torch
 from torch import nn
 
+from .basis import recorded_clamp
 from .outputs import OutputSpec, output_or_recorded, read_scores, scores_kind
 from .taps import LayerTap, iter_batches, resolve_layer
 
@@ -303,7 +306,8 @@ def intervene(
         raise ValueError("nothing to change: give remove=, set=, scale= or amplify=")
     tap = LayerTap(model, _layer_name(basis, layer), skip_tokens=skip_tokens)
     handle = tap.module.register_forward_hook(
-        _EditHook(tap, basis, set_, scale_, remove_, strength, direction, clamp, membership, amplify_))
+        _EditHook(tap, basis, set_, scale_, remove_, strength, direction, recorded_clamp(basis, clamp),
+                  membership, amplify_))
     try:
         yield model
     finally:
@@ -416,7 +420,8 @@ def correct(
         "mean": basis.mean.detach().clone().to(device),
         "strength": torch.tensor(float(strength), device=device),
         "direction": torch.tensor(_DIRECTIONS.index(direction), device=device),
-        "clamp": torch.tensor(-1 if clamp is None else int(bool(clamp)), device=device),
+        "clamp": torch.tensor(-1 if recorded_clamp(basis, clamp) is None else int(recorded_clamp(basis, clamp)),
+                              device=device),
         "membership": torch.tensor(_MEMBERSHIPS.index(membership), device=device),
     }
     if getattr(basis, "absent_level", None) is not None:
@@ -668,7 +673,7 @@ def rank_concepts(
     greedy = min(greedy, len(candidates))
     tap = LayerTap(model, _layer_name(basis, layer), skip_tokens=skip_tokens)
     edit = dict(strength=float(strength), direction=direction, membership=membership,
-                absent_level=getattr(basis, "absent_level", None))
+                absent_level=getattr(basis, "absent_level", None), clamp=recorded_clamp(basis, None))
     batches, kind, score = [], "auto", None
     for batch in iter_batches(images, batch_size):
         batch = tap._check_images(batch)

@@ -493,3 +493,31 @@ def test_bad_images_concepts_and_empty_edits_are_named():
     with pytest.raises(ValueError, match="nothing to change"):
         with pc.intervene(model, basis):
             pass
+
+
+def test_the_relu_after_an_edit_follows_the_layer_the_basis_records_not_the_batch():
+    model = SmallCNN().eval()
+    images = torch.rand(6, 3, 8, 8)
+    relu_basis = pc.extract(model, "features.3", images, 2, seed=0)     # a ReLU's output
+    conv_basis = pc.extract(model, "features.2", images, 2, seed=0)     # the conv before it
+    assert relu_basis.metadata["nonnegative"] is True and conv_basis.metadata["nonnegative"] is False
+    tap = LayerTap(model, "features.3")
+    with torch.no_grad():
+        rows = tap.to_rows(tap.activations(images))
+    strong = dict(remove=[0], strength=3.0)
+    for recorded in (True, False):
+        basis = pc.ConceptBasis(relu_basis.decoding, relu_basis.bias, relu_basis.encoding, relu_basis.mean,
+                                absent_level=relu_basis.absent_level, layer="features.3",
+                                metadata={"nonnegative": recorded})
+        want = edit_rows(rows, basis.decoding, basis.bias, basis.encoding, basis.mean,
+                         absent_level=basis.absent_level, clamp=recorded, **strong)
+        assert bool((want < 0).any()) != recorded
+        seen = []
+        with torch.no_grad(), pc.intervene(model, basis, **strong):
+            # registered after the edit's hook: sees the edited output
+            hook = tap.module.register_forward_hook(lambda m, i, o: seen.append(tap.to_rows(o)))
+            try:
+                model(images)
+            finally:
+                hook.remove()
+        assert torch.allclose(seen[0], want, atol=1e-6), recorded
