@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Union
@@ -250,6 +251,13 @@ def contribution_maps(
 
 
 # ---------------------------------------------------------------------------------- RCAV
+def auto_permutations(tests: int, level: float, cap: int = 2000) -> int:
+    """Null draws for the RCAV test: enough that the smallest attainable Bonferroni-adjusted
+    p-value, tests / (n + 1), is 0.8 x the level (at most ``cap``, at least 20). A test is then
+    significant when its observed score is more extreme than every null."""
+    return int(min(cap, max(20, math.ceil(1.25 * tests / level) - 1)))
+
+
 @dataclass
 class RCAVResult:
     """``scores[i, k]``: fraction of images whose class-k probability rose when concept i was
@@ -286,7 +294,7 @@ def rcav(
     layer: Optional[str] = None,
     concepts=None,
     alpha: Union[float, Sequence[float], None] = None,
-    n_permutations: int = 50,
+    n_permutations: Optional[int] = None,
     level: float = 0.05,
     seed: int = 0,
     max_patches: int = 20000,
@@ -300,16 +308,22 @@ def rcav(
     For concept i, ``alpha_i s_i`` is added at every position (``alpha`` in latent units;
     default: the mean latent factor of the patches where i is detected) and the sign of the
     change of every class probability is recorded per image. The null distribution comes
-    from directions estimated like s_i but from randomly permuted detection labels (the
-    same number of patches), pushed by the same alpha. p-values are (1 + #null >= observed)
-    / (1 + n_permutations) on |score - 0.5|; Bonferroni over concepts x classes
-    (``rcav_tests``: with two classes, one test per concept). A concept
-    detected on fewer than two of the sampled patches cannot be tested (p = 1). ``output``:
-    which part of the model's output holds the class scores (index, key or callable).
+    from random concepts of the same size: for a random filter, the signal vector of the
+    patches it responds to most (as many as concept i is detected on), scaled to the norm of
+    s_i and pushed by the same alpha. (Directions from randomly permuted detection labels with
+    the concept's own filter, the earlier null, all point along that filter's pattern, close
+    to s_i, so they moved the classes as the concept does and the test had little power.)
+    p-values are (1 + #null >= observed) / (1 + n_permutations) on |score - 0.5|; Bonferroni
+    over concepts x classes (``rcav_tests``: with two classes, one test per concept).
+    ``n_permutations`` (default: ``auto_permutations``, enough that a concept more extreme
+    than every null is significant). A concept detected on fewer than two of the sampled
+    patches cannot be tested (p = 1). ``output``: which part of the model's output holds the
+    class scores (index, key or callable).
     """
     output = output_or_recorded(output, basis)
-    if not isinstance(n_permutations, int) or n_permutations < 1:
-        raise ValueError(f"n_permutations must be a positive int, got {n_permutations!r}")
+    if n_permutations is not None and (isinstance(n_permutations, bool) or not isinstance(n_permutations, int)
+                                       or n_permutations < 1):
+        raise ValueError(f"n_permutations must be a positive int or None, got {n_permutations!r}")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level!r}")
     tap = _tap(model, basis, layer, skip_tokens)
@@ -343,11 +357,20 @@ def rcav(
     else:
         alpha_t = torch.as_tensor(alpha, dtype=torch.float32).expand(len(idx)).clone()
 
-    def push_directions(mask: torch.Tensor) -> torch.Tensor:
-        # signal vectors on the patches in `mask`, one per column; a column with fewer than
-        # two patches (or no variance) has none: a zero push
-        directions, ok = masked_signal_vectors(rows, z, mask)
-        return directions * ok[:, None]
+    n_detected = detected.sum(0)
+    size = s.norm(dim=1)
+
+    def random_concepts() -> torch.Tensor:
+        # per tested concept, a concept-like direction of a random filter: the signal vector
+        # of the patches it responds to most, as many as the concept is detected on, with
+        # the norm of the concept's signal vector (a column with no variance: a zero push)
+        filters = torch.randn(len(idx), rows.shape[1], generator=gen)
+        z_r = rows @ filters.T
+        ranks = z_r.argsort(0, descending=True).argsort(0)
+        mask = ranks < n_detected[None, :]
+        directions, ok = masked_signal_vectors(rows, z_r, mask)
+        directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return directions * (size * ok)[:, None]
 
     with torch.no_grad():
         base = [probs(tap.forward_with(b, lambda out: out)).cpu() for b in batches]
@@ -361,6 +384,9 @@ def rcav(
                 ups.append(p1 > p0)
         return torch.cat(ups).float().mean(0)                     # (C,)
 
+    n_classes = base[0].shape[1]
+    if n_permutations is None:
+        n_permutations = auto_permutations(rcav_tests(len(idx), n_classes), level)
     total = len(idx) * (1 + n_permutations)
     done = 0
     scores, nulls = [], []
@@ -369,10 +395,8 @@ def rcav(
         done += 1
         if progress:
             progress("rcav", done, total)
-    n_rows = rows.shape[0]
     for _ in range(n_permutations):
-        perm_mask = torch.stack([detected[torch.randperm(n_rows, generator=gen), j] for j in range(len(idx))], 1)
-        dirs = push_directions(perm_mask)
+        dirs = random_concepts()
         row = []
         for j in range(len(idx)):
             row.append(score(dirs[j], float(alpha_t[j])))
@@ -384,8 +408,8 @@ def rcav(
     null_t = torch.stack(nulls)                                   # (n_perm, K', C)
     extreme = ((null_t - 0.5).abs() >= (scores_t - 0.5).abs()[None] - 1e-12).sum(0)
     p = (1.0 + extreme.float()) / (1.0 + n_permutations)
-    # Fewer than two detected patches: the permuted-label directions are undefined (a zero
-    # push), so there is no null distribution to test against: not testable, p = 1.
+    # Fewer than two detected patches: no signal vector for the concept nor for its random
+    # counterparts, so there is no null distribution to test against: not testable, p = 1.
     p[detected.sum(0) < 2] = 1.0
     # two classes: one test per concept; the larger of its two p-values (they differ only
     # where a probability does not move at all) keeps it valid

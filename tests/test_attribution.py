@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 
 import pyconcepts as pc
 from pyconcepts import attribution as attr
@@ -113,6 +114,38 @@ def _planted_concepts():
     return model, images, rows, s / (s * s).sum(1, keepdim=True), s
 
 
+class _GatedHead(nn.Module):
+    """conv -> ReLU (the tapped layer 'act') -> mean -> linear, plus a term in the square of
+    channel 5 whose sign depends on the image: a push with a component along channel 5 moves
+    the classes one way on some images and the other way on others; one without moves every
+    image alike (through a linear head alone every direction would)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        z = self.act(self.conv(x)).mean((2, 3))
+        sign = torch.tanh(20.0 * (x.mean((1, 2, 3)) - 0.5))
+        return self.fc(z) + 50.0 * (sign * z[:, 5] ** 2)[:, None] * torch.tensor([1.0, -1.0, 0.0])
+
+
+def _planted_nonlinear():
+    """s[0] along class 0's weight without channel 5 (it raises class 0 on every image),
+    s[1] random."""
+    torch.manual_seed(3)
+    model = _GatedHead().eval()
+    images = torch.rand(32, 3, 8, 8)
+    tap = LayerTap(model, "act")
+    rows = tap.to_rows(tap.activations(images))
+    v = model.fc.weight.detach()
+    planted = v[0] - v[1:].mean(0)
+    planted[5] = 0.0
+    s = torch.stack([planted, torch.randn(6)])
+    return model, images, rows, s / (s * s).sum(1, keepdim=True), s
+
 def test_rcav_finds_a_planted_influence_and_not_a_null_one():
     # a concept direction aligned with class 0's weight raises class 0; its permutation
     # null does not; Bonferroni-adjusted p-values are in [0, 1]
@@ -144,17 +177,18 @@ def test_rcav_counts_one_test_per_concept_with_two_classes():
 
 
 def test_rcav_does_not_test_a_concept_detected_on_one_patch():
-    # one detected patch: the permuted-label directions are undefined, so no null exists;
-    # the concept must come out untestable (p = 1), not significant against a flat null
-    model, images, rows, w, s = _planted_concepts()
+    # one detected patch: no signal vector for it nor for its random counterparts, so no null
+    # exists; the concept must come out untestable (p = 1), not significant against a flat null
+    model, images, rows, w, s = _planted_nonlinear()
     z = rows @ w.T
-    b = torch.stack([z[:, 0].sort().values[-2], torch.quantile(z[:, 1], 0.5)])
-    assert (z > b).sum(0).tolist()[0] == 1
-    basis = pc.ConceptBasis(w, b, s, rows.mean(0), layer="features.3")
+    top = z[:, 1].unique(sorted=True)
+    b = torch.stack([torch.quantile(z[:, 0], 0.5), (top[-1] + top[-2]) / 2])
+    assert (z > b).sum(0).tolist()[1] == 1
+    basis = pc.ConceptBasis(w, b, s, rows.mean(0), layer="act")
     res = attr.rcav(model, basis, images, alpha=2.0, n_permutations=39, seed=0)
-    assert torch.equal(res.p_values[0], torch.ones(3))
-    assert not res.significant[0].any()
-    assert (res.p_values[1] < 1).any()  # the other concept is still tested
+    assert torch.equal(res.p_values[1], torch.ones(3))
+    assert not res.significant[1].any()
+    assert (res.p_values[0] < 1).any()  # the other concept is still tested
 
 
 def test_maximize_concept_moves_the_representation_along_s():
@@ -195,3 +229,20 @@ def test_contribution_maps_check_the_target_class():
                         ([0.0, 1.0, 2.0], TypeError)):
         with pytest.raises(err, match="target"):
             attr.contribution_maps(model, basis, images, target)
+
+
+def test_rcav_null_of_random_concepts_gives_a_planted_influence_the_smallest_p():
+    # s[0] lies along class 0's weight: adding it raises class 0 on every image. Random
+    # concepts of the same size do so on about half, so with 19 draws p is 1/20 (the former
+    # null, directions of the concept's own filter on permuted labels, moved class 0 alike)
+    model, images, rows, w, s = _planted_nonlinear()
+    basis = pc.ConceptBasis(w, torch.quantile(rows @ w.T, 0.5, dim=0), s, rows.mean(0), layer="act")
+    res = attr.rcav(model, basis, images, alpha=2.0, n_permutations=19, seed=0)
+    assert float(res.scores[0, 0]) == 1.0
+    assert float(res.p_values[0, 0]) == pytest.approx(1 / 20)
+    null_up = res.null_scores[:, 0, 0]
+    assert 0.05 < float(null_up.mean()) < 0.95
+    # the default draws enough that a concept beyond every null would be significant
+    auto = attr.rcav(model, basis, images, alpha=2.0, concepts=[0], seed=0)
+    n = auto.null_scores.shape[0]
+    assert n == attr.auto_permutations(attr.rcav_tests(1, 3), 0.05) and attr.rcav_tests(1, 3) / (n + 1) < 0.05

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..attribution import rcav as _rcav
-from ..attribution import rcav_tests
+from ..attribution import auto_permutations, rcav_tests
 from ..outputs import output_or_recorded
 from ..stability import LOW_HALVES_JACCARD, VANISHED_JACCARD
 from ..taps import LayerTap, resolve_layer
@@ -44,7 +44,7 @@ OPTIONS: Dict[str, object] = {
     "joint_classes": 8,        # ... for at most this many classes, the most predicted first
     "rcav_concepts": 4,        # RCAV tests this many of the most influential concepts
     "rcav_images": 32,         # the first images of that sample that RCAV runs on
-    "rcav_permutations": None, # label permutations of the RCAV test; None: enough that the
+    "rcav_permutations": None, # random concepts the RCAV test draws; None: enough that the
                                # smallest Bonferroni-adjusted p is 0.8 x the level, at most 2000
     "rcav_level": 0.05,        # significance level after Bonferroni over tested concepts x classes
     "rcav_batch": None,        # images per forward pass in RCAV (default: batch_size)
@@ -96,13 +96,6 @@ class _Writer:
             if isinstance(rel, str) and not os.path.isabs(rel) and ".." not in pathlib.PurePath(rel).parts:
                 out.append(rel)
         return out
-
-
-def auto_permutations(tests: int, level: float, cap: int = 2000) -> int:
-    """Label permutations for the RCAV test: enough that the smallest attainable
-    Bonferroni-adjusted p-value, tests / (n + 1), is 0.8 x the level (at most ``cap``, at least
-    20). A test is then significant when its observed score is more extreme than every null."""
-    return int(min(cap, max(20, math.ceil(1.25 * tests / level) - 1)))
 
 
 def _check_int(name: str, value, low: int) -> int:
@@ -271,8 +264,9 @@ def write_report(
         which = "every concept" if len(tested) == k else f"the {len(tested)} most influential concepts"
         rcav_note = (
             f"RCAV (on {which}): the share of {m.rcav_images.shape[0]} images whose class probability rises when "
-            f"the concept is added (alpha = its mean latent factor where detected); p from {n_perm} label "
-            f"permutations, Bonferroni over {tests} tests" + (" (with two classes, one per concept: the two "
+            f"the concept is added (alpha = its mean latent factor where detected); p against {n_perm} random "
+            f"concepts of the same size (signal vectors of random filters' top patches), Bonferroni over {tests} "
+            f"tests" + (" (with two classes, one per concept: the two "
                                                               "classes' probabilities move in opposite ways)"
                                                               if c == 2 else f" ({len(tested)} x {c})")
             + f"; * = p (Bonferroni) < {level:g}. The smallest "
