@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .basis import recorded_clamp
+from .basis import layer_to_apply, recorded_clamp
 from .outputs import OutputSpec, output_or_recorded, read_scores, scores_kind
 from .signal import masked_signal_vectors
 from .taps import LayerTap, iter_batches
@@ -39,10 +39,7 @@ def _tap(model, basis, layer, skip_tokens, grid=None) -> LayerTap:
     for name in ("decoding", "bias", "encoding", "mean"):
         if not hasattr(basis, name):
             raise TypeError(f"basis must be a ConceptBasis (it has no {name!r})")
-    name = layer if layer is not None else getattr(basis, "layer", None)
-    if name is None:
-        raise ValueError("layer is needed: the basis does not record the layer it was extracted at")
-    return LayerTap(model, name, skip_tokens=skip_tokens, grid=grid)
+    return LayerTap(model, layer_to_apply(basis, layer), skip_tokens=skip_tokens, grid=grid)
 
 
 def _check_dim(basis, rows, layer):

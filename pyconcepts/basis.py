@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import socket
+import warnings
 from typing import Any, Dict, List, Optional, Union
 
 import torch
@@ -313,6 +314,21 @@ class ConceptBasis:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path!r} holds an inconsistent ConceptBasis: {exc}") from None
         return basis.to(device) if torch.device(device).type != "cpu" else basis
+
+
+def layer_to_apply(basis, layer: Optional[str]) -> str:
+    """The layer a basis is applied at: ``layer``, or the one it records. Warns when ``layer``
+    names another layer than the recorded one (same width passes every other check, so a
+    basis from another layer would otherwise give answers without a word)."""
+    recorded = getattr(basis, "layer", None)
+    if layer is None:
+        if recorded is None:
+            raise ValueError("layer is needed: the basis does not record the layer it was extracted at")
+        return recorded
+    if recorded is not None and layer != recorded and not layer.endswith("." + recorded):
+        warnings.warn(f"the basis was extracted at layer {recorded!r} and is applied at {layer!r}: its "
+                      "directions read that layer's channels as if they were the other's", stacklevel=3)
+    return layer
 
 
 def recorded_clamp(basis, clamp: Optional[bool]) -> Optional[bool]:

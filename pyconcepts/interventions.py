@@ -69,7 +69,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import torch
 from torch import nn
 
-from .basis import recorded_clamp
+from .basis import layer_to_apply, recorded_clamp
 from .outputs import OutputSpec, output_or_recorded, read_scores, scores_kind
 from .taps import LayerTap, iter_batches, resolve_layer
 
@@ -103,10 +103,7 @@ def _check_index(i, k: int, name: str) -> int:
 
 
 def _layer_name(basis, layer: Optional[str]) -> str:
-    name = layer if layer is not None else getattr(basis, "layer", None)
-    if name is None:
-        raise ValueError("layer is needed: the basis does not record the layer it was extracted at")
-    return name
+    return layer_to_apply(basis, layer)
 
 
 def _check_dim(basis_dim: int, rows: torch.Tensor, layer: str) -> None:

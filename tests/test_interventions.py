@@ -521,3 +521,21 @@ def test_the_relu_after_an_edit_follows_the_layer_the_basis_records_not_the_batc
             finally:
                 hook.remove()
         assert torch.allclose(seen[0], want, atol=1e-6), recorded
+
+
+def test_a_basis_applied_at_another_layer_than_it_records_warns():
+    import warnings
+
+    model = SmallCNN().eval()
+    images = torch.rand(4, 3, 8, 8)
+    basis = _basis_at(model, "features.3", images)          # 8 channels, as features.1 has
+    with pytest.warns(UserWarning, match="extracted at layer 'features.3' and is applied at 'features.1'"):
+        pc.counterfactual(model, basis, images, [0], layer="features.1")
+    with pytest.warns(UserWarning, match="applied at 'features.1'"):
+        pc.rank_concepts(model, basis, images, target=0, layer="features.1")
+    with pytest.warns(UserWarning, match="applied at 'features.1'"):
+        pc.attribution.contribution_maps(model, basis, images, 0, layer="features.1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pc.counterfactual(model, basis, images, [0])                 # the recorded layer
+        pc.counterfactual(model, basis, images, [0], layer="features.3")
