@@ -299,6 +299,7 @@ def rcav(
     skip_tokens: int = 0,
     progress=None,
     output: OutputSpec = None,
+    classes: Optional[Sequence[int]] = None,
 ) -> RCAVResult:
     """Global influence of concepts on classes by RCAV with a label-permutation test.
 
@@ -312,8 +313,11 @@ def rcav(
     to s_i, so they moved the classes as the concept does and the test had little power.)
     p-values are (1 + #null >= observed) / (1 + n_permutations) on |score - 0.5|; Bonferroni
     over concepts x classes (``rcav_tests``: with two classes, one test per concept).
-    ``n_permutations`` (default: ``auto_permutations``, enough that a concept more extreme
-    than every null is significant). A concept detected on fewer than two of the sampled
+    ``classes``: one class per concept (in ``concepts``' order) to test it on, e.g. the class
+    its removal lowers most: one test per concept, however many classes the model has (the
+    scores of every class are still measured; the other classes' p-values are NaN). Default:
+    every class. ``n_permutations`` (default: ``auto_permutations``, enough that a concept more
+    extreme than every null is significant). A concept detected on fewer than two of the sampled
     patches cannot be tested (p = 1). ``output``: which part of the model's output holds the
     class scores (index, key or callable).
     """
@@ -382,8 +386,16 @@ def rcav(
         return torch.cat(ups).float().mean(0)                     # (C,)
 
     n_classes = base[0].shape[1]
+    if classes is not None:
+        classes = [int(c) for c in classes]
+        if len(classes) != len(idx):
+            raise ValueError(f"classes must name one class per tested concept ({len(idx)}), got {len(classes)}")
+        bad = [c for c in classes if not 0 <= c < n_classes]
+        if bad:
+            raise IndexError(f"classes: class {bad[0]} is out of range for {n_classes} classes")
+    n_tests = len(idx) if classes is not None else rcav_tests(len(idx), n_classes)
     if n_permutations is None:
-        n_permutations = auto_permutations(rcav_tests(len(idx), n_classes), level)
+        n_permutations = auto_permutations(n_tests, level)
     total = len(idx) * (1 + n_permutations)
     done = 0
     scores, nulls = [], []
@@ -411,7 +423,14 @@ def rcav(
     # two classes: one test per concept; the larger of its two p-values (they differ only
     # where a probability does not move at all) keeps it valid
     tested = p.max(1, keepdim=True).values.expand_as(p) if p.shape[1] == 2 else p
-    p_adj = (tested * rcav_tests(*scores_t.shape)).clamp(max=1.0)
+    if classes is not None:  # one hypothesis per concept: the other classes are not tested
+        keep = torch.zeros_like(p, dtype=torch.bool)
+        keep[torch.arange(len(idx)), torch.tensor(classes)] = True
+        if p.shape[1] == 2:
+            keep[:] = True  # the two classes' tests are one
+        p = torch.where(keep, p, torch.full_like(p, float("nan")))
+        tested = torch.where(keep, tested, torch.full_like(tested, float("nan")))
+    p_adj = (tested * n_tests).clamp(max=1.0)
     return RCAVResult(idx, scores_t, p, p_adj, p_adj < level, alpha_t, null_t, level)
 
 

@@ -246,3 +246,21 @@ def test_rcav_null_of_random_concepts_gives_a_planted_influence_the_smallest_p()
     auto = attr.rcav(model, basis, images, alpha=2.0, concepts=[0], seed=0)
     n = auto.null_scores.shape[0]
     assert n == attr.auto_permutations(attr.rcav_tests(1, 3), 0.05) and attr.rcav_tests(1, 3) / (n + 1) < 0.05
+
+
+def test_rcav_tests_one_class_per_concept_when_told():
+    model, images, rows, w, s = _planted_nonlinear()
+    basis = pc.ConceptBasis(w, torch.quantile(rows @ w.T, 0.5, dim=0), s, rows.mean(0), layer="act")
+    every = attr.rcav(model, basis, images, alpha=2.0, n_permutations=19, seed=0)
+    one = attr.rcav(model, basis, images, alpha=2.0, n_permutations=19, seed=0, classes=[0, 2])
+    assert torch.equal(one.scores, every.scores)           # every class is still measured
+    tested = torch.tensor([[True, False, False], [False, False, True]])
+    assert torch.equal(one.p_values[tested], every.p_values[tested])
+    assert bool(one.p_values[~tested].isnan().all()) and not bool(one.significant[~tested].any())
+    assert torch.allclose(one.p_adjusted[tested], (one.p_values[tested] * 2).clamp(max=1))  # 2 tests, not 6
+    assert attr.rcav(model, basis, images, alpha=2.0, seed=0, classes=[0, 2]).null_scores.shape[0] == \
+        attr.auto_permutations(2, 0.05)
+    with pytest.raises(ValueError, match="one class per tested concept"):
+        attr.rcav(model, basis, images, n_permutations=2, classes=[0])
+    with pytest.raises(IndexError, match="classes: class 3"):
+        attr.rcav(model, basis, images, n_permutations=2, classes=[0, 3])

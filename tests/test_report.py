@@ -575,3 +575,20 @@ def test_concept_page_shows_the_images_its_removal_moves_most(tmp_path):
     assert "What removing it changes" not in (tmp_path / "concepts" / "concept-000.html").read_text(encoding="utf-8")
     with pytest.raises(ValueError, match="counterfactuals"):
         write_report(tmp_path, basis, model, "act", source, **{**FAST, "counterfactuals": -1})
+
+
+def test_with_more_than_two_classes_rcav_tests_each_concept_on_one_class(report):
+    out, _, _ = report
+    tested_pages = 0
+    for page in sorted((out / "concepts").glob("concept-*.html")):
+        text = page.read_text(encoding="utf-8")
+        table = text.split("<table class=\"effects\">")[1].split("</table>")[0]
+        p_cells = [c for c in re.findall(r"<td class=\"num\" title=\"p = [^\"]*\">([^<]*)</td>", table) if c != "-"]
+        shares = re.findall(r"<td class=\"num[^\"]*\">([0-9.]+%\*?)</td><td class=\"num\" title=\"p =", table)
+        if p_cells:
+            tested_pages += 1
+            assert len(p_cells) == 1, (page.name, p_cells)
+            assert len(shares) == 3  # every class's RCAV share is still shown
+    assert tested_pages == 3  # the basis's 3 concepts (rcav_concepts 4)
+    index = (out / "index.html").read_text(encoding="utf-8")
+    assert "Bonferroni over 3 tests (one per concept" in index

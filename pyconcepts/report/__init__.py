@@ -195,10 +195,15 @@ def write_report(
     result, tested, n_perm = None, [], 0
     if rcav and m.rcav_images is not None and m.rcav_images.shape[0] >= 2:
         tested = sorted(order[:rcav_concepts])
-        n_perm = opts["rcav_permutations"] or auto_permutations(rcav_tests(len(tested), c), level)
+        # more than two classes: each concept is tested on one class, the one its measured
+        # removal lowers most, so that the cost (null draws x concepts x images) and the
+        # Bonferroni factor do not grow with the number of classes
+        rcav_classes = ([int(torch.argmin(m.class_odds_change[i])) for i in tested] if c > 2 else None)
+        n_tests = len(tested) if rcav_classes is not None else rcav_tests(len(tested), c)
+        n_perm = opts["rcav_permutations"] or auto_permutations(n_tests, level)
         result = _rcav(wrapped, basis, m.rcav_images, layer=tap.layer, concepts=tested, n_permutations=n_perm,
                        level=level, seed=seed, batch_size=rcav_batch, skip_tokens=int(opts["skip_tokens"]),
-                       progress=progress)
+                       progress=progress, classes=rcav_classes)
     row_of = {i: r for r, i in enumerate(tested)}
     joint = (_joint_removals(wrapped, tap, basis, m, class_names, batch_size, joint_concepts, joint_classes,
                              progress) if joint_concepts else [])
@@ -226,9 +231,10 @@ def write_report(
             if i in row_of:
                 r = row_of[i]
                 e.rcav = float(result.scores[r, j])
-                e.p = float(result.p_values[r, j])
-                e.p_adjusted = float(result.p_adjusted[r, j])
-                e.significant = bool(result.significant[r, j])
+                if not math.isnan(float(result.p_values[r, j])):  # the class it was tested on
+                    e.p = float(result.p_values[r, j])
+                    e.p_adjusted = float(result.p_adjusted[r, j])
+                    e.significant = bool(result.significant[r, j])
             effects.append(e)
         edges = m.histogram.edges(i).tolist()
         w, s = basis.decoding[i].cpu(), basis.encoding[i].cpu()
@@ -259,17 +265,17 @@ def write_report(
         "log(p/(1-p)) fall without the concept (the concept supports it there); red: they rise.")
     rcav_note = ""
     if result is not None:
-        tests = rcav_tests(len(tested), c)
+        tests = n_tests
         floor = min(1.0, tests / (n_perm + 1))
         which = "every concept" if len(tested) == k else f"the {len(tested)} most influential concepts"
+        per_test = (" (with two classes, one per concept: the two classes' probabilities move in opposite ways)"
+                    if c == 2 else " (one per concept: the class its removal lowers most; the other classes' "
+                                   "shares are shown untested)")
         rcav_note = (
             f"RCAV (on {which}): the share of {m.rcav_images.shape[0]} images whose class probability rises when "
             f"the concept is added (alpha = its mean latent factor where detected); p against {n_perm} random "
             f"concepts of the same size (signal vectors of random filters' top patches), Bonferroni over {tests} "
-            f"tests" + (" (with two classes, one per concept: the two "
-                                                              "classes' probabilities move in opposite ways)"
-                                                              if c == 2 else f" ({len(tested)} x {c})")
-            + f"; * = p (Bonferroni) < {level:g}. The smallest "
+            f"tests" + per_test + f"; * = p (Bonferroni) < {level:g}. The smallest "
             f"attainable Bonferroni p is {floor:.3g}" + (" (raise rcav_permutations to reach significance)."
                                                       if floor >= level else "."))
         saturated = float(((result.null_scores == 0) | (result.null_scores == 1)).float().mean())
