@@ -12,7 +12,7 @@ pytest.importorskip("PIL", reason="the report draws its pictures with Pillow")
 
 from pyconcepts.basis import ConceptBasis  # noqa: E402
 from pyconcepts.images import TensorImages  # noqa: E402
-from pyconcepts.interventions import counterfactual, intervene  # noqa: E402
+from pyconcepts.interventions import counterfactual, edit_rows, intervene  # noqa: E402
 from pyconcepts.report import write_report  # noqa: E402
 from pyconcepts.report.collect import _RunningTop, _SymmetricHistogram, receptive_field  # noqa: E402
 from pyconcepts.taps import LayerTap  # noqa: E402
@@ -326,9 +326,10 @@ def test_joint_table_removes_each_classes_strongest_supporters_together(tmp_path
     assert "removed together</h2>" in text
     card = text.split("removed together</h2>")[1].split("</table>")[0]
     body = card.split("<tbody>")[1]
+    left = r"(?:<br><span class=\"muted small\" title=\"[^\"]*\">detections left ([^,]*), new ([^<]*)</span>)?"
     rows = re.findall(r"<tr><td>(.*?)</td><td class=\"num\">(\d+)</td><td>(.*?)</td>"
-                      r"<td class=\"num\">([-+0-9.]+) &#8594; ([-+0-9.]+)</td><td class=\"num\">([^<]*)</td>"
-                      r"<td class=\"num\">([-+0-9.]+) <span class=\"muted\">\(([^<]*)\)</span></td>"
+                      r"<td class=\"num\">([-+0-9.]+) &#8594; ([-+0-9.]+)" + left + r"</td><td class=\"num\">([^<]*)</td>"
+                      r"<td class=\"num\">([-+0-9.]+) <span class=\"muted\">\(([^<]*)\)</span>" + left + "</td>"
                       r"<td class=\"num\">([-+0-9.]+) <span class=\"muted\">\(([^<]*)\)</span></td></tr>", body)
     assert rows, card
     # independently: every image is in the sample (12 <= 64); each concept's single removal
@@ -346,7 +347,19 @@ def test_joint_table_removes_each_classes_strongest_supporters_together(tmp_path
     with torch.no_grad():
         flat = tap.forward_rows(images, lambda rows: basis.mean.expand_as(rows))
 
-    for name, n, links, b, a, changed, all_after, all_changed, mean_after, mean_changed in rows:
+    with torch.no_grad():
+        layer_rows = tap.to_rows(tap.activations(images))
+
+    def detections_shown(remove, sel):
+        rows_sel = tap.to_rows(tap.activations(images[sel])) if sel is not None else layer_rows
+        edited = edit_rows(rows_sel, basis.decoding, basis.bias, basis.encoding, basis.mean, remove=remove,
+                           absent_level=basis.absent_level)
+        was, now = basis.detect(rows_sel)[:, remove], basis.detect(edited)[:, remove]
+        seen = int(was.sum())
+        return (_pct_text(int((was & now).sum()) / seen), _pct_text(int((~was & now).sum()) / seen)) if seen else None
+
+    for (name, n, links, b, a, left_shown, new_shown, changed, all_after, all_changed, all_left, all_new,
+         mean_after, mean_changed) in rows:
         c = names.index(html_lib.unescape(name))
         sel = predicted == c
         assert int(n) == int(sel.sum())
@@ -361,6 +374,9 @@ def test_joint_table_removes_each_classes_strongest_supporters_together(tmp_path
             after = model(images[sel])
         assert float(b) == pytest.approx(float(log_odds(before[sel], cls).mean()), abs=6e-3)
         assert float(a) == pytest.approx(float(log_odds(after, cls).mean()), abs=6e-3)
+        want = detections_shown(supporters, sel)
+        assert (left_shown, new_shown) == (want or ("", "")), (left_shown, new_shown, want)
+        assert (all_left, all_new) == (detections_shown([0, 1, 2], None) or ("", ""))
         share = float((after.argmax(1) != c).double().mean())
         assert changed == f"{100 * share:.0f}%" or changed.startswith(f"{100 * share:.1f}"), (changed, share)
         # what every concept carries together, and what the layer carries at all
@@ -368,6 +384,11 @@ def test_joint_table_removes_each_classes_strongest_supporters_together(tmp_path
             assert float(shown) == pytest.approx(float(log_odds(logits[sel], cls).mean()), abs=6e-3)
             moved = float((logits[sel].argmax(1) != c).double().mean())
             assert shown_changed in (f"{100 * moved:.0f}%", f"{100 * moved:.1f}%"), (shown_changed, moved)
+
+
+def _pct_text(x):
+    from pyconcepts.report.html import _pct
+    return _pct(x)
 
 
 class _Gate(nn.Module):

@@ -349,7 +349,11 @@ def write_report(
             f"carries at all. A class whose log-odds stay high with every concept removed but fall with the "
             f"layer at its mean relies on something the concepts do not capture; every concept removed can also "
             f"go further than the layer at its mean (a removal lowers each concept to its absent level, below "
-            f"the mean)."),
+            f"the mean). Detections left / new: the removed concepts' detections on those images that remain "
+            f"after the removal, and those it creates, as shares of the detections before it. Several concepts "
+            f"are removed one after another, and where a later one's signal vector raises the filter of one "
+            f"removed earlier, that one comes back in part: a large share left or new says the removal did not "
+            f"take those concepts out, and its log-odds do not measure what they carry."),
     )
     writer.write("report.css", CSS)
     for j, cv in enumerate(views):
@@ -383,25 +387,54 @@ def _joint_removals(model: nn.Module, tap: LayerTap, basis, m: Measurements, cla
 
     mean = basis.mean.detach()
 
-    def logits_of(x, remove=None, layer_mean=False):
+    def logits_of(x, remove=None, layer_mean=False, detections=None):
+        """The model's outputs on ``x``; with ``remove``, ``detections`` (a list) receives
+        the removed concepts' (patch, concept) detections before, kept and new."""
         out = []
+        kept = seen = new = 0
         with tap.eval_mode(), torch.no_grad():
             for start in range(0, x.shape[0], batch_size):
                 chunk = tap._check_images(x[start:start + batch_size])
                 if layer_mean:  # every patch row replaced by the layer's mean row
                     out.append(tap.forward_rows(chunk, lambda rows: mean.to(rows).expand_as(rows)).float().cpu())
                 elif remove:
-                    with intervene(model, basis, layer=tap.layer, remove=remove, skip_tokens=tap.skip_tokens):
-                        out.append(model(chunk).float().cpu())
+                    rows = {}
+
+                    def grab(key):
+                        def hook(module, inputs, output):
+                            rows[key] = basis.detect(tap.to_rows(output).float().cpu())[:, remove]
+                        return hook
+
+                    # hooks run in the order they were added: one before the edit, one after
+                    first = tap.module.register_forward_hook(grab("before"))
+                    try:
+                        with intervene(model, basis, layer=tap.layer, remove=remove, skip_tokens=tap.skip_tokens):
+                            last = tap.module.register_forward_hook(grab("after"))
+                            try:
+                                out.append(model(chunk).float().cpu())
+                            finally:
+                                last.remove()
+                    finally:
+                        first.remove()
+                    seen += int(rows["before"].sum())
+                    kept += int((rows["before"] & rows["after"]).sum())
+                    new += int((~rows["before"] & rows["after"]).sum())
                 else:
                     out.append(model(chunk).float().cpu())
+        if detections is not None:
+            detections.extend([seen, kept, new])
         return torch.cat(out)
+
+    def shares(counts):
+        seen, kept, new = counts
+        return (kept / seen if seen else None), (new / seen if seen else None)
 
     before = logits_of(images)
     predicted = before.argmax(1)
     # what all the concepts carry, against what the whole layer carries: every concept removed,
     # and the layer replaced by its mean (its content gone)
-    every = logits_of(images, list(range(basis.n_concepts)))
+    every_counts: List[int] = []
+    every = logits_of(images, list(range(basis.n_concepts)), detections=every_counts)
     flat = logits_of(images, layer_mean=True)
     counts = torch.bincount(predicted, minlength=before.shape[1])
     classes = [int(c) for c in torch.argsort(counts, descending=True, stable=True) if counts[c] > 0][:max_classes]
@@ -411,16 +444,22 @@ def _joint_removals(model: nn.Module, tap: LayerTap, basis, m: Measurements, cla
         supporters = [int(i) for i in torch.argsort(change, stable=True)[:size] if change[i] <= -MIN_REMOVAL_EFFECT]
         sel = predicted == c
         cls = torch.full((int(sel.sum()),), c)
-        after = logits_of(images[sel], supporters) if supporters else before[sel]
+        counts: List[int] = []
+        after = logits_of(images[sel], supporters, detections=counts) if supporters else before[sel]
+        left, created = shares(counts) if counts else (None, None)
         joint.append(JointRemoval(
             class_names[c], int(sel.sum()), supporters, float(log_odds(before[sel], cls).mean()),
             float(log_odds(after, cls).mean()), float((after.argmax(1) != c).double().mean()),
             all_after=float(log_odds(every[sel], cls).mean()),
             all_changed=float((every[sel].argmax(1) != c).double().mean()),
             mean_after=float(log_odds(flat[sel], cls).mean()),
-            mean_changed=float((flat[sel].argmax(1) != c).double().mean())))
+            mean_changed=float((flat[sel].argmax(1) != c).double().mean()),
+            left=left, created=created))
         if progress:
             progress("report: joint removals", j + 1, len(classes))
+    every_left, every_created = shares(every_counts)
+    for row in joint:  # over the whole sample: the same removal for every class
+        row.all_left, row.all_created = every_left, every_created
     return joint
 
 

@@ -102,6 +102,12 @@ class JointRemoval:
     all_changed: Optional[float] = None   # ... and the share of predictions that change
     mean_after: Optional[float] = None    # mean log-odds with the layer replaced by its mean
     mean_changed: Optional[float] = None
+    # the removed concepts' detections (patch, concept) that the removal keeps / creates, as
+    # shares of those before it (several removals can bring one back: see interventions)
+    left: Optional[float] = None
+    created: Optional[float] = None
+    all_left: Optional[float] = None      # ... with every concept removed, over the whole sample
+    all_created: Optional[float] = None
 
 
 @dataclass
@@ -155,6 +161,7 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-sp
 .sig { font-weight: 700; }
 .weak { opacity: .6; }
 .muted { color: var(--muted); }
+.small { font-size: 12px; }
 .nav { display: flex; justify-content: space-between; margin-bottom: 10px; font-size: 13px; }
 .stats { display: grid; grid-template-columns: repeat(auto-fill, minmax(160px, 1fr)); gap: 10px; margin: 10px 0 4px; }
 .stat { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: 10px 12px; }
@@ -320,19 +327,28 @@ def _joint_card(view: ReportView) -> str:
     rows = []
     coverage = any(j.all_after is not None for j in view.joint)
 
-    def outcome(after, changed):
+    def detections(left, created):
+        if left is None:
+            return ""
+        return (f"<br><span class=\"muted small\" title=\"the removed concepts' detections that remain / that the "
+                f"removal creates, as shares of those before it\">detections left {esc(_pct(left))}, new "
+                f"{esc(_pct(created))}</span>")
+
+    def outcome(after, changed, left=None, created=None):
         if after is None:
             return "<td class=\"num muted\">-</td>"
-        return f"<td class=\"num\">{after:+.2f} <span class=\"muted\">({esc(_pct(changed))})</span></td>"
+        return (f"<td class=\"num\">{after:+.2f} <span class=\"muted\">({esc(_pct(changed))})</span>"
+                f"{detections(left, created)}</td>")
 
     for j in view.joint:
         links = ", ".join(f"<a href=\"{esc(page[i])}\">{i}</a>" for i in j.concepts) or \
             "<span class=\"muted\">none supports it</span>"
         rows.append(
             f"<tr><td>{esc(j.class_name)}</td><td class=\"num\">{j.n_images}</td><td>{links}</td>"
-            f"<td class=\"num\">{j.before:+.2f} &#8594; {j.after:+.2f}</td>"
+            f"<td class=\"num\">{j.before:+.2f} &#8594; {j.after:+.2f}{detections(j.left, j.created)}</td>"
             f"<td class=\"num\">{esc(_pct(j.changed))}</td>"
-            + (outcome(j.all_after, j.all_changed) + outcome(j.mean_after, j.mean_changed) if coverage else "")
+            + (outcome(j.all_after, j.all_changed, j.all_left, j.all_created)
+               + outcome(j.mean_after, j.mean_changed) if coverage else "")
             + "</tr>")
     head = ("<tr><th>predicted class</th><th class=\"num\">images</th><th>removed together</th>"
             "<th class=\"num\">log-odds of the class</th><th class=\"num\">changed</th>"
