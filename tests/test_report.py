@@ -328,7 +328,8 @@ def test_joint_table_removes_each_classes_strongest_supporters_together(tmp_path
     body = card.split("<tbody>")[1]
     left = r"(?:<br><span class=\"muted small\" title=\"[^\"]*\">detections left ([^,]*), new ([^<]*)</span>)?"
     rows = re.findall(r"<tr><td>(.*?)</td><td class=\"num\">(\d+)</td><td>(.*?)</td>"
-                      r"<td class=\"num\">([-+0-9.]+) &#8594; ([-+0-9.]+)" + left + r"</td><td class=\"num\">([^<]*)</td>"
+                      r"<td class=\"num\">([-+0-9.]+) &#8594; ([-+0-9.]+)" + left
+                      + r"</td><td class=\"num\">([^<]*)</td>"
                       r"<td class=\"num\">([-+0-9.]+) <span class=\"muted\">\(([^<]*)\)</span>" + left + "</td>"
                       r"<td class=\"num\">([-+0-9.]+) <span class=\"muted\">\(([^<]*)\)</span></td></tr>", body)
     assert rows, card
