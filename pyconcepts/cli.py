@@ -501,7 +501,10 @@ def _preprocess(args, channels: int = 3):
         return Preprocess(resize=args.resize, crop=args.crop, mean=mean, std=std, channels=channels,
                           transform=transform)
     except (ValueError, TypeError) as exc:
-        raise UserError(_one_line(exc)) from exc
+        text = _one_line(exc)
+        # name the flag: Preprocess names its own arguments (mean, std, resize, crop)
+        flag = next((f for f in ("mean", "std", "resize", "crop", "transform") if text.startswith(f + " ")), None)
+        raise UserError(f"--{flag}: {text}" if flag else text) from exc
 
 
 def _demo_images(n: int, seed: int):

@@ -151,6 +151,10 @@ class TensorImages:
         for start in range(0, len(self), batch_size):
             yield self.images[start:start + batch_size].to(torch.float32)
 
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        """The images in batches of 64 (``batches(n)`` for another size)."""
+        return self.batches(64)
+
     def display(self, indices: Sequence[int]) -> torch.Tensor:
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         if self.pixels is None:
@@ -427,6 +431,10 @@ class FolderImages:
                         f"{tuple(item.shape)}): give them one size with Preprocess(resize=..., crop=...) "
                         "or a transform returning one size (command line: --resize, --crop)")
             yield torch.stack(items)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        """The images in batches of 64, preprocessed (``batches(n)`` for another size)."""
+        return self.batches(64)
 
     def display(self, indices: Sequence[int]) -> torch.Tensor:
         names = [self.names[int(i)] for i in indices]

@@ -299,6 +299,8 @@ def _mistakes(ws):
                          "--output 'probs'"),
         "remove out of range": (["intervene", basis, *m, *img, "--remove", "3"], "3 concepts, numbered 0 to 2"),
         "negative remove": (["intervene", basis, *m, *img, "--remove", "-1"], "--remove -1"),
+        "two mean values": (["intervene", basis, *m, *img, "--remove", "0", "--mean", "0.5,0.5"],
+                            "--mean: mean must hold 1 or 3"),
         "another layer": (["intervene", basis, *m, *img, "--remove", "0", "--layer", "features.1"],
                           "extracted at layer 'features.3', not 'features.1'"),
         "another width": (["explain", basis, *_model_args(ws, "make_wide", None), *img], "width D = 8"),

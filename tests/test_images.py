@@ -38,6 +38,10 @@ def test_folder_with_class_subfolders_reads_exact_pixels_in_sorted_order(tmp_pat
     shown = src.display([2])
     assert shown.dtype == torch.uint8 and torch.equal(shown[0], torch.from_numpy(_pixels(1)))
     assert len(BatchStream(src, 2)) == 2 and sum(b.shape[0] for b in BatchStream(src, 2)) == 3
+    # iterating a source gives its batches (of 64)
+    assert [tuple(b.shape) for b in src] == [(3, 3, 12, 10)]
+    tensors = TensorImages(torch.rand(70, 3, 4, 4))
+    assert [b.shape[0] for b in tensors] == [64, 6]
 
 
 def test_flat_folder_has_no_classes_and_subset_keeps_names(tmp_path):

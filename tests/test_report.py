@@ -614,3 +614,21 @@ def test_with_more_than_two_classes_rcav_tests_each_concept_on_one_class(report)
     assert tested_pages == 3  # the basis's 3 concepts (rcav_concepts 4)
     index = (out / "index.html").read_text(encoding="utf-8")
     assert "Bonferroni over 3 tests (one per concept" in index
+
+
+def test_class_names_are_checked_before_the_heavy_work(tmp_path):
+    model = TinyNet().eval()
+    stages = []
+    progress = lambda stage, done, total: stages.append(stage)  # noqa: E731
+    with pytest.raises(ValueError, match="class_names has 2 names but the model outputs 3 classes"):
+        write_report(tmp_path, _basis(), model, "act", _source(), class_names=["a", "b"], progress=progress, **FAST)
+    assert stages == []  # nothing was measured
+    index = write_report(tmp_path, _basis(), model, "act", _source(), class_names=["x", "y", "z"], rcav=False,
+                         **{k: v for k, v in FAST.items() if k != "rcav_permutations"})
+    assert ">x</td>" in index.read_text(encoding="utf-8")
+    wrong = _source()
+    wrong.class_names = ["only", "two"]
+    with pytest.warns(UserWarning, match="names 2 classes .* but the model outputs 3"):
+        index = write_report(tmp_path, _basis(), model, "act", wrong, rcav=False,
+                             **{k: v for k, v in FAST.items() if k != "rcav_permutations"})
+    assert ">class 0</td>" in index.read_text(encoding="utf-8")

@@ -20,6 +20,7 @@ import math
 import os
 import pathlib
 import tempfile
+import warnings as _warnings
 from collections import defaultdict
 from typing import Callable, Dict, List, Optional, Sequence, Set, Union
 
@@ -129,6 +130,7 @@ def write_report(
     seed: int = 0,
     progress: Optional[Callable[[str, int, Optional[int]], None]] = None,
     warnings: Sequence[str] = (),
+    class_names: Optional[Sequence[str]] = None,
     **options,
 ) -> pathlib.Path:
     """Write the report of ``basis`` (concepts of ``model`` at ``layer``, default the basis's
@@ -137,7 +139,9 @@ def write_report(
     ``output`` selects the class scores when the model returns a tuple/dict (an index, a key
     or a callable; see ``pyconcepts.outputs``); probabilities are read as log-probabilities. ``top``: patches per concept; ``maps``: detection maps per concept; ``rcav``:
     run the RCAV test (the slowest part). ``warnings``: sentences shown first on the index
-    (e.g. that the class names may not be the model's). ``options``: see ``OPTIONS``.
+    (e.g. that the class names may not be the model's). ``class_names``: the model's outputs in
+    order (default: ``source.class_names``, e.g. a folder's class subfolders, when they are as
+    many as the outputs; else "class j"). ``options``: see ``OPTIONS``.
     """
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
@@ -178,14 +182,11 @@ def write_report(
 
     wrapped = OutputSelected(model, output_or_recorded(output, basis))
     tap = LayerTap(wrapped, "inner." + layer, skip_tokens=int(opts["skip_tokens"]), grid=opts["grid"])
+    class_names = _class_names(wrapped, tap, source, class_names)  # before the heavy work
     m = measure(wrapped, tap, basis, source, batch_size=batch_size, top=top, maps=maps,
                 influence_images=influence_images, rcav_images=rcav_images if rcav else 0,
                 seed=seed, progress=progress)
     k, c = basis.n_concepts, m.n_classes
-    class_names = getattr(source, "class_names", None)
-    if class_names is not None and len(class_names) != c:
-        raise ValueError(f"source.class_names has {len(class_names)} names but the model outputs {c} classes")
-    class_names = list(class_names) if class_names is not None else [f"class {j}" for j in range(c)]
 
     rf = receptive_field(tap, m.probe[: int(opts["rf_images"])], m.grid, mass=float(opts["rf_mass"]))
 
@@ -372,6 +373,29 @@ def write_report(
                 pass
     writer.write(MANIFEST, json.dumps({"files": sorted(writer.written | {MANIFEST})}, indent=1))
     return root / "index.html"
+
+
+def _class_names(model: nn.Module, tap: LayerTap, source, given: Optional[Sequence[str]]) -> List[str]:
+    """The names of the model's outputs, checked on one image before any heavy work: ``given``
+    (they must be as many as the outputs), else the source's class names when they are, else
+    "class j" (with a warning when the source's names are a different number)."""
+    first = next(iter(source.batches(1)), None)
+    if first is None:
+        raise ValueError("source is empty: no images to report on")
+    with tap.eval_mode(), torch.no_grad():
+        n_outputs = int(model(tap._check_images(first[:1])).shape[-1])
+    if given is not None:
+        names = [str(n) for n in given]
+        if len(names) != n_outputs:
+            raise ValueError(f"class_names has {len(names)} names but the model outputs {n_outputs} classes")
+        return names
+    names = getattr(source, "class_names", None)
+    if names is not None and len(names) != n_outputs:
+        _warnings.warn(f"the source names {len(names)} classes (e.g. its subfolders) but the model outputs "
+                       f"{n_outputs}: the report calls them class 0 .. class {n_outputs - 1}; pass class_names= "
+                       "to name them", stacklevel=3)
+        names = None
+    return [str(n) for n in names] if names is not None else [f"class {j}" for j in range(n_outputs)]
 
 
 def _joint_removals(model: nn.Module, tap: LayerTap, basis, m: Measurements, class_names: List[str],
