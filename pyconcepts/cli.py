@@ -548,6 +548,16 @@ def _warn(message: str) -> None:
     print(f"pyconcepts: warning: {message}", file=sys.stderr)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """pyconcepts' own warnings as one line; others (the user's model, its libraries) with
+    their origin, as Python prints them."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    if os.path.abspath(str(filename)).startswith(package + os.sep):
+        _warn(str(message))
+    else:
+        print(f"{filename}:{lineno}: {category.__name__}: {message}", file=sys.stderr)
+
+
 # ---------------------------------------------------------------------- other checks
 def _check_out_file(path: str) -> None:
     """--out of extract: a file in an existing, writable folder (checked before any work)."""
@@ -1353,7 +1363,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         with warnings.catch_warnings():
             # the library's warnings (UserWarning) as the command's own one-line warnings
-            warnings.showwarning = lambda message, category, *rest: _warn(str(message))
+            warnings.showwarning = _show_warning
             code = int(args.run(args) or 0)
         sys.stdout.flush()
         return code

@@ -66,6 +66,18 @@ MODEL_SRC = textwrap.dedent('''
 
     def broken():
         raise RuntimeError("the factory failed on purpose")
+
+
+    class Noisy(Net):
+        def forward(self, x):
+            import warnings
+            warnings.warn("a warning of the user's model")
+            return super().forward(x)
+
+
+    def make_noisy():
+        torch.manual_seed(0)
+        return Noisy()
 ''')
 
 FAST = json.dumps({"n_init": 1, "max_iter": 20, "refine_steps": 3, "joint_steps": 1, "ura_images": 4,
@@ -730,3 +742,11 @@ def test_extract_needs_output_only_where_the_class_scores_are_read(ws, capsys, t
     # a given --output is checked even when nothing reads it
     line = _one_line_error(*_run(capsys, *common, "--out", tmp_path / "c.safetensors", "--output", "probs")[::2])
     assert "--output 'probs'" in line
+
+
+def test_warnings_of_the_users_model_keep_their_origin(ws, capsys):
+    rc, _, err = _run(capsys, "explain", ws / "basis.safetensors", *_model_args(ws, "make_noisy"), "--images",
+                      ws / "photos", "--limit", 2, "--allow-mismatch")
+    assert rc == 0, err
+    assert "model.py:" in err and "UserWarning: a warning of the user's model" in err, err
+    assert "pyconcepts: warning: a warning of the user's model" not in err
