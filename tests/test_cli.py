@@ -289,7 +289,7 @@ def _mistakes(ws):
         "empty folder": ([*ext, *m, "--images", ws / "empty", *out], "no image files"),
         "missing weights": ([*ext, *_model_args(ws, weights="nope.safetensors"), *img, *out], "no such file"),
         "missing factory": ([*ext, *_model_args(ws, "nope"), *img, *out],
-                            "has no 'nope' (it defines: Net, Probabilities, TwoOutputs, broken, make,"),
+                            "has no 'nope' (it defines: Net, Noisy, Probabilities, TwoOutputs, broken, make,"),
         "factory raises": ([*ext, *_model_args(ws, "broken", None), *img, *out], "the factory failed on purpose"),
         "missing model file": ([*ext, "--model", ws / "nope.py:make", *img, *out], "no such file"),
         "missing module": ([*ext, "--model", "no_such_module_xyz:make", *img, *out], "no module named"),
