@@ -1021,7 +1021,6 @@ def _cmd_explain(args) -> int:
     probe = _Probe(model, layer, source, output, skip)
     _check_basis_fits(basis, model, probe, layer, args.allow_mismatch)
     class_name = _class_namer(args, source, probe.n_outputs)
-    head = model.fc if args.model is None else None  # the demo: exact contributions through its linear head
     top = min(args.top, basis.n_concepts)
     # measured removals cost one forward pass per concept and image: the default where that is
     # cheap (the first-order estimate ranked the RNet's concepts differently in half its images)
@@ -1029,12 +1028,11 @@ def _cmd_explain(args) -> int:
     how = ("measured (one forward pass per concept" + ("; --first-order estimates it)" if not args.exact else ")")
            if exact else "to first order (--exact measures it, one forward pass per concept)")
     print(f"{_count(len(source), 'image')}; concepts of {args.basis} at {layer}; per concept, how much removing "
-          f"it (pyconcepts intervene --remove) lowers the predicted class's logit (log-probability for a model "
-          f"that outputs probabilities), {how}")
+          f"it (pyconcepts intervene --remove) lowers the predicted class's log-odds log(p/(1-p)), {how}")
     # the lines on stdout show the progress on a terminal; redirected, a bar on stderr does
     bar = ProgressBar(enabled=not args.quiet and not _is_terminal(sys.stdout))
     try:
-        all_preds = _explain_batches(args, model, basis, layer, source, output, skip, head, top, class_name, bar,
+        all_preds = _explain_batches(args, model, basis, layer, source, output, skip, top, class_name, bar,
                                      exact)
     finally:
         bar.close()
@@ -1051,27 +1049,31 @@ def _is_terminal(stream) -> bool:
 _EXACT_BUDGET = 512
 
 
-def _measured_removals(model, basis, batch, preds, layer, skip, output) -> torch.Tensor:
-    """(B, K) drop of each image's predicted-class logit when each concept is removed, measured
-    by ``pc.rank_concepts`` (the removal ``intervene`` makes, one forward pass per concept)."""
+def _measured_removals(model, basis, batch, layer, skip, output) -> torch.Tensor:
+    """(B, K) drop of each image's predicted-class log-odds when each concept is removed,
+    measured by ``pc.rank_concepts(target="predicted")`` (the removal ``intervene`` makes, one
+    forward pass per concept)."""
     from .interventions import rank_concepts
-    from .outputs import read_scores
 
-    cls = preds.long()
-
-    def target(scores):
-        # probabilities are read as log-probabilities, as the first-order estimate reads them
-        logits = read_scores(scores, None, "auto")
-        return logits.gather(1, cls[:, None].to(logits.device))[:, 0]
-
-    ranking = call_with_output(rank_concepts, model, basis, batch, target=target, layer=layer, skip_tokens=skip,
-                               model=model, output=output)
+    ranking = call_with_output(rank_concepts, model, basis, batch, target="predicted", layer=layer,
+                               skip_tokens=skip, model=model, output=output)
     totals = torch.empty(batch.shape[0], basis.n_concepts)
     totals[:, torch.tensor(ranking.concepts)] = ranking.image_effects.T.float()
     return totals
 
 
-def _explain_batches(args, model, basis, layer, source, output, skip, head, top, class_name, bar, exact):
+def _log_odds_of(output):
+    """An output selector giving every class's log-odds log(p / (1 - p)) from the class scores
+    that ``output`` selects (probabilities read as log-probabilities)."""
+    from .interventions import every_log_odds
+    from .outputs import read_scores
+
+    def select(out):
+        return every_log_odds(read_scores(select_output(out, output), None, "auto"))
+    return select
+
+
+def _explain_batches(args, model, basis, layer, source, output, skip, top, class_name, bar, exact):
     from .attribution import contribution_maps
     from .outputs import read_scores
 
@@ -1085,10 +1087,10 @@ def _explain_batches(args, model, basis, layer, source, output, skip, head, top,
         preds = logits.argmax(-1)
         all_preds.append(preds)
         if exact:
-            totals = _measured_removals(model, basis, batch, preds, layer, skip, output)
-        else:
-            maps = call_with_output(contribution_maps, model, basis, batch, preds, layer=layer, head=head,
-                                    skip_tokens=skip, model=model, output=output)
+            totals = _measured_removals(model, basis, batch, layer, skip, output)
+        else:  # the same drop to first order: the removal's change of the layer . d log-odds / dx
+            maps = call_with_output(contribution_maps, model, basis, batch, preds, layer=layer,
+                                    skip_tokens=skip, model=model, output=_log_odds_of(output))
             totals = maps.sum((2, 3))
         for b in range(batch.shape[0]):
             order = totals[b].argsort(descending=True)[:top]
@@ -1161,7 +1163,8 @@ def _cmd_intervene(args) -> int:
     rows = torch.arange(cf.logits_before.shape[0])
     before, after = cf.pred_before, cf.pred_after
     dp = cf.probs_after[rows, before] - cf.probs_before[rows, before]
-    dlogit = cf.logits_after[rows, before] - cf.logits_before[rows, before]
+    from .interventions import log_odds
+    dlogit = log_odds(cf.logits_after, before) - log_odds(cf.logits_before, before)
     changed = int(cf.changed.sum())
     edits = []
     if remove:
@@ -1170,13 +1173,13 @@ def _cmd_intervene(args) -> int:
         edits.append("amplified " + ", ".join(f"concept {i} x{c:g}" for i, c in amplify.items()))
     print(f"{' and '.join(edits)} at {layer} (along the {args.direction}, membership {args.membership}) "
           f"on {_count(len(source), 'image')}: {_count(changed, 'prediction')} changed; predicted class's probability "
-          f"{float(dp.mean()):+.3f} on average (logit {float(dlogit.mean()):+.3f})")
+          f"{float(dp.mean()):+.3f} on average (log-odds {float(dlogit.mean()):+.3f})")
     for j in range(len(source)):
         mark = "  CHANGED" if bool(cf.changed[j]) else ""
         b, a = int(before[j]), int(after[j])
         print(f"{source.names[j]}: {class_name(b)} (p {float(cf.probs_before[j, b]):.3f}) -> "
               f"{class_name(a)} (p {float(cf.probs_after[j, a]):.3f}); p({class_name(b)}) {float(dp[j]):+.3f}, "
-              f"logit {float(dlogit[j]):+.3f}{mark}")
+              f"log-odds {float(dlogit[j]):+.3f}{mark}")
     _check_folder_classes(args, source, before, probe.n_outputs)
     return 0
 

@@ -193,7 +193,7 @@ def test_explain_exact_gives_the_logit_drop_that_intervene_measures(ws, capsys):
                            ws / "photos", "--limit", 2, "--remove", concept)
         assert rc == 0, err
         row = [r for r in cf.splitlines()[1:] if r.startswith(name + ": ")][0]
-        change = float(row.rsplit("logit ", 1)[1].split()[0])     # intervene: logit after - before
+        change = float(row.rsplit("log-odds ", 1)[1].split()[0])     # intervene: log-odds after - before
         assert float(value) == pytest.approx(-change, abs=2e-3), (line, row)
 
 
@@ -203,9 +203,9 @@ def test_intervene_reports_probability_and_logit_changes(ws, capsys):
     assert rc == 0, err
     lines = out.splitlines()
     assert len(lines) == 13 and "strength 0" in lines[0] and "0 predictions changed" in lines[0]
-    assert all("logit +0.000" in line or "logit -0.000" in line for line in lines[1:])
+    assert all("log-odds +0.000" in line or "log-odds -0.000" in line for line in lines[1:])
     rc, out, _ = _run(capsys, *common, "--strength", 4)
-    deltas = [float(line.rsplit("logit ", 1)[1].split()[0]) for line in out.splitlines()[1:]]
+    deltas = [float(line.rsplit("log-odds ", 1)[1].split()[0]) for line in out.splitlines()[1:]]
     assert rc == 0 and max(abs(d) for d in deltas) > 0 and "membership all" in out.splitlines()[0]
     assert out.splitlines()[1].startswith(os.path.join("cat", "0.jpg") + ": ")
     rc, hard, _ = _run(capsys, *common, "--strength", 4, "--membership", "hard")
@@ -224,8 +224,9 @@ def test_intervene_reports_probability_and_logit_changes(ws, capsys):
     images = torch.cat(list(FolderImages(ws / "photos").batches(64)))
     cf = pc.counterfactual(model.eval(), basis, images, [1], amplify={0: 3.0, 2: 0.5})
     rows = torch.arange(len(images))
-    want = cf.logits_after[rows, cf.pred_before] - cf.logits_before[rows, cf.pred_before]
-    got = [float(line.rsplit("logit ", 1)[1].split()[0]) for line in amp.splitlines()[1:]]
+    from pyconcepts.interventions import log_odds
+    want = log_odds(cf.logits_after, cf.pred_before) - log_odds(cf.logits_before, cf.pred_before)
+    got = [float(line.rsplit("log-odds ", 1)[1].split()[0]) for line in amp.splitlines()[1:]]
     assert torch.allclose(torch.tensor(got), want.float(), atol=2e-3), (got, want)
     for bad, msg in ((["--amplify", "0"], "CONCEPT=FACTOR"), (["--amplify", "0=-1"], ">= 0"),
                      (["--amplify", "7=2"], "--amplify 7"), (["--remove", 0, "--amplify", "0=2"], "both removed"),
@@ -534,10 +535,9 @@ def test_explain_reads_probabilities_as_the_model_gives_them(ws, capsys):
     probs_net.load_state_dict(weights)
     basis = ConceptBasis.load(ws / "basis.safetensors")
     batch = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    preds = logits_net(batch).argmax(-1)
-    got = _measured_removals(probs_net.eval(), basis, batch, preds, basis.layer, 0, None)
-    ranking = pc.rank_concepts(logits_net.eval(), basis, batch, layer=basis.layer, greedy=0, target=lambda l: (
-        l.log_softmax(-1).gather(1, preds[:, None])[:, 0]))
+    got = _measured_removals(probs_net.eval(), basis, batch, basis.layer, 0, None)
+    # the predicted class's log-odds, as the report measures them, on the network's logits
+    ranking = pc.rank_concepts(logits_net.eval(), basis, batch, layer=basis.layer, target="predicted")
     expected = torch.empty_like(got)
     expected[:, torch.tensor(ranking.concepts)] = ranking.image_effects.T.float()
     assert torch.allclose(got, expected, atol=1e-4)
