@@ -516,9 +516,57 @@ def _demo_images(n: int, seed: int):
                         class_names=list(CLASSES))
 
 
-def _open_source(args, model, default_count: int):
+_PREPROCESS_FLAGS = ("resize", "crop", "mean", "std", "transform")
+
+
+def _preprocess_record(args) -> dict:
+    """The preprocessing flags as a basis records them (JSON: sizes as lists)."""
+    return {f: (list(v) if isinstance(v, tuple) else v) for f in _PREPROCESS_FLAGS
+            for v in [getattr(args, f, None)]}
+
+
+def _flag_text(record: dict) -> str:
+    parts = []
+    for f in _PREPROCESS_FLAGS:
+        v = record.get(f)
+        if v is None:
+            continue
+        if isinstance(v, list):
+            v = "x".join(str(x) for x in v) if f in ("resize", "crop") else ",".join(f"{x:g}" for x in v)
+        parts.append(f"--{f} {v}")
+    return " ".join(parts) or "none"
+
+
+def _preprocess_as_extracted(args, basis) -> None:
+    """Without any preprocessing flag, use what the basis was extracted with (and say so);
+    with flags that differ from it, warn: the concepts were found on images prepared that way."""
+    recorded = (basis.metadata or {}).get("preprocess") if basis is not None else None
+    if recorded is None or args.images is None:
+        return
+    given = _preprocess_record(args)
+    if all(v is None for v in given.values()):
+        if any(v is not None for v in recorded.values()):
+            for f in _PREPROCESS_FLAGS:
+                v = recorded.get(f)
+                setattr(args, f, tuple(v) if isinstance(v, list) and f in ("resize", "crop") else v)
+            _warn(f"no preprocessing given: using the basis's, {_flag_text(recorded)}")
+    elif given != {f: recorded.get(f) for f in _PREPROCESS_FLAGS}:
+        _warn(f"the basis was extracted from images prepared with {_flag_text(recorded)}, these with "
+              f"{_flag_text(given)}: its concepts may not read them alike")
+
+
+def _check_input_shape(probe, basis) -> None:
+    recorded = (basis.metadata or {}).get("input_shape") if basis is not None else None
+    if recorded is not None and list(probe.input_shape) != list(recorded):
+        _warn(f"the images reach the model as {'x'.join(map(str, probe.input_shape))}, the basis was extracted "
+              f"from {'x'.join(map(str, recorded))}: a layer's patches then cover another part of the picture "
+              "(give --resize / --crop as at extraction)")
+
+
+def _open_source(args, model, default_count: int, basis=None):
     """The image source of ``--images`` (``--limit`` images spread evenly over it) or generated
-    demo images."""
+    demo images. With a ``basis``, the preprocessing defaults to the one it records."""
+    _preprocess_as_extracted(args, basis)
     if args.images is None:
         if args.model is not None:
             raise UserError("--images is required with --model (the generated demo images only fit the demo network)")
@@ -879,7 +927,7 @@ def _cmd_extract(args) -> int:
     basis.metadata.update({"n_images": total, "images": os.path.abspath(args.images) if args.images else "demo",
                            "weights": os.path.abspath(args.weights) if args.weights else None,
                            "output": output if not callable(output) else None,
-                           "input_shape": list(probe.input_shape)})
+                           "input_shape": list(probe.input_shape), "preprocess": _preprocess_record(args)})
     if args.stability:
         from .stability import LOW_HALVES_JACCARD, VANISHED_JACCARD, concept_stability
 
@@ -972,9 +1020,10 @@ def _cmd_report(args) -> int:
             raise UserError("this pyconcepts has no HTML report (the pyconcepts.report package is missing)") from exc
         raise
     model, layer = _model_setup(args, basis.layer)
-    source = _open_source(args, model, default_count=200)
+    source = _open_source(args, model, default_count=200, basis=basis)
     output = _output_of(args, basis)
     probe = _Probe(model, layer, source, output, _skip_tokens(args, basis))
+    _check_input_shape(probe, basis)
     _check_basis_fits(basis, model, probe, layer, args.allow_mismatch)
     names = _output_class_names(args, source, probe.n_outputs)
     if names and names == source.class_names and hasattr(source, "select"):
@@ -1015,10 +1064,11 @@ def _cmd_explain(args) -> int:
     basis = _load_basis(args.basis)
     _check_model_given(args, basis)
     model, layer = _model_setup(args, basis.layer)
-    source = _open_source(args, model, default_count=16)
+    source = _open_source(args, model, default_count=16, basis=basis)
     output = _output_of(args, basis)
     skip = _skip_tokens(args, basis)
     probe = _Probe(model, layer, source, output, skip)
+    _check_input_shape(probe, basis)
     _check_basis_fits(basis, model, probe, layer, args.allow_mismatch)
     class_name = _class_namer(args, source, probe.n_outputs)
     top = min(args.top, basis.n_concepts)
@@ -1145,10 +1195,11 @@ def _cmd_intervene(args) -> int:
         raise UserError(f"the basis was extracted at layer {basis.layer!r}, not {args.layer!r} "
                         "(--allow-mismatch applies it anyway)")
     model, layer = _model_setup(args, basis.layer)
-    source = _open_source(args, model, default_count=16)
+    source = _open_source(args, model, default_count=16, basis=basis)
     output = _output_of(args, basis)
     skip = _skip_tokens(args, basis)
     probe = _Probe(model, layer, source, output, skip)
+    _check_input_shape(probe, basis)
     _check_basis_fits(basis, model, probe, args.layer or basis.layer or layer, args.allow_mismatch)
     class_name = _class_namer(args, source, probe.n_outputs)
     bar = ProgressBar(enabled=not args.quiet)

@@ -750,3 +750,22 @@ def test_warnings_of_the_users_model_keep_their_origin(ws, capsys):
     assert rc == 0, err
     assert "model.py:" in err and "UserWarning: a warning of the user's model" in err, err
     assert "pyconcepts: warning: a warning of the user's model" not in err
+
+
+def test_the_preprocessing_of_extraction_is_recorded_and_reused(ws, capsys, tmp_path):
+    out = tmp_path / "b.safetensors"
+    rc, _, err = _run(capsys, "extract", *_model_args(ws), "--images", ws / "photos", "--layer", "features.3",
+                      "-k", 2, "--resize", 12, "--mean", "0.5", "--out", out, "--options", FAST, "--quiet")
+    assert rc == 0, err
+    meta = ConceptBasis.load(out).metadata
+    assert meta["preprocess"]["resize"] == 12 and meta["preprocess"]["mean"] == [0.5]
+    assert meta["input_shape"][1:] == [12, 12]
+    args = ["explain", out, *_model_args(ws), "--images", ws / "photos", "--limit", 2]
+    rc, same, err = _run(capsys, *args)
+    assert rc == 0 and "no preprocessing given: using the basis's, --resize 12 --mean 0.5" in err, err
+    rc, explicit, err = _run(capsys, *args, "--resize", 12, "--mean", "0.5")
+    assert rc == 0 and "warning" not in err and explicit.splitlines()[1:] == same.splitlines()[1:]
+    rc, _, err = _run(capsys, *args, "--resize", 16)
+    assert rc == 0
+    assert "extracted from images prepared with --resize 12 --mean 0.5, these with --resize 16" in err, err
+    assert "reach the model as 3x16x16, the basis was extracted from 3x12x12" in err, err
