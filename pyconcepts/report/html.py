@@ -497,9 +497,11 @@ def concept_page(view: ReportView, c: ConceptView, crop_note: str, map_note: str
     if down:
         summary.append("pushes down " + " ".join(_class_tag(e, "down") for e in down))
 
-    # class table: every class when few, else the six most raised and lowered
-    effects = c.effects
-    tested = bool(effects) and effects[0].rcav is not None
+    # class table: every class when few; else those predicted on some sampled image (or tested
+    # by RCAV), and of those the six most raised and lowered when still many
+    effects = c.effects if len(c.effects) <= 12 else [e for e in c.effects if e.images > 0 or e.p is not None]
+    unseen = len(c.effects) - len(effects)
+    tested = bool(c.effects) and c.effects[0].rcav is not None
     if len(effects) > 12:
         key = (lambda e: e.rcav) if tested else (lambda e: -e.removal)
         ranked = sorted(effects, key=key, reverse=True)
@@ -526,6 +528,9 @@ def concept_page(view: ReportView, c: ConceptView, crop_note: str, map_note: str
                         f"<td class=\"num\" title=\"{title}\">{_p(e.p_adjusted)}</td>")
         rows.append(f"<tr>{row}</tr>")
     class_table = f"<table class=\"effects\"><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    if unseen:
+        class_table += (f"<p class=\"caption\">{unseen} class{'es' if unseen > 1 else ''} that no sampled image is "
+                        "predicted as (and RCAV did not test) are left out.</p>")
     rcav_caption = ""
     if view.has_rcav:
         rcav_caption = (f"<p class=\"caption\">{esc(view.rcav_note)}</p>" if tested else
