@@ -632,3 +632,19 @@ def test_class_names_are_checked_before_the_heavy_work(tmp_path):
         index = write_report(tmp_path, _basis(), model, "act", wrong, rcav=False,
                              **{k: v for k, v in FAST.items() if k != "rcav_permutations"})
     assert ">class 0</td>" in index.read_text(encoding="utf-8")
+
+
+def test_with_many_classes_the_class_table_leaves_out_classes_never_predicted(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet(n_classes=14).eval()
+    src = _source(masks=False)
+    names = [f"c{j}" for j in range(14)]
+    write_report(tmp_path, _basis(), model, "act", src, class_names=names, rcav=False,
+                 **{k: v for k, v in FAST.items() if not k.startswith("rcav")})
+    with torch.no_grad():
+        predicted = set(model(src.images).argmax(1).tolist())
+    page = (tmp_path / "concepts" / "concept-000.html").read_text(encoding="utf-8")
+    table = page.split("<table class=\"effects\">")[1].split("</table>")[0]
+    shown = re.findall(r"<tr><td>(c\d+)</td>", table)
+    assert sorted(shown) == sorted(f"c{j}" for j in predicted)
+    assert f"{14 - len(predicted)} classes that no sampled image is predicted as" in page
