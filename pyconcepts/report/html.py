@@ -154,7 +154,9 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-sp
 .bar { position: relative; height: 10px; width: 120px; background: #eef1f4; border-radius: 5px; overflow: hidden;
   display: inline-block; vertical-align: middle; margin-right: 8px; }
 .bar > span { position: absolute; left: 0; top: 0; bottom: 0; background: var(--accent); border-radius: 5px; }
-.thumbs { display: flex; gap: 3px; }
+.thumbs { display: flex; flex-wrap: wrap; gap: 3px; min-width: 127px; }
+td.push { max-width: 190px; overflow-wrap: anywhere; }
+td.push .cls { white-space: normal; display: block; }
 .thumbs img { width: 40px; height: 40px; border-radius: 3px; image-rendering: pixelated; display: block; }
 .cls { white-space: nowrap; }
 .up { color: var(--up); } .down { color: var(--down); }
@@ -254,8 +256,10 @@ def index_page(view: ReportView) -> str:
             f"<td class=\"num\" title=\"{esc(_pct(c.image_share))} of the images\">{esc(_pct(c.patch_share))}</td>",
             *([_agreement_cell(c.agreement)] if agree else []),
             *([_halves_cell(c)] if halves else []),
-            "<td>" + (" ".join(_class_tag(e, "up") for e in up) or "<span class=\"muted\">-</span>") + "</td>",
-            "<td>" + (" ".join(_class_tag(e, "down") for e in down) or "<span class=\"muted\">-</span>") + "</td>",
+            "<td class=\"push\">" + (" ".join(_class_tag(e, "up") for e in up) or "<span class=\"muted\">-</span>")
+            + "</td>",
+            "<td class=\"push\">" + (" ".join(_class_tag(e, "down") for e in down)
+                                     or "<span class=\"muted\">-</span>") + "</td>",
         ]
         if view.has_masks:
             if c.mask_iou:
