@@ -506,19 +506,22 @@ def html_escape(text):
 def test_detection_maps_show_images_the_concept_covers_in_part(tmp_path):
     images = torch.full((4, 3, 8, 8), 0.2)
     images[:, 1] = torch.tensor([0.2, 0.8, 0.2, 0.8])[:, None, None]
-    images[0, 0] = 1.0                      # fires everywhere
-    images[1, 0, :, :3] = 1.0               # fires on 3 of 8 columns
-    images[2, 0, :2, :2] = 1.0              # fires on a corner
+    images[0, 0] = 1.0                      # fires everywhere, as strongly as anywhere
+    images[1, 0, :, :3] = 0.9               # fires on 3 of 8 columns, less strongly
+    images[2, 0, :2, :2] = 1.0              # fires on a corner, most strongly
     images[3, 0] = 0.599                    # just below the threshold everywhere: membership ~0.5
     rows = images[:, :2].permute(0, 2, 3, 1).reshape(-1, 2)
     basis = ConceptBasis(torch.eye(2) * 20, torch.tensor([12.0, 10.0]), torch.eye(2) / 20, rows.mean(0),
                          layer="act")
     source = TensorImages(images, names=["full.png", "part.png", "corner.png", "flat.png"],
                           class_names=["left", "right"])
-    write_report(tmp_path, basis, _Gate().eval(), "act", source, **{**FAST, "maps": 1, "rcav": False})
+    write_report(tmp_path, basis, _Gate().eval(), "act", source, **{**FAST, "maps": 3, "rcav": False})
     page = (tmp_path / "concepts" / "concept-000.html").read_text(encoding="utf-8")
-    maps = page.split("c000-map-00.png")[1][:400]
-    assert "part.png: fires on 37.5% of the patches" in maps, maps
+    # the strongest images it covers in part, strongest first; not the one it fills, nor the
+    # one it misses
+    assert "corner.png: fires on 6.2% of the patches" in page.split("c000-map-00.png")[1][:400]
+    assert "part.png: fires on 37.5% of the patches" in page.split("c000-map-01.png")[1][:400]
+    assert "c000-map-02.png" not in page
 
 
 def test_rcav_runs_on_a_random_part_of_the_sample():

@@ -288,10 +288,11 @@ def write_report(
     crop_note = (f"One patch per image: the {top} images whose best patch scores highest, that patch outlined "
                  f"(its cell of the {m.grid[0]} x {m.grid[1]} grid). {rf.describe()[0].upper()}{rf.describe()[1:]}. "
                  "Captions: image name and detector score.")
-    map_note = ("The images where the detector fires on closest to half of the patches (largest f (1 - f), f "
-                "the share it fires on), so that where it fires and where it does not both show: "
-                "bright where it fires, dark where it does not; the yellow line is w.x = b (scores upsampled "
-                "bilinearly to the image). Captions: image name and the share of its patches where it fires.")
+    map_note = ("The images whose best patch scores highest (as the top patches) among those the detector fires "
+                "on in part (on some patches, under 90% of them), so that where it fires and where it does not "
+                "both show: bright where it fires, dark where it does not; the yellow line is w.x = b (scores "
+                "upsampled bilinearly to the image). Captions: image name and the share of its patches where it "
+                "fires.")
     counterfactual_note = (
         f"The images of {sample_words} whose predicted class's log-odds removing this concept changes most (at "
         f"least {MIN_REMOVAL_EFFECT:g}), measured as the influence is: lit where the removal edits the layer (the "

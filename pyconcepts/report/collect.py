@@ -235,7 +235,7 @@ class Measurements:
     images_fired: torch.Tensor            # (K,) images with at least one such patch
     histogram: _SymmetricHistogram
     top_patches: _RunningTop              # values: best score in the image; payload pos, latent
-    top_maps: _RunningTop                 # values: f (1 - f), f the share fired (+ ties); payload map
+    top_maps: _RunningTop                 # values: best score of images covered in part; payload map
     influence_sample: List[int]           # image indices the removal effects were measured on
     # from rank_concepts(target='predicted') on that sample, indexed by concept:
     class_odds_change: torch.Tensor       # (K, C) mean change of class c's log-odds on removal, over
@@ -262,6 +262,10 @@ class Measurements:
     @property
     def n_patches(self) -> int:
         return self.n_images * self.grid[0] * self.grid[1]
+
+
+# detection maps are drawn for images the concept fires on in part: on fewer than this share
+_MAP_MAX_SHARE = 0.9
 
 
 def _sample(n: int, size: int, seed: int) -> List[int]:
@@ -344,11 +348,11 @@ def measure(
         hist.update(scores)
         best, pos = per_image.max(1)                                 # (B, K)
         top_patches.update(best, index, pos=pos, latent=latent.reshape(b, p, k).gather(1, pos[:, None, :])[:, 0])
-        # the maps shown: where the concept fires on about half of the image (f (1 - f) peaks at
-        # f = 1/2): its outline shows, which neither an image it fills nor one it misses shows;
-        # the mean membership breaks ties (images it fires nowhere on come last)
+        # the maps shown: the images the concept is strongest in (their best patch scores
+        # highest, as the top patches), among those it covers in part (fires on some patches,
+        # under 90% of them), so that where it is and where it is not both show
         share = fired.float().mean(1)                                 # (B, K)
-        cover = share * (1 - share) + 1e-3 * torch.sigmoid(per_image).mean(1)
+        cover = torch.where((share > 0) & (share < _MAP_MAX_SHARE), best, torch.full_like(best, -math.inf))
         score_maps = tap.rows_to_maps(scores, b)                     # (B, K, h, w)
         top_maps.update(cover, index, map=score_maps.to(torch.float16))
         if masks_fn is not None:
