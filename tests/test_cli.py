@@ -645,7 +645,7 @@ def test_extract_flags_a_token_layer_with_a_class_token_and_too_many_concepts(ws
     common = ["extract", "--model", f"{tmp_path / 'tok.py'}:make", "--images", ws / "photos", "--layer", "block",
               "--options", FAST, "--quiet"]
     rc, _, err = _run(capsys, *common, "-k", 2, "--out", tmp_path / "a.safetensors")
-    assert rc == 0 and "17 tokens per image, not a square grid" in err and "--skip-tokens" in err
+    assert rc == 0 and "17 tokens of" in err and "not a square grid" in err and "--skip-tokens" in err
     rc, _, err = _run(capsys, *common, "-k", 2, "--skip-tokens", 1, "--out", tmp_path / "b.safetensors")
     assert rc == 0 and "square grid" not in err
     rc, _, err = _run(capsys, *common, "-k", 500, "--skip-tokens", 1, "--out", tmp_path / "c.safetensors")
