@@ -304,7 +304,9 @@ def write_report(
         f"margin of the prediction; unlike a probability it still moves when the model is confident), when the "
         f"concept is removed at {layer} from {sample_words} (as pc.rank_concepts(target='predicted') "
         f"measures it). Flips: predictions that change.",
-        "Fires on: the share of the layer's patches where the detector fires (w.x > b on the raw activation).",
+        "Fires on: the share of the layer's patches where the detector fires (w.x > b on the raw activation); "
+        "edits: the share its removal edits (its latent factor above its level where it is not detected), so "
+        "much of its influence can come from patches where it is not detected.",
         *(["Agree: how well the concept's cluster overlaps its partners in the other k-means restarts "
            "of the extraction that came near the best one (matched Jaccard); below 0.5 (marked !) the clustering "
            "could as well have drawn the concept elsewhere, and another seed may not give it back. It is a weak "

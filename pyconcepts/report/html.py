@@ -253,7 +253,10 @@ def index_page(view: ReportView) -> str:
             f"<td class=\"num\"><span class=\"bar\"><span style=\"width:{100 * c.influence / top:.1f}%\"></span></span>"
             f"{c.influence:.3f}</td>",
             f"<td class=\"num\">{esc(_pct(c.flips))}</td>",
-            f"<td class=\"num\" title=\"{esc(_pct(c.image_share))} of the images\">{esc(_pct(c.patch_share))}</td>",
+            f"<td class=\"num\" title=\"{esc(_pct(c.image_share))} of the images\">{esc(_pct(c.patch_share))}"
+            + (f"<br><span class=\"muted small\" title=\"patches its removal edits (its latent factor above its "
+               f"level where it is not detected)\">edits {esc(_pct(c.edited_share))}</span>"
+               if c.edited_share is not None else "") + "</td>",
             *([_agreement_cell(c.agreement)] if agree else []),
             *([_halves_cell(c)] if halves else []),
             "<td class=\"push\">" + (" ".join(_class_tag(e, "up") for e in up) or "<span class=\"muted\">-</span>")
