@@ -143,6 +143,14 @@ def test_index_has_one_row_per_concept_ranked_by_measured_influence(report):
         assert value == pytest.approx(float(change), abs=6e-4, rel=1e-3)
     for c in concepts:
         assert (out / "concepts" / f"concept-{c:03d}.html").is_file()
+    # under "fires on", the share of patches the removal edits (as on the concept page)
+    tap = LayerTap(model, "act")
+    with torch.no_grad():
+        layer_rows = tap.to_rows(tap.activations(images))
+    edited = (_basis().latent(layer_rows) > 0).double().mean(0)            # no absent level: 0
+    for concept, row in zip(concepts, re.findall(r"<tr>(.*?)</tr>", body, flags=re.S)):
+        shown_edits = re.search(r">edits ([0-9.<%]+)</span>", row).group(1)
+        assert shown_edits == f"{100 * float(edited[concept]):.1f}%", (concept, shown_edits)
 
 
 def test_text_is_escaped_and_masks_column_only_with_masks(report, tmp_path):
