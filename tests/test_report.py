@@ -433,7 +433,7 @@ def test_class_effects_are_measured_on_the_images_predicted_as_each_class(tmp_pa
     up = cells[5]
     # on each class's own images removing it lowers that class: it pushes both up (averaged
     # over all images, the two changes cancel and neither class would show)
-    assert "&#8593; left" in up and "&#8593; right" in up, up
+    assert "&#8593;&#160;left" in up and "&#8593;&#160;right" in up, up
     card = text.split("removed together</h2>")[1].split("</table>")[0]
     for name in ("left", "right"):
         line = re.search(rf"<tr><td>{name}</td>.*?</tr>", card, flags=re.S).group(0)

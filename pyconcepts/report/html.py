@@ -221,11 +221,11 @@ def _class_tag(e: ClassEffect, kind: str) -> str:
     arrow = "&#8593;" if kind == "up" else "&#8595;"
     if e.rcav_supported:
         return (f"<span class=\"cls {kind} sig\" title=\"significant (RCAV, Bonferroni)\">"
-                f"{arrow} {esc(e.name)}*</span>")
+                f"{arrow}&#160;{esc(e.name)}*</span>")
     why = ("from the removal effect" if e.rcav is None else
            "from the removal effect (RCAV: significant the other way; the measured removal is shown)"
            if e.significant else "from the removal effect (RCAV: not significant)")
-    return f"<span class=\"cls {kind} weak\" title=\"{why}\">{arrow} {esc(e.name)}</span>"
+    return f"<span class=\"cls {kind} weak\" title=\"{why}\">{arrow}&#160;{esc(e.name)}</span>"
 
 
 def _facts(facts: Sequence[Tuple[str, str]]) -> str:
