@@ -356,8 +356,8 @@ def write_report(
             f"the mean). Detections left / new: the removed concepts' detections on those images that remain "
             f"after the removal, and those it creates, as shares of the detections before it. Several concepts "
             f"are removed one after another, and where a later one's signal vector raises the filter of one "
-            f"removed earlier, that one comes back in part; patches emptied of their concepts can also read as "
-            f"another removed one (a background concept). A large share left or new says the removal did not "
+            f"removed earlier, that one comes back in part (on a post-ReLU layer the ReLU after the edit moves them "
+            f"too). A large share left or new says the removal did not "
             f"take those concepts out, and its log-odds do not measure what they carry."),
     )
     writer.write("report.css", CSS)
