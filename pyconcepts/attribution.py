@@ -52,7 +52,8 @@ def _check_dim(basis, rows, layer):
 def _concept_list(concepts, k: int) -> List[int]:
     if concepts is None:
         return list(range(k))
-    if isinstance(concepts, torch.Tensor) and concepts.dim() == 0 or not isinstance(concepts, (torch.Tensor, Iterable)):
+    one = isinstance(concepts, torch.Tensor) and concepts.dim() == 0
+    if one or not isinstance(concepts, (torch.Tensor, Iterable)):
         concepts = [concepts]
     out = []
     for i in concepts:

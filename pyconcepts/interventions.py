@@ -242,7 +242,7 @@ def _normalise_edits(basis, set, scale, remove, remove_name: str = "remove"):
         scale_[_check_index(i, k, "scale")] = _finite_value(c, "scale", i)
     if remove is None:
         remove = []
-    elif isinstance(remove, torch.Tensor) and remove.dim() == 0 or not isinstance(remove, (torch.Tensor, Iterable)):
+    elif (isinstance(remove, torch.Tensor) and remove.dim() == 0) or not isinstance(remove, (torch.Tensor, Iterable)):
         remove = [remove]  # one concept
     remove_ = [_check_index(i, k, remove_name) for i in remove]
     return set_, scale_, remove_
@@ -512,7 +512,8 @@ def counterfactual(
     amplify: Optional[Mapping[int, float]] = None,
 ) -> Counterfactual:
     """The model's outputs on ``images`` as they are and with ``concepts`` removed (or with
-    the ``set`` / ``scale`` / ``amplify`` edits of ``intervene``). ``images``: a tensor (B, C, H, W) or an iterable of batches.
+    the ``set`` / ``scale`` / ``amplify`` edits of ``intervene``). ``images``: a tensor
+    (B, C, H, W) or an iterable of batches.
     ``output``: which part of the model's output holds the class scores (an index, a key or
     a callable; ``pyconcepts.outputs``). A model that ends in probabilities is recorded as
     log-probabilities, so ``probs_before`` / ``probs_after`` are its own probabilities."""
@@ -664,7 +665,8 @@ def rank_concepts(
     if isinstance(target, str) and target != "predicted":
         raise ValueError(f"target must be a class index, a callable or 'predicted', got {target!r}")
     k = basis.decoding.shape[0]
-    candidates = list(range(k)) if concepts is None else _normalise_edits(basis, None, None, concepts, "concepts")[2]
+    candidates = (list(range(k)) if concepts is None
+                  else _normalise_edits(basis, None, None, concepts, "concepts")[2])
     if not candidates:
         raise ValueError("concepts is empty: name at least one concept to rank")
     greedy = min(greedy, len(candidates))

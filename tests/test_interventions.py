@@ -447,7 +447,8 @@ def test_amplify_raises_what_remove_lowers_and_bad_edit_values_are_refused():
     assert torch.allclose(zero, removed, atol=1e-5)
     # to first order amplifying by 2 moves the logit as far the other way as removing does
     assert float(((amplified - base) * (base - removed)).sum()) > 0
-    for kw, match in ((dict(remove=[0], strength=-1.0), "strength"), (dict(remove=[0], strength=float("nan")), "strength"),
+    for kw, match in ((dict(remove=[0], strength=-1.0), "strength"),
+                      (dict(remove=[0], strength=float("nan")), "strength"),
                       (dict(set={0: float("inf")}), "set"), (dict(scale={1: float("nan")}), "scale"),
                       (dict(amplify={0: -2.0}), "amplify"), (dict(amplify={9: 2.0}), "amplify")):
         with pytest.raises((ValueError, IndexError), match=match):
