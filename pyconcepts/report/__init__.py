@@ -416,10 +416,11 @@ def _joint_removals(model: nn.Module, tap: LayerTap, basis, m: Measurements, cla
     mean = basis.mean.detach()
 
     def logits_of(x, remove=None, layer_mean=False, detections=None):
-        """The model's outputs on ``x``; with ``remove``, ``detections`` (a list) receives
-        the removed concepts' (patch, concept) detections before, kept and new."""
+        """The model's outputs on ``x``; with ``remove``, ``detections`` (a list) receives,
+        per image, the removed concepts' (patch, concept) detections before, kept and new:
+        three (N,) tensors."""
         out = []
-        kept = seen = new = 0
+        counts = []
         with tap.eval_mode(), torch.no_grad():
             for start in range(0, x.shape[0], batch_size):
                 chunk = tap._check_images(x[start:start + batch_size])
@@ -444,24 +445,27 @@ def _joint_removals(model: nn.Module, tap: LayerTap, basis, m: Measurements, cla
                                 last.remove()
                     finally:
                         first.remove()
-                    seen += int(rows["before"].sum())
-                    kept += int((rows["before"] & rows["after"]).sum())
-                    new += int((~rows["before"] & rows["after"]).sum())
+                    b = chunk.shape[0]
+                    was, now = rows["before"].reshape(b, -1), rows["after"].reshape(b, -1)
+                    counts.append(torch.stack([was.sum(1), (was & now).sum(1), (~was & now).sum(1)]))
                 else:
                     out.append(model(chunk).float().cpu())
-        if detections is not None:
-            detections.extend([seen, kept, new])
+        if detections is not None and counts:
+            detections.extend(torch.cat(counts, 1).unbind(0))
         return torch.cat(out)
 
-    def shares(counts):
-        seen, kept, new = counts
+    def shares(counts, sel=None):
+        """Detections kept and new as shares of those before (None where there were none)."""
+        if not counts:
+            return None, None
+        seen, kept, new = (int((c if sel is None else c[sel]).sum()) for c in counts)
         return (kept / seen if seen else None), (new / seen if seen else None)
 
     before = logits_of(images)
     predicted = before.argmax(1)
     # what all the concepts carry, against what the whole layer carries: every concept removed,
     # and the layer replaced by its mean (its content gone)
-    every_counts: List[int] = []
+    every_counts: List[torch.Tensor] = []
     every = logits_of(images, list(range(basis.n_concepts)), detections=every_counts)
     flat = logits_of(images, layer_mean=True)
     counts = torch.bincount(predicted, minlength=before.shape[1])
@@ -472,9 +476,10 @@ def _joint_removals(model: nn.Module, tap: LayerTap, basis, m: Measurements, cla
         supporters = [int(i) for i in torch.argsort(change, stable=True)[:size] if change[i] <= -MIN_REMOVAL_EFFECT]
         sel = predicted == c
         cls = torch.full((int(sel.sum()),), c)
-        counts: List[int] = []
+        counts: List[torch.Tensor] = []
         after = logits_of(images[sel], supporters, detections=counts) if supporters else before[sel]
-        left, created = shares(counts) if counts else (None, None)
+        left, created = shares(counts)
+        all_left, all_created = shares(every_counts, sel)
         joint.append(JointRemoval(
             class_names[c], int(sel.sum()), supporters, float(log_odds(before[sel], cls).mean()),
             float(log_odds(after, cls).mean()), float((after.argmax(1) != c).double().mean()),
@@ -482,12 +487,9 @@ def _joint_removals(model: nn.Module, tap: LayerTap, basis, m: Measurements, cla
             all_changed=float((every[sel].argmax(1) != c).double().mean()),
             mean_after=float(log_odds(flat[sel], cls).mean()),
             mean_changed=float((flat[sel].argmax(1) != c).double().mean()),
-            left=left, created=created))
+            left=left, created=created, all_left=all_left, all_created=all_created))
         if progress:
             progress("report: joint removals", j + 1, len(classes))
-    every_left, every_created = shares(every_counts)
-    for row in joint:  # over the whole sample: the same removal for every class
-        row.all_left, row.all_created = every_left, every_created
     return joint
 
 

@@ -106,7 +106,7 @@ class JointRemoval:
     # shares of those before it (several removals can bring one back: see interventions)
     left: Optional[float] = None
     created: Optional[float] = None
-    all_left: Optional[float] = None      # ... with every concept removed, over the whole sample
+    all_left: Optional[float] = None      # ... with every concept removed
     all_created: Optional[float] = None
 
 
