@@ -146,7 +146,7 @@ def detection_maps(
 def _targets(target, n: int, device, n_classes: int) -> torch.Tensor:
     """(n,) class indices from an int or one per image, checked against ``n_classes``
     (negative indices count from the end, as in ``rank_concepts``)."""
-    if isinstance(target, bool):
+    if isinstance(target, (bool, str)):
         raise TypeError(f"target must be a class index or one per image, got {target!r}")
     if isinstance(target, int):
         t = torch.full((n,), target, dtype=torch.long, device=device)

@@ -90,7 +90,9 @@ class ConceptBasis:
         if len(devices) != 1:
             raise ValueError(f"decoding, bias, encoding and mean are on different devices: {devices}")
         gains = (decoding.double() * encoding.double()).sum(1)
-        bad = (~(gains > 0)).nonzero().flatten().tolist()
+        # relative to |w| |s|: a gain at rounding level is no better than 0
+        floor = 1e-6 * decoding.double().norm(dim=1) * encoding.double().norm(dim=1)
+        bad = (~(gains > floor)).nonzero().flatten().tolist()
         if bad:
             i = bad[0]
             raise ValueError(
@@ -325,7 +327,7 @@ def layer_to_apply(basis, layer: Optional[str]) -> str:
         if recorded is None:
             raise ValueError("layer is needed: the basis does not record the layer it was extracted at")
         return recorded
-    if recorded is not None and layer != recorded and not layer.endswith("." + recorded):
+    if recorded is not None and layer not in (recorded, "inner." + recorded):  # inner.: the report's wrapper
         warnings.warn(f"the basis was extracted at layer {recorded!r} and is applied at {layer!r}: its "
                       "directions read that layer's channels as if they were the other's", stacklevel=3)
     return layer

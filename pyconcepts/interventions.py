@@ -228,8 +228,16 @@ def _check_strength(strength) -> float:
 
 def _normalise_amplify(basis, amplify) -> Dict[int, float]:
     k = basis.decoding.shape[0]
+    if amplify is not None and not isinstance(amplify, Mapping):
+        raise TypeError(f"amplify must map concept indices to factors, e.g. {{3: 2.0}}, got {amplify!r}")
     return {_check_index(i, k, "amplify"): _finite_value(c, "amplify", i, low=0.0)
             for i, c in dict(amplify or {}).items()}
+
+
+def _check_not_both(removed: Sequence[int], amplified: Mapping[int, float]) -> None:
+    both = sorted(set(removed) & set(amplified))
+    if both:
+        raise ValueError(f"concept {both[0]} is both removed and amplified: give it to one of remove=, amplify=")
 
 
 def _normalise_edits(basis, set, scale, remove, remove_name: str = "remove"):
@@ -301,6 +309,7 @@ def intervene(
     amplify_ = _normalise_amplify(basis, amplify)
     if not (set_ or scale_ or remove_ or amplify_):
         raise ValueError("nothing to change: give remove=, set=, scale= or amplify=")
+    _check_not_both(remove_, amplify_)
     tap = LayerTap(model, _layer_name(basis, layer), skip_tokens=skip_tokens)
     handle = tap.module.register_forward_hook(
         _EditHook(tap, basis, set_, scale_, remove_, strength, direction, recorded_clamp(basis, clamp),
@@ -521,8 +530,10 @@ def counterfactual(
     output = output_or_recorded(output, basis)
     strength = _check_strength(strength)
     set_, scale_, remove_ = _normalise_edits(basis, set, scale, concepts, "concepts")  # before any forward pass
-    if not (set_ or scale_ or remove_ or _normalise_amplify(basis, amplify)):
+    amplify_ = _normalise_amplify(basis, amplify)
+    if not (set_ or scale_ or remove_ or amplify_):
         raise ValueError("nothing to change: give concepts to remove, or set=, scale= or amplify= edits")
+    _check_not_both(remove_, amplify_)
     tap = LayerTap(model, _layer_name(basis, layer), skip_tokens=skip_tokens)
     before, after = [], []
     kind = "auto"

@@ -226,7 +226,7 @@ def test_contribution_maps_check_the_target_class():
     last = attr.contribution_maps(model, basis, images, 2)
     assert torch.allclose(attr.contribution_maps(model, basis, images, -1), last)
     for target, err in ((3, IndexError), (-4, IndexError), ([0, 1, 7], IndexError), (0.5, TypeError),
-                        ([0.0, 1.0, 2.0], TypeError)):
+                        ([0.0, 1.0, 2.0], TypeError), ("predicted", TypeError)):
         with pytest.raises(err, match="target"):
             attr.contribution_maps(model, basis, images, target)
 

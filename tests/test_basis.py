@@ -130,5 +130,11 @@ def test_constructor_validates_shapes():
         s[1] = gain * w[1] / (w[1] @ w[1])
         with pytest.raises(ValueError, match=r"encoding row 1 has decoding\[1\] . encoding\[1\]"):
             ConceptBasis(w, torch.zeros(3), s, torch.zeros(4))
+    s = w.clone()  # a signal vector orthogonal to its filter but for rounding: refused too
+    across = torch.randn(4)
+    across = across - (across @ w[1]) / (w[1] @ w[1]) * w[1]
+    s[1] = across / across.norm() + 1e-9 * w[1] / w[1].norm()
+    with pytest.raises(ValueError, match=r"encoding row 1"):
+        ConceptBasis(w, torch.zeros(3), s, torch.zeros(4))
     with pytest.raises(ValueError, match="last dimension"):
         ConceptBasis(w, torch.zeros(3), w, torch.zeros(4)).detect(torch.zeros(2, 5))

@@ -494,6 +494,11 @@ def test_bad_images_concepts_and_empty_edits_are_named():
     with pytest.raises(ValueError, match="nothing to change"):
         with pc.intervene(model, basis):
             pass
+    with pytest.raises(ValueError, match="concept 1 is both removed and amplified"):
+        pc.counterfactual(model, basis, images, [1], amplify={1: 2.0})
+    with pytest.raises(TypeError, match="amplify must map concept indices to factors"):
+        with pc.intervene(model, basis, amplify=[1]):
+            pass
 
 
 def test_the_relu_after_an_edit_follows_the_layer_the_basis_records_not_the_batch():
@@ -536,6 +541,9 @@ def test_a_basis_applied_at_another_layer_than_it_records_warns():
         pc.rank_concepts(model, basis, images, target=0, layer="features.1")
     with pytest.warns(UserWarning, match="applied at 'features.1'"):
         pc.attribution.contribution_maps(model, basis, images, 0, layer="features.1")
+    renamed = pc.ConceptBasis(basis.decoding, basis.bias, basis.encoding, basis.mean, layer="3")
+    with pytest.warns(UserWarning, match="extracted at layer '3' and is applied at 'features.3'"):
+        pc.counterfactual(model, renamed, images, [0], layer="features.3")   # a name that only ends alike
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pc.counterfactual(model, basis, images, [0])                 # the recorded layer
