@@ -537,20 +537,44 @@ def _flag_text(record: dict) -> str:
     return " ".join(parts) or "none"
 
 
+def _same_preprocessing(a: dict, b: dict) -> bool:
+    """Whether two recorded preprocessings prepare images alike (crop N is N x N; 'imagenet'
+    is its numbers)."""
+    from .images import IMAGENET_MEAN, IMAGENET_STD
+
+    def norm(record):
+        out = {}
+        for f in _PREPROCESS_FLAGS:
+            v = record.get(f)
+            if f == "crop" and isinstance(v, int):
+                v = [v, v]
+            if f in ("mean", "std") and v == "imagenet":
+                v = list(IMAGENET_MEAN if f == "mean" else IMAGENET_STD)
+            if f in ("mean", "std") and isinstance(v, list):
+                v = [round(float(x), 6) for x in v]
+            out[f] = list(v) if isinstance(v, tuple) else v
+        return out
+    return norm(a) == norm(b)
+
+
 def _preprocess_as_extracted(args, basis) -> None:
-    """Without any preprocessing flag, use what the basis was extracted with (and say so);
+    """Without any preprocessing flag, use what the basis was extracted with (and say so), but
+    never a recorded --transform (code named in a file is not run unless the user names it);
     with flags that differ from it, warn: the concepts were found on images prepared that way."""
     recorded = (basis.metadata or {}).get("preprocess") if basis is not None else None
     if recorded is None or args.images is None:
         return
     given = _preprocess_record(args)
     if all(v is None for v in given.values()):
-        if any(v is not None for v in recorded.values()):
+        if recorded.get("transform") is not None:
+            _warn(f"the basis was extracted from images prepared with --transform {recorded['transform']}: give it "
+                  "again to prepare these alike (a transform recorded in a basis is not run by default)")
+        elif any(v is not None for v in recorded.values()):
             for f in _PREPROCESS_FLAGS:
                 v = recorded.get(f)
                 setattr(args, f, tuple(v) if isinstance(v, list) and f in ("resize", "crop") else v)
             _warn(f"no preprocessing given: using the basis's, {_flag_text(recorded)}")
-    elif given != {f: recorded.get(f) for f in _PREPROCESS_FLAGS}:
+    elif not _same_preprocessing(given, recorded):
         _warn(f"the basis was extracted from images prepared with {_flag_text(recorded)}, these with "
               f"{_flag_text(given)}: its concepts may not read them alike")
 

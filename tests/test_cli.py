@@ -770,3 +770,17 @@ def test_the_preprocessing_of_extraction_is_recorded_and_reused(ws, capsys, tmp_
     assert rc == 0
     assert "extracted from images prepared with --resize 12 --mean 0.5, these with --resize 16" in err, err
     assert "reach the model as 3x16x16, the basis was extracted from 3x12x12" in err, err
+    # flags that prepare images alike do not warn; a recorded --transform is never run unasked
+    from pyconcepts.cli import _same_preprocessing
+    crop = dict(resize=None, crop=12, mean="imagenet", std=None, transform=None)
+    assert _same_preprocessing(crop, dict(crop, crop=[12, 12], mean=[0.485, 0.456, 0.406]))
+    assert not _same_preprocessing(crop, dict(crop, crop=[12, 10]))
+    meta = ConceptBasis.load(out)
+    meta.metadata["preprocess"] = dict(resize=None, crop=None, mean=None, std=None, transform="tf.py:prepare")
+    meta.save(tmp_path / "t.safetensors")
+    rc, _, err = _run(capsys, "explain", tmp_path / "t.safetensors", *_model_args(ws), "--images", ws / "photos",
+                      "--limit", 2, "--resize", 12)
+    assert rc == 0 and "prepared with --transform tf.py:prepare, these with --resize 12" in err, err
+    rc, _, err = _run(capsys, "explain", tmp_path / "t.safetensors", *_model_args(ws), "--images", ws / "photos",
+                      "--limit", 2)
+    assert "is not run by default" in err, err
