@@ -293,8 +293,9 @@ def extract(
     torch_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        return _extract(model, layer, images, n_concepts, seed, refine, ura, skip_tokens, opts,
-                        progress, model_id, output)
+        with torch.enable_grad():  # the refinement fits by gradients, also under a caller's no_grad
+            return _extract(model, layer, images, n_concepts, seed, refine, ura, skip_tokens, opts,
+                            progress, model_id, output)
     finally:
         torch.random.set_rng_state(torch_state)
 

@@ -656,3 +656,13 @@ def test_with_many_classes_the_class_table_leaves_out_classes_never_predicted(tm
     shown = re.findall(r"<tr><td>(c\d+)</td>", table)
     assert sorted(shown) == sorted(f"c{j}" for j in predicted)
     assert f"{14 - len(predicted)} classes that no sampled image is predicted as" in page
+
+
+def test_report_and_refined_extraction_work_under_no_grad(tmp_path):
+    import pyconcepts as pc
+
+    with torch.no_grad():  # a caller's inference mode: the gradients they need are their own
+        index = write_report(tmp_path, _basis(), TinyNet().eval(), "act", _source(), **FAST)
+        basis = pc.extract(TinyNet().eval(), "act", _source().images, 2, refine=True,
+                           options={"refine_steps": 3, "ura_images": 4, "ura_batch": 4, "n_init": 1})
+    assert index.is_file() and basis.n_concepts == 2

@@ -188,7 +188,8 @@ def write_report(
                 seed=seed, progress=progress)
     k, c = basis.n_concepts, m.n_classes
 
-    rf = receptive_field(tap, m.probe[: int(opts["rf_images"])], m.grid, mass=float(opts["rf_mass"]))
+    with torch.enable_grad():  # measured by the input gradient, also under a caller's no_grad
+        rf = receptive_field(tap, m.probe[: int(opts["rf_images"])], m.grid, mass=float(opts["rf_mass"]))
 
     # rank: influence first, the concept index breaks ties
     order = sorted(range(k), key=lambda i: (-float(m.odds_change[i]), i))
