@@ -666,3 +666,25 @@ def test_report_and_refined_extraction_work_under_no_grad(tmp_path):
         basis = pc.extract(TinyNet().eval(), "act", _source().images, 2, refine=True,
                            options={"refine_steps": 3, "ura_images": 4, "ura_batch": 4, "n_init": 1})
     assert index.is_file() and basis.n_concepts == 2
+
+
+class _LinearHead(nn.Module):
+    """conv -> ReLU (the tapped 'act') -> mean -> linear: any push at 'act' moves every image's
+    class scores alike, so RCAV's null draws are all 0% or 100%."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv(x)).mean((2, 3)))
+
+
+def test_the_rcav_note_says_when_random_concepts_move_every_image_alike(tmp_path):
+    torch.manual_seed(0)
+    write_report(tmp_path, _basis(), _LinearHead().eval(), "act", _source(), **FAST)
+    index = (tmp_path / "index.html").read_text(encoding="utf-8")
+    assert "Here 100% of the null draws on the tested classes are 0% or 100%" in index
+    assert "cannot tell it from chance" in index

@@ -280,12 +280,17 @@ def write_report(
             f"tests" + per_test + f"; * = p (Bonferroni) < {level:g}. The smallest "
             f"attainable Bonferroni p is {floor:.3g}" + (" (raise rcav_permutations to reach significance)."
                                                       if floor >= level else "."))
-        saturated = float(((result.null_scores == 0) | (result.null_scores == 1)).float().mean())
-        if saturated >= 0.5:
+        # on the tested (concept, class) pairs only: a concept that moves every image alike (0% or
+        # 100%) can get no smaller p than the share of null draws that do so too
+        tested_pairs = ~result.p_values.isnan()                                     # (K', C)
+        extreme = (result.null_scores == 0) | (result.null_scores == 1)            # (draws, K', C)
+        saturated = float(extreme[:, tested_pairs].float().mean()) if bool(tested_pairs.any()) else 0.0
+        if saturated >= 0.05:
             rcav_note += (
-                f" Here {saturated:.0%} of the null scores are 0% or 100%: random directions, too, move every "
-                "image's probability the same way, so the test cannot tell a concept from chance (typical when "
-                "the rest of the network is close to linear, such as pooling and a linear head).")
+                f" Here {saturated:.0%} of the null draws on the tested classes are 0% or 100%: random concepts, too, "
+                "move every image's probability the same way, so a concept that does so gets a p no smaller than "
+                "that share" + (" and the test cannot tell it from chance" if saturated >= 0.5 else "") +
+                " (typical when the rest of the network is close to linear, such as pooling and a linear head).")
     crop_note = (f"One patch per image: the {top} images whose best patch scores highest, that patch outlined "
                  f"(its cell of the {m.grid[0]} x {m.grid[1]} grid). {rf.describe()[0].upper()}{rf.describe()[1:]}. "
                  "Captions: image name and detector score.")
