@@ -631,6 +631,9 @@ def test_class_names_are_checked_before_the_heavy_work(tmp_path):
     with pytest.raises(ValueError, match="class_names has 2 names but the model outputs 3 classes"):
         write_report(tmp_path, _basis(), model, "act", _source(), class_names=["a", "b"], progress=progress, **FAST)
     assert stages == []  # nothing was measured
+    for bad, err in (("abc", TypeError), ([1, 2, 3], TypeError), (["x", "y", "x"], ValueError)):
+        with pytest.raises(err, match="class_names"):
+            write_report(tmp_path, _basis(), model, "act", _source(), class_names=bad, **FAST)
     index = write_report(tmp_path, _basis(), model, "act", _source(), class_names=["x", "y", "z"], rcav=False,
                          **{k: v for k, v in FAST.items() if k != "rcav_permutations"})
     assert ">x</td>" in index.read_text(encoding="utf-8")

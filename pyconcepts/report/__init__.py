@@ -395,7 +395,12 @@ def _class_names(model: nn.Module, tap: LayerTap, source, given: Optional[Sequen
     with tap.eval_mode(), torch.no_grad():
         n_outputs = int(model(tap._check_images(first[:1])).shape[-1])
     if given is not None:
-        names = [str(n) for n in given]
+        if isinstance(given, (str, bytes)) or not all(isinstance(n, str) for n in given):
+            raise TypeError(f"class_names must be a list of str, one per output, got {given!r}")
+        names = list(given)
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"class_names names {twice[0]!r} twice")
         if len(names) != n_outputs:
             raise ValueError(f"class_names has {len(names)} names but the model outputs {n_outputs} classes")
         return names
