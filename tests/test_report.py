@@ -691,3 +691,15 @@ def test_the_rcav_note_says_when_random_concepts_move_every_image_alike(tmp_path
     index = (tmp_path / "index.html").read_text(encoding="utf-8")
     assert "Here 100% of the null draws on the tested classes are 0% or 100%" in index
     assert "cannot tell it from chance" in index
+
+
+def test_a_concept_that_never_fires_says_so(tmp_path):
+    basis = _basis()
+    basis = ConceptBasis(basis.decoding, torch.tensor([0.2, 1e6, 0.2]), basis.encoding, basis.mean, layer="act")
+    write_report(tmp_path, basis, TinyNet().eval(), "act", _source(), rcav=False,
+                 **{k: v for k, v in FAST.items() if not k.startswith("rcav")})
+    page = (tmp_path / "concepts" / "concept-001.html").read_text(encoding="utf-8")
+    assert "The detector fires on no patch: these are its highest scores" in page
+    assert "No image to show: the detector fires on none of the images in part" in page
+    other = (tmp_path / "concepts" / "concept-000.html").read_text(encoding="utf-8")
+    assert "fires on no patch" not in other

@@ -559,10 +559,16 @@ def concept_page(view: ReportView, c: ConceptView, crop_note: str, map_note: str
     body = (
         f"{nav}<h1>Concept {c.index} <span class=\"muted\">&#183; rank {c.rank} of {len(order)}</span></h1>"
         f"<div class=\"facts\">{' &#183; '.join(summary) if summary else ''}</div>{_warnings_card(view)}{stat_html}"
-        f"<div class=\"card\"><h2>Top-activating patches</h2><div class=\"grid patches\">{_figures(c.patches, root)}</div>"
+        f"<div class=\"card\"><h2>Top-activating patches</h2>"
+        + ("<p class=\"muted\">The detector fires on no patch: these are its highest scores, all below its "
+           "threshold.</p>" if c.patch_share == 0 else "")
+        + f"<div class=\"grid patches\">{_figures(c.patches, root)}</div>"
         f"<p class=\"caption\">{esc(crop_note)}</p></div>"
-        f"<div class=\"card\"><h2>Detection maps</h2><div class=\"grid maps\">{_figures(c.maps, root)}</div>"
-        f"<p class=\"caption\">{esc(map_note)}</p></div>"
+        f"<div class=\"card\"><h2>Detection maps</h2>"
+        + (f"<div class=\"grid maps\">{_figures(c.maps, root)}</div>" if c.maps else
+           "<p class=\"muted\">No image to show: the detector fires on none of the images in part (it fires "
+           "on every patch of an image or on none).</p>")
+        + f"<p class=\"caption\">{esc(map_note)}</p></div>"
         + (f"<div class=\"card\"><h2>What removing it changes</h2><div class=\"grid maps\">"
            f"{_figures(c.counterfactuals, root)}</div><p class=\"caption\">{esc(counterfactual_note)}</p></div>"
            if c.counterfactuals else "") +
