@@ -224,7 +224,6 @@ def test_intervene_reports_probability_and_logit_changes(ws, capsys):
     model.load_state_dict(load_file(str(ws / "w.safetensors")))
     images = torch.cat(list(FolderImages(ws / "photos").batches(64)))
     cf = pc.counterfactual(model.eval(), basis, images, [1], amplify={0: 3.0, 2: 0.5})
-    rows = torch.arange(len(images))
     from pyconcepts.interventions import log_odds
     want = log_odds(cf.logits_after, cf.pred_before) - log_odds(cf.logits_before, cf.pred_before)
     got = [float(line.rsplit("log-odds ", 1)[1].split()[0]) for line in amp.splitlines()[1:]]
