@@ -7,8 +7,8 @@
   (pass the head), ``a_hat_{p,i} s_i . grad_{x_p} f_k`` in general (the two agree for such a
   head).
 - ``rcav``: global influence of each concept on each class: add ``alpha s_i`` at every
-  position and count how often each class probability rises; significance by a
-  label-permutation test (directions learnt from permuted detection labels) with Bonferroni
+  position and count how often each class probability rises; significance against random
+  concepts of the same size (signal vectors of random filters' top patches) with Bonferroni
   correction.
 - ``maximize_concept``: activation-maximisation validation: optimise an input so that its
   representation moves along s_i and report whether detector i fires.
@@ -259,7 +259,7 @@ def auto_permutations(tests: int, level: float, cap: int = 2000) -> int:
 @dataclass
 class RCAVResult:
     """``scores[i, k]``: fraction of images whose class-k probability rose when concept i was
-    added; ``p_values`` from the permutation test; ``p_adjusted`` Bonferroni-corrected over
+    added; ``p_values`` from the test against random concepts; ``p_adjusted`` Bonferroni-corrected over
     all (concept, class) tests; ``significant`` = p_adjusted < level."""
 
     concepts: List[int]
@@ -302,7 +302,7 @@ def rcav(
     output: OutputSpec = None,
     classes: Optional[Sequence[int]] = None,
 ) -> RCAVResult:
-    """Global influence of concepts on classes by RCAV with a label-permutation test.
+    """Global influence of concepts on classes by RCAV with a test against random concepts.
 
     For concept i, ``alpha_i s_i`` is added at every position (``alpha`` in latent units;
     default: the mean latent factor of the patches where i is detected) and the sign of the
