@@ -259,8 +259,9 @@ def auto_permutations(tests: int, level: float, cap: int = 2000) -> int:
 @dataclass
 class RCAVResult:
     """``scores[i, k]``: fraction of images whose class-k probability rose when concept i was
-    added; ``p_values`` from the test against random concepts; ``p_adjusted`` Bonferroni-corrected over
-    all (concept, class) tests; ``significant`` = p_adjusted < level."""
+    added; ``p_values`` from the test against random concepts (NaN for untested classes);
+    ``p_adjusted`` Bonferroni-corrected over the tests; ``significant`` = p_adjusted < level;
+    ``null_scores`` (draws, concepts, classes) the random concepts' scores."""
 
     concepts: List[int]
     scores: torch.Tensor
