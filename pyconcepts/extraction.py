@@ -151,8 +151,10 @@ class _PatchSource:
         pool = _ImagePool(ura_images, seed, images)
         one_shot = is_one_shot(images)
         total = _count_batches(images, batch_size)
+        seen = 0
         for j, batch in enumerate(iter_batches(images, batch_size)):
-            rows = tap.to_rows(tap.activations(batch)).float().contiguous()
+            rows = tap.to_rows(tap.activations(batch, seen)).float().contiguous()
+            seen += batch.shape[0]
             if j == 0 and probe is not None:
                 probe(batch)
             pool.offer(batch)

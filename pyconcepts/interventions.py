@@ -538,8 +538,10 @@ def counterfactual(
     before, after = [], []
     kind = "auto"
     with tap.eval_mode(), torch.no_grad():
+        seen = 0
         for batch in iter_batches(images, batch_size):
-            batch = tap._check_images(batch)
+            batch = tap._check_images(batch, seen)
+            seen += batch.shape[0]
             raw = read_scores(model(batch), output, "logits")
             if kind == "auto":
                 kind = scores_kind(raw)
@@ -685,8 +687,10 @@ def rank_concepts(
     edit = dict(strength=float(strength), direction=direction, membership=membership,
                 absent_level=getattr(basis, "absent_level", None), clamp=recorded_clamp(basis, None))
     batches, kind, score = [], "auto", None
+    seen = 0
     for batch in iter_batches(images, batch_size):
-        batch = tap._check_images(batch)
+        batch = tap._check_images(batch, seen)
+        seen += batch.shape[0]
         with torch.no_grad():
             acts = tap.activations(batch)
             value = tap.forward_with(batch, lambda out: out)

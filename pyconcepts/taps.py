@@ -242,7 +242,10 @@ class LayerTap:
         return side, side
 
     # ------------------------------------------------------------------ running
-    def _check_images(self, batch: torch.Tensor) -> torch.Tensor:
+    def _check_images(self, batch: torch.Tensor, offset: Optional[int] = None) -> torch.Tensor:
+        """``batch`` checked (floating point, channels, finite) and moved to the model's device
+        and dtype; ``offset``: the position of its first image among all, for the messages
+        (None: positions within the batch)."""
         if isinstance(batch, torch.Tensor) and not batch.is_floating_point():
             raise TypeError(f"images must be a floating-point tensor, got {batch.dtype}"
                             + (" (uint8 pixels: divide by 255)" if batch.dtype == torch.uint8 else ""))
@@ -252,8 +255,9 @@ class LayerTap:
                 f"images have {batch.shape[1]} channels but the model's first layer expects {expected}"
             )
         if not bool(torch.isfinite(batch).all()):
-            bad = (~torch.isfinite(batch)).flatten(1).any(1).nonzero().flatten().tolist()
-            raise ValueError(f"images contain NaN or Inf pixels (image(s) {bad[:5]} of this batch)")
+            bad = [(offset or 0) + i for i in (~torch.isfinite(batch)).flatten(1).any(1).nonzero().flatten().tolist()]
+            where = f"image(s) {bad[:5]}" if offset is not None else f"image(s) {bad[:5]} of this batch"
+            raise ValueError(f"images contain NaN or Inf pixels ({where})")
         # images in another floating dtype than the model's weights (float64 arrays, a bf16 model)
         # are cast to it, as the model's first layer would need
         dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), batch.dtype)
@@ -280,16 +284,16 @@ class LayerTap:
         finally:
             handle.remove()
 
-    def activations(self, batch: torch.Tensor) -> torch.Tensor:
+    def activations(self, batch: torch.Tensor, offset: Optional[int] = None) -> torch.Tensor:
         """The layer output for one image batch (no grad, eval mode). The rest of the network
-        is not run: collection stops at the layer."""
+        is not run: collection stops at the layer. ``offset``: as in ``_check_images``."""
         captured: List[torch.Tensor] = []
 
         def grab(out):
             captured.append(out.detach())
             raise _Replace()
 
-        batch = self._check_images(batch)
+        batch = self._check_images(batch, offset)
         with self.eval_mode(), torch.no_grad(), self.hook(grab):
             try:
                 self.model(batch)

@@ -470,12 +470,12 @@ def test_bad_images_concepts_and_empty_edits_are_named():
     basis = _basis_at(model, "features.3", images, seed=2)
     bad = images.clone()
     bad[4, 1, 2, 2] = float("nan")
-    with pytest.raises(ValueError, match=r"images contain NaN or Inf pixels \(image\(s\) \[4\]"):
-        pc.counterfactual(model, basis, bad, [0])
+    with pytest.raises(ValueError, match=r"images contain NaN or Inf pixels \(image\(s\) \[4\]\)"):
+        pc.counterfactual(model, basis, bad, [0], batch_size=3)       # its position among all images
     with pytest.raises(ValueError, match="images contain NaN"):
         pc.rank_concepts(model, basis, bad, target=0)
-    with pytest.raises(ValueError, match="images contain NaN"):
-        pc.extract(model, "features.3", bad, 2)
+    with pytest.raises(ValueError, match=r"images contain NaN or Inf pixels \(image\(s\) \[4\]\)"):
+        pc.extract(model, "features.3", bad, 2, options={"batch_size": 3})
     # float64 images run in the model's dtype
     cf64 = pc.counterfactual(model, basis, images.double(), [0])
     cf32 = pc.counterfactual(model, basis, images, [0])

@@ -323,7 +323,7 @@ def measure(
                              f"{tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__}")
         b = batch.shape[0]
         index = torch.arange(seen, seen + b)
-        acts = tap.activations(batch)
+        acts = tap.activations(batch, seen)
         rows = tap.to_rows(acts).float()
         if rows.shape[1] != basis.dim:
             raise ValueError(f"the basis has D = {basis.dim} but layer {layer!r} has {rows.shape[1]} channels; "
