@@ -703,3 +703,29 @@ def test_a_concept_that_never_fires_says_so(tmp_path):
     assert "No image to show: the detector fires on none of the images in part" in page
     other = (tmp_path / "concepts" / "concept-000.html").read_text(encoding="utf-8")
     assert "fires on no patch" not in other
+
+
+class _IgnoresLayer(nn.Module):
+    """The tapped 'act' runs but the output does not depend on it (as a ViT's head at its last
+    block ignores the patch tokens)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        self.act(self.conv(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_layer_the_outputs_do_not_read_is_said_so(tmp_path):
+    torch.manual_seed(0)
+    write_report(tmp_path, _basis(), _IgnoresLayer().eval(), "act", _source(), rcav=False,
+                 **{k: v for k, v in FAST.items() if not k.startswith("rcav")})
+    assert "the model&#x27;s outputs do not read the positions edited here" in (tmp_path / "index.html").read_text(
+        encoding="utf-8")
+    write_report(tmp_path, _basis(), TinyNet().eval(), "act", _source(), rcav=False,
+                 **{k: v for k, v in FAST.items() if not k.startswith("rcav")})
+    assert "do not read the positions" not in (tmp_path / "index.html").read_text(encoding="utf-8")

@@ -345,7 +345,8 @@ def write_report(
                                      f"({int(basis.metadata.get('halves_splits', 1))} random splits)")]
                  if halves is not None and basis.metadata.get("halves_mean_jaccard") is not None else [])],
         notes=notes, concepts=views, has_masks=m.mask_iou is not None, has_rcav=result is not None,
-        rcav_note=rcav_note, version=__version__, joint=joint, warnings=[str(w) for w in warnings],
+        rcav_note=rcav_note, version=__version__, joint=joint,
+        warnings=[str(w) for w in warnings] + _unread_layer_warning(m, joint, layer, int(opts["skip_tokens"])),
         joint_note=(
             f"A network can spread what it relies on over several concepts; removing one of them then changes "
             f"few predictions (the flips above) while removing them together changes many. Per class predicted "
@@ -383,6 +384,21 @@ def write_report(
                 pass
     writer.write(MANIFEST, json.dumps({"files": sorted(writer.written | {MANIFEST})}, indent=1))
     return root / "index.html"
+
+
+def _unread_layer_warning(m: Measurements, joint: List[JointRemoval], layer: str, skip_tokens: int) -> List[str]:
+    """A warning when no removal moves any output and neither does the layer at its mean: the
+    outputs do not read the edited positions, so every influence is 0 for that reason."""
+    if float(m.odds_change.abs().max()) > 1e-6:
+        return []
+    if any(j.mean_after is not None and abs(j.mean_after - j.before) > 1e-6 for j in joint):
+        return []
+    skipped = (f" The first {skip_tokens} token(s) are not edited (skip_tokens): a head that reads only them, "
+               "such as a transformer's class token at its last block, ignores every patch token."
+               if skip_tokens else "")
+    return [f"No concept's removal changes any output, and replacing every patch of {layer} by its mean does "
+            f"not either: the model's outputs do not read the positions edited here, so the influences below are "
+            f"0 for that reason, not because the concepts do not matter.{skipped} Tap an earlier layer."]
 
 
 def _class_names(model: nn.Module, tap: LayerTap, source, given: Optional[Sequence[str]]) -> List[str]:
