@@ -261,6 +261,21 @@ def test_receptive_field_of_two_convolutions():
     assert (bottom, right) == (16, 16)
 
 
+def test_a_token_grid_cell_is_where_its_patch_was_embedded():
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from _toy_models import TinyViT
+
+    torch.manual_seed(0)
+    model = TinyViT().eval()                       # 16 px inputs, 4 px patches: a 4 x 4 grid
+    tap = LayerTap(model, "blocks.1", skip_tokens=1)
+    with torch.no_grad():
+        tap.activations(torch.rand(1, 3, 16, 16))
+    rf = receptive_field(tap, torch.rand(4, 3, 16, 16), (4, 4))
+    assert rf.centre == (10.0, 10.0)               # cell (2, 2): rows and columns 8..12
+    assert rf.cell_box(2, 2) == (8, 8, 12, 12) and rf.cell_box(0, 3) == (0, 12, 4, 16)
+
+
 def test_demo_source_names_masks_and_classes(tmp_path):
     from pyconcepts.datasets.shapes import CLASSES, CONCEPTS, make_shapes
     from pyconcepts.demo.model import DEMO_LAYER

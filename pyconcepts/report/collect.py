@@ -158,7 +158,10 @@ def receptive_field(tap: LayerTap, images: torch.Tensor, grid: Tuple[int, int], 
         if float(inside) >= mass * total:
             size = side
             break
-    return ReceptiveField(size, extent, stride, (cy, cx), (r0, c0), (big_h, big_w), mass, "gradient")
+    # a token grid's cell is where its patch was embedded: the grid geometry, exactly (attention
+    # spreads the centre cell's gradient over the image, and its centre of mass drifts)
+    centre = default_centre if tap.shape is not None and tap.shape.kind == "tokens" else (cy, cx)
+    return ReceptiveField(size, extent, stride, centre, (r0, c0), (big_h, big_w), mass, "gradient")
 
 
 # --------------------------------------------------------------------------- streaming
