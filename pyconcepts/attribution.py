@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .basis import layer_to_apply, recorded_clamp
+from .basis import layer_to_apply, recorded_clamp, skip_tokens_to_apply
 from .outputs import OutputSpec, output_or_recorded, read_scores, scores_kind
 from .signal import masked_signal_vectors
 from .taps import LayerTap, iter_batches
@@ -39,7 +39,8 @@ def _tap(model, basis, layer, skip_tokens, grid=None) -> LayerTap:
     for name in ("decoding", "bias", "encoding", "mean"):
         if not hasattr(basis, name):
             raise TypeError(f"basis must be a ConceptBasis (it has no {name!r})")
-    return LayerTap(model, layer_to_apply(basis, layer), skip_tokens=skip_tokens, grid=grid)
+    return LayerTap(model, layer_to_apply(basis, layer), skip_tokens=skip_tokens_to_apply(basis, skip_tokens),
+                    grid=grid)
 
 
 def _check_dim(basis, rows, layer):
@@ -118,7 +119,7 @@ def detection_maps(
     kind: str = "membership",
     upsample: bool = True,
     batch_size: Optional[int] = None,
-    skip_tokens: int = 0,
+    skip_tokens: Optional[int] = None,
     grid=None,
 ) -> torch.Tensor:
     """(B, K, H, W) detector maps. ``kind``: 'membership' (sigmoid(w.x - b)), 'score'
@@ -174,7 +175,7 @@ def contribution_maps(
     method: str = "auto",
     concepts=None,
     batch_size: Optional[int] = None,
-    skip_tokens: int = 0,
+    skip_tokens: Optional[int] = None,
     grid=None,
     output: OutputSpec = None,
     reference: str = "removal",
@@ -298,7 +299,7 @@ def rcav(
     seed: int = 0,
     max_patches: int = 20000,
     batch_size: Optional[int] = None,
-    skip_tokens: int = 0,
+    skip_tokens: Optional[int] = None,
     progress=None,
     output: OutputSpec = None,
     classes: Optional[Sequence[int]] = None,
@@ -467,7 +468,7 @@ def maximize_concept(
     bounds=(0.0, 1.0),
     min_fraction: float = 0.25,
     seed: int = 0,
-    skip_tokens: int = 0,
+    skip_tokens: Optional[int] = None,
 ) -> ConceptValidation:
     """Optimise an input (from ``image``, or a mid-grey start of ``image_shape`` (C, H, W)
     with a little noise) so that the layer's activations move along s_i: maximise the mean

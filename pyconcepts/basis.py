@@ -333,6 +333,20 @@ def layer_to_apply(basis, layer: Optional[str]) -> str:
     return layer
 
 
+def skip_tokens_to_apply(basis, skip_tokens: Optional[int]) -> int:
+    """The leading tokens of a token layer that are not patches: ``skip_tokens``, or the number
+    the basis was extracted with (``metadata["skip_tokens"]``; 0 when it records none). Warns
+    when a given number differs from the recorded one: the basis's rows would then mix a class
+    token with the patches, or leave a patch out."""
+    recorded = (getattr(basis, "metadata", None) or {}).get("skip_tokens")
+    if skip_tokens is None:
+        return int(recorded or 0)
+    if recorded is not None and int(recorded) != int(skip_tokens):
+        warnings.warn(f"the basis was extracted with skip_tokens={int(recorded)} and is applied with "
+                      f"skip_tokens={int(skip_tokens)}: leave it out to use the recorded number", stacklevel=3)
+    return int(skip_tokens)
+
+
 def recorded_clamp(basis, clamp: Optional[bool]) -> Optional[bool]:
     """``clamp`` if given, else whether the basis's layer was non-negative on every activation
     it was extracted from (``metadata["nonnegative"]``), so that every batch is edited alike;

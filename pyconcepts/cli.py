@@ -920,11 +920,7 @@ def _cmd_extract(args) -> int:
     # as in pc.extract: only the refinement's URA reads the class scores
     probe = _Probe(model, layer, source, output, args.skip_tokens or 0, needs_scores=refine and ura,
                    why_scores="--refine reads the class scores for URA; --no-ura refines without them")
-    if probe.kind == "tokens" and round(probe.positions ** 0.5) ** 2 != probe.positions:
-        _warn(f"layer {layer!r} gives a 3-D output, read as (batch, tokens, channels): {probe.positions} tokens "
-              f"of {probe.width} channels per image, not a square grid. If the first tokens are class or register "
-              f"tokens, pass --skip-tokens N (report and explain need the grid); if its axes are (batch, channels, "
-              f"positions), tap a layer with another layout")
+    # a token layer that is no square grid: pc.extract warns (the warning shows as ours)
     if args.stability and total < 2:
         raise UserError(f"--stability splits the images into halves: --images has {total} image(s)")
     if args.concepts > total * probe.positions:  # all ranks' images together

@@ -155,6 +155,8 @@ class _PatchSource:
         for j, batch in enumerate(iter_batches(images, batch_size)):
             rows = tap.to_rows(tap.activations(batch, seen)).float().contiguous()
             seen += batch.shape[0]
+            if j == 0:
+                _warn_if_not_a_grid(tap)
             if j == 0 and probe is not None:
                 probe(batch)
             pool.offer(batch)
@@ -225,6 +227,23 @@ def _count_images(images) -> int:
     if source is not None and hasattr(source, "__len__"):
         return len(source)
     return sum(batch.shape[0] for batch in iter_batches(images))
+
+
+def _warn_if_not_a_grid(tap: LayerTap) -> None:
+    """A token layer whose tokens (after ``skip_tokens``) are no square grid: most likely a
+    class or register token is counted as a patch."""
+    shape = tap.shape
+    if shape is None or shape.kind != "tokens" or tap.token_grid is not None:
+        return
+    n = shape.positions
+    if round(n ** 0.5) ** 2 != n:
+        warnings.warn(
+            f"layer {tap.layer!r} gives a 3-D output, read as (batch, tokens, channels): {n} tokens of "
+            f"{shape.channels} channels per image after skip_tokens={tap.skip_tokens}, not a square grid. If "
+            "leading tokens are class or register tokens, pass skip_tokens=N (command line: --skip-tokens N): "
+            "they would count as patches; a rectangular grid is given as options={'grid': (h, w)} for the "
+            "report (command line: --options '{\"grid\": [h, w]}'); if its axes are (batch, channels, "
+            "positions), tap a layer with another layout", stacklevel=4)
 
 
 def _coalesce(pieces: List[torch.Tensor], rows: int) -> List[torch.Tensor]:

@@ -69,7 +69,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import torch
 from torch import nn
 
-from .basis import layer_to_apply, recorded_clamp
+from .basis import layer_to_apply, recorded_clamp, skip_tokens_to_apply
 from .outputs import OutputSpec, output_or_recorded, read_scores, scores_kind
 from .taps import LayerTap, iter_batches, resolve_layer
 
@@ -286,7 +286,7 @@ def intervene(
     strength: float = 1.0,
     direction: str = "encoding",
     clamp: Optional[bool] = None,
-    skip_tokens: int = 0,
+    skip_tokens: Optional[int] = None,
     membership: str = "all",
     amplify: Optional[Mapping[int, float]] = None,
 ):
@@ -310,7 +310,7 @@ def intervene(
     if not (set_ or scale_ or remove_ or amplify_):
         raise ValueError("nothing to change: give remove=, set=, scale= or amplify=")
     _check_not_both(remove_, amplify_)
-    tap = LayerTap(model, _layer_name(basis, layer), skip_tokens=skip_tokens)
+    tap = LayerTap(model, _layer_name(basis, layer), skip_tokens=skip_tokens_to_apply(basis, skip_tokens))
     handle = tap.module.register_forward_hook(
         _EditHook(tap, basis, set_, scale_, remove_, strength, direction, recorded_clamp(basis, clamp),
                   membership, amplify_))
@@ -399,7 +399,7 @@ def correct(
     strength: float = 1.0,
     direction: str = "encoding",
     clamp: Optional[bool] = None,
-    skip_tokens: int = 0,
+    skip_tokens: Optional[int] = None,
     membership: str = "soft",
 ) -> Correction:
     """Suppress ``concepts`` at ``layer`` from now on (model correction, METHOD.md s. 5).
@@ -432,7 +432,7 @@ def correct(
     }
     if getattr(basis, "absent_level", None) is not None:
         tensors["absent_level"] = pick(basis.absent_level)
-    return _install(model, name, tensors, skip_tokens, idx)
+    return _install(model, name, tensors, skip_tokens_to_apply(basis, skip_tokens), idx)
 
 
 def restore_corrections(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
@@ -515,7 +515,7 @@ def counterfactual(
     strength: float = 1.0,
     direction: str = "encoding",
     batch_size: Optional[int] = None,
-    skip_tokens: int = 0,
+    skip_tokens: Optional[int] = None,
     membership: str = "all",
     output: OutputSpec = None,
     amplify: Optional[Mapping[int, float]] = None,
@@ -534,7 +534,7 @@ def counterfactual(
     if not (set_ or scale_ or remove_ or amplify_):
         raise ValueError("nothing to change: give concepts to remove, or set=, scale= or amplify= edits")
     _check_not_both(remove_, amplify_)
-    tap = LayerTap(model, _layer_name(basis, layer), skip_tokens=skip_tokens)
+    tap = LayerTap(model, _layer_name(basis, layer), skip_tokens=skip_tokens_to_apply(basis, skip_tokens))
     before, after = [], []
     kind = "auto"
     with tap.eval_mode(), torch.no_grad():
@@ -547,7 +547,7 @@ def counterfactual(
                 kind = scores_kind(raw)
             before.append(read_scores(raw, None, kind).float().cpu())
             with intervene(model, basis, layer=tap.layer, remove=remove_, set=set_, scale=scale_,
-                           strength=strength, direction=direction, skip_tokens=skip_tokens,
+                           strength=strength, direction=direction, skip_tokens=tap.skip_tokens,
                            membership=membership, amplify=amplify):
                 after.append(read_scores(model(batch), output, kind).float().cpu())
     if not before:
@@ -644,7 +644,7 @@ def rank_concepts(
     direction: str = "encoding",
     membership: str = "all",
     batch_size: Optional[int] = None,
-    skip_tokens: int = 0,
+    skip_tokens: Optional[int] = None,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> ConceptRanking:
     """Rank concepts by their effect on a chosen output of ``model`` over ``images``.
@@ -683,7 +683,7 @@ def rank_concepts(
     if not candidates:
         raise ValueError("concepts is empty: name at least one concept to rank")
     greedy = min(greedy, len(candidates))
-    tap = LayerTap(model, _layer_name(basis, layer), skip_tokens=skip_tokens)
+    tap = LayerTap(model, _layer_name(basis, layer), skip_tokens=skip_tokens_to_apply(basis, skip_tokens))
     edit = dict(strength=float(strength), direction=direction, membership=membership,
                 absent_level=getattr(basis, "absent_level", None), clamp=recorded_clamp(basis, None))
     batches, kind, score = [], "auto", None

@@ -548,3 +548,30 @@ def test_a_basis_applied_at_another_layer_than_it_records_warns():
         warnings.simplefilter("error")
         pc.counterfactual(model, basis, images, [0])                 # the recorded layer
         pc.counterfactual(model, basis, images, [0], layer="features.3")
+
+
+def test_the_python_api_uses_the_skip_tokens_the_basis_records():
+    import warnings
+
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    images = torch.rand(6, 3, 16, 16)
+    with pytest.warns(UserWarning, match="17 tokens of 16 channels per image after skip_tokens=0, not a square"):
+        pc.extract(model, "blocks.0", images, 2, seed=0, options={"n_init": 1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        basis = pc.extract(model, "blocks.0", images, 2, seed=0, skip_tokens=1, options={"n_init": 1})
+    assert basis.metadata["skip_tokens"] == 1
+    # the default follows the basis: the class token is left alone, as the extraction did
+    default = pc.counterfactual(model, basis, images, [0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        explicit = pc.counterfactual(model, basis, images, [0], skip_tokens=1)
+    assert torch.equal(default.logits_after, explicit.logits_after)
+    with pytest.warns(UserWarning, match="extracted with skip_tokens=1 and is applied with skip_tokens=0"):
+        other = pc.counterfactual(model, basis, images, set={0: 5.0}, skip_tokens=0)   # edits the class token too
+    assert not torch.allclose(other.logits_after, pc.counterfactual(model, basis, images, set={0: 5.0}).logits_after)
+    ranking = pc.rank_concepts(model, basis, images, target="predicted")
+    assert torch.allclose(ranking.image_effects[ranking.concepts.index(0)],
+                          pc.rank_concepts(model, basis, images, target="predicted", skip_tokens=1)
+                          .image_effects[ranking.concepts.index(0)])
