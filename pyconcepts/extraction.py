@@ -233,6 +233,9 @@ def _warn_if_not_a_grid(tap: LayerTap) -> None:
     """A token layer whose tokens (after ``skip_tokens``) are no square grid: most likely a
     class or register token is counted as a patch."""
     shape = tap.shape
+    if shape is not None and shape.kind == "conv" and tap.skip_tokens:
+        warnings.warn(f"layer {tap.layer!r} is a (batch, channels, height, width) map: skip_tokens="
+                      f"{tap.skip_tokens} applies to token layers only and is not used", stacklevel=4)
     if shape is None or shape.kind != "tokens" or tap.token_grid is not None:
         return
     n = shape.positions

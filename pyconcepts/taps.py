@@ -237,7 +237,8 @@ class LayerTap:
         if side * side != n:
             raise ValueError(
                 f"{n} patch tokens are not a square grid: leading class or register tokens are left out "
-                "with skip_tokens=N (command line: --skip-tokens N), a non-square grid is given as grid=(h, w)"
+                "with skip_tokens=N (command line: --skip-tokens N), a non-square grid is given as grid=(h, w) "
+                "(command line: --options '{\"grid\": [h, w]}')"
             )
         return side, side
 

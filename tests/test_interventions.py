@@ -575,3 +575,9 @@ def test_the_python_api_uses_the_skip_tokens_the_basis_records():
     assert torch.allclose(ranking.image_effects[ranking.concepts.index(0)],
                           pc.rank_concepts(model, basis, images, target="predicted", skip_tokens=1)
                           .image_effects[ranking.concepts.index(0)])
+
+
+def test_skip_tokens_on_a_conv_layer_warns_that_it_is_not_used():
+    model = SmallCNN().eval()
+    with pytest.warns(UserWarning, match="applies to token layers only"):
+        pc.extract(model, "features.3", torch.rand(4, 3, 8, 8), 2, skip_tokens=1, options={"n_init": 1})
