@@ -63,6 +63,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
@@ -546,9 +547,13 @@ def counterfactual(
             if kind == "auto":
                 kind = scores_kind(raw)
             before.append(read_scores(raw, None, kind).float().cpu())
-            with intervene(model, basis, layer=tap.layer, remove=remove_, set=set_, scale=scale_,
-                           strength=strength, direction=direction, skip_tokens=tap.skip_tokens,
-                           membership=membership, amplify=amplify):
+            with contextlib.ExitStack() as edited:
+                with warnings.catch_warnings():
+                    # the layer and skip_tokens were checked (and warned of) above, once
+                    warnings.filterwarnings("ignore", message="the basis was extracted ")
+                    edited.enter_context(intervene(
+                        model, basis, layer=tap.layer, remove=remove_, set=set_, scale=scale_, strength=strength,
+                        direction=direction, skip_tokens=tap.skip_tokens, membership=membership, amplify=amplify))
                 after.append(read_scores(model(batch), output, kind).float().cpu())
     if not before:
         raise ValueError("images is empty")

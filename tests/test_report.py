@@ -259,6 +259,11 @@ def test_receptive_field_of_two_convolutions():
     assert (top, left) == (0, 0) and bottom - top == rf.size == right - left      # slid inside the image
     top, left, bottom, right = rf.box(7, 7)
     assert (bottom, right) == (16, 16)
+    # on a rectangular input a crop is cut to the shorter side, and the caption says so
+    wide = receptive_field(tap, torch.rand(2, 1, 16, 40), (8, 20))
+    wide.MIN_CROP = 24
+    top, left, bottom, right = wide.box(4, 10)
+    assert (bottom - top, right - left) == (16, 24) and wide.describe().startswith("16 x 24 px crops of 16 x 40")
 
 
 def test_a_token_grid_cell_is_where_its_patch_was_embedded():

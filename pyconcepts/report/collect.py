@@ -97,16 +97,18 @@ class ReceptiveField:
                            "activation with respect to the input",
                "stride": "the patch's own cell (input size / grid size): the gradient was zero"}[self.method]
         side = self.crop_side
+        # a crop stays inside the input: on a rectangular input it is cut to the shorter side
+        dims = f"{min(side, self.input_size[0])} x {min(side, self.input_size[1])}"
         if side >= max(self.input_size) and side > self.size:
             crop = (f"whole {self.input_size[0]} x {self.input_size[1]} px inputs (crops show at least "
                     f"{self.MIN_CROP} px a side, for context); the square each patch reads is {self.size} x {self.size} px "
                     f"(not drawn)")
         elif side > self.size:
-            crop = (f"{side} x {side} px crops of {self.input_size[0]} x {self.input_size[1]} inputs (at least "
+            crop = (f"{dims} px crops of {self.input_size[0]} x {self.input_size[1]} inputs (at least "
                     f"{self.MIN_CROP} px a side, for context); the square each patch reads is {self.size} x {self.size} px "
                     f"(not drawn)")
         else:
-            crop = f"{side} x {side} px crops of {self.input_size[0]} x {self.input_size[1]} inputs"
+            crop = f"{dims} px crops of {self.input_size[0]} x {self.input_size[1]} inputs"
         return (f"{crop}: {how} "
                 f"(theoretical receptive field {self.extent[0]} x {self.extent[1]} px, stride "
                 f"{self.stride[0]:g} x {self.stride[1]:g} px)")
