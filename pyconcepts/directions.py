@@ -721,13 +721,16 @@ def extract_directions(
     # class sums of raw rows by cluster: the discriminants
     class_sums = torch.zeros(k, d, dtype=torch.float64)
     class_counts = torch.zeros(k, dtype=torch.int64)
-    negatives = torch.zeros(1, dtype=torch.int64)  # whether the layer is non-negative (post-ReLU)
+    lowest = None  # the smallest activation: is the layer non-negative (post-ReLU)?
     with fail_together("the class sums"):
         for chunk in iter_chunks(x, chunk_size, dim=d):
             sums, counts = ops.spherical_update(chunk, labels_of(chunk), k)
             class_sums += sums.cpu()
             class_counts += counts.cpu()
-            negatives += int((chunk < 0).any())
+            # kept on the chunk's device: no synchronisation per chunk
+            low = chunk.min()
+            lowest = low if lowest is None else torch.minimum(lowest, low.to(lowest.device))
+    negatives = torch.tensor([int(lowest is not None and float(lowest) < 0)], dtype=torch.int64)
     all_reduce_sum_(class_sums, class_counts, negatives)
     total = class_counts.sum()
     _check_rows_read(int(total), km.n_samples_, "the class-sums pass")
