@@ -443,9 +443,9 @@ def _joint_removals(model: nn.Module, tap: LayerTap, basis, m: Measurements, cla
     mean = basis.mean.detach()
 
     def logits_of(x, remove=None, layer_mean=False, detections=None):
-        """The model's outputs on ``x``; with ``remove``, ``detections`` (a list) receives,
-        per image, the removed concepts' (patch, concept) detections before, kept and new:
-        three (N,) tensors."""
+        """The model's outputs on ``x`` with the concepts ``remove`` removed, or with the layer
+        at its mean; with ``remove``, ``detections`` (a list) receives, per image, the removed
+        concepts' (patch, concept) detections before, kept and new: three (N,) tensors."""
         out = []
         counts = []
         with tap.eval_mode(), torch.no_grad():
@@ -453,7 +453,7 @@ def _joint_removals(model: nn.Module, tap: LayerTap, basis, m: Measurements, cla
                 chunk = tap._check_images(x[start:start + batch_size])
                 if layer_mean:  # every patch row replaced by the layer's mean row
                     out.append(tap.forward_rows(chunk, lambda rows: mean.to(rows).expand_as(rows)).float().cpu())
-                elif remove:
+                else:
                     rows = {}
 
                     def grab(key):
@@ -475,8 +475,6 @@ def _joint_removals(model: nn.Module, tap: LayerTap, basis, m: Measurements, cla
                     b = chunk.shape[0]
                     was, now = rows["before"].reshape(b, -1), rows["after"].reshape(b, -1)
                     counts.append(torch.stack([was.sum(1), (was & now).sum(1), (~was & now).sum(1)]))
-                else:
-                    out.append(model(chunk).float().cpu())
         if detections is not None and counts:
             detections.extend(torch.cat(counts, 1).unbind(0))
         return torch.cat(out)
@@ -488,28 +486,33 @@ def _joint_removals(model: nn.Module, tap: LayerTap, basis, m: Measurements, cla
         seen, kept, new = (int((c if sel is None else c[sel]).sum()) for c in counts)
         return (kept / seen if seen else None), (new / seen if seen else None)
 
-    before = logits_of(images)
-    predicted = before.argmax(1)
+    # the unedited outputs were measured by the ranking: each image's top class and its log-odds
+    predicted, before_odds = m.predicted, m.image_odds.double()
     # what all the concepts carry, against what the whole layer carries: every concept removed,
     # and the layer replaced by its mean (its content gone)
     every_counts: List[torch.Tensor] = []
     every = logits_of(images, list(range(basis.n_concepts)), detections=every_counts)
     flat = logits_of(images, layer_mean=True)
-    counts = torch.bincount(predicted, minlength=before.shape[1])
-    classes = [int(c) for c in torch.argsort(counts, descending=True, stable=True) if counts[c] > 0][:max_classes]
+    predictions = torch.bincount(predicted, minlength=m.n_classes)
+    classes = [int(c) for c in torch.argsort(predictions, descending=True, stable=True)
+               if predictions[c] > 0][:max_classes]
     joint = []
     for j, c in enumerate(classes):
         change = m.class_odds_change[:, c]
         supporters = [int(i) for i in torch.argsort(change, stable=True)[:size] if change[i] <= -MIN_REMOVAL_EFFECT]
         sel = predicted == c
         cls = torch.full((int(sel.sum()),), c)
-        counts: List[torch.Tensor] = []
-        after = logits_of(images[sel], supporters, detections=counts) if supporters else before[sel]
-        left, created = shares(counts)
+        removed_counts: List[torch.Tensor] = []
+        if supporters:
+            after = logits_of(images[sel], supporters, detections=removed_counts)
+            after_odds, after_changed = log_odds(after, cls).mean(), (after.argmax(1) != c).double().mean()
+        else:
+            after_odds, after_changed = before_odds[sel].mean(), torch.zeros(())
+        left, created = shares(removed_counts)
         all_left, all_created = shares(every_counts, sel)
         joint.append(JointRemoval(
-            class_names[c], int(sel.sum()), supporters, float(log_odds(before[sel], cls).mean()),
-            float(log_odds(after, cls).mean()), float((after.argmax(1) != c).double().mean()),
+            class_names[c], int(sel.sum()), supporters, float(before_odds[sel].mean()),
+            float(after_odds), float(after_changed),
             all_after=float(log_odds(every[sel], cls).mean()),
             all_changed=float((every[sel].argmax(1) != c).double().mean()),
             mean_after=float(log_odds(flat[sel], cls).mean()),
