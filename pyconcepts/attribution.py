@@ -16,15 +16,14 @@
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .basis import layer_to_apply, recorded_clamp, skip_tokens_to_apply
+from .basis import concept_indices, layer_to_apply, recorded_clamp, skip_tokens_to_apply
 from .outputs import OutputSpec, output_or_recorded, read_scores, scores_kind
 from .signal import masked_signal_vectors
 from .taps import LayerTap, iter_batches
@@ -51,23 +50,7 @@ def _check_dim(basis, rows, layer):
 
 
 def _concept_list(concepts, k: int) -> List[int]:
-    if concepts is None:
-        return list(range(k))
-    one = isinstance(concepts, torch.Tensor) and concepts.dim() == 0
-    if one or not isinstance(concepts, (torch.Tensor, Iterable)):
-        concepts = [concepts]
-    out = []
-    for i in concepts:
-        try:
-            if isinstance(i, bool):
-                raise TypeError
-            i = operator.index(i.item() if isinstance(i, torch.Tensor) and i.numel() == 1 else i)
-        except TypeError:
-            raise TypeError(f"concepts must hold ints, got {i!r}") from None
-        if not -k <= i < k:
-            raise IndexError(f"concept index {i} is out of range for a basis of {k} concepts")
-        out.append(i % k)
-    return out
+    return list(range(k)) if concepts is None else concept_indices(concepts, k, "concepts")
 
 
 def _basis_tensors(basis, like: torch.Tensor):

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 import re
 import secrets
 import socket
 import warnings
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Union
 
 import torch
 
@@ -316,6 +317,31 @@ class ConceptBasis:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path!r} holds an inconsistent ConceptBasis: {exc}") from None
         return basis.to(device) if torch.device(device).type != "cpu" else basis
+
+
+def concept_index(i, k: int, name: str) -> int:
+    """One concept index of a basis of ``k`` concepts (an int, a numpy int or a 0-d tensor;
+    negative counts from the end), checked; errors name the argument ``name``."""
+    if isinstance(i, bool):
+        raise TypeError(f"{name}: concept index must be an int, got {i!r}")
+    try:
+        i = operator.index(i.item() if isinstance(i, torch.Tensor) and i.numel() == 1 else i)
+    except TypeError:
+        raise TypeError(f"{name}: concept index must be an int, got {i!r}") from None
+    if not -k <= i < k:
+        raise IndexError(f"{name}: concept index {i} is out of range for a basis of {k} concepts")
+    return i % k
+
+
+def concept_indices(concepts, k: int, name: str) -> List[int]:
+    """``concepts``, one index or several (a list, a tensor, an array), checked with
+    ``concept_index``; None gives none."""
+    if concepts is None:
+        return []
+    one = isinstance(concepts, torch.Tensor) and concepts.dim() == 0
+    if one or not isinstance(concepts, (torch.Tensor, Iterable)):
+        concepts = [concepts]
+    return [concept_index(i, k, name) for i in concepts]
 
 
 def layer_to_apply(basis, layer: Optional[str]) -> str:

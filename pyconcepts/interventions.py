@@ -62,15 +62,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-import operator
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .basis import layer_to_apply, recorded_clamp, skip_tokens_to_apply
+from .basis import (concept_index, concept_indices, layer_to_apply, recorded_clamp,
+                    skip_tokens_to_apply)
 from .outputs import OutputSpec, output_or_recorded, read_scores, scores_kind
 from .taps import LayerTap, iter_batches, resolve_layer
 
@@ -89,18 +89,6 @@ def _check_basis(basis):
         if not hasattr(basis, name):
             raise TypeError(f"basis must be a ConceptBasis (it has no {name!r}), got {type(basis).__name__}")
     return basis
-
-
-def _check_index(i, k: int, name: str) -> int:
-    if isinstance(i, bool):
-        raise TypeError(f"{name}: concept index must be an int, got {i!r}")
-    try:
-        i = operator.index(i.item() if isinstance(i, torch.Tensor) and i.numel() == 1 else i)
-    except TypeError:
-        raise TypeError(f"{name}: concept index must be an int, got {i!r}") from None
-    if not -k <= i < k:
-        raise IndexError(f"{name}: concept index {i} is out of range for a basis of {k} concepts")
-    return i % k
 
 
 def _layer_name(basis, layer: Optional[str]) -> str:
@@ -231,7 +219,7 @@ def _normalise_amplify(basis, amplify) -> Dict[int, float]:
     k = basis.decoding.shape[0]
     if amplify is not None and not isinstance(amplify, Mapping):
         raise TypeError(f"amplify must map concept indices to factors, e.g. {{3: 2.0}}, got {amplify!r}")
-    return {_check_index(i, k, "amplify"): _finite_value(c, "amplify", i, low=0.0)
+    return {concept_index(i, k, "amplify"): _finite_value(c, "amplify", i, low=0.0)
             for i, c in dict(amplify or {}).items()}
 
 
@@ -245,15 +233,11 @@ def _normalise_edits(basis, set, scale, remove, remove_name: str = "remove"):
     k = basis.decoding.shape[0]
     set_ = {}
     for i, t in dict(set or {}).items():
-        set_[_check_index(i, k, "set")] = _finite_value(t, "set", i)
+        set_[concept_index(i, k, "set")] = _finite_value(t, "set", i)
     scale_ = {}
     for i, c in dict(scale or {}).items():
-        scale_[_check_index(i, k, "scale")] = _finite_value(c, "scale", i)
-    if remove is None:
-        remove = []
-    elif (isinstance(remove, torch.Tensor) and remove.dim() == 0) or not isinstance(remove, (torch.Tensor, Iterable)):
-        remove = [remove]  # one concept
-    remove_ = [_check_index(i, k, remove_name) for i in remove]
+        scale_[concept_index(i, k, "scale")] = _finite_value(c, "scale", i)
+    remove_ = concept_indices(remove, k, remove_name)
     return set_, scale_, remove_
 
 
