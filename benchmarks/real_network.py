@@ -44,7 +44,9 @@ its encoding directions (``set={i: 0}``). ``pyconcepts+refine`` is ``pc.extract(
 (the paper's refinement losses with URA).
 
 Stability across halves is the mean over ``--splits`` seeded stratified splits (one split is
-noisy: the matched cosine moved by +-0.05 between splits). pyconcepts' greedy order
+noisy: the matched cosine moved by +-0.05 between splits); the faithfulness figures are the
+mean over the first ``--faith-splits`` of them (each ranks on its own half A and measures on its
+half B; the per-split drops are printed beside the mean). pyconcepts' greedy order
 for the face target is also computed by ``pc.rank_concepts(..., greedy=5)`` and printed
 beside the benchmark's own loop (they must agree).
 """
@@ -305,6 +307,13 @@ def greedy_ranking(remove, evaluator: Evaluator, k: int, m: int) -> List[int]:
     return chosen
 
 
+def mean_of(rows: List[Dict[str, float]]) -> Dict[str, float]:
+    """Field-wise mean of faithfulness rows (one per split)."""
+    out = {key: statistics.mean(float(r[key]) for r in rows) for key in rows[0]}
+    out["m"] = int(rows[0]["m"])
+    return out
+
+
 def faithfulness(remove, order: List[int], faces: Evaluator, others: Evaluator,
                  spread: float, max_m: int) -> List[Dict[str, float]]:
     """``faces``: images of the target class; ``others``: images of the other class (their
@@ -363,6 +372,9 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="+",
                     default=["pyconcepts", "pyconcepts+refine", "pca", "nmf", "kmeans", "sae"])
     ap.add_argument("--splits", type=int, default=3, help="random halves the stability is averaged over")
+    ap.add_argument("--faith-splits", type=int, default=3,
+                    help="of those splits, how many the faithfulness is averaged over (each ranks on its "
+                         "half A and measures on its half B)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch and BLAS threads (1 by default: on a shared, oversubscribed host "
                          "two threads ran these small fits 7-9x slower than one)")
@@ -408,21 +420,27 @@ def main(argv=None):
         rows = {"a": all_rows[rows_sel], "b": all_rows[~rows_sel], "all": all_rows}[part]
         return {"pca": fit_pca, "nmf": fit_nmf, "kmeans": fit_kmeans, "sae": fit_sae}[method](rows, k, seed)
 
-    # faithfulness sets, per target class: rank on half A's images of the class, measure the
-    # drop on half B's images of the class and the flips on half B's images of the other class
+    # faithfulness sets, per split and target class: rank on half A's images of the class,
+    # measure the drop on half B's images of the class and the flips on half B's images of the
+    # other class
     photo = data.labels == UNLABELLED
-    targets = {
-        "face": (half_a & (data.labels == FACE), half_b & (data.labels == FACE),
-                 half_b & ((data.labels == NON_FACE) | photo), FACE_CLASS),
-        "non-face": (half_a & (data.labels == NON_FACE), half_b & (data.labels == NON_FACE),
-                     half_b & (data.labels == FACE), 1 - FACE_CLASS),
-    }
-    sets = {}
-    for name, (sel_a, sel_b, sel_o, cls) in targets.items():
-        ev_b = Evaluator(model, args.layer, data.images[sel_b], cls)
-        sets[name] = (Evaluator(model, args.layer, data.images[sel_a], cls), ev_b,
-                      Evaluator(model, args.layer, data.images[sel_o], cls),
-                      float(((ev_b.rows - all_rows.mean(0)) ** 2).sum(1).mean()))
+    n_faith = max(1, min(args.faith_splits, len(splits)))
+    split_sets = []
+    for half_a, half_b in splits[:n_faith]:
+        targets = {
+            "face": (half_a & (data.labels == FACE), half_b & (data.labels == FACE),
+                     half_b & ((data.labels == NON_FACE) | photo), FACE_CLASS),
+            "non-face": (half_a & (data.labels == NON_FACE), half_b & (data.labels == NON_FACE),
+                         half_b & (data.labels == FACE), 1 - FACE_CLASS),
+        }
+        sets = {}
+        for name, (sel_a, sel_b, sel_o, cls) in targets.items():
+            ev_b = Evaluator(model, args.layer, data.images[sel_b], cls)
+            sets[name] = (Evaluator(model, args.layer, data.images[sel_a], cls), ev_b,
+                          Evaluator(model, args.layer, data.images[sel_o], cls),
+                          float(((ev_b.rows - all_rows.mean(0)) ** 2).sum(1).mean()))
+        split_sets.append(sets)
+    sets = split_sets[0]
     face_rows = all_rows[row_label == FACE]
     nonface_rows = all_rows[row_label == NON_FACE]
 
@@ -460,22 +478,32 @@ def main(argv=None):
         res_m = {"stability": stab, "removal": {}}
         rate_face = f0.detect(face_rows).float().mean(0)
         rate_nonface = f0.detect(nonface_rows).float().mean(0)
-        for target, (ev_a, ev_b, ev_o, spread) in sets.items():
+        for target in sets:
             own, other = (rate_face, rate_nonface) if target == "face" else (rate_nonface, rate_face)
             for mode, remove in removals.items():
                 label = method if mode == "default" else f"{method}:{mode}"
-                order = greedy_ranking(remove, ev_a, k, args.max_m)
-                faith = faithfulness(remove, order, ev_b, ev_o, spread, args.max_m)
-                selectivity = float(own[order[:5]].sum() / other[order[:5]].sum().clamp_min(1e-6))
+                per_split = []
+                for split_set in split_sets:
+                    ev_a, ev_b, ev_o, spread = split_set[target]
+                    order = greedy_ranking(remove, ev_a, k, args.max_m)
+                    faith = faithfulness(remove, order, ev_b, ev_o, spread, args.max_m)
+                    selectivity = float(own[order[:5]].sum() / other[order[:5]].sum().clamp_min(1e-6))
+                    per_split.append({"order": order, "faithfulness": faith, "selectivity_top5": selectivity,
+                                      "own_rate_top5": own[order[:5]].tolist(),
+                                      "other_rate_top5": other[order[:5]].tolist()})
+                faith = [mean_of([p["faithfulness"][i] for p in per_split]) for i in range(args.max_m)]
+                selectivity = statistics.mean(p["selectivity_top5"] for p in per_split)
                 res_m["removal"][f"{target}/{mode}"] = {
-                    "order": order, "faithfulness": faith, "selectivity_top5": selectivity,
-                    "own_rate_top5": own[order[:5]].tolist(), "other_rate_top5": other[order[:5]].tolist()}
+                    "order": per_split[0]["order"], "faithfulness": faith, "selectivity_top5": selectivity,
+                    "per_split": per_split}
                 for r in faith:
                     faith_rows.append([target, label, r["m"], r["margin_drop"], r["energy"], r["drop_per_energy"],
                                        r["flips"], f"{r['flip_rate']:.3f}", r["other_shift"]])
                 last = faith[-1]
-                summary_rows.append([target, label, last["margin_drop"], last["drop_per_energy"], last["flips"],
-                                     f"{last['flip_rate']:.3f}", last["other_shift"], selectivity, str(order)])
+                drops = " ".join(f"{p['faithfulness'][-1]['margin_drop']:.2f}" for p in per_split)
+                summary_rows.append([target, label, last["margin_drop"], drops, last["drop_per_energy"],
+                                     last["flips"], f"{last['flip_rate']:.3f}", last["other_shift"], selectivity,
+                                     " ".join(str(p["order"]) for p in per_split)])
         if method == "pyconcepts":
             ev_a = sets["face"][0]
             ranking = pc.rank_concepts(model, f0.basis, ev_a.images, output=OUTPUT,
@@ -531,10 +559,10 @@ def main(argv=None):
                 f"images of the class ({sizes}); flips: half-B images of the other class that move to the target class",
                 ["target", "method", "m", "margin drop", "energy moved", "drop / energy", "flips", "flip rate",
                  "other shift"], faith_rows)
-    print_table(f"Summary at m = {args.max_m} (selectivity: detection rate of the top 5 on the target class's lfw "
-                "patches over the other class's)",
-                ["target", "method", "margin drop", "drop / energy", "flips", "flip rate", "other shift",
-                 "selectivity", "top concepts"], summary_rows)
+    print_table(f"Summary at m = {args.max_m}, mean over {n_faith} splits (flips: mean count per split; "
+                "selectivity: detection rate of the top 5 on the target class's lfw patches over the other class's)",
+                ["target", "method", "margin drop", "per split", "drop / energy", "flips", "flip rate",
+                 "other shift", "selectivity", "top concepts per split"], summary_rows)
     save_results(args.json, results)
     return results
 
