@@ -111,9 +111,10 @@ def detection_maps(
     if kind not in ("membership", "score", "latent"):
         raise ValueError(f"kind must be 'membership', 'score' or 'latent', got {kind!r}")
     tap = _tap(model, basis, layer, skip_tokens, grid)
-    out = []
+    out, seen = [], 0
     for batch in iter_batches(images, batch_size):
-        rows = tap.to_rows(tap.activations(batch)).float()
+        rows = tap.to_rows(tap.activations(batch, seen)).float()
+        seen += batch.shape[0]
         _check_dim(basis, rows, tap.layer)
         w, b, s, mu = _basis_tensors(basis, rows)
         values = _latent(rows, w, s, mu) if kind == "latent" else rows @ w.T - b
@@ -190,11 +191,12 @@ def contribution_maps(
         raise TypeError("method='linear' needs head=<the nn.Linear after global average pooling>")
     tap = _tap(model, basis, layer, skip_tokens, grid)
     idx = _concept_list(concepts, basis.decoding.shape[0])
-    out = []
+    out, seen = [], 0
     for batch in iter_batches(images, batch_size):
         b = batch.shape[0]
+        offset, seen = seen, seen + b
         if method == "linear":
-            rows = tap.to_rows(tap.activations(batch)).float()
+            rows = tap.to_rows(tap.activations(batch, offset)).float()
             _check_dim(basis, rows, tap.layer)
             if head.in_features != rows.shape[1]:
                 raise ValueError(f"head has {head.in_features} inputs but the layer has {rows.shape[1]} channels")
@@ -207,6 +209,7 @@ def contribution_maps(
             contrib = _contributions(basis, rows, grads, w, s, mu, idx, reference, clamp)
             maps = tap.rows_to_maps(contrib, b)
         else:
+            batch = tap._check_images(batch, offset)
             captured = {}
 
             def replace(out_):
@@ -315,7 +318,10 @@ def rcav(
         raise ValueError(f"level must be in (0, 1), got {level!r}")
     tap = _tap(model, basis, layer, skip_tokens)
     idx = _concept_list(concepts, basis.decoding.shape[0])
-    batches = [tap._check_images(b) for b in iter_batches(images, batch_size)]
+    batches, seen = [], 0
+    for b in iter_batches(images, batch_size):
+        batches.append(tap._check_images(b, seen))
+        seen += b.shape[0]
     if not batches:
         raise ValueError("images is empty")
     gen = torch.Generator().manual_seed(seed)

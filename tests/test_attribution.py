@@ -218,6 +218,21 @@ def test_bad_input_is_named():
         attr.detection_maps(model, basis, torch.rand(2, 4, 8, 8))
 
 
+def test_nan_images_are_named_by_their_position_among_all():
+    model = SmallCNN().eval()
+    images = torch.rand(7, 3, 8, 8)
+    basis = basis_for(model, "features.3", images)
+    images[5, 0, 1, 1] = float("nan")
+    where = r"images contain NaN or Inf pixels \(image\(s\) \[5\]\)"
+    with pytest.raises(ValueError, match=where):
+        attr.detection_maps(model, basis, images, batch_size=2)
+    for method in ("gradient", "linear"):
+        with pytest.raises(ValueError, match=where):
+            attr.contribution_maps(model, basis, images, 0, method=method, head=model.fc, batch_size=2)
+    with pytest.raises(ValueError, match=where):
+        attr.rcav(model, basis, images, batch_size=2)
+
+
 
 def test_contribution_maps_check_the_target_class():
     model = SmallCNN().eval()
