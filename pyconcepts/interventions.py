@@ -402,6 +402,8 @@ def correct(
     _, _, idx = _normalise_edits(basis, None, None, concepts, "concepts")
     if not idx:
         raise ValueError("concepts is empty: name at least one concept to suppress")
+    # stored, and so removed one after the other, in index order, as intervene removes them
+    idx = sorted(set(idx))
     name = _layer_name(basis, layer)
     device = next((p.device for p in model.parameters()), basis.decoding.device)
     sel = torch.tensor(idx, dtype=torch.long)

@@ -112,6 +112,29 @@ def test_intervene_edits_match_edit_rows_at_the_layer():
     assert torch.allclose(got, want, atol=1e-6)
 
 
+def test_correction_removes_in_index_order_like_intervene():
+    model = SmallCNN().eval()
+    images = torch.rand(6, 3, 8, 8)
+    tap = LayerTap(model, "features.3")
+    rows = tap.to_rows(tap.activations(images))
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(3, 8, generator=g)
+    s = (w + 0.8 * w.roll(1, 0)) / (w * w).sum(1, keepdim=True)   # each s_i moves the next filter
+    basis = pc.ConceptBasis(w, (rows @ w.T).median(0).values, s, rows.mean(0), layer="features.3")
+    edit = lambda r, i: edit_rows(r, basis.decoding, basis.bias, basis.encoding, basis.mean,  # noqa: E731
+                                  remove=[i], membership="soft")
+    # the order matters for this basis: 2 then 0 is not 0 then 2
+    assert not torch.allclose(edit(edit(rows, 2), 0), edit(edit(rows, 0), 2), atol=1e-4)
+    with torch.no_grad(), pc.intervene(model, basis, remove=[2, 0], membership="soft"):
+        want = model(images)
+    for given in ([2, 0], [0, 2]):
+        fix = pc.correct(model, basis, given)
+        with torch.no_grad():
+            assert torch.allclose(model(images), want, atol=1e-6), given
+        assert fix.concepts == [0, 2]
+        fix.remove()
+
+
 def test_correction_is_permanent_saved_in_state_and_removable(tmp_path):
     model = SmallCNN().eval()
     images = torch.rand(6, 3, 8, 8)
