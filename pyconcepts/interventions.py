@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -521,7 +520,16 @@ def counterfactual(
     if not (set_ or scale_ or remove_ or amplify_):
         raise ValueError("nothing to change: give concepts to remove, or set=, scale= or amplify= edits")
     _check_not_both(remove_, amplify_)
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
+    if membership not in _MEMBERSHIPS:
+        raise ValueError(f"membership must be one of {_MEMBERSHIPS}, got {membership!r}")
     tap = LayerTap(model, _layer_name(basis, layer), skip_tokens=skip_tokens_to_apply(basis, skip_tokens))
+    # the hook intervene installs, built once: the layer and skip_tokens were checked (and
+    # warned of) above, and no warnings filter is touched per batch (that would reset Python's
+    # once-per-location memory and repeat the model's own warnings for every batch)
+    edit_hook = _EditHook(tap, basis, set_, scale_, remove_, strength, direction, recorded_clamp(basis, None),
+                          membership, amplify_)
     before, after = [], []
     kind = "auto"
     with tap.eval_mode(), torch.no_grad():
@@ -533,14 +541,11 @@ def counterfactual(
             if kind == "auto":
                 kind = scores_kind(raw)
             before.append(read_scores(raw, None, kind).float().cpu())
-            with contextlib.ExitStack() as edited:
-                with warnings.catch_warnings():
-                    # the layer and skip_tokens were checked (and warned of) above, once
-                    warnings.filterwarnings("ignore", message="the basis was extracted ")
-                    edited.enter_context(intervene(
-                        model, basis, layer=tap.layer, remove=remove_, set=set_, scale=scale_, strength=strength,
-                        direction=direction, skip_tokens=tap.skip_tokens, membership=membership, amplify=amplify))
+            handle = tap.module.register_forward_hook(edit_hook)
+            try:
                 after.append(read_scores(model(batch), output, kind).float().cpu())
+            finally:
+                handle.remove()
     if not before:
         raise ValueError("images is empty")
     return Counterfactual(torch.cat(before), torch.cat(after))

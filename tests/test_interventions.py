@@ -605,3 +605,22 @@ def test_skip_tokens_on_a_conv_layer_warns_that_it_is_not_used():
     model = SmallCNN().eval()
     with pytest.warns(UserWarning, match="applies to token layers only"):
         pc.extract(model, "features.3", torch.rand(4, 3, 8, 8), 2, skip_tokens=1, options={"n_init": 1})
+
+
+class _WarnsOnce(SmallCNN):
+    def forward(self, x):
+        import warnings
+        warnings.warn("the model's own warning", UserWarning)
+        return super().forward(x)
+
+
+def test_counterfactual_does_not_repeat_the_models_warnings_per_batch():
+    import warnings
+
+    model = _WarnsOnce().eval()
+    images = torch.rand(6, 3, 8, 8)
+    basis = random_basis(8, layer="features.3")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")      # Python's default: once per code location
+        pc.counterfactual(model, basis, images, [0], batch_size=2)
+    assert sum("the model's own warning" in str(w.message) for w in seen) == 1
