@@ -17,6 +17,8 @@ softmax), so every consumer can work in logits.
 """
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
@@ -134,9 +136,21 @@ def scores_kind(scores: torch.Tensor) -> str:
 
 
 def as_logits(scores: torch.Tensor, kind: str) -> torch.Tensor:
-    """Logits with the same softmax: log-probabilities for 'probs' (clamped at 1e-12)."""
+    """Logits with the same softmax: log-probabilities for 'probs'.
+
+    A probability below the smallest normal number of its dtype (one the model's softmax let
+    underflow) is read as that number, so its log is finite (float32: -87.3) and its gradient
+    stays finite; this caps the log-odds the model's output can show, and a warning says so.
+    """
     if kind == "probs":
-        return scores.float().clamp_min(1e-12).log()
+        tiny = torch.finfo(scores.dtype).tiny
+        if bool((scores.detach() < tiny).any()):
+            warnings.warn(
+                f"the model outputs probabilities and some of them underflowed below {tiny:.3g} "
+                f"(0 in the model's softmax): they are read as {tiny:.3g}, which caps the log-odds at "
+                f"about {-math.log(tiny):.1f} and makes their gradients 0; for exact figures give a model "
+                "that returns the logits before its softmax", stacklevel=2)
+        return scores.float().clamp_min(tiny).log()
     return scores
 
 

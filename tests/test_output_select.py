@@ -118,6 +118,25 @@ def test_probabilities_become_log_probabilities_with_the_same_softmax():
     assert torch.equal(read_scores(logits, None), logits)
 
 
+def test_confident_probabilities_keep_their_log_odds_and_underflow_is_warned_of():
+    import warnings
+
+    logits = torch.tensor([[0.0, 53.9], [0.0, -40.0], [1.0, 2.0]], requires_grad=True)
+    p = logits.softmax(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # no underflow here: no warning
+        read = read_scores(p, None)
+    odds = read[:, 1] - read[:, 0]
+    assert torch.allclose(odds, torch.tensor([53.9, -40.0, 1.0]), rtol=1e-4)
+    odds[0].backward()                          # the gradient of a confident image is not cut
+    assert float(logits.grad.abs().sum()) > 0.5
+    # a softmax that underflowed to 0: read as the smallest normal number, with a warning
+    zero = torch.tensor([[0.0, 1.0]])
+    with pytest.warns(UserWarning, match="underflowed"):
+        capped = read_scores(zero, None)
+    assert torch.isfinite(capped).all() and float(capped[0, 1] - capped[0, 0]) == pytest.approx(87.3, abs=0.1)
+
+
 @pytest.mark.parametrize("probabilities", [False, True])
 def test_extract_reads_class_scores_from_a_tuple(probabilities):
     model = TupleNet(probabilities).eval()
