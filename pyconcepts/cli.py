@@ -809,31 +809,49 @@ def _count(n: int, noun: str) -> str:
 
 
 def _check_folder_classes(args, source, preds: torch.Tensor, n_outputs: int) -> Optional[str]:
-    """Warn when class subfolders named the outputs (no --classes) and the model's predictions
-    agree with them less often than chance: the folders' sorted order is then probably not the
-    model's output order (or the preprocessing is not the model's), and every class name
-    printed is wrong. Returns the warning (None when there is none)."""
-    if args.classes or args.model is None or source.labels is None or preds.numel() == 0:
-        return None
-    if not source.class_names or len(source.class_names) != n_outputs:
+    """Warn when the class subfolders of --images and the model's predictions agree less often
+    than chance: the folders' sorted order (without --classes) or the order of --classes (its
+    names matched to the folders' names) is then probably not the model's output order, or the
+    preprocessing is not the model's, and every class name printed is wrong. Returns the
+    warning (None when there is none)."""
+    if args.model is None or source.labels is None or preds.numel() == 0 or not source.class_names:
         return None
     n = preds.numel()
-    folders = source.labels[:n].long()
-    matches = int((preds.cpu() == folders).sum())
+    folders = source.labels[:n].long().cpu()
+    preds = preds.cpu().long()
+    if args.classes:
+        # the folders whose name --classes gives: their images' true output is that name's index
+        index = {name: i for i, name in enumerate(_output_class_names(args, source, n_outputs))}
+        # (a label outside the folders reads the trailing -1: not named)
+        to_output = torch.tensor([index.get(name, -1) for name in source.class_names] + [-1])
+        folders = to_output[torch.where((folders >= 0) & (folders < len(source.class_names)), folders, -1)]
+        keep = folders >= 0
+        if not bool(keep.any()):
+            return None
+        preds, folders, n = preds[keep], folders[keep], int(keep.sum())
+        named_by = ", named by --classes,"
+        fix = "--classes is probably not in the model's output order"
+    else:
+        if len(source.class_names) != n_outputs:
+            return None
+        named_by = ""
+        fix = (f"the folders' sorted order ({', '.join(source.class_names[:4])}"
+               f"{', ...' if n_outputs > 4 else ''}) is probably not the model's output order (name the outputs "
+               "with --classes)")
+    matches = int((preds == folders).sum())
     agree = matches / n
     # below chance on enough images, or so far below it that chance would rarely give as few
     # matches (two classes, 7 images, none matching: p = 1/128). Chance: the agreement of the
     # predictions with the folders if they were unrelated, from how often each class is
     # predicted and how many images each folder holds (a model that predicts one class more
     # often agrees less often by chance: 1 / classes would flag a correct order)
-    predicted_share = torch.bincount(preds.cpu().long(), minlength=n_outputs)[:n_outputs].double() / n
+    predicted_share = torch.bincount(preds, minlength=n_outputs)[:n_outputs].double() / n
     folder_share = torch.bincount(folders, minlength=n_outputs)[:n_outputs].double() / n
     p_chance = float((predicted_share * folder_share).sum())
     if agree < p_chance and _binomial_cdf(matches, n, p_chance) < 0.01:
-        message = (f"the model's predictions match the class subfolders of --images on only {100 * agree:.0f}% of "
-                   f"the images (chance: {100 * p_chance:.0f}%): the folders' sorted order "
-                   f"({', '.join(source.class_names[:4])}{', ...' if n_outputs > 4 else ''}) is probably not the "
-                   "model's output order (name the outputs with --classes), or the preprocessing is not the model's")
+        message = (f"the model's predictions{named_by} match the class subfolders of --images on only "
+                   f"{100 * agree:.0f}% of the images (chance: {100 * p_chance:.0f}%): {fix}, or the preprocessing "
+                   "is not the model's")
         _warn(message)
         return message
     return None

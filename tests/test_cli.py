@@ -596,6 +596,11 @@ def test_class_folders_in_another_order_than_the_outputs_are_flagged(ws, capsys,
     assert rc == 0 and "match the class subfolders of --images on only 0%" in err and "--classes" in err
     rc, out, err = _run(capsys, *common, "--classes", '["dog", "cat"]')
     assert rc == 0 and "subfolders" not in err
+    # --classes in the folders' (wrong) order: its names are matched to the folders' names
+    rc, out, err = _run(capsys, *common, "--classes", '["cat", "dog"]')
+    assert rc == 0 and "named by --classes, match the class subfolders of --images on only 0%" in err
+    rc, out, err = _run(capsys, *common, "--classes", '["bird", "fish"]')   # names no folder: no judgement
+    assert rc == 0 and "subfolders" not in err
     rc, _, err = _run(capsys, *common, "--limit", 6)  # too few images to judge the order (p = 1/64)
     assert rc == 0 and "subfolders" not in err
     rc, _, err = _run(capsys, *common, "--limit", 8)  # none of 8 matching two classes: p = 1/256
