@@ -240,6 +240,40 @@ class _HalfImages:
                 yield batch[keep.to(batch.device)]
 
 
+def _group_ids(groups, n: int) -> Optional[torch.Tensor]:
+    """``groups`` (one hashable label per image) as (n,) int64 group numbers; None for None."""
+    if groups is None:
+        return None
+    labels = groups.tolist() if hasattr(groups, "tolist") else list(groups)
+    if len(labels) != n:
+        raise ValueError(f"groups has {len(labels)} labels but images has {n} images: give one label per image")
+    numbers: dict = {}
+    try:
+        ids = [numbers.setdefault(label, len(numbers)) for label in labels]
+    except TypeError:
+        raise TypeError("groups: each label must be hashable (an int or a str, say)") from None
+    if len(numbers) < 2:
+        raise ValueError("groups puts every image in one group: two halves need at least two groups")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _random_half(n: int, group_of: Optional[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    """(n,) bool: a random half of the images (of whole groups, when ``group_of`` is given:
+    groups in random order, the first ones up to the count nearest n / 2)."""
+    member = torch.zeros(n, dtype=torch.bool)
+    if group_of is None:
+        member[torch.randperm(n, generator=generator)[: n // 2]] = True
+        return member
+    n_groups = int(group_of.max()) + 1
+    order = torch.randperm(n_groups, generator=generator)
+    filled = torch.bincount(group_of, minlength=n_groups)[order].cumsum(0)
+    # at least one group in each half
+    take = int((filled[:-1] - n / 2).abs().argmin()) + 1
+    chosen = torch.zeros(n_groups, dtype=torch.bool)
+    chosen[order[:take]] = True
+    return chosen[group_of]
+
+
 def concept_stability(
     model: torch.nn.Module,
     basis: ConceptBasis,
@@ -250,6 +284,7 @@ def concept_stability(
     options: Optional[dict] = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: Optional[Callable[[str, int, Optional[int]], None]] = None,
+    groups=None,
 ) -> ConceptStability:
     """Split-half check: would other images give the basis's concepts back?
 
@@ -261,7 +296,11 @@ def concept_stability(
     layer rows of all the images (``compare_bases``), in one more pass over them. Costs
     ``2 * splits`` extractions on half of the images each. The per-concept figures of a single
     split are noisy (one halving can miss a low one or add one); the splits average that out.
-    ``progress(stage, done, total)`` as in ``pc.extract``.
+    ``groups``: one hashable label per image (a sequence, array or tensor); images with the same
+    label always fall in the same half (crops or augmentations of one photo, frames of one
+    video, one subject's images), so a half never sees a near-copy of the other's images,
+    which would make the check optimistic. The halves are then as near to equal as whole
+    groups allow. ``progress(stage, done, total)`` as in ``pc.extract``.
     """
     from .extraction import _count_batches, _count_images, extract
     from .taps import LayerTap, is_one_shot, iter_batches
@@ -281,6 +320,7 @@ def concept_stability(
     n = _count_images(images)
     if n < 2:
         raise ValueError(f"images has {n} image(s): a split-half check needs at least 2")
+    group_of = _group_ids(groups, n)
     settings = dict(meta.get("extract_settings") or {})
     settings.update(options or {})
     skip = int(meta.get("skip_tokens") or 0)
@@ -302,8 +342,7 @@ def concept_stability(
     generator = torch.Generator().manual_seed(seed)
     halves, sizes = [], None
     for split in range(splits):
-        member = torch.zeros(n, dtype=torch.bool)
-        member[torch.randperm(n, generator=generator)[: n // 2]] = True
+        member = _random_half(n, group_of, generator)
         sizes = sizes or (int(member.sum()), int((~member).sum()))
         for h, part in enumerate((member, ~member)):
             name = f"split {split + 1}, half {'AB'[h]}" if splits > 1 else f"half {'AB'[h]}"

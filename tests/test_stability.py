@@ -161,6 +161,33 @@ def test_split_half_check_is_seeded_records_and_reads_batches():
     assert "ConceptStability(3 concepts" in repr(one)
 
 
+def test_groups_keep_their_images_in_one_half():
+    from pyconcepts.stability import _group_ids, _random_half
+
+    group_of = _group_ids([f"line{i // 2}" for i in range(21)], 21)   # pairs, and one single
+    g = torch.Generator().manual_seed(0)
+    draws = [_random_half(21, group_of, g) for _ in range(6)]
+    for member in draws:
+        assert 0 < int(member.sum()) < 21 and abs(int(member.sum()) - 10.5) <= 1.5
+        for k in range(11):
+            assert member[group_of == k].all() or (~member[group_of == k]).all()
+    assert len({tuple(m.tolist()) for m in draws}) > 1
+    # through the check: halves of whole groups of 10 images
+    model = Rows().eval()
+    images = _images(SyntheticModel(dim=16, n_concepts=3, n_distractors=2, seed=1).sample(3600).x)
+    basis = pc.extract(model, "body", images, 3, options={"n_init": 3})
+    check = concept_stability(model, basis, images, splits=1, groups=torch.arange(100) // 10)
+    check.record(basis)
+    sizes = basis.metadata["halves_images"]
+    assert sum(sizes) == 100 and all(size % 10 == 0 for size in sizes)
+    with pytest.raises(ValueError, match="groups has 99 labels but images has 100"):
+        concept_stability(model, basis, images, groups=list(range(99)))
+    with pytest.raises(ValueError, match="every image in one group"):
+        concept_stability(model, basis, images, groups=[0] * 100)
+    with pytest.raises(TypeError, match="hashable"):
+        concept_stability(model, basis, images, groups=[[i] for i in range(100)])
+
+
 def test_split_half_check_rejects_bad_input():
     model = Rows().eval()
     images = torch.randn(4, 6, 3, 3)
