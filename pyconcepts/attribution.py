@@ -26,7 +26,7 @@ from torch import nn
 from .basis import concept_indices, layer_to_apply, recorded_clamp, skip_tokens_to_apply
 from .outputs import OutputSpec, output_or_recorded, read_scores, scores_kind
 from .signal import masked_signal_vectors
-from .taps import LayerTap, iter_batches
+from .taps import LayerTap, autograd_on, iter_batches
 
 __all__ = [
     "detection_maps", "contribution_maps", "rcav", "RCAVResult", "maximize_concept",
@@ -217,7 +217,7 @@ def contribution_maps(
                 captured["leaf"] = leaf
                 return leaf.to(out_.dtype)
 
-            with torch.enable_grad():
+            with autograd_on(model, "contribution_maps(method='gradient')"):
                 logits = read_scores(tap.forward_with(batch, replace), output, "auto")
                 cls = _targets(target, b, logits.device, logits.shape[1])
                 logits.gather(1, cls[:, None]).sum().backward()
@@ -491,15 +491,17 @@ def maximize_concept(
                 float(lat.mean()))
 
     fired0, _, lat0 = stats(h0)
-    x = start.clone().requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=lr)
     grab = {}
 
     def keep(out_):
         grab["out"] = out_
         return out_
 
-    with tap.eval_mode(), tap.frozen(), torch.enable_grad():
+    with tap.eval_mode(), tap.frozen(), autograd_on(model, "maximize_concept"):
+        # clones: tensors made under a caller's inference_mode cannot be saved for backward
+        x = start.clone().requires_grad_(True)
+        h0, unit = h0.clone(), unit.clone()
+        opt = torch.optim.Adam([x], lr=lr)
         for _ in range(steps):
             with tap.hook(keep):
                 model(x)

@@ -53,7 +53,7 @@ from .directions import extract_directions
 from .signal import absent_levels, masked_signal_vectors, signal_vectors
 from .stats import DEFAULT_CHUNK_SIZE, KeyedRowSample, distributed, fail_together, shard_offset
 from .outputs import OutputSpec, check_output_spec, read_scores, scores_kind
-from .taps import LayerTap, is_image_source, is_one_shot, iter_batches
+from .taps import LayerTap, autograd_on, is_image_source, is_one_shot, iter_batches
 from .ura import URALoss
 
 __all__ = ["extract", "DEFAULTS", "fso_loss", "batch_signal_vectors"]
@@ -317,7 +317,8 @@ def extract(
     torch_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        with torch.enable_grad():  # the refinement fits by gradients, also under a caller's no_grad
+        # the refinement fits by gradients, also under a caller's no_grad or inference_mode
+        with autograd_on(model if refine else None, "extract(refine=True)"):
             return _extract(model, layer, images, n_concepts, seed, refine, ura, skip_tokens, opts,
                             progress, model_id, output)
     finally:

@@ -71,7 +71,7 @@ from torch import nn
 from .basis import (concept_index, concept_indices, layer_to_apply, recorded_clamp,
                     skip_tokens_to_apply)
 from .outputs import OutputSpec, output_or_recorded, read_scores, scores_kind
-from .taps import LayerTap, iter_batches, resolve_layer
+from .taps import LayerTap, autograd_on, iter_batches, resolve_layer
 
 __all__ = [
     "intervene", "correct", "counterfactual", "Correction", "Counterfactual",
@@ -744,8 +744,8 @@ def rank_concepts(
         effects = torch.zeros(len(candidates), dtype=torch.float64)
         for batch, acts, _, predicted, _ in batches:
             rows = tap.to_rows(acts)
-            leaf = acts.detach().float().requires_grad_(True)
-            with torch.enable_grad():
+            with autograd_on(model, "rank_concepts(method='gradient')"):
+                leaf = acts.detach().float().clone().requires_grad_(True)
                 out = tap.forward_with(batch, lambda o: leaf.to(o.dtype))
                 score(read_scores(out, output, kind).float(), predicted).float().sum().backward()
             grads = tap.to_rows(leaf.grad).double()

@@ -19,6 +19,20 @@ from torch import nn
 __all__ = ["LayerTap", "resolve_layer", "iter_batches", "ActivationShape"]
 
 
+@contextlib.contextmanager
+def autograd_on(model: Optional[nn.Module] = None, what: str = "this call"):
+    """Gradients on for the block, also under a caller's ``torch.no_grad()`` or
+    ``torch.inference_mode()`` (tensors made under inference mode must be cloned before they
+    enter the graph). A ``model`` whose parameters were made under inference mode cannot pass
+    gradients: that is refused with a clear message."""
+    if model is not None and any(p.is_inference() for p in model.parameters()):
+        raise RuntimeError(
+            f"{what} needs gradients through the model, but its parameters were created under "
+            "torch.inference_mode(); build or load the model outside inference_mode")
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
 def resolve_layer(model: nn.Module, layer: str) -> nn.Module:
     """The submodule called ``layer`` in ``model.named_modules()``; a clear error otherwise."""
     if not isinstance(model, nn.Module):
@@ -168,7 +182,9 @@ class LayerTap:
     @contextlib.contextmanager
     def frozen(self):
         """Parameters stop requiring grad (so f- builds no graph); restored afterwards."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        # (parameters made under torch.inference_mode cannot change requires_grad outside it;
+        # they build no graph there anyway)
+        params = [p for p in self.model.parameters() if p.requires_grad and not p.is_inference()]
         for p in params:
             p.requires_grad_(False)
         try:

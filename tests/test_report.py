@@ -681,14 +681,29 @@ def test_with_many_classes_the_class_table_leaves_out_classes_never_predicted(tm
     assert f"{14 - len(predicted)} classes that no sampled image is predicted as" in page
 
 
-def test_report_and_refined_extraction_work_under_no_grad(tmp_path):
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_report_refinement_and_gradient_calls_work_under_no_grad_and_inference_mode(tmp_path, mode):
     import pyconcepts as pc
+    from pyconcepts.attribution import maximize_concept
 
-    with torch.no_grad():  # a caller's inference mode: the gradients they need are their own
-        index = write_report(tmp_path, _basis(), TinyNet().eval(), "act", _source(), **FAST)
-        basis = pc.extract(TinyNet().eval(), "act", _source().images, 2, refine=True,
-                           options={"refine_steps": 3, "ura_images": 4, "ura_batch": 4, "n_init": 1})
-    assert index.is_file() and basis.n_concepts == 2
+    model = TinyNet().eval()
+    with mode():  # a caller's mode: the gradients these calls need are their own
+        source, basis = _source(), _basis()        # tensors made in that mode, too
+        index = write_report(tmp_path, basis, model, "act", source, **FAST)
+        refined = pc.extract(model, "act", source.images, 2, refine=True,
+                             options={"refine_steps": 3, "ura_images": 4, "ura_batch": 4, "n_init": 1})
+        ranking = pc.rank_concepts(model, basis, source.images, target=0, method="gradient")
+        maps = pc.contribution_maps(model, basis, source.images[:3], 0)
+        check = maximize_concept(model, basis, 0, image=source.images[0], steps=3)
+    assert index.is_file() and refined.n_concepts == 2 and len(ranking.concepts) == 3
+    assert bool(torch.isfinite(maps).all()) and check.concept == 0
+    # a model whose parameters were made in inference mode cannot pass gradients: said plainly
+    with torch.inference_mode():
+        frozen_model = TinyNet().eval()
+    with pytest.raises(RuntimeError, match="created under torch.inference_mode"):
+        pc.contribution_maps(frozen_model, basis, source.images[:3], 0)
+    # ... while the calls that need none still run
+    assert pc.counterfactual(frozen_model, basis, source.images, [0]).logits_after.shape[0] == 12
 
 
 class _LinearHead(nn.Module):

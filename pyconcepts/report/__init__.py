@@ -31,7 +31,7 @@ from ..attribution import rcav as _rcav
 from ..attribution import auto_permutations, rcav_tests
 from ..outputs import output_or_recorded
 from ..stability import LOW_HALVES_JACCARD, VANISHED_JACCARD
-from ..taps import LayerTap, resolve_layer
+from ..taps import LayerTap, autograd_on, resolve_layer
 from .collect import Measurements, OutputSelected, ReceptiveField, measure, receptive_field
 from .html import (CSS, MIN_REMOVAL_EFFECT, ClassEffect, ConceptView, JointRemoval, Picture, ReportView,
                    concept_page, index_page)
@@ -188,7 +188,7 @@ def write_report(
                 seed=seed, progress=progress)
     k, c = basis.n_concepts, m.n_classes
 
-    with torch.enable_grad():  # measured by the input gradient, also under a caller's no_grad
+    with autograd_on(model, "write_report"):  # the input gradient, also under a caller's no_grad
         rf = receptive_field(tap, m.probe[: int(opts["rf_images"])], m.grid, mass=float(opts["rf_mass"]))
 
     # rank: influence first, the concept index breaks ties

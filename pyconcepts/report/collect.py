@@ -18,7 +18,7 @@ from torch import nn
 
 from ..interventions import rank_concepts
 from ..outputs import OutputSpec, check_output_spec, read_scores
-from ..taps import LayerTap
+from ..taps import LayerTap, autograd_on
 
 __all__ = ["OutputSelected", "ReceptiveField", "receptive_field", "Measurements", "measure"]
 
@@ -126,20 +126,20 @@ def receptive_field(tap: LayerTap, images: torch.Tensor, grid: Tuple[int, int], 
     big_h, big_w = images.shape[-2:]
     stride = (big_h / h, big_w / w)
     r0, c0 = h // 2, w // 2
-    x = images.detach().to(tap.device, torch.float32).clone().requires_grad_(True)
     captured = {}
 
     def grab(out):
         captured["rows"] = tap.to_rows(out)
         raise _Stop()
 
-    with torch.enable_grad(), tap.eval_mode(), tap.frozen(), tap.hook(grab):
+    with autograd_on(tap.model, "the receptive field"), tap.eval_mode(), tap.frozen(), tap.hook(grab):
+        x = images.detach().to(tap.device, torch.float32).clone().requires_grad_(True)
         try:
             tap.model(x)
         except _Stop:
             pass
-    rows = captured["rows"].reshape(x.shape[0], h * w, -1)
-    grad = torch.autograd.grad(rows[:, r0 * w + c0].float().sum(), x, allow_unused=True)[0]
+        rows = captured["rows"].reshape(x.shape[0], h * w, -1)
+        grad = torch.autograd.grad(rows[:, r0 * w + c0].float().sum(), x, allow_unused=True)[0]
     default_centre = ((r0 + 0.5) * stride[0], (c0 + 0.5) * stride[1])
     if grad is None or not bool(torch.isfinite(grad).all()) or float(grad.abs().sum()) == 0.0:
         side = max(1, int(round(max(stride))))
