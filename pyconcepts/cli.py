@@ -645,10 +645,20 @@ def _check_out_file(path: str) -> None:
         _warn(f"--out {path!r} will be a safetensors file (pc.ConceptBasis.load reads it), whatever its name says")
 
 
-def _check_out_folder(path: str) -> None:
-    """--out of report: a folder that exists or can be made in an existing, writable folder."""
+def _check_out_folder(path: str, images: Optional[str] = None) -> None:
+    """--out of report: a folder that exists or can be made in an existing, writable folder,
+    not one with a report's file names that no report wrote, nor inside the --images folder."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"--out {path!r} is a file; the report needs a folder")
+    try:
+        from .report.folder import check_report_folder
+    except ImportError:   # no report package: said when the report is asked for
+        check_report_folder = None
+    if check_report_folder is not None:
+        try:
+            check_report_folder(path, images if images and os.path.isdir(images) else None, name="--out")
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     target = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(target):
         raise UserError(f"--out {path!r}: the folder {target!r} does not exist")
@@ -1051,7 +1061,7 @@ def _cmd_report(args) -> int:
         _print_summary(basis)
         return 0
     _check_model_given(args, basis)
-    _check_out_folder(args.out)
+    _check_out_folder(args.out, args.images)
     report_options = _parse_options(args.options)
     try:
         from .report import write_report

@@ -435,6 +435,17 @@ def test_report_calls_write_report_with_the_model_output_classes(ws, capsys, mon
     assert "index.html" in out
 
 
+def test_report_out_is_checked_before_any_work(ws, capsys, tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "report.css").write_text("their style")
+    common = ["report", ws / "basis.safetensors", *_model_args(ws), "--images", ws / "photos"]
+    rc, _, err = _run(capsys, *common, "--out", theirs)
+    assert rc == 2 and "--out" in err and "report.css" in err and (theirs / "report.css").read_text() == "their style"
+    rc, _, err = _run(capsys, *common, "--out", ws / "photos" / "report")
+    assert rc == 2 and "lies inside the images folder" in err and not (ws / "photos" / "report").exists()
+
+
 def test_transform_from_a_file(ws, capsys, tmp_path):
     (tmp_path / "prep.py").write_text(textwrap.dedent('''
         import numpy as np

@@ -189,6 +189,56 @@ def test_rewrite_replaces_only_its_own_files(report, tmp_path):
     assert not [p for p in out.rglob(".tmp-*")]
 
 
+def _tree(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_an_interrupted_report_leaves_the_previous_one_whole(tmp_path):
+    out = tmp_path / "r"
+    model = TinyNet().eval()
+    fast = {**FAST, "rcav_permutations": 3}
+    write_report(out, _basis(k=3), model, None, _source(n=6, masks=False), **fast)
+    (out / "keep.txt").write_text("user file")
+    before = _tree(out)
+
+    def interrupt(stage, done, total):
+        if stage.startswith("report: pages") and done >= 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_report(out, _basis(k=2, seed=1), model, None, _source(n=6, masks=False), progress=interrupt, **fast)
+    assert _tree(out) == before                                   # not one picture of the new run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]     # no staging folder left
+    # a staging folder of a run that was killed (its process is gone) is cleared by the next one
+    dead = tmp_path / ".r.pyconcepts-new-999999999-abc"
+    (dead / "images").mkdir(parents=True)
+    write_report(out, _basis(k=2, seed=1), model, None, _source(n=6, masks=False), **fast)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+    assert (out / "keep.txt").read_text() == "user file" and not (out / "concepts" / "concept-002.html").exists()
+
+
+def test_a_folder_with_a_reports_file_names_that_no_report_wrote_is_refused(tmp_path):
+    from pyconcepts.images import FolderImages
+
+    model = TinyNet().eval()
+    theirs = tmp_path / "theirs"
+    (theirs / "images").mkdir(parents=True)
+    (theirs / "index.html").write_text("<p>their page</p>")
+    with pytest.raises(ValueError, match="holds files of a report's names.*index.html"):
+        write_report(theirs, _basis(), model, None, _source(n=6, masks=False), **FAST)
+    assert (theirs / "index.html").read_text() == "<p>their page</p>"
+    # a report inside the images folder would be read as images by the next run
+    photos = tmp_path / "photos"
+    (photos / "a").mkdir(parents=True)
+    from PIL import Image
+
+    for j in range(2):
+        Image.new("RGB", (8, 8), (40 * j, 0, 0)).save(photos / "a" / f"{j}.png")
+    with pytest.raises(ValueError, match="lies inside the images folder"):
+        write_report(photos / "report", _basis(), model, None, FolderImages(photos), **FAST)
+    assert not (photos / "report").exists()
+
+
 def test_output_selector_and_bad_input(tmp_path):
     model = TinyNet(as_dict=True).eval()
     src = _source(n=6, masks=False)

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
-import tempfile
 import warnings as _warnings
 from collections import defaultdict
 from typing import Callable, Dict, List, Optional, Sequence, Set, Union
@@ -32,6 +30,7 @@ from ..attribution import auto_permutations, rcav_tests
 from ..outputs import output_or_recorded
 from ..stability import LOW_HALVES_JACCARD, VANISHED_JACCARD
 from ..taps import LayerTap, autograd_on, resolve_layer
+from .folder import MANIFEST, StagedFolder, check_report_folder, manifest_files
 from .collect import Measurements, OutputSelected, ReceptiveField, measure, receptive_field
 from .html import (CSS, MIN_REMOVAL_EFFECT, ClassEffect, ConceptView, JointRemoval, Picture, ReportView,
                    concept_page, index_page)
@@ -57,12 +56,10 @@ OPTIONS: Dict[str, object] = {
     "grid": None,              # token maps: the (h, w) patch grid
 }
 
-MANIFEST = ".pyconcepts-report.json"
 
 
 class _Writer:
-    """Writes files under ``root`` atomically (temp file in the same folder, then rename)
-    and remembers what it wrote."""
+    """Writes files under ``root`` (the report's staging folder) and remembers what it wrote."""
 
     def __init__(self, root: pathlib.Path):
         self.root = root
@@ -73,30 +70,8 @@ class _Writer:
             data = data.encode("utf-8")
         path = self.root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        path.write_bytes(data)
         self.written.add(rel)
-
-    def previous(self) -> List[str]:
-        """Files listed by an earlier report's manifest (relative, inside the folder)."""
-        try:
-            with open(self.root / MANIFEST, encoding="utf-8") as handle:
-                files = json.load(handle).get("files", [])
-        except (OSError, ValueError, AttributeError):
-            return []
-        out = []
-        for rel in files:
-            if isinstance(rel, str) and not os.path.isabs(rel) and ".." not in pathlib.PurePath(rel).parts:
-                out.append(rel)
-        return out
 
 
 def _check_int(name: str, value, low: int) -> int:
@@ -143,6 +118,42 @@ def write_report(
     order (default: ``source.class_names``, e.g. a folder's class subfolders, when they are as
     many as the outputs; else "class j"). ``options``: see ``OPTIONS``.
     """
+    if out_dir is None:
+        raise TypeError("out_dir must be a path")
+    root = check_report_folder(out_dir, getattr(source, "root", None))
+    # written whole or not at all: into a staging folder, swapped in at the end
+    staged = StagedFolder(root)
+    try:
+        written = _write_report_files(
+            staged.path, basis, model, layer, source, output=output, batch_size=batch_size, top=top, maps=maps,
+            rcav=rcav, seed=seed, progress=progress, warnings=warnings, class_names=class_names, **options)
+        staged.commit(written, manifest_files(root))
+    except BaseException:
+        staged.discard()
+        raise
+    return root / "index.html"
+
+
+def _write_report_files(
+    root: pathlib.Path,
+    basis,
+    model: nn.Module,
+    layer: Optional[str],
+    source,
+    *,
+    output=None,
+    batch_size: int = 64,
+    top: int = 16,
+    maps: int = 8,
+    rcav: bool = True,
+    seed: int = 0,
+    progress: Optional[Callable[[str, int, Optional[int]], None]] = None,
+    warnings: Sequence[str] = (),
+    class_names: Optional[Sequence[str]] = None,
+    **options,
+) -> Set[str]:
+    """``write_report``'s work, writing into ``root`` (its staging folder); returns the
+    files written, relative to ``root``."""
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         known = sorted([*OPTIONS, "batch_size", "top", "maps", "rcav", "seed"])
@@ -173,12 +184,6 @@ def write_report(
     level = float(opts["rcav_level"])
     if not 0 < level < 1:
         raise ValueError(f"rcav_level must be in (0, 1), got {level!r}")
-    if out_dir is None:
-        raise TypeError("out_dir must be a path")
-    root = pathlib.Path(out_dir)
-    if root.exists() and not root.is_dir():
-        raise ValueError(f"out_dir {str(root)!r} exists and is not a folder")
-    root.mkdir(parents=True, exist_ok=True)
 
     wrapped = OutputSelected(model, output_or_recorded(output, basis))
     tap = LayerTap(wrapped, "inner." + layer, skip_tokens=int(opts["skip_tokens"]), grid=opts["grid"])
@@ -210,7 +215,6 @@ def write_report(
     joint = (_joint_removals(wrapped, tap, basis, m, class_names, batch_size, joint_concepts, joint_classes,
                              progress) if joint_concepts else [])
     writer = _Writer(root)
-    old = writer.previous()
     pictures = _write_pictures(writer, source, m, rf, order, progress)
     counterfactuals = _write_counterfactuals(writer, tap, basis, source, m, class_names, n_counterfactuals,
                                              batch_size, progress)
@@ -375,15 +379,8 @@ def write_report(
     writer.write("index.html", index_page(view))
     if progress:
         progress("report: pages", len(views) + 1, len(views) + 1)
-    # files an earlier report wrote that this one did not: remove them (nothing else)
-    for rel in old:
-        if rel not in writer.written:
-            try:
-                (root / rel).unlink()
-            except OSError:
-                pass
     writer.write(MANIFEST, json.dumps({"files": sorted(writer.written | {MANIFEST})}, indent=1))
-    return root / "index.html"
+    return writer.written
 
 
 def _unread_layer_warning(m: Measurements, joint: List[JointRemoval], layer: str, skip_tokens: int) -> List[str]:
