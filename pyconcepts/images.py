@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
@@ -34,7 +35,8 @@ import torch
 __all__ = ["ImageSource", "TensorImages", "FolderImages", "Preprocess", "BatchStream", "open_images",
            "load_tensor_images", "IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff",
+                    ".ppm", ".pgm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 Size = Union[int, Tuple[int, int], None]
@@ -407,7 +409,8 @@ class FolderImages:
                 picture.load()
                 return _to_8bit(picture)
         except (OSError, ValueError, SyntaxError) as exc:  # Pillow's decode errors
-            raise ValueError(f"cannot decode image {path!r}: {exc}") from None
+            raise ValueError(f"cannot decode image {path!r}: {exc} (its header read, so the scan kept it; "
+                             "remove or replace the file)") from None
 
     def _load(self, name: str) -> torch.Tensor:
         return self.preprocess(self._open(name))
@@ -455,11 +458,28 @@ def _scan_folder(root: str, preprocess: Preprocess):
     if not os.path.isdir(root):
         raise NotADirectoryError(f"{root!r} is not a folder")
     paths: List[str] = []
+    # links to folders are followed, each real folder once: a link back up (a loop) or a
+    # second link to a folder already read would read its images again, or without end
+    seen = {os.path.realpath(root)}
+    repeated = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        keep = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real in seen:
+                repeated.append(os.path.relpath(os.path.join(dirpath, d), root))
+                continue
+            seen.add(real)
+            keep.append(d)
+        dirnames[:] = keep
         for f in sorted(filenames):
-            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
+            # regular files only (a named pipe would block the read)
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS) \
+                    and os.path.isfile(os.path.join(dirpath, f)):
                 paths.append(os.path.relpath(os.path.join(dirpath, f), root))
+    if repeated:
+        warnings.warn(f"{len(repeated)} folder link(s) in {root!r} lead to a folder already read and were not "
+                      f"followed again (first: {repeated[0]!r})", stacklevel=3)
     paths.sort(key=lambda p: p.split(os.sep))
     if not paths:
         raise ValueError(f"no image files in {root!r} (looked for {', '.join(IMAGE_EXTENSIONS)}, "
@@ -476,6 +496,10 @@ def _scan_files(root: str, paths: List[str], preprocess: Preprocess):
         try:
             with Image.open(os.path.join(root, rel)) as picture:
                 size = picture.size
+        except Image.DecompressionBombError:
+            skipped.append((rel, f"more pixels than Pillow's limit of {Image.MAX_IMAGE_PIXELS} "
+                                 "(PIL.Image.MAX_IMAGE_PIXELS), refused as a possible decompression bomb"))
+            continue
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
             skipped.append((rel, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
             continue

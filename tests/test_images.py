@@ -96,6 +96,33 @@ def test_unreadable_files_are_skipped_and_counted_empty_folders_refused(tmp_path
         FolderImages(tmp_path / "missing")
 
 
+def test_folder_links_are_read_once_and_pipes_and_bombs_are_skipped(tmp_path):
+    root = tmp_path / "photos"
+    _write(str(root / "a" / "0.png"), _pixels(0))
+    _write(str(root / "b" / "1.png"), _pixels(1))
+    os.symlink("..", root / "a" / "up")                  # a loop
+    os.symlink(root / "a", root / "b" / "also_a")        # a second way to folder a
+    os.mkfifo(root / "a" / "pipe.png")                   # would block a read
+    with pytest.warns(UserWarning, match="2 folder link"):
+        src = FolderImages(root)
+    assert src.names == [os.path.join("a", "0.png"), os.path.join("b", "1.png")]
+    # a picture over Pillow's pixel limit is skipped and named, not a run-ending error
+    big = tmp_path / "big"
+    _write(str(big / "small.png"), _pixels(2))
+    Image.new("L", (200, 200)).save(big / "huge.png")
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = 40 * 40 // 2              # 2x over it: Pillow refuses
+    try:
+        src = FolderImages(big)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    assert src.names == ["small.png"] and "Pillow's limit" in src.skipped[0][1]
+    # JPEG's other extensions are read too
+    _write(str(tmp_path / "ext" / "x.jfif"), _pixels(3), "JPEG")
+    _write(str(tmp_path / "ext" / "y.jpe"), _pixels(4), "JPEG")
+    assert FolderImages(tmp_path / "ext").names == ["x.jfif", "y.jpe"]
+
+
 def test_truncated_file_fails_with_its_name_when_decoded(tmp_path):
     _write(str(tmp_path / "a.jpg"), _pixels(0, 64, 64), "JPEG")
     data = (tmp_path / "a.jpg").read_bytes()
