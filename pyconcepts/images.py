@@ -211,6 +211,11 @@ def _channel_stats(values, name: str) -> Optional[torch.Tensor]:
     return t
 
 
+# the largest model input Preprocess makes: a resize far beyond it would exhaust the memory
+# before any model runs (a 100000-pixel side is 10^10 pixels)
+MAX_INPUT_PIXELS = 8192 * 8192
+
+
 class Preprocess:
     """The usual model-input preparation of a picture.
 
@@ -230,6 +235,12 @@ class Preprocess:
         else:
             self.resize = _pair(resize, "resize")
         self.crop = _pair(crop, "crop")
+        for name, size in (("resize", self.resize), ("crop", self.crop)):
+            h, w = (size, size) if isinstance(size, int) else size or (1, 1)
+            if h * w > MAX_INPUT_PIXELS:
+                raise ValueError(f"{name} {size!r} makes pictures of {'at least ' if isinstance(size, int) else ''}"
+                                 f"{h} x {w} pixels, more than the {MAX_INPUT_PIXELS:,} (8192 x 8192) a model "
+                                 "input may have")
         self.mean = _channel_stats(mean, "mean")
         std_t = _channel_stats(std, "std")
         if std_t is not None and bool((std_t <= 0).any()):
@@ -520,22 +531,33 @@ def _scan_files(root: str, paths: List[str], preprocess: Preprocess):
 def _check_sizes(root: str, entries, preprocess: Preprocess) -> None:
     """Without a fixed output size, all pictures must come out the same size; and none may be
     smaller than the crop after resizing (EXIF rotation aside, the header says)."""
+    # sizes are written height x width, as Preprocess and --resize / --crop take them
     first_name, _, (w0, h0) = entries[0]
     first = preprocess.output_size(w0, h0)
     for name, _, (w, h) in entries:
         out = preprocess.output_size(w, h)
+        if out[0] * out[1] > MAX_INPUT_PIXELS:
+            raise ValueError(
+                f"{name!r} in {root!r} ({h}x{w}, height x width) would be resized to {out[0]}x{out[1]}, more "
+                f"than the {MAX_INPUT_PIXELS:,} pixels a model input may have; give a smaller resize (command "
+                "line: --resize)")
         if preprocess.crop is not None:
             before = Preprocess(resize=preprocess.resize).output_size(w, h)
             if before[0] < preprocess.crop[0] or before[1] < preprocess.crop[1]:
                 raise ValueError(
-                    f"{name!r} in {root!r} is {before[1]}x{before[0]} (after resizing), smaller than the "
-                    f"crop {preprocess.crop[1]}x{preprocess.crop[0]}; resize it first with "
+                    f"{name!r} in {root!r} is {before[0]}x{before[1]} (height x width, after resizing), smaller "
+                    f"than the crop {preprocess.crop[0]}x{preprocess.crop[1]}; resize it first with "
                     "Preprocess(resize=...) (command line: --resize)")
         elif out != first:
+            if isinstance(preprocess.resize, int):
+                fix = ("resizing the shorter side keeps each picture's shape: crop them to one size with "
+                       "Preprocess(crop=...) (command line: --crop), or resize to HxW exactly")
+            else:
+                fix = ("give the model one input size with Preprocess(resize=..., crop=...) (command line: "
+                       "--resize, --crop)")
             raise ValueError(
-                f"the images in {root!r} differ in size ({first_name!r} is {w0}x{h0}, {name!r} is {w}x{h}); "
-                "give the model one input size with Preprocess(resize=..., crop=...) (command line: "
-                "--resize, --crop)")
+                f"the images in {root!r} come out in different sizes ({first_name!r}: {first[0]}x{first[1]}, "
+                f"{name!r}: {out[0]}x{out[1]}, height x width); {fix}")
 
 
 # ------------------------------------------------------------------------- tensor files

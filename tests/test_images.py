@@ -57,10 +57,16 @@ def test_flat_folder_has_no_classes_and_subset_keeps_names(tmp_path):
 def test_preprocessing_resize_crop_and_normalise(tmp_path):
     _write(str(tmp_path / "wide.png"), _pixels(0, 20, 40))
     _write(str(tmp_path / "tall.png"), _pixels(1, 30, 10))
-    with pytest.raises(ValueError, match="differ in size"):
+    with pytest.raises(ValueError, match=r"'tall.png': 30x10, 'wide.png': 20x40, height x width\); give the model one input size"):
         FolderImages(tmp_path)
-    with pytest.raises(ValueError, match="smaller than the crop"):
+    with pytest.raises(ValueError, match=r"'tall.png': 48x16, 'wide.png': 16x32.*crop them to one size"):
+        FolderImages(tmp_path, preprocess=Preprocess(resize=16))    # --resize given: --crop is missing
+    with pytest.raises(ValueError, match=r"30x10 \(height x width, after resizing\), smaller than the crop 16x16"):
         FolderImages(tmp_path, preprocess=Preprocess(crop=16))
+    with pytest.raises(ValueError, match=r"resize 100000 makes pictures of at least 100000 x 100000"):
+        Preprocess(resize=100000)
+    with pytest.raises(ValueError, match=r"would be resized to 24576x8192"):
+        FolderImages(tmp_path, preprocess=Preprocess(resize=8192))
     pre = Preprocess(resize=16, crop=16, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
     x = next(iter(FolderImages(tmp_path, preprocess=pre).batches(4)))
     assert x.shape == (2, 3, 16, 16)
