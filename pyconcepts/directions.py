@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -516,6 +517,9 @@ _OTHER_CLUSTERS_TAIL = 5e-4
 # Restarts of the clustering run on a sample of at least this many rows (or every row).
 _RESTART_ROWS = 8192
 _RESTART_ROWS_PER_CONCEPT = 256
+# Fewer patch rows than this per concept: extraction warns that the concepts are noise (and
+# the split-half check that its halves will redraw most of them).
+MIN_ROWS_PER_CONCEPT = 50
 # Restarts whose objective is within this relative gap of the best one's are "near-best".
 _NEAR_BEST = 0.01
 # whiten="auto" keeps whitened coordinates only where their restarts disagree (1 - matched
@@ -671,6 +675,13 @@ def extract_directions(
         raise ValueError("x has no spread to whiten: its rows (a sample of them) are all identical")
     if sample.shape[0] < n_concepts:
         raise ValueError(f"n_concepts = {n_concepts} exceeds the number of rows N = {sample.shape[0]}")
+    wanted = max(decoder_sample, _RESTART_ROWS)
+    if sample.shape[0] < wanted and sample.shape[0] < MIN_ROWS_PER_CONCEPT * n_concepts:
+        # the sample is every row: so few per concept that the clusters are noise (every
+        # restart then agrees, and the concepts look stable when they are not)
+        warnings.warn(f"{n_concepts} concepts from {sample.shape[0]} patch rows ({sample.shape[0] / n_concepts:.1f} "
+                      f"per concept): fewer than {MIN_ROWS_PER_CONCEPT} per concept give concepts that other "
+                      "images would not give back; use more images or fewer concepts", stacklevel=2)
     order = torch.randperm(sample.shape[0], generator=torch.Generator().manual_seed(seed))
     restart_rows = sample[order[:max(_RESTART_ROWS, _RESTART_ROWS_PER_CONCEPT * n_concepts)]]
     whitened = whiten is not False

@@ -27,6 +27,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from .basis import ConceptBasis
+from .directions import MIN_ROWS_PER_CONCEPT
 from .metrics import linear_sum_assignment
 from .stats import DEFAULT_CHUNK_SIZE, iter_chunks
 
@@ -39,8 +40,6 @@ __all__ = ["compare_bases", "concept_stability", "BasisComparison", "ConceptStab
 # into another)
 LOW_HALVES_JACCARD = 0.5
 VANISHED_JACCARD = 0.2
-# fewer patch rows than this per concept in a half: the check warns that it will mark most
-_MIN_ROWS_PER_CONCEPT = 50
 
 
 @dataclass
@@ -332,7 +331,7 @@ def concept_stability(
     problems = basis.compatibility_problems(width=width)
     if problems:
         raise ValueError(f"basis does not fit layer {basis.layer!r} of this model: {'; '.join(problems)}")
-    if (n // 2) * positions < _MIN_ROWS_PER_CONCEPT * basis.n_concepts:
+    if (n // 2) * positions < MIN_ROWS_PER_CONCEPT * basis.n_concepts:
         warnings.warn(f"a half holds {n // 2} image(s), {(n // 2) * positions} patches for {basis.n_concepts} "
                       "concepts: so few that the halves will redraw most concepts; use more images",
                       stacklevel=2)

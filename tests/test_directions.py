@@ -63,6 +63,17 @@ def test_extract_directions_bad_input():
             pc.extract_directions(x, 2, **{name: value})
 
 
+def test_too_few_rows_per_concept_are_warned_of():
+    import warnings
+
+    x = torch.randn(400, 6, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match=r"16 concepts from 400 patch rows \(25.0 per concept\)"):
+        pc.extract_directions(x, 16, n_init=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pc.extract_directions(x, 4, n_init=1)                       # 100 per concept
+
+
 def test_cluster_missing_from_the_decoder_sample_gets_its_discriminant():
     # a sample of 20 rows out of 2000 holds 4 / 5 / 11 members of the three clusters: a
     # logistic fit with (almost) no positives is an arbitrary direction, the discriminant of
