@@ -446,6 +446,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**63 - 1, got {value}")
+    return value
+
+
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (torch's choice) or more, got {value}")
+    return value
+
+
 def _finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -631,39 +651,42 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 # ---------------------------------------------------------------------- other checks
-def _check_out_file(path: str) -> None:
-    """--out of extract: a file in an existing, writable folder (checked before any work)."""
+def _check_out_file(path: str, flag: str = "--out", example: str = "basis.safetensors") -> None:
+    """--out of extract (or another flag's file): a file in an existing, writable folder
+    (checked before any work)."""
     if os.path.isdir(path):
-        raise UserError(f"--out {path!r} is a folder; give a file name such as "
-                        f"{os.path.join(path, 'basis.safetensors')}")
+        raise UserError(f"{flag} {path!r} is a folder; give a file name such as "
+                        f"{os.path.join(path, example)}")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise UserError(f"--out {path!r}: the folder {folder!r} does not exist")
+        raise UserError(f"{flag} {path!r}: the folder {folder!r} does not exist")
     if not os.access(folder, os.W_OK):
-        raise UserError(f"--out {path!r}: the folder {folder!r} is not writable")
-    if not path.endswith(".safetensors"):
+        raise UserError(f"{flag} {path!r}: the folder {folder!r} is not writable")
+    if flag == "--out" and not path.endswith(".safetensors"):
         _warn(f"--out {path!r} will be a safetensors file (pc.ConceptBasis.load reads it), whatever its name says")
 
 
-def _check_out_folder(path: str, images: Optional[str] = None) -> None:
+def _check_out_folder(path: str, images: Optional[str] = None, flag: str = "--out") -> None:
     """--out of report: a folder that exists or can be made in an existing, writable folder,
     not one with a report's file names that no report wrote, nor inside the --images folder."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"--out {path!r} is a file; the report needs a folder")
+        raise UserError(f"{flag} {path!r} is a file; the report needs a folder")
     try:
         from .report.folder import check_report_folder
     except ImportError:   # no report package: said when the report is asked for
         check_report_folder = None
     if check_report_folder is not None:
         try:
-            check_report_folder(path, images if images and os.path.isdir(images) else None, name="--out")
+            check_report_folder(path, images if images and os.path.isdir(images) else None, name=flag)
         except ValueError as exc:
             raise UserError(str(exc)) from None
-    target = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    # the report is staged beside the folder and renamed into place: its parent must be writable
+    target = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(target):
-        raise UserError(f"--out {path!r}: the folder {target!r} does not exist")
+        raise UserError(f"{flag} {path!r}: the folder {target!r} does not exist")
     if not os.access(target, os.W_OK):
-        raise UserError(f"--out {path!r}: the folder {target!r} is not writable")
+        raise UserError(f"{flag} {path!r}: the folder {target!r} is not writable (the report is written beside "
+                        "its folder, then moved into place)")
 
 
 def _parse_options(text: Optional[str], known=None, option: str = "--options") -> dict:
@@ -910,7 +933,16 @@ def _distributed():
 def _cmd_demo(args) -> int:
     from .demo.run import print_demo, run_demo, write_json
 
-    torch.set_num_threads(args.threads) if args.threads else None
+    # the outputs are checked before the run, not after it
+    if args.json:
+        _check_out_file(args.json, "--json", "demo.json")
+    if not args.no_report:
+        _check_out_folder(args.report_dir, flag="--report-dir")
+    if args.threads:
+        if args.threads > (os.cpu_count() or 1):
+            _warn(f"--threads {args.threads} is more than the {os.cpu_count()} cores: threads that wait on each "
+                  "other make the demo slower")
+        torch.set_num_threads(args.threads)
     bar = ProgressBar(enabled=not args.quiet)
     try:
         res = run_demo(seed=args.seed, n_concepts=args.concepts, refine=not args.no_refine or args.ura,
@@ -1341,7 +1373,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "dict: an index or a key (extract reads the logits only with --refine)")
         g.add_argument("--allow-pickle", action="store_true",
                        help="read --weights / --images files that hold pickled objects (runs code in them)")
-        g.add_argument("--seed", type=int, default=0)
+        g.add_argument("--seed", type=_seed, default=0)
 
     def image_options(p, default_count):
         g = p.add_argument_group("images")
@@ -1371,12 +1403,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the built-in demo and print its tables", parents=[common])
     p.add_argument("--json", help="also write the figures to this JSON file")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--concepts", type=int, default=16)
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--concepts", type=_positive_int, default=16)
     p.add_argument("--no-refine", action="store_true",
                    help="skip the gradient refinement of the detectors (on by default)")
     p.add_argument("--ura", action="store_true", help="add URA to the refinement")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=_threads, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--report-dir", default="report", help="folder of the HTML concept report (default: report)")
     p.add_argument("--no-report", action="store_true", help="do not write the HTML concept report")
     p.set_defaults(run=_cmd_demo)

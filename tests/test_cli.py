@@ -446,6 +446,18 @@ def test_report_out_is_checked_before_any_work(ws, capsys, tmp_path):
     assert rc == 2 and "lies inside the images folder" in err and not (ws / "photos" / "report").exists()
 
 
+def test_demo_checks_its_outputs_and_numbers_before_the_run(capsys, tmp_path):
+    (tmp_path / "file").write_text("x")
+    for args, said in ((["--json", tmp_path / "missing" / "x.json"], "--json"),
+                       (["--json", tmp_path], "--json"),
+                       (["--report-dir", tmp_path / "file"], "--report-dir"),
+                       (["--threads", "-1"], "--threads"),
+                       (["--seed", "99999999999999999999"], "--seed"),
+                       (["--concepts", "0"], "--concepts")):
+        rc, _, err = _run(capsys, "demo", *args)
+        assert rc == 2 and said in err, (args, err)
+
+
 def test_transform_from_a_file(ws, capsys, tmp_path):
     (tmp_path / "prep.py").write_text(textwrap.dedent('''
         import numpy as np
