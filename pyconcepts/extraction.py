@@ -111,6 +111,30 @@ DEFAULTS: Dict[str, object] = {
 }
 
 
+# numeric options: whole numbers >= 1, whole numbers >= 0, finite numbers > 0 and >= 0
+_AT_LEAST_ONE = ("batch_size", "cache_rows", "n_init", "max_iter", "decoder_sample", "refine_sample",
+                 "refine_batch", "ura_images", "ura_batch", "ura_every")
+_AT_LEAST_ZERO = ("background_rounds", "alternations", "refine_steps", "joint_steps")
+_POSITIVE = ("decoder_penalty", "refine_lr", "refine_rotation_lr", "joint_lr", "joint_rotation_lr", "tau",
+             "gamma", "soft_max_power")
+_NON_NEGATIVE = ("ura_weight", "fso_weight", "rho")
+
+
+def _check_number_options(opts: Dict[str, object]) -> None:
+    """Each numeric option of ``opts`` of the right kind and sign; errors name the option."""
+    for names, low, whole in ((_AT_LEAST_ONE, 1, True), (_AT_LEAST_ZERO, 0, True)):
+        for name in names:
+            v = opts[name]
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"options[{name!r}] must be a whole number >= {low}, got {v!r}")
+    for names, strict in ((_POSITIVE, True), (_NON_NEGATIVE, False)):
+        for name in names:
+            v = opts[name]
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not ok or (v <= 0 if strict else v < 0):
+                raise ValueError(f"options[{name!r}] must be a finite number {'>' if strict else '>='} 0, got {v!r}")
+
+
 def fso_loss(decoding: torch.Tensor, encoding: torch.Tensor) -> torch.Tensor:
     """L_fso = sqrt(mean_{i != j} (w_i . s_j)^2) on unit vectors (METHOD.md section 3)."""
     k = decoding.shape[0]
@@ -311,6 +335,7 @@ def extract(
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)}; known: {sorted(opts)}")
     opts.update(options or {})
+    _check_number_options(opts)
     output = check_output_spec(output)
     if opts["outputs"] not in ("auto", "logits", "probs"):
         raise ValueError(f"options['outputs'] must be 'auto', 'logits' or 'probs', got {opts['outputs']!r}")

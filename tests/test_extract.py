@@ -67,6 +67,10 @@ def test_bad_input_is_named():
         pc.extract(model, "features.3", images(), 0)
     with pytest.raises(ValueError, match="unknown option"):
         pc.extract(model, "features.3", images(), 2, options={"nonsense": 1})
+    for name, value, said in (("refine_steps", -5, ">= 0"), ("n_init", 0, ">= 1"), ("batch_size", 2.5, ">= 1"),
+                              ("tau", -5, "> 0"), ("refine_lr", float("inf"), "> 0"), ("ura_weight", "yes", ">= 0")):
+        with pytest.raises(ValueError, match=rf"options\['{name}'\] must be .*{said}"):
+            pc.extract(model, "features.3", images(), 2, refine=True, options={name: value})
     with pytest.raises(ValueError, match="empty"):
         pc.extract(model, "features.3", [], 2)
     assert "ura_weight" in DEFAULTS
