@@ -298,14 +298,25 @@ def load_model(spec: Optional[str], weights: Optional[str], *, allow_pickle: boo
 
 # ----------------------------------------------------------------------- model outputs
 def parse_output(text: Optional[str]):
-    """``--output``: an int index or a key (``None``: the model returns the logits)."""
+    """``--output``: an int index, a key, or ``file.py:function`` (a function of the model's
+    output returning its class scores; this runs that file) (``None``: the model returns the
+    logits)."""
     if text is None:
         return None
     stripped = text.strip()
     try:
         return int(stripped)
     except ValueError:
-        return stripped
+        pass
+    path, sep, name = stripped.rpartition(":")
+    if sep and path.endswith(".py") and name:
+        fn = _load_callable(stripped, "--output")
+        try:   # the basis records this name (it cannot keep the function)
+            fn.__pyconcepts_spec__ = stripped
+        except (AttributeError, TypeError):
+            pass
+        return fn
+    return stripped
 
 
 def _output_of(args, basis):
@@ -410,9 +421,13 @@ class _Probe:
             if output is None and why_scores:
                 raise UserError(f"{exc} ({why_scores})") from exc
             raise
+        if isinstance(logits, torch.Tensor) and (logits.dim() == 1 or (logits.dim() == 2 and logits.shape[1] == 1)):
+            self.n_outputs = 2       # one logit per image: a yes / no output (pyconcepts.outputs)
+            return
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise UserError(f"the model's output (after --output) should be logits (B, classes), got {shape}")
+            raise UserError(f"the model's output (after --output) should be logits (B, classes) or one logit per "
+                            f"image (B,), got {shape}")
         self.n_outputs = int(logits.shape[1])
 
 
@@ -1370,7 +1385,10 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--weights", help="state dict for --model: .safetensors, or a torch.save file read with "
                                          "weights_only (pickles need --allow-pickle)")
         g.add_argument("--output", help="which output holds the logits when the model returns a tuple or a "
-                                        "dict: an index or a key (extract reads the logits only with --refine)")
+                                        "dict: an index or a key; or file.py:function, a function of the model's "
+                                        "output returning (B, C) class scores or one logit per image (a detector's "
+                                        "pooled map, say; THIS RUNS THAT FILE) (extract reads the logits only "
+                                        "with --refine)")
         g.add_argument("--allow-pickle", action="store_true",
                        help="read --weights / --images files that hold pickled objects (runs code in them)")
         g.add_argument("--seed", type=_seed, default=0)

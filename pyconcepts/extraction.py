@@ -430,6 +430,9 @@ def _extract(model, layer, images, k, seed, refine, ura, skip_tokens, opts, prog
         # recorded): the CLI's commands, counterfactual, rank_concepts, contribution_maps, rcav
         # and the report use it when no output is given (outputs.output_or_recorded)
         "output": output if isinstance(output, (int, str)) and not isinstance(output, bool) else None,
+        # a function's name only, so that later calls without it can say what to pass again
+        "output_callable": (getattr(output, "__pyconcepts_spec__", None) or getattr(output, "__qualname__", None)
+                            or type(output).__name__) if callable(output) else None,
     })
     basis = ConceptBasis(decoding, bias, encoding, mean, layer=layer, model_id=model_id, metadata=metadata,
                          absent_level=absent)

@@ -11,7 +11,9 @@ which part holds the class scores:
 - a callable: ``output(model_output) -> tensor``.
 
 The selected tensor must be ``(B, C)`` with ``C >= 2`` class scores, finite, floating point:
-either logits or probabilities (rows of non-negative numbers summing to 1). ``scores_kind``
+either logits or probabilities (rows of non-negative numbers summing to 1); or one score per
+image, ``(B,)`` or ``(B, 1)``, read as the logit of a yes / no output: two classes, "no" at 0
+and "yes" at the score (a probability must be turned into its logit first). ``scores_kind``
 tells the two apart; ``as_logits`` turns probabilities into log-probabilities (the same
 softmax), so every consumer can work in logits.
 """
@@ -61,7 +63,12 @@ def output_or_recorded(output: OutputSpec, basis) -> OutputSpec:
     else None."""
     if output is not None:
         return check_output_spec(output)
-    recorded = (getattr(basis, "metadata", None) or {}).get("output")
+    meta = getattr(basis, "metadata", None) or {}
+    if meta.get("output_callable"):
+        warnings.warn(f"the basis was extracted with output={meta['output_callable']} (a function, which a basis "
+                      "does not keep): pass it again (command line: --output) if the model's output is not its "
+                      "class scores", stacklevel=3)
+    recorded = meta.get("output")
     if isinstance(recorded, (int, str)) and not isinstance(recorded, bool):
         return _Recorded(recorded)
     return None
@@ -120,8 +127,8 @@ def _check_scores(scores: torch.Tensor, output: OutputSpec) -> None:
     if scores.dim() != 2 or scores.shape[1] < 2:
         raise ValueError(
             f"{where} has shape {tuple(scores.shape)}; expected (B, C) logits or probabilities "
-            "of C >= 2 classes (pass output= to pick them from a tuple or dict, or a callable that "
-            "pools a score map)"
+            "of C >= 2 classes, or one logit per image, (B,) or (B, 1) (pass output= to pick them from a "
+            "tuple or dict, or a callable that pools a score map into them)"
         )
     if not bool(torch.isfinite(scores.detach()).all()):
         raise ValueError(f"{where} contains NaN or Inf")
@@ -160,6 +167,12 @@ def read_scores(value: Any, output: OutputSpec, kind: str = "auto") -> torch.Ten
     if kind not in KINDS:
         raise ValueError(f"outputs must be one of {KINDS}, got {kind!r}")
     scores = select_output(value, output)
+    if scores.is_floating_point() and (scores.dim() == 1 or (scores.dim() == 2 and scores.shape[1] == 1)):
+        # one score per image: the logit of a yes / no output, as two classes (no: 0, yes: z)
+        z = scores.reshape(-1, 1)
+        scores = torch.cat([torch.zeros_like(z), z], 1)
+        _check_scores(scores, output)
+        return scores
     _check_scores(scores, output)
     if kind == "auto":
         kind = scores_kind(scores)

@@ -458,6 +458,45 @@ def test_demo_checks_its_outputs_and_numbers_before_the_run(capsys, tmp_path):
         assert rc == 2 and said in err, (args, err)
 
 
+def test_output_from_a_file_pools_a_detectors_map(ws, capsys, tmp_path):
+    (tmp_path / "det.py").write_text(textwrap.dedent('''
+        import torch
+        from torch import nn
+
+
+        class Det(nn.Module):
+            def __init__(self):
+                super().__init__()
+                torch.manual_seed(0)
+                self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                                              nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+                self.head = nn.Conv2d(8, 1, 1)
+
+            def forward(self, x):
+                return torch.sigmoid(self.head(self.features(x)))   # a text-probability map, say
+
+
+        def make():
+            return Det()
+
+
+        def pooled(y):
+            return torch.logit(y.mean((1, 2, 3)), eps=1e-6)
+    '''))
+    det = tmp_path / "det.py"
+    common = ["--model", f"{det}:make", "--images", ws / "photos"]
+    rc, _, err = _run(capsys, "extract", *common, "--layer", "features.3", "-k", 2, "--output", f"{det}:pooled",
+                      "--refine", "--out", tmp_path / "b.safetensors", "--quiet", "--options",
+                      '{"refine_steps": 2, "n_init": 1}')
+    assert rc == 0, err
+    assert ConceptBasis.load(tmp_path / "b.safetensors").metadata["output_callable"] == f"{det}:pooled"
+    rc, out, err = _run(capsys, "intervene", tmp_path / "b.safetensors", *common, "--output", f"{det}:pooled",
+                        "--remove", 0, "--classes", '["no", "yes"]')
+    assert rc == 0 and "12 image" in out, err
+    rc, out, err = _run(capsys, "intervene", tmp_path / "b.safetensors", *common, "--remove", 0)
+    assert rc == 2 and f"--output {det}:pooled" in err.replace("output=", "--output ")
+
+
 def test_transform_from_a_file(ws, capsys, tmp_path):
     (tmp_path / "prep.py").write_text(textwrap.dedent('''
         import numpy as np

@@ -578,7 +578,7 @@ def test_the_python_api_uses_the_skip_tokens_the_basis_records():
 
     torch.manual_seed(0)
     model = TinyViT().eval()
-    images = torch.rand(6, 3, 16, 16)
+    images = torch.rand(8, 3, 16, 16)   # 128 patches: enough for 2 concepts
     with pytest.warns(UserWarning, match="17 tokens of 16 channels per image after skip_tokens=0, not a square"):
         pc.extract(model, "blocks.0", images, 2, seed=0, options={"n_init": 1})
     with warnings.catch_warnings():

@@ -101,7 +101,8 @@ def test_select_output_errors_name_the_argument(value, output, error, match):
 
 @pytest.mark.parametrize("scores, error, match", [
     (torch.zeros(4, 2, 3, 3), ValueError, r"shape \(4, 2, 3, 3\)"),
-    (torch.zeros(4, 1), ValueError, "C >= 2"),
+    (torch.zeros(4, 0), ValueError, "C >= 2"),
+    (torch.tensor([1.0, float("inf")]), ValueError, "Inf"),
     (torch.zeros(4, 3, dtype=torch.long), TypeError, "dtype"),
     (torch.tensor([[0.0, float("nan")]]), ValueError, "NaN"),
 ])
@@ -135,6 +136,43 @@ def test_confident_probabilities_keep_their_log_odds_and_underflow_is_warned_of(
     with pytest.warns(UserWarning, match="underflowed"):
         capped = read_scores(zero, None)
     assert torch.isfinite(capped).all() and float(capped[0, 1] - capped[0, 0]) == pytest.approx(87.3, abs=0.1)
+
+
+class _DenseMap(nn.Module):
+    """A detector: a per-pixel probability map (B, 1, H, W), no class scores."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = SmallCNN().features
+        self.head = nn.Conv2d(8, 1, 1)
+
+    def forward(self, x):
+        return torch.sigmoid(self.head(self.body(x)))
+
+
+def _pooled_logit(y):
+    return torch.logit(y.mean((1, 2, 3)), eps=1e-6)
+
+
+def test_one_score_per_image_is_a_yes_no_logit():
+    z = torch.tensor([2.0, -1.0, 0.5])
+    for shaped in (z, z[:, None]):
+        assert torch.equal(read_scores(shaped, None), torch.stack([torch.zeros(3), z], 1))
+    # a detector's map pooled by a callable: extract, rank, remove
+    torch.manual_seed(0)
+    model = _DenseMap().eval()
+    images = torch.rand(24, 3, 16, 16)
+    basis = pc.extract(model, "body.3", images, 3, output=_pooled_logit, options={"n_init": 2})
+    assert basis.metadata["output_callable"] == "_pooled_logit" and basis.metadata["output"] is None
+    cf = pc.counterfactual(model, basis, images, [0], output=_pooled_logit)
+    assert cf.logits_before.shape == (24, 2) and torch.equal(cf.logits_before[:, 0], torch.zeros(24))
+    assert torch.allclose(cf.logits_before[:, 1], _pooled_logit(model(images)).detach(), atol=1e-5)
+    ranking = pc.rank_concepts(model, basis, images, target=1, output=_pooled_logit)
+    assert len(ranking.concepts) == 3
+    # later calls without it: told what to pass again (the map itself is no class scores)
+    with pytest.warns(UserWarning, match="extracted with output=_pooled_logit"):
+        with pytest.raises(ValueError, match=r"one logit per image"):
+            pc.counterfactual(model, basis, images, [0])
 
 
 @pytest.mark.parametrize("probabilities", [False, True])
