@@ -618,8 +618,8 @@ def _check_input_shape(probe, basis) -> None:
     recorded = (basis.metadata or {}).get("input_shape") if basis is not None else None
     if recorded is not None and list(probe.input_shape) != list(recorded):
         _warn(f"the images reach the model as {'x'.join(map(str, probe.input_shape))}, the basis was extracted "
-              f"from {'x'.join(map(str, recorded))}: a layer's patches then cover another part of the picture "
-              "(give --resize / --crop as at extraction)")
+              f"from {'x'.join(map(str, recorded))}: unless the network is fully convolutional, a layer's "
+              "patches then see the picture at another scale or place (give --resize / --crop as at extraction)")
 
 
 def _open_source(args, model, default_count: int, basis=None):
