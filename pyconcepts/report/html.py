@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 from ..directions import LOW_CONCEPT_AGREEMENT
-from ..stability import unstable_concepts
+from ..stability import LOW_HALVES_JACCARD, VANISHED_JACCARD, unstable_concepts
 
 __all__ = ["esc", "CSS", "ConceptView", "ClassEffect", "Picture", "ReportView", "index_page", "concept_page",
            "histogram_svg"]
@@ -297,6 +297,12 @@ def _warnings_card(view: ReportView) -> str:
 LOW_AGREEMENT = LOW_CONCEPT_AGREEMENT
 
 
+def _figure(value: float, low: float) -> str:
+    """``value`` to 2 decimals, or 3 where 2 would round a value below ``low`` up to it (0.496
+    against 0.5 would read "0.50", marked as low)."""
+    return f"{value:.3f}" if value < low <= round(value, 2) else f"{value:.2f}"
+
+
 def _marked_cell(value: Optional[float], low: float, why_low: str, why_missing: str = "") -> str:
     """A table cell with a reproducibility figure, marked "!" (with ``why_low`` as its tooltip)
     below ``low``."""
@@ -304,7 +310,7 @@ def _marked_cell(value: Optional[float], low: float, why_low: str, why_missing: 
         title = f" title=\"{esc(why_missing)}\"" if why_missing else ""
         return f"<td class=\"num muted\"{title}>-</td>"
     if value < low:
-        return f"<td class=\"num down\" title=\"{esc(why_low)}: trust it less\">{value:.2f} !</td>"
+        return f"<td class=\"num down\" title=\"{esc(why_low)}: trust it less\">{_figure(value, low)} !</td>"
     return f"<td class=\"num\">{value:.2f}</td>"
 
 
@@ -315,10 +321,11 @@ def _halves_unstable(c: "ConceptView") -> bool:
 def _halves_cell(c: "ConceptView") -> str:
     if c.halves is None:
         return "<td class=\"num muted\" title=\"it fires on none of the images compared\">-</td>"
-    lowest = f" <span class=\"muted\">/ {c.halves_lowest:.2f}</span>" if c.halves_lowest is not None else ""
+    lowest = (f" <span class=\"muted\">/ {_figure(c.halves_lowest, VANISHED_JACCARD)}</span>"
+              if c.halves_lowest is not None else "")
     if _halves_unstable(c):
         return (f"<td class=\"num down\" title=\"extractions on halves of the images draw this concept elsewhere "
-                f"or merge it into another: trust it less\">{c.halves:.2f}{lowest} !</td>")
+                f"or merge it into another: trust it less\">{_figure(c.halves, LOW_HALVES_JACCARD)}{lowest} !</td>")
     return f"<td class=\"num\">{c.halves:.2f}{lowest}</td>"
 
 
@@ -484,7 +491,7 @@ def concept_page(view: ReportView, c: ConceptView, crop_note: str, map_note: str
         (f"{c.margin:.3g}", "detector margin 1/||w|| (activation units)"),
     ]
     if c.agreement is not None:
-        stats.append((f"{c.agreement:.2f}", "overlap with its partners in the near-best k-means restarts"
+        stats.append((_figure(c.agreement, LOW_AGREEMENT), "overlap with its partners in the near-best k-means restarts"
                       + (" (low: trust it less)" if c.agreement < LOW_AGREEMENT else "")))
     if c.halves is not None:
         worst = f"; {c.halves_lowest:.2f} in the half that gave it back worst" if c.halves_lowest is not None else ""
