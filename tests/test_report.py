@@ -239,6 +239,18 @@ def test_a_folder_with_a_reports_file_names_that_no_report_wrote_is_refused(tmp_
     assert not (photos / "report").exists()
 
 
+def test_the_working_directory_is_not_a_report_folder(tmp_path, monkeypatch):
+    # the finished report replaces its folder: a shell inside it would be left in a deleted one
+    (tmp_path / "rep").mkdir()
+    monkeypatch.chdir(tmp_path / "rep")
+    for out in (".", "..", tmp_path / "rep"):
+        with pytest.raises(ValueError, match="is the working directory or holds it"):
+            write_report(out, _basis(), TinyNet().eval(), None, _source(n=6, masks=False), **FAST)
+    index = write_report("sub", _basis(), TinyNet().eval(), None, _source(n=6, masks=False),
+                         **{**FAST, "rcav": False})
+    assert index == tmp_path / "rep" / "sub" / "index.html" and index.is_file()
+
+
 def test_output_selector_and_bad_input(tmp_path):
     model = TinyNet(as_dict=True).eval()
     src = _source(n=6, masks=False)

@@ -41,9 +41,15 @@ def check_report_folder(out_dir: Union[str, os.PathLike], images_root: Optional[
     a folder holding files that no report wrote (a report replaces its folder's pictures and
     pages: someone else's ``index.html`` would be lost), or when it lies inside ``images_root``
     (the report's pictures would be read as images by the next run)."""
-    root = pathlib.Path(out_dir)
+    root = pathlib.Path(os.path.abspath(out_dir))
     if root.exists() and not root.is_dir():
-        raise ValueError(f"{name} {str(root)!r} exists and is not a folder")
+        raise ValueError(f"{name} {os.fspath(out_dir)!r} exists and is not a folder")
+    here = os.path.realpath(os.getcwd())
+    real = os.path.realpath(root)
+    if here == real or here.startswith(real.rstrip(os.sep) + os.sep):
+        # the finished report replaces the folder: a shell inside it would be left in a deleted one
+        raise ValueError(f"{name} {os.fspath(out_dir)!r} is the working directory or holds it: the report replaces "
+                         "its folder when it is done; give the folder's path from outside it")
     if images_root is not None:
         inner, images = os.path.realpath(root), os.path.realpath(images_root)
         if inner == images or inner.startswith(images.rstrip(os.sep) + os.sep):
@@ -90,12 +96,16 @@ class StagedFolder:
     """A staging folder beside ``root``; ``commit`` swaps it in, ``discard`` deletes it."""
 
     def __init__(self, root: pathlib.Path):
-        self.root = pathlib.Path(root)
+        self.root = pathlib.Path(os.path.abspath(root))
         parent = self.root.parent
-        parent.mkdir(parents=True, exist_ok=True)
         self._prefix = f".{self.root.name}{_TAG}"
-        self._remove_stale(parent)
-        self.path = pathlib.Path(tempfile.mkdtemp(prefix=f"{self._prefix}new-{os.getpid()}-", dir=parent))
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self._remove_stale(parent)
+            self.path = pathlib.Path(tempfile.mkdtemp(prefix=f"{self._prefix}new-{os.getpid()}-", dir=parent))
+        except PermissionError as exc:
+            raise PermissionError(f"cannot write the report beside {str(self.root)!r}: {exc.strerror} in "
+                                  f"{str(parent)!r} (the report is written there, then moved into place)") from exc
         os.chmod(self.path, 0o755)
 
     def _remove_stale(self, parent: pathlib.Path) -> None:
