@@ -695,13 +695,11 @@ def _check_out_folder(path: str, images: Optional[str] = None, flag: str = "--ou
             check_report_folder(path, images if images and os.path.isdir(images) else None, name=flag)
         except ValueError as exc:
             raise UserError(str(exc)) from None
-    # the report is staged beside the folder and renamed into place: its parent must be writable
-    target = os.path.dirname(os.path.abspath(path))
+    target = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(target):
         raise UserError(f"{flag} {path!r}: the folder {target!r} does not exist")
     if not os.access(target, os.W_OK):
-        raise UserError(f"{flag} {path!r}: the folder {target!r} is not writable (the report is written beside "
-                        "its folder, then moved into place)")
+        raise UserError(f"{flag} {path!r}: the folder {target!r} is not writable")
 
 
 def _parse_options(text: Optional[str], known=None, option: str = "--options") -> dict:

@@ -208,12 +208,12 @@ def test_an_interrupted_report_leaves_the_previous_one_whole(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_report(out, _basis(k=2, seed=1), model, None, _source(n=6, masks=False), progress=interrupt, **fast)
     assert _tree(out) == before                                   # not one picture of the new run
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]     # no staging folder left
-    # a staging folder of a run that was killed (its process is gone) is cleared by the next one
-    dead = tmp_path / ".r.pyconcepts-new-999999999-abc"
+    assert not list(out.glob(".pyconcepts-staging-*"))            # no staging folder left
+    # a staging folder of a run that was killed (no process holds its lock) is cleared by the next one
+    dead = out / ".pyconcepts-staging-dead"
     (dead / "images").mkdir(parents=True)
     write_report(out, _basis(k=2, seed=1), model, None, _source(n=6, masks=False), **fast)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+    assert not list(out.glob(".pyconcepts-staging-*"))
     assert (out / "keep.txt").read_text() == "user file" and not (out / "concepts" / "concept-002.html").exists()
 
 
@@ -239,16 +239,25 @@ def test_a_folder_with_a_reports_file_names_that_no_report_wrote_is_refused(tmp_
     assert not (photos / "report").exists()
 
 
-def test_the_working_directory_is_not_a_report_folder(tmp_path, monkeypatch):
-    # the finished report replaces its folder: a shell inside it would be left in a deleted one
-    (tmp_path / "rep").mkdir()
-    monkeypatch.chdir(tmp_path / "rep")
-    for out in (".", "..", tmp_path / "rep"):
-        with pytest.raises(ValueError, match="is the working directory or holds it"):
-            write_report(out, _basis(), TinyNet().eval(), None, _source(n=6, masks=False), **FAST)
-    index = write_report("sub", _basis(), TinyNet().eval(), None, _source(n=6, masks=False),
-                         **{**FAST, "rcav": False})
-    assert index == tmp_path / "rep" / "sub" / "index.html" and index.is_file()
+def test_the_report_folder_itself_is_kept_as_it_is(tmp_path, monkeypatch):
+    # written into its folder, never replacing it: the working directory, a link to the
+    # folder, the user's empty folders and permissions all stay
+    import stat
+
+    real = tmp_path / "real"
+    (real / "empty").mkdir(parents=True)
+    (real / "mine").mkdir()
+    os.chmod(real / "mine", 0o700)
+    os.symlink(real, tmp_path / "link")
+    inode = os.stat(real).st_ino
+    monkeypatch.chdir(real)
+    fast = {**FAST, "rcav": False}
+    write_report(".", _basis(), TinyNet().eval(), None, _source(n=6, masks=False), **fast)
+    index = write_report(tmp_path / "link", _basis(k=2), TinyNet().eval(), None, _source(n=6, masks=False), **fast)
+    assert index.is_file() and (real / "index.html").is_file() and os.path.islink(tmp_path / "link")
+    assert os.stat(real).st_ino == inode and (real / "empty").is_dir()
+    assert stat.S_IMODE(os.stat(real / "mine").st_mode) == 0o700
+    assert not (real / "concepts" / "concept-002.html").exists()      # the first report's third page
 
 
 def test_output_selector_and_bad_input(tmp_path):

@@ -15,7 +15,6 @@ wrote (listed in ``.pyconcepts-report.json``) and touches nothing else.
 """
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 import warnings as _warnings
@@ -30,7 +29,7 @@ from ..attribution import auto_permutations, rcav_tests
 from ..outputs import output_or_recorded
 from ..stability import LOW_HALVES_JACCARD, VANISHED_JACCARD
 from ..taps import LayerTap, autograd_on, resolve_layer
-from .folder import MANIFEST, StagedFolder, check_report_folder, manifest_files
+from .folder import StagedFolder, check_report_folder
 from .collect import Measurements, OutputSelected, ReceptiveField, measure, receptive_field
 from .html import (CSS, MIN_REMOVAL_EFFECT, ClassEffect, ConceptView, JointRemoval, Picture, ReportView,
                    concept_page, index_page)
@@ -121,13 +120,13 @@ def write_report(
     if out_dir is None:
         raise TypeError("out_dir must be a path")
     root = check_report_folder(out_dir, getattr(source, "root", None))
-    # written whole or not at all: into a staging folder, swapped in at the end
+    # written into a staging folder in out_dir, moved into place when done (report/folder.py)
     staged = StagedFolder(root)
     try:
         written = _write_report_files(
             staged.path, basis, model, layer, source, output=output, batch_size=batch_size, top=top, maps=maps,
             rcav=rcav, seed=seed, progress=progress, warnings=warnings, class_names=class_names, **options)
-        staged.commit(written, manifest_files(root))
+        staged.commit(written)
     except BaseException:
         staged.discard()
         raise
@@ -379,7 +378,6 @@ def _write_report_files(
     writer.write("index.html", index_page(view))
     if progress:
         progress("report: pages", len(views) + 1, len(views) + 1)
-    writer.write(MANIFEST, json.dumps({"files": sorted(writer.written | {MANIFEST})}, indent=1))
     return writer.written
 
 

@@ -1,26 +1,34 @@
-"""The report's folder: checked before any work, written whole or not at all.
+"""The report's folder: checked before any work, and changed only once the report is done.
 
-A report is written into a private staging folder beside its destination and swapped in at the
-end (the old folder renamed aside, the new one renamed into place, the old one deleted). So an
-interrupted run leaves the previous report as it was, and two runs writing the same folder end
-with one of the two complete reports, never a mix of their pictures. Files in the destination
-that no report wrote (the user's own) are carried over into the new folder as hard links
-(copies where the file system has none), so they survive the swap.
+A report is written into a hidden staging folder inside its destination
+(``.pyconcepts-staging-*``), then moved into place file by file (each move is a rename within
+one file system, the index last) under an exclusive lock on the folder, and the files of the
+earlier report that this one did not write are deleted. So an interrupted run leaves the
+previous report as it was (unless it is cut within those last renames, milliseconds long), and
+two runs on one folder end with one complete report, never a mix of their pictures. The folder
+itself is never replaced: the user's own files and folders in it, its permissions, a mount or a
+link are left as they are. A staging folder left by a killed run is deleted by the next run
+(its lock is free once its process is gone, on any machine that shares the file system and its
+locks).
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import pathlib
 import re
 import shutil
 import tempfile
-import uuid
 from typing import Iterable, List, Optional, Set, Union
 
+try:
+    import fcntl
+except ImportError:            # not POSIX: no locks (runs on one folder are not serialised)
+    fcntl = None
+
 MANIFEST = ".pyconcepts-report.json"
-_TAG = ".pyconcepts-"
+_STAGING = ".pyconcepts-staging-"
+_LOCK = ".pyconcepts-report.lock"
 
 
 def manifest_files(root: pathlib.Path) -> Set[str]:
@@ -37,19 +45,13 @@ def manifest_files(root: pathlib.Path) -> Set[str]:
 
 def check_report_folder(out_dir: Union[str, os.PathLike], images_root: Optional[Union[str, os.PathLike]] = None,
                         name: str = "out_dir") -> pathlib.Path:
-    """``out_dir`` as a path, refused (ValueError naming ``name``) when it is a file, when it is
-    a folder holding files that no report wrote (a report replaces its folder's pictures and
-    pages: someone else's ``index.html`` would be lost), or when it lies inside ``images_root``
-    (the report's pictures would be read as images by the next run)."""
+    """``out_dir`` as an absolute path, refused (ValueError naming ``name``) when it is a file,
+    when it is a folder holding files of a report's names that no report wrote (someone else's
+    ``index.html`` would be replaced), or when it lies inside ``images_root`` (the report's
+    pictures would be read as images by the next run)."""
     root = pathlib.Path(os.path.abspath(out_dir))
     if root.exists() and not root.is_dir():
         raise ValueError(f"{name} {os.fspath(out_dir)!r} exists and is not a folder")
-    here = os.path.realpath(os.getcwd())
-    real = os.path.realpath(root)
-    if here == real or here.startswith(real.rstrip(os.sep) + os.sep):
-        # the finished report replaces the folder: a shell inside it would be left in a deleted one
-        raise ValueError(f"{name} {os.fspath(out_dir)!r} is the working directory or holds it: the report replaces "
-                         "its folder when it is done; give the folder's path from outside it")
     if images_root is not None:
         inner, images = os.path.realpath(root), os.path.realpath(images_root)
         if inner == images or inner.startswith(images.rstrip(os.sep) + os.sep):
@@ -82,91 +84,78 @@ def _files_under(root: pathlib.Path) -> List[str]:
     return out
 
 
-def _pid_alive(pid: int) -> bool:
+def _lock(path: pathlib.Path, blocking: bool):
+    """An open file holding an exclusive lock on ``path`` (created), or None when ``blocking``
+    is False and another process holds it."""
+    handle = open(path, "a+b")
+    if fcntl is None:
+        return handle
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
 
 
 class StagedFolder:
-    """A staging folder beside ``root``; ``commit`` swaps it in, ``discard`` deletes it."""
+    """A staging folder inside ``root`` that ``commit`` moves into place; ``discard`` deletes it."""
 
     def __init__(self, root: pathlib.Path):
         self.root = pathlib.Path(os.path.abspath(root))
-        parent = self.root.parent
-        self._prefix = f".{self.root.name}{_TAG}"
         try:
-            parent.mkdir(parents=True, exist_ok=True)
-            self._remove_stale(parent)
-            self.path = pathlib.Path(tempfile.mkdtemp(prefix=f"{self._prefix}new-{os.getpid()}-", dir=parent))
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._remove_stale()
+            self.path = pathlib.Path(tempfile.mkdtemp(prefix=_STAGING, dir=self.root))
+            # held while this run lives: a later run takes a staging folder whose lock is free
+            # for the leftover of a killed run
+            self._held = _lock(self.path / _LOCK, blocking=True)
         except PermissionError as exc:
-            raise PermissionError(f"cannot write the report beside {str(self.root)!r}: {exc.strerror} in "
-                                  f"{str(parent)!r} (the report is written there, then moved into place)") from exc
-        os.chmod(self.path, 0o755)
+            raise PermissionError(f"cannot write the report into {str(self.root)!r}: {exc.strerror}") from exc
 
-    def _remove_stale(self, parent: pathlib.Path) -> None:
-        """Staging and set-aside folders of runs on this machine that ended without cleaning
-        up (killed): their process is gone."""
-        for entry in os.listdir(parent):
-            if not entry.startswith(self._prefix):
+    def _remove_stale(self) -> None:
+        for entry in os.listdir(self.root):
+            if not entry.startswith(_STAGING) or not (self.root / entry).is_dir() or fcntl is None:
                 continue
-            parts = entry[len(self._prefix):].split("-")
-            if len(parts) >= 3 and parts[0] in ("new", "old") and parts[1].isdigit() \
-                    and not _pid_alive(int(parts[1])):
-                shutil.rmtree(parent / entry, ignore_errors=True)
+            held = _lock(self.root / entry / _LOCK, blocking=False)
+            if held is not None:      # no live run holds it
+                held.close()
+                shutil.rmtree(self.root / entry, ignore_errors=True)
 
     def discard(self) -> None:
+        self._held.close()
         shutil.rmtree(self.path, ignore_errors=True)
 
-    def commit(self, written: Iterable[str], previous: Iterable[str]) -> None:
-        """Carry the destination's other files over, then swap the staging folder in."""
-        written, previous = set(written), set(previous)
-        if self.root.is_dir():
-            # a file of the same name that no report wrote would be lost (the check before the
-            # work looks for every name a report writes; this is its last line)
-            if not (self.root / MANIFEST).is_file():
-                lost = sorted(written & set(_files_under(self.root)))
-                if lost:
-                    raise ValueError(f"{str(self.root)!r} holds files that no report wrote and this report "
-                                     f"would replace ({', '.join(lost[:3])}); nothing was changed there")
-            self._carry_over(written | previous)
-        for _ in range(50):
-            aside = self.root.parent / f"{self._prefix}old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            try:
-                os.rename(self.root, aside)
-            except FileNotFoundError:
-                aside = None
-            try:
-                os.rename(self.path, self.root)
-                return
-            except OSError as exc:
-                # another run put its report in place between the two renames: set it aside too
-                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise
-            finally:
-                if aside is not None:
-                    shutil.rmtree(aside, ignore_errors=True)
-        raise OSError(f"could not move the report into {str(self.root)!r}: other runs keep writing it")
-
-    def _carry_over(self, skip: Set[str]) -> None:
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            rel_dir = os.path.relpath(dirpath, self.root)
-            for entry in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-                rel = os.path.normpath(os.path.join(rel_dir, entry))
-                if rel in skip or rel == MANIFEST or entry.startswith(".tmp-"):
-                    continue
-                src, dst = os.path.join(dirpath, entry), self.path / rel
-                if dst.exists():
-                    continue
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                if os.path.islink(src):
-                    os.symlink(os.readlink(src), dst)
-                    continue
+    def commit(self, written: Iterable[str]) -> None:
+        """Move the written files into place (the index last), delete the earlier report's
+        files that this one did not write, and record the new list in the manifest."""
+        written = sorted(set(written) - {MANIFEST, _LOCK})
+        with _lock(self.root / _LOCK, blocking=True):
+            previous = manifest_files(self.root)
+            # every file either report may leave is listed while the moves run, so that a run
+            # cut short among them is cleaned up by the next one
+            _write_manifest(self.root, previous | set(written))
+            for rel in sorted(written, key=lambda r: r == "index.html"):
+                target = self.root / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(self.path / rel, target)
+            for rel in sorted(previous - set(written) - {MANIFEST}):
                 try:
-                    os.link(src, dst)
+                    (self.root / rel).unlink()
                 except OSError:
-                    shutil.copy2(src, dst)
+                    pass
+            _write_manifest(self.root, set(written))
+        self.discard()
+
+
+def _write_manifest(root: pathlib.Path, files: Set[str]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=root)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump({"files": sorted(files | {MANIFEST})}, handle, indent=1)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, root / MANIFEST)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
