@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
-__all__ = ["OutputSpec", "check_output_spec", "select_output", "scores_kind", "as_logits",
+__all__ = ["OutputSpec", "check_output_spec", "select_output", "scores_kind", "as_logits", "as_is",
            "read_scores", "KINDS", "output_or_recorded"]
 
 OutputSpec = Union[None, int, str, Callable[[Any], torch.Tensor]]
@@ -55,6 +55,12 @@ class _Recorded:
 
     def __repr__(self) -> str:
         return f"{self.spec!r} (recorded in the basis)"
+
+
+def as_is(value):
+    """``output=as_is``: the model's output is its class scores already (for a model wrapped
+    to return them; no recorded output of the basis is applied)."""
+    return value
 
 
 def output_or_recorded(output: OutputSpec, basis) -> OutputSpec:

@@ -835,3 +835,16 @@ def test_a_layer_the_outputs_do_not_read_is_said_so(tmp_path):
     write_report(tmp_path, _basis(), TinyNet().eval(), "act", _source(), rcav=False,
                  **{k: v for k, v in FAST.items() if not k.startswith("rcav")})
     assert "do not read the positions" not in (tmp_path / "index.html").read_text(encoding="utf-8")
+
+
+def test_a_report_given_its_output_function_does_not_ask_for_it_again(tmp_path):
+    import warnings
+
+    basis = _basis()
+    basis.metadata["output_callable"] = "pooled"       # extracted with a function output=
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        write_report(tmp_path, basis, TinyNet().eval(), "act", _source(masks=False), output=lambda out: out, **FAST)
+    assert not [w for w in seen if "pass it again" in str(w.message)]
+    with pytest.warns(UserWarning, match="extracted with output=pooled"):   # not given: said once
+        write_report(tmp_path / "b", basis, TinyNet().eval(), "act", _source(masks=False), **{**FAST, "rcav": False})

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..attribution import rcav as _rcav
 from ..attribution import auto_permutations, rcav_tests
-from ..outputs import output_or_recorded
+from ..outputs import as_is, output_or_recorded
 from ..stability import LOW_HALVES_JACCARD, VANISHED_JACCARD
 from ..taps import LayerTap, autograd_on, resolve_layer
 from .folder import StagedFolder, check_report_folder
@@ -209,7 +209,7 @@ def _write_report_files(
         n_perm = opts["rcav_permutations"] or auto_permutations(n_tests, level)
         result = _rcav(wrapped, basis, m.rcav_images, layer=tap.layer, concepts=tested, n_permutations=n_perm,
                        level=level, seed=seed, batch_size=rcav_batch, skip_tokens=int(opts["skip_tokens"]),
-                       progress=progress, classes=rcav_classes)
+                       progress=progress, classes=rcav_classes, output=as_is)
     row_of = {i: r for r, i in enumerate(tested)}
     joint = (_joint_removals(wrapped, tap, basis, m, class_names, batch_size, joint_concepts, joint_classes,
                              progress) if joint_concepts else [])

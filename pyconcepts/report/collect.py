@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..interventions import rank_concepts
-from ..outputs import OutputSpec, check_output_spec, read_scores
+from ..outputs import OutputSpec, as_is, check_output_spec, read_scores
 from ..taps import LayerTap, autograd_on
 
 __all__ = ["OutputSelected", "ReceptiveField", "receptive_field", "Measurements", "measure"]
@@ -389,7 +389,7 @@ def measure(
     # the removal effects, in concept order (the ranking returns them largest drop first)
     influence = torch.cat(influence_batches)
     ranking = rank_concepts(
-        model, basis, influence, target="predicted", layer=tap.layer,
+        model, basis, influence, target="predicted", layer=tap.layer, output=as_is,
         batch_size=batch_size, skip_tokens=tap.skip_tokens,
         progress=(lambda done, total: progress("report: removals", done, total)) if progress else None)
     at = torch.argsort(torch.tensor(ranking.concepts))
