@@ -27,6 +27,7 @@ import inspect
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -461,6 +462,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _at_least_two(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (the demo compares concepts), got {value}")
+    return value
+
+
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -867,9 +875,11 @@ def _check_folder_classes(args, source, preds: torch.Tensor, n_outputs: int) -> 
     preds = preds.cpu().long()
     if args.classes:
         # the folders whose name --classes gives: their images' true output is that name's index
-        index = {name: i for i, name in enumerate(_output_class_names(args, source, n_outputs))}
+        # names matched loosely ("Non_Face", "non-face" and "nonface" are one name)
+        loose = lambda name: re.sub(r"[^0-9a-z]", "", str(name).casefold())  # noqa: E731
+        index = {loose(name): i for i, name in enumerate(_output_class_names(args, source, n_outputs))}
         # (a label outside the folders reads the trailing -1: not named)
-        to_output = torch.tensor([index.get(name, -1) for name in source.class_names] + [-1])
+        to_output = torch.tensor([index.get(loose(name), -1) for name in source.class_names] + [-1])
         folders = to_output[torch.where((folders >= 0) & (folders < len(source.class_names)), folders, -1)]
         keep = folders >= 0
         if not bool(keep.any()):
@@ -1420,7 +1430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the built-in demo and print its tables", parents=[common])
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--concepts", type=_positive_int, default=16)
+    p.add_argument("--concepts", type=_at_least_two, default=16)
     p.add_argument("--no-refine", action="store_true",
                    help="skip the gradient refinement of the detectors (on by default)")
     p.add_argument("--ura", action="store_true", help="add URA to the refinement")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Union
 
 import torch
 
@@ -176,6 +176,10 @@ def read_scores(value: Any, output: OutputSpec, kind: str = "auto") -> torch.Ten
     if scores.is_floating_point() and (scores.dim() == 1 or (scores.dim() == 2 and scores.shape[1] == 1)):
         # one score per image: the logit of a yes / no output, as two classes (no: 0, yes: z)
         z = scores.reshape(-1, 1)
+        if z.shape[0] > 1 and bool(((z.detach() >= 0) & (z.detach() <= 1)).all()):
+            warnings.warn("the model gives one score per image and every one lies in [0, 1]: it is read as a "
+                          "logit; if it is a probability (a sigmoid output), return its logit instead "
+                          "(output=lambda y: torch.logit(y, eps=1e-6))", stacklevel=2)
         scores = torch.cat([torch.zeros_like(z), z], 1)
         _check_scores(scores, output)
         return scores

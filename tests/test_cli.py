@@ -453,7 +453,7 @@ def test_demo_checks_its_outputs_and_numbers_before_the_run(capsys, tmp_path):
                        (["--report-dir", tmp_path / "file"], "--report-dir"),
                        (["--threads", "-1"], "--threads"),
                        (["--seed", "99999999999999999999"], "--seed"),
-                       (["--concepts", "0"], "--concepts")):
+                       (["--concepts", "1"], "--concepts")):
         rc, _, err = _run(capsys, "demo", *args)
         assert rc == 2 and said in err, (args, err)
 
@@ -661,6 +661,8 @@ def test_class_folders_in_another_order_than_the_outputs_are_flagged(ws, capsys,
     # --classes in the folders' (wrong) order: its names are matched to the folders' names
     rc, out, err = _run(capsys, *common, "--classes", '["cat", "dog"]')
     assert rc == 0 and "named by --classes, match the class subfolders of --images on only 0%" in err
+    rc, out, err = _run(capsys, *common, "--classes", '["Cat", "DOG"]')     # names matched loosely
+    assert rc == 0 and "named by --classes, match the class subfolders" in err
     rc, out, err = _run(capsys, *common, "--classes", '["bird", "fish"]')   # names no folder: no judgement
     assert rc == 0 and "subfolders" not in err
     rc, _, err = _run(capsys, *common, "--limit", 6)  # too few images to judge the order (p = 1/64)

@@ -158,6 +158,8 @@ def test_one_score_per_image_is_a_yes_no_logit():
     z = torch.tensor([2.0, -1.0, 0.5])
     for shaped in (z, z[:, None]):
         assert torch.equal(read_scores(shaped, None), torch.stack([torch.zeros(3), z], 1))
+    with pytest.warns(UserWarning, match="lies in \\[0, 1\\]: it is read as a logit"):   # a sigmoid's output?
+        read_scores(torch.tensor([0.2, 0.9, 0.7]), None)
     # a detector's map pooled by a callable: extract, rank, remove
     torch.manual_seed(0)
     model = _DenseMap().eval()
