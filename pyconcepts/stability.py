@@ -320,6 +320,9 @@ def concept_stability(
     if n < 2:
         raise ValueError(f"images has {n} image(s): a split-half check needs at least 2")
     group_of = _group_ids(groups, n)
+    if group_of is not None and int(group_of.max()) + 1 < 4:
+        warnings.warn(f"groups makes {int(group_of.max()) + 1} groups: with so few, the splits can only repeat "
+                      "the same halves", stacklevel=2)
     settings = dict(meta.get("extract_settings") or {})
     settings.update(options or {})
     skip = int(meta.get("skip_tokens") or 0)
@@ -342,6 +345,10 @@ def concept_stability(
     halves, sizes = [], None
     for split in range(splits):
         member = _random_half(n, group_of, generator)
+        smaller = min(int(member.sum()), n - int(member.sum()))
+        if group_of is not None and smaller < n / 4:
+            warnings.warn(f"split {split + 1} of whole groups holds {int(member.sum())} / {n - int(member.sum())} "
+                          "images: a group this large leaves one half too small to compare", stacklevel=2)
         sizes = sizes or (int(member.sum()), int((~member).sum()))
         for h, part in enumerate((member, ~member)):
             name = f"split {split + 1}, half {'AB'[h]}" if splits > 1 else f"half {'AB'[h]}"

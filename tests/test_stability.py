@@ -184,6 +184,9 @@ def test_groups_keep_their_images_in_one_half():
         concept_stability(model, basis, images, groups=list(range(99)))
     with pytest.raises(ValueError, match="every image in one group"):
         concept_stability(model, basis, images, groups=[0] * 100)
+    with pytest.warns(UserWarning, match="holds .* images: a group this large"):
+        with pytest.warns(UserWarning, match="makes 2 groups"):
+            concept_stability(model, basis, images, splits=1, groups=[0] * 95 + [1] * 5)
     with pytest.raises(TypeError, match="hashable"):
         concept_stability(model, basis, images, groups=[[i] for i in range(100)])
 
