@@ -214,6 +214,8 @@ def _channel_stats(values, name: str) -> Optional[torch.Tensor]:
 # the largest model input Preprocess makes: a resize far beyond it would exhaust the memory
 # before any model runs (a 100000-pixel side is 10^10 pixels)
 MAX_INPUT_PIXELS = 8192 * 8192
+# and the largest batch of decoded pictures (float32) read at once
+MAX_BATCH_BYTES = 8 * 2 ** 30
 
 
 class Preprocess:
@@ -434,6 +436,16 @@ class FolderImages:
 
     def batches(self, batch_size: int = 64) -> Iterator[torch.Tensor]:
         names = self.names
+        if self.preprocess.transform is None and self._entries:
+            # the pictures of one batch are decoded together: refuse a batch that would not fit
+            # before decoding any (the size comes from the first picture's header)
+            _, _, (w, h) = self._entries[0]
+            oh, ow = self.preprocess.output_size(w, h)
+            held = min(batch_size, len(names)) * self.preprocess.channels * oh * ow * 4
+            if held > MAX_BATCH_BYTES:
+                raise ValueError(f"a batch of {min(batch_size, len(names))} pictures at {oh}x{ow} holds "
+                                 f"{held / 2 ** 30:.1f} GiB of input alone (more than {MAX_BATCH_BYTES // 2 ** 30} "
+                                 "GiB): give a smaller batch_size (command line: --batch-size) or a smaller resize")
         for start in range(0, len(names), batch_size):
             chunk = names[start:start + batch_size]
             items = self._read(chunk, self._load)

@@ -67,6 +67,15 @@ def test_preprocessing_resize_crop_and_normalise(tmp_path):
         Preprocess(resize=100000)
     with pytest.raises(ValueError, match=r"would be resized to 24576x8192"):
         FolderImages(tmp_path, preprocess=Preprocess(resize=8192))
+    big = FolderImages(tmp_path, preprocess=Preprocess(resize=(8000, 8000)))    # 0.7 GiB a picture
+    with pytest.raises(ValueError, match=r"a batch of 2 pictures at 8000x8000 holds 1.4 GiB"):
+        import pyconcepts.images as images_module
+
+        limit, images_module.MAX_BATCH_BYTES = images_module.MAX_BATCH_BYTES, 2 ** 30
+        try:
+            next(iter(big.batches(64)))
+        finally:
+            images_module.MAX_BATCH_BYTES = limit
     pre = Preprocess(resize=16, crop=16, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
     x = next(iter(FolderImages(tmp_path, preprocess=pre).batches(4)))
     assert x.shape == (2, 3, 16, 16)
