@@ -9,9 +9,10 @@ and its IoU with ground-truth masks when the image source has them.
 
 The images are streamed once through the model (memory does not grow with their number);
 display pictures are fetched only for the images shown. Plain HTML, one stylesheet, inline
-SVG charts and PNG pictures (Pillow): the folder opens offline in any browser. Files are
-written atomically; a later report into the same folder replaces the files an earlier report
-wrote (listed in ``.pyconcepts-report.json``) and touches nothing else.
+SVG charts and PNG pictures (Pillow): the folder opens offline in any browser. The report is
+written into a staging folder inside ``out_dir`` and moved into place when done
+(``report/folder.py``); it replaces the files an earlier report wrote (listed in
+``.pyconcepts-report.json``) and touches nothing else.
 """
 from __future__ import annotations
 
@@ -54,7 +55,6 @@ OPTIONS: Dict[str, object] = {
     "skip_tokens": 0,          # token maps: leading class/register tokens that are not patches
     "grid": None,              # token maps: the (h, w) patch grid
 }
-
 
 
 class _Writer:
