@@ -122,7 +122,7 @@ _NON_NEGATIVE = ("ura_weight", "fso_weight", "rho")
 
 def _check_number_options(opts: Dict[str, object]) -> None:
     """Each numeric option of ``opts`` of the right kind and sign; errors name the option."""
-    for names, low, whole in ((_AT_LEAST_ONE, 1, True), (_AT_LEAST_ZERO, 0, True)):
+    for names, low in ((_AT_LEAST_ONE, 1), (_AT_LEAST_ZERO, 0)):
         for name in names:
             v = opts[name]
             if isinstance(v, bool) or not isinstance(v, int) or v < low:

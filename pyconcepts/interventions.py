@@ -125,10 +125,7 @@ def edit_rows(
     exactly on their targets, then the removals and amplifications are made one after the
     other in index order. Differentiable in ``rows`` and in the basis tensors (not through a
     hard membership)."""
-    if direction not in _DIRECTIONS:
-        raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
-    if membership not in _MEMBERSHIPS:
-        raise ValueError(f"membership must be one of {_MEMBERSHIPS}, got {membership!r}")
+    _check_direction_membership(direction, membership)
     set, scale, amplify = dict(set or {}), dict(scale or {}), dict(amplify or {})
     removed = {int(i) for i in remove}
     edited = sorted({int(i) for i in (*set, *scale, *removed, *amplify)})
@@ -178,6 +175,13 @@ def edit_rows(
     if nonneg:
         x = torch.relu(x)
     return x
+
+
+def _check_direction_membership(direction: str, membership: str) -> None:
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
+    if membership not in _MEMBERSHIPS:
+        raise ValueError(f"membership must be one of {_MEMBERSHIPS}, got {membership!r}")
 
 
 def _gated_excess(t, j, level, gain, offset, b, membership):
@@ -284,10 +288,7 @@ def intervene(
     jointly so that each lands on its target, and removals and amplifications are made one
     after the other in index order (see the module docstring). Yields the model."""
     basis = _check_basis(basis)
-    if direction not in _DIRECTIONS:
-        raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
-    if membership not in _MEMBERSHIPS:
-        raise ValueError(f"membership must be one of {_MEMBERSHIPS}, got {membership!r}")
+    _check_direction_membership(direction, membership)
     strength = _check_strength(strength)
     set_, scale_, remove_ = _normalise_edits(basis, set, scale, remove)
     amplify_ = _normalise_amplify(basis, amplify)
@@ -393,10 +394,7 @@ def correct(
     ``restore_corrections(model, state_dict)`` on a fresh model before ``load_state_dict``.
     """
     basis = _check_basis(basis)
-    if direction not in _DIRECTIONS:
-        raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
-    if membership not in _MEMBERSHIPS:
-        raise ValueError(f"membership must be one of {_MEMBERSHIPS}, got {membership!r}")
+    _check_direction_membership(direction, membership)
     strength = _check_strength(strength)
     _, _, idx = _normalise_edits(basis, None, None, concepts, "concepts")
     if not idx:
@@ -520,10 +518,7 @@ def counterfactual(
     if not (set_ or scale_ or remove_ or amplify_):
         raise ValueError("nothing to change: give concepts to remove, or set=, scale= or amplify= edits")
     _check_not_both(remove_, amplify_)
-    if direction not in _DIRECTIONS:
-        raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
-    if membership not in _MEMBERSHIPS:
-        raise ValueError(f"membership must be one of {_MEMBERSHIPS}, got {membership!r}")
+    _check_direction_membership(direction, membership)
     tap = LayerTap(model, _layer_name(basis, layer), skip_tokens=skip_tokens_to_apply(basis, skip_tokens))
     # the hook intervene installs, built once: the layer and skip_tokens were checked (and
     # warned of) above, and no warnings filter is touched per batch (that would reset Python's
@@ -662,10 +657,7 @@ def rank_concepts(
     output = output_or_recorded(output, basis)
     if method not in _RANK_METHODS:
         raise ValueError(f"method must be one of {_RANK_METHODS}, got {method!r}")
-    if direction not in _DIRECTIONS:
-        raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
-    if membership not in _MEMBERSHIPS:
-        raise ValueError(f"membership must be one of {_MEMBERSHIPS}, got {membership!r}")
+    _check_direction_membership(direction, membership)
     strength = _check_strength(strength)
     if isinstance(greedy, bool) or not isinstance(greedy, int) or greedy < 0:
         raise ValueError(f"greedy must be a non-negative int (the number of concepts to pick), got {greedy!r}")
