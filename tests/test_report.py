@@ -848,3 +848,28 @@ def test_a_report_given_its_output_function_does_not_ask_for_it_again(tmp_path):
     assert not [w for w in seen if "pass it again" in str(w.message)]
     with pytest.warns(UserWarning, match="extracted with output=pooled"):   # not given: said once
         write_report(tmp_path / "b", basis, TinyNet().eval(), "act", _source(masks=False), **{**FAST, "rcav": False})
+
+
+def test_a_report_folder_the_moves_cannot_reach_is_refused_before_any_work(tmp_path):
+    import tempfile
+
+    shm = "/dev/shm"
+    if not os.path.isdir(shm) or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs a second file system (/dev/shm) to link into")
+    out = tmp_path / "r"
+    write_report(out, _basis(k=2), TinyNet().eval(), None, _source(n=6, masks=False), **{**FAST, "rcav": False})
+    elsewhere = tempfile.mkdtemp(dir=shm)
+    try:
+        import shutil
+
+        for f in (out / "images").iterdir():
+            shutil.move(str(f), os.path.join(elsewhere, f.name))
+        (out / "images").rmdir()
+        os.symlink(elsewhere, out / "images")     # the pictures on another file system
+        before = _tree(out)
+        with pytest.raises(OSError, match="another file system"):
+            write_report(out, _basis(k=3), TinyNet().eval(), None, _source(n=6, masks=False),
+                         **{**FAST, "rcav": False})
+        assert _tree(out) == before and not list(out.glob(".pyconcepts-staging-*"))
+    finally:
+        shutil.rmtree(elsewhere, ignore_errors=True)

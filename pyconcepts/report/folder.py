@@ -4,7 +4,7 @@ A report is written into a hidden staging folder inside its destination
 (``.pyconcepts-staging-*``), then moved into place file by file (each move is a rename within
 one file system, the index last) under an exclusive lock on the folder, and the files of the
 earlier report that this one did not write are deleted. So an interrupted run leaves the
-previous report as it was (unless it is cut within those last renames, milliseconds long), and
+previous report as it was (Ctrl-C and SIGTERM wait until those last renames are done), and
 two runs on one folder end with one complete report, never a mix of their pictures. The folder
 itself is never replaced: the user's own files and folders in it, its permissions, a mount or a
 link are left as they are. A staging folder left by a killed run is deleted by the next run
@@ -13,11 +13,13 @@ locks).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import re
 import shutil
+import signal
 import tempfile
 from typing import Iterable, List, Optional, Set, Union
 
@@ -105,12 +107,23 @@ class StagedFolder:
         self.root = pathlib.Path(os.path.abspath(root))
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            self._remove_stale()
-            self.path = pathlib.Path(tempfile.mkdtemp(prefix=_STAGING, dir=self.root))
-            # held while this run lives: a later run takes a staging folder whose lock is free
-            # for the leftover of a killed run
-            self._held = _lock(self.path / _LOCK, blocking=True)
+            # under the folder's lock: another run must not take this staging folder for a
+            # killed run's between its creation and its lock
+            with _lock(self.root / _LOCK, blocking=True):
+                self._remove_stale()
+                self.path = pathlib.Path(tempfile.mkdtemp(prefix=_STAGING, dir=self.root))
+                # held while this run lives: a later run takes a staging folder whose lock is
+                # free for the leftover of a killed run
+                self._held = _lock(self.path / _LOCK, blocking=True)
+            # an earlier report's folders that the moves could not reach: said before any work
+            try:
+                self._check_targets(["index.html", "images/", "concepts/"])
+            except OSError:
+                self.discard()
+                raise
         except PermissionError as exc:
+            if exc.strerror is None:     # ours, already worded
+                raise
             raise PermissionError(f"cannot write the report into {str(self.root)!r}: {exc.strerror}") from exc
 
     def _remove_stale(self) -> None:
@@ -129,23 +142,76 @@ class StagedFolder:
     def commit(self, written: Iterable[str]) -> None:
         """Move the written files into place (the index last), delete the earlier report's
         files that this one did not write, and record the new list in the manifest."""
-        written = sorted(set(written) - {MANIFEST, _LOCK})
-        with _lock(self.root / _LOCK, blocking=True):
+        written = set(written) - {MANIFEST, _LOCK}
+        # pictures first, then the stylesheet and the pages, the index last: a page never
+        # links a picture that is not there yet
+        order = sorted(written, key=lambda r: (r == "index.html", not r.startswith("images/"), r))
+        with _lock(self.root / _LOCK, blocking=True), _signals_held():
+            self._check_targets(order)
             previous = manifest_files(self.root)
             # every file either report may leave is listed while the moves run, so that a run
             # cut short among them is cleaned up by the next one
-            _write_manifest(self.root, previous | set(written))
-            for rel in sorted(written, key=lambda r: r == "index.html"):
-                target = self.root / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(self.path / rel, target)
-            for rel in sorted(previous - set(written) - {MANIFEST}):
+            _write_manifest(self.root, previous | written)
+            try:
+                for rel in order:
+                    target = self.root / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(self.path / rel, target)
+            except OSError as exc:
+                raise OSError(f"the report in {str(self.root)!r} is incomplete: moving {rel!r} into place failed "
+                              f"({exc.strerror or exc}); run it again once that is mended") from exc
+            for rel in sorted(previous - written - {MANIFEST}):
                 try:
                     (self.root / rel).unlink()
                 except OSError:
                     pass
-            _write_manifest(self.root, set(written))
+            _write_manifest(self.root, written)
         self.discard()
+
+    def _check_targets(self, order: List[str]) -> None:
+        """Every folder a file moves into is writable and on the staging folder's file system
+        (else a rename fails half-way through), checked before the first move."""
+        device = os.stat(self.path).st_dev
+        for folder in sorted({os.path.dirname(rel) for rel in order}):
+            target = self.root / folder
+            if not target.exists():
+                continue
+            if not os.access(target, os.W_OK | os.X_OK):
+                raise PermissionError(f"cannot move the report into {str(target)!r}: it is not writable "
+                                      "(nothing was changed)")
+            if os.stat(target).st_dev != device:
+                raise OSError(f"cannot move the report into {str(target)!r}: it is on another file system than "
+                              f"{str(self.root)!r} (a link or a mount; nothing was changed)")
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM held back while the report moves into place (where they would leave
+    it half old, half new) and acted on at the end, as they would have been. Python handles
+    signals in the main thread only: elsewhere nothing is held."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    before = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            before[sig] = signal.signal(sig, lambda number, frame: caught.append((number, frame)))
+        except (ValueError, OSError):
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        for number, frame in caught[:1]:
+            handler = before.get(number)
+            if callable(handler):
+                handler(number, frame)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(number)
 
 
 def _write_manifest(root: pathlib.Path, files: Set[str]) -> None:
