@@ -452,39 +452,25 @@ def _stats_arg(text: str):
         raise argparse.ArgumentTypeError(f"expected 'imagenet' or comma-separated numbers, got {text!r}") from None
 
 
-def _whole_number(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+def _int_range(low: int, high: Optional[int] = None, note: str = ""):
+    """An argparse type: a whole number in [low, high] (``note`` says why, in the message)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}{note}, got {value}")
+        return value
+
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    value = _whole_number(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _at_least_two(text: str) -> int:
-    value = _positive_int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2 (the demo compares concepts), got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    value = _whole_number(text)
-    if not 0 <= value < 2 ** 63:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 2**63 - 1, got {value}")
-    return value
-
-
-def _threads(text: str) -> int:
-    value = _whole_number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (torch's choice) or more, got {value}")
-    return value
+_positive_int = _int_range(1)
+_at_least_two = _int_range(2, note=" (the demo compares concepts)")
+_seed = _int_range(0, 2 ** 63 - 1)
+_threads = _int_range(0, note=" (0: torch's choice)")
 
 
 def _finite_float(text: str) -> float:
