@@ -422,14 +422,13 @@ class _Probe:
             if output is None and why_scores:
                 raise UserError(f"{exc} ({why_scores})") from exc
             raise
-        if isinstance(logits, torch.Tensor) and (logits.dim() == 1 or (logits.dim() == 2 and logits.shape[1] == 1)):
-            self.n_outputs = 2       # one logit per image: a yes / no output (pyconcepts.outputs)
-            return
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise UserError(f"the model's output (after --output) should be logits (B, classes) or one logit per "
-                            f"image (B,), got {shape}")
-        self.n_outputs = int(logits.shape[1])
+        from .outputs import read_scores
+
+        # read as every command reads it (one logit per image is a yes / no output: 2 classes)
+        try:
+            self.n_outputs = int(read_scores(logits, None, "logits").shape[1])
+        except (ValueError, TypeError) as exc:
+            raise UserError(str(exc).replace("output=", "--output ")) from exc
 
 
 # ------------------------------------------------------------------------ image inputs

@@ -495,6 +495,11 @@ def test_output_from_a_file_pools_a_detectors_map(ws, capsys, tmp_path):
     assert rc == 0 and "12 image" in out, err
     rc, out, err = _run(capsys, "intervene", tmp_path / "b.safetensors", *common, "--remove", 0)
     assert rc == 2 and f"--output {det}:pooled" in err.replace("output=", "--output ")
+    # the map itself is no class scores: said before any work, as every command reads outputs
+    rc, _, err = _run(capsys, "extract", *common, "--layer", "features.3", "-k", 2, "--refine",
+                      "--out", tmp_path / "c.safetensors")
+    assert rc == 2 and "has shape (1, 1, 8, 8); expected (B, C) logits" in err
+    assert not (tmp_path / "c.safetensors").exists()
 
 
 def test_transform_from_a_file(ws, capsys, tmp_path):
