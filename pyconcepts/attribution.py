@@ -248,7 +248,8 @@ class RCAVResult:
     """``scores[i, k]``: fraction of images whose class-k probability rose when concept i was
     added; ``p_values`` from the test against random concepts (NaN for untested classes);
     ``p_adjusted`` Bonferroni-corrected over the tests; ``significant`` = p_adjusted < level;
-    ``null_scores`` (draws, concepts, classes) the random concepts' scores."""
+    ``null_scores`` (draws, concepts, classes) the random concepts' scores (NaN for the draws a
+    concept stopped before); ``draws[i]`` the null draws made for concept i."""
 
     concepts: List[int]
     scores: torch.Tensor
@@ -258,6 +259,7 @@ class RCAVResult:
     alpha: torch.Tensor
     null_scores: torch.Tensor = field(repr=False)
     level: float = 0.05
+    draws: Optional[torch.Tensor] = None
 
     def influence(self) -> torch.Tensor:
         """(K', C) signed influence: +1 significantly raises the class, -1 lowers it, 0 neither."""
@@ -289,6 +291,7 @@ def rcav(
     progress=None,
     output: OutputSpec = None,
     classes: Optional[Sequence[int]] = None,
+    stop_early: bool = True,
 ) -> RCAVResult:
     """Global influence of concepts on classes by RCAV with a test against random concepts.
 
@@ -309,6 +312,15 @@ def rcav(
     extreme than every null is significant). A concept detected on fewer than two of the sampled
     patches cannot be tested (p = 1). ``output``: which part of the model's output holds the
     class scores (index, key or callable).
+
+    ``stop_early`` (default): a concept's null draws stop once each of its tested classes (with
+    two classes, one of the two) has ``h`` nulls at least as extreme as it, the fewest with
+    which the full test could no longer call it significant (curtailed sampling). The decisions are those of the full test; a
+    stopped pair's p-value is max(h / L, (1 + h) / (1 + n_permutations)), L the draws it took to
+    reach h: the larger of Besag and Clifford's sequential Monte Carlo p-value and the full
+    test's smallest attainable one, so it is valid and never significant. A concept that moves
+    the classes like chance then costs a few forward passes instead of ``n_permutations``.
+    (No stopping where even h = 0 would not be significant: too few draws for any p < level.)
     """
     output = output_or_recorded(output, basis)
     if n_permutations is not None and (isinstance(n_permutations, bool) or not isinstance(n_permutations, int)
@@ -390,25 +402,65 @@ def rcav(
         n_permutations = auto_permutations(n_tests, level)
     total = len(idx) * (1 + n_permutations)
     done = 0
-    scores, nulls = [], []
+    scores = []
     for j in range(len(idx)):
         scores.append(score(s[j], float(alpha_t[j])))
         done += 1
         if progress:
             progress("rcav", done, total)
-    for _ in range(n_permutations):
-        dirs = random_concepts()
-        row = []
-        for j in range(len(idx)):
-            row.append(score(dirs[j], float(alpha_t[j])))
+    scores_t = torch.stack(scores)                                # (K', C)
+    observed = (scores_t - 0.5).abs() - 1e-12
+    # the (concept, class) pairs whose p-values decide: with two classes both (their p is the
+    # larger of the two), with ``classes`` the named one, otherwise every class
+    decides = torch.ones_like(scores_t, dtype=torch.bool)
+    if classes is not None and n_classes != 2:
+        decides = torch.zeros_like(decides)
+        decides[torch.arange(len(idx)), torch.tensor(classes)] = True
+    # h: the fewest extreme nulls with which the full test's p, (1 + h) / (1 + n), is adjusted to
+    # at least the level; h = 0 (nothing can be significant) leaves the test unstopped
+    hopeless = math.ceil(level * (1 + n_permutations) / n_tests - 1 - 1e-9)
+    stop = stop_early and hopeless >= 1
+    untestable = n_detected < 2
+    active = ~untestable if stop else torch.ones(len(idx), dtype=torch.bool)
+    extreme = torch.zeros_like(scores_t)
+    reached_at = torch.zeros_like(scores_t)                      # draws taken to reach h extremes
+    draws = torch.zeros(len(idx), dtype=torch.long)
+    null_t = torch.full((n_permutations, len(idx), n_classes), float("nan"))
+    if stop:
+        total -= int(untestable.sum()) * n_permutations
+        if progress:
+            progress("rcav", done, total)
+    for d in range(n_permutations):
+        if not bool(active.any()):
+            break
+        dirs = random_concepts()  # drawn for every concept, so each one's nulls do not depend on the others'
+        for j in torch.nonzero(active).flatten().tolist():
+            null_t[d, j] = score(dirs[j], float(alpha_t[j]))
+            draws[j] += 1
             done += 1
             if progress:
                 progress("rcav", done, total)
-        nulls.append(torch.stack(row))
-    scores_t = torch.stack(scores)                                # (K', C)
-    null_t = torch.stack(nulls)                                   # (n_perm, K', C)
-    extreme = ((null_t - 0.5).abs() >= (scores_t - 0.5).abs()[None] - 1e-12).sum(0)
-    p = (1.0 + extreme.float()) / (1.0 + n_permutations)
+        extreme += ((null_t[d] - 0.5).abs() >= observed) & active[:, None]
+        if stop:
+            newly = (extreme >= hopeless) & (reached_at == 0) & active[:, None]
+            reached_at[newly] = float(d + 1)
+            reached = reached_at > 0
+            # two classes: one test, on the larger p, so one hopeless class ends it
+            done_now = active & (reached.any(1) if n_classes == 2 else (reached | ~decides).all(1))
+            if bool(done_now.any()):
+                total -= int(done_now.sum()) * (n_permutations - d - 1)
+                active &= ~done_now
+                if progress:
+                    progress("rcav", done, total)
+    p = (1.0 + extreme) / (1.0 + n_permutations)
+    stopped = (draws < n_permutations)[:, None] & (reached_at > 0)
+    curtailed = torch.maximum(hopeless / reached_at.clamp_min(1),
+                              torch.full_like(p, (1.0 + hopeless) / (1.0 + n_permutations)))
+    if n_classes == 2:  # a stopped concept's one test: both classes show the p of the class that ended it
+        one = torch.where(stopped, curtailed, torch.zeros_like(p)).max(1, keepdim=True).values.expand_as(p)
+        stopped = stopped.any(1, keepdim=True).expand_as(p)
+        curtailed = one
+    p = torch.where(stopped, curtailed, p)
     # Fewer than two detected patches: no signal vector for the concept nor for its random
     # counterparts, so there is no null distribution to test against: not testable, p = 1.
     p[detected.sum(0) < 2] = 1.0
@@ -423,7 +475,7 @@ def rcav(
         p = torch.where(keep, p, torch.full_like(p, float("nan")))
         tested = torch.where(keep, tested, torch.full_like(tested, float("nan")))
     p_adj = (tested * n_tests).clamp(max=1.0)
-    return RCAVResult(idx, scores_t, p, p_adj, p_adj < level, alpha_t, null_t, level)
+    return RCAVResult(idx, scores_t, p, p_adj, p_adj < level, alpha_t, null_t, level, draws)
 
 
 # ----------------------------------------------------------------- activation maximisation

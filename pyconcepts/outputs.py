@@ -26,10 +26,15 @@ from typing import Any, Callable, Mapping, Union
 import torch
 
 __all__ = ["OutputSpec", "check_output_spec", "select_output", "scores_kind", "as_logits", "as_is",
-           "read_scores", "KINDS", "output_or_recorded"]
+           "read_scores", "KINDS", "output_or_recorded", "OutputWarning"]
 
 OutputSpec = Union[None, int, str, Callable[[Any], torch.Tensor]]
 KINDS = ("auto", "logits", "probs")
+
+
+class OutputWarning(UserWarning):
+    """The model's output may not be read as the user means it (probabilities that underflowed,
+    one score per image that looks like a probability): figures computed from it can be off."""
 
 
 def check_output_spec(output: OutputSpec) -> OutputSpec:
@@ -162,7 +167,7 @@ def as_logits(scores: torch.Tensor, kind: str) -> torch.Tensor:
                 f"the model outputs probabilities and some of them underflowed below {tiny:.3g} "
                 f"(0 in the model's softmax): they are read as {tiny:.3g}, which caps the log-odds at "
                 f"about {-math.log(tiny):.1f} and makes their gradients 0; for exact figures give a model "
-                "that returns the logits before its softmax", stacklevel=2)
+                "that returns the logits before its softmax", OutputWarning, stacklevel=2)
         return scores.float().clamp_min(tiny).log()
     return scores
 
@@ -179,7 +184,7 @@ def read_scores(value: Any, output: OutputSpec, kind: str = "auto") -> torch.Ten
         if z.shape[0] > 1 and bool(((z.detach() >= 0) & (z.detach() <= 1)).all()):
             warnings.warn("the model gives one score per image and every one lies in [0, 1]: it is read as a "
                           "logit; if it is a probability (a sigmoid output), return its logit instead "
-                          "(output=lambda y: torch.logit(y, eps=1e-6))", stacklevel=2)
+                          "(output=lambda y: torch.logit(y, eps=1e-6))", OutputWarning, stacklevel=2)
         scores = torch.cat([torch.zeros_like(z), z], 1)
         _check_scores(scores, output)
         return scores

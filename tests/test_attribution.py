@@ -174,6 +174,13 @@ def test_rcav_counts_one_test_per_concept_with_two_classes():
     assert torch.equal(res.p_values[:, 0], res.p_values[:, 1])
     assert torch.allclose(res.p_adjusted, (res.p_values * 2).clamp(max=1))
     assert attr.rcav_tests(4, 2) == 4 and attr.rcav_tests(4, 3) == 12
+    # enough draws to stop early: a concept that moves the classes as every random one does
+    # stops at the 2nd extreme null (h = 2 for 99 draws and 2 tests), both classes with one p
+    full = attr.rcav(model, basis, images, alpha=2.0, n_permutations=99, seed=0, stop_early=False)
+    early = attr.rcav(model, basis, images, alpha=2.0, n_permutations=99, seed=0)
+    assert torch.equal(early.significant, full.significant)
+    assert (early.draws < 99).all() and torch.equal(early.p_values[:, 0], early.p_values[:, 1])
+    assert (early.p_adjusted >= full.p_adjusted).all()
 
 
 def test_rcav_does_not_test_a_concept_detected_on_one_patch():
@@ -279,3 +286,28 @@ def test_rcav_tests_one_class_per_concept_when_told():
         attr.rcav(model, basis, images, n_permutations=2, classes=[0])
     with pytest.raises(IndexError, match="classes: class 3"):
         attr.rcav(model, basis, images, n_permutations=2, classes=[0, 3])
+
+
+def test_rcav_stops_a_hopeless_concepts_draws_with_the_full_tests_decisions():
+    # level 0.1, 99 draws, 2 tests: a p adjusted below 0.1 needs at most 3 extreme nulls, so a
+    # concept stops at its 4th. The planted concept (3 extreme nulls in 99) runs every draw and
+    # stays significant; the random one stops within a few draws, with a valid p that is not
+    model, images, rows, w, s = _planted_nonlinear()
+    basis = pc.ConceptBasis(w, torch.quantile(rows @ w.T, 0.5, dim=0), s, rows.mean(0), layer="act")
+    kw = dict(alpha=2.0, n_permutations=99, seed=0, classes=[0, 2], level=0.1)
+    full = attr.rcav(model, basis, images, stop_early=False, **kw)
+    early = attr.rcav(model, basis, images, **kw)
+    assert torch.equal(early.significant, full.significant) and bool(full.significant[0, 0])
+    assert torch.equal(early.scores, full.scores)
+    assert full.draws.tolist() == [99, 99] and int(early.draws[0]) == 99
+    assert torch.equal(early.p_values[0, 0], full.p_values[0, 0])
+    made = int(early.draws[1])
+    assert made < 10
+    assert torch.equal(early.null_scores[:made, 1], full.null_scores[:made, 1])  # the same nulls
+    assert bool(early.null_scores[made:, 1].isnan().all())
+    h = 4  # Besag-Clifford's h / L, or the full test's floor (1 + h) / 100, whichever is larger
+    assert float(early.p_values[1, 2]) == pytest.approx(max(h / made, (1 + h) / 100))
+    assert float(early.p_adjusted[1, 2]) >= 0.1
+    # too few draws for any p below the level: nothing stops, so the p-values stay exact
+    few = attr.rcav(model, basis, images, alpha=2.0, n_permutations=19, seed=0, classes=[0, 2])
+    assert few.draws.tolist() == [19, 19]

@@ -873,3 +873,23 @@ def test_a_report_folder_the_moves_cannot_reach_is_refused_before_any_work(tmp_p
         assert _tree(out) == before and not list(out.glob(".pyconcepts-staging-*"))
     finally:
         shutil.rmtree(elsewhere, ignore_errors=True)
+
+
+def test_a_sigmoid_output_is_warned_of_on_the_index_too(tmp_path):
+    # one score per image, all in [0, 1]: read as a logit, which the terminal warns of; the
+    # index, which is what gets shared, says it too (once), and a logit output says nothing
+    class Sigmoid(TinyNet):
+        def forward(self, x):
+            return super().forward(x).sigmoid()
+
+    torch.manual_seed(0)
+    opts = {k: v for k, v in FAST.items() if not k.startswith("rcav")}
+    with pytest.warns(UserWarning, match="every one lies in"):
+        write_report(tmp_path / "p", _basis(), Sigmoid(n_classes=1).eval(), "act", _source(masks=False), rcav=False,
+                     class_names=["no", "yes"], **opts)
+    text = (tmp_path / "p" / "index.html").read_text(encoding="utf-8")
+    assert text.index("Check before you read on") < text.index("every one lies in [0, 1]")
+    assert text.count("every one lies in [0, 1]") == 1
+    write_report(tmp_path / "l", _basis(), TinyNet(n_classes=2).eval(), "act", _source(masks=False), rcav=False,
+                 class_names=["no", "yes"], **opts)
+    assert "Check before you read on" not in (tmp_path / "l" / "index.html").read_text(encoding="utf-8")

@@ -16,6 +16,7 @@ written into a staging folder inside ``out_dir`` and moved into place when done
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import pathlib
 import warnings as _warnings
@@ -27,7 +28,7 @@ from torch import nn
 
 from ..attribution import rcav as _rcav
 from ..attribution import auto_permutations, rcav_tests
-from ..outputs import as_is, output_or_recorded
+from ..outputs import OutputWarning, as_is, output_or_recorded
 from ..stability import LOW_HALVES_JACCARD, VANISHED_JACCARD
 from ..taps import LayerTap, autograd_on, resolve_layer
 from .folder import StagedFolder, check_report_folder
@@ -184,161 +185,166 @@ def _write_report_files(
     if not 0 < level < 1:
         raise ValueError(f"rcav_level must be in (0, 1), got {level!r}")
 
-    wrapped = OutputSelected(model, output_or_recorded(output, basis))
-    tap = LayerTap(wrapped, "inner." + layer, skip_tokens=int(opts["skip_tokens"]), grid=opts["grid"])
-    class_names = _class_names(wrapped, tap, source, class_names)  # before the heavy work
-    m = measure(wrapped, tap, basis, source, batch_size=batch_size, top=top, maps=maps,
-                influence_images=influence_images, rcav_images=rcav_images if rcav else 0,
-                seed=seed, progress=progress)
-    k, c = basis.n_concepts, m.n_classes
+    # the index shows the warnings on how the outputs were read, as the terminal does
+    with _recorded_warnings(OutputWarning) as output_warnings:
+        wrapped = OutputSelected(model, output_or_recorded(output, basis))
+        tap = LayerTap(wrapped, "inner." + layer, skip_tokens=int(opts["skip_tokens"]), grid=opts["grid"])
+        class_names = _class_names(wrapped, tap, source, class_names)  # before the heavy work
+        m = measure(wrapped, tap, basis, source, batch_size=batch_size, top=top, maps=maps,
+                    influence_images=influence_images, rcav_images=rcav_images if rcav else 0,
+                    seed=seed, progress=progress)
+        k, c = basis.n_concepts, m.n_classes
 
-    with autograd_on(model, "write_report"):  # the input gradient, also under a caller's no_grad
-        rf = receptive_field(tap, m.probe[: int(opts["rf_images"])], m.grid, mass=float(opts["rf_mass"]))
+        with autograd_on(model, "write_report"):  # the input gradient, also under a caller's no_grad
+            rf = receptive_field(tap, m.probe[: int(opts["rf_images"])], m.grid, mass=float(opts["rf_mass"]))
 
-    # rank: influence first, the concept index breaks ties
-    order = sorted(range(k), key=lambda i: (-float(m.odds_change[i]), i))
+        # rank: influence first, the concept index breaks ties
+        order = sorted(range(k), key=lambda i: (-float(m.odds_change[i]), i))
 
-    result, tested, n_perm = None, [], 0
-    if rcav and m.rcav_images is not None and m.rcav_images.shape[0] >= 2:
-        tested = sorted(order[:rcav_concepts])
-        # more than two classes: each concept is tested on one class, the one its measured
-        # removal lowers most, so that the cost (null draws x concepts x images) and the
-        # Bonferroni factor do not grow with the number of classes
-        rcav_classes = ([int(torch.argmin(m.class_odds_change[i])) for i in tested] if c > 2 else None)
-        n_tests = len(tested) if rcav_classes is not None else rcav_tests(len(tested), c)
-        n_perm = opts["rcav_permutations"] or auto_permutations(n_tests, level)
-        result = _rcav(wrapped, basis, m.rcav_images, layer=tap.layer, concepts=tested, n_permutations=n_perm,
-                       level=level, seed=seed, batch_size=rcav_batch, skip_tokens=int(opts["skip_tokens"]),
-                       progress=progress, classes=rcav_classes, output=as_is)
-    row_of = {i: r for r, i in enumerate(tested)}
-    joint = (_joint_removals(wrapped, tap, basis, m, class_names, batch_size, joint_concepts, joint_classes,
-                             progress) if joint_concepts else [])
-    writer = _Writer(root)
-    pictures = _write_pictures(writer, source, m, rf, order, progress)
-    counterfactuals = _write_counterfactuals(writer, tap, basis, source, m, class_names, n_counterfactuals,
-                                             batch_size, progress)
+        result, tested, n_perm = None, [], 0
+        if rcav and m.rcav_images is not None and m.rcav_images.shape[0] >= 2:
+            tested = sorted(order[:rcav_concepts])
+            # more than two classes: each concept is tested on one class, the one its measured
+            # removal lowers most, so that the cost (null draws x concepts x images) and the
+            # Bonferroni factor do not grow with the number of classes
+            rcav_classes = ([int(torch.argmin(m.class_odds_change[i])) for i in tested] if c > 2 else None)
+            n_tests = len(tested) if rcav_classes is not None else rcav_tests(len(tested), c)
+            n_perm = opts["rcav_permutations"] or auto_permutations(n_tests, level)
+            result = _rcav(wrapped, basis, m.rcav_images, layer=tap.layer, concepts=tested, n_permutations=n_perm,
+                           level=level, seed=seed, batch_size=rcav_batch, skip_tokens=int(opts["skip_tokens"]),
+                           progress=progress, classes=rcav_classes, output=as_is)
+        row_of = {i: r for r, i in enumerate(tested)}
+        joint = (_joint_removals(wrapped, tap, basis, m, class_names, batch_size, joint_concepts, joint_classes,
+                                 progress) if joint_concepts else [])
+        writer = _Writer(root)
+        pictures = _write_pictures(writer, source, m, rf, order, progress)
+        counterfactuals = _write_counterfactuals(writer, tap, basis, source, m, class_names, n_counterfactuals,
+                                                 batch_size, progress)
 
-    agreement = (getattr(basis, "metadata", None) or {}).get("concept_agreement")
-    if agreement is not None and len(agreement) != k:
-        agreement = None
-    halves = (getattr(basis, "metadata", None) or {}).get("halves_jaccard")  # pc.concept_stability
-    if halves is not None and len(halves) != k:
-        halves = None
-    halves_lowest = (getattr(basis, "metadata", None) or {}).get("halves_lowest")
-    if halves is None or halves_lowest is None or len(halves_lowest) != k:
-        halves_lowest = None
-    views = []
-    for rank, i in enumerate(order, start=1):
-        effects = []
-        for j in range(c):
-            e = ClassEffect(class_names[j], float(m.class_odds_change[i, j]), images=int(m.class_images[j]),
-                            fires=float(m.class_fire_rate[i, j]))
-            if i in row_of:
-                r = row_of[i]
-                e.rcav = float(result.scores[r, j])
-                if not math.isnan(float(result.p_values[r, j])):  # the class it was tested on
-                    e.p = float(result.p_values[r, j])
-                    e.p_adjusted = float(result.p_adjusted[r, j])
-                    e.significant = bool(result.significant[r, j])
-            effects.append(e)
-        edges = m.histogram.edges(i).tolist()
-        w, s = basis.decoding[i].cpu(), basis.encoding[i].cpu()
-        views.append(ConceptView(
-            index=i, rank=rank, influence=float(m.odds_change[i]), odds_drop=float(m.odds_drop[i]),
-            flips=float(m.flips[i]), patch_share=float(m.patches_fired[i]) / m.n_patches,
-            image_share=float(m.images_fired[i]) / m.n_images, margin=float(1.0 / w.norm()),
-            cos_ws=float(w @ s / (w.norm() * s.norm()).clamp_min(1e-12)),
-            hist_counts=m.histogram.counts[i].tolist(), hist_edges=edges,
-            patches=pictures["top"][i], maps=pictures["map"][i], effects=effects,
-            mask_iou=([(name, float(m.mask_iou[i, j])) for j, name in enumerate(m.mask_names)]
-                      if m.mask_iou is not None else None),
-            agreement=float(agreement[i]) if agreement is not None else None,
-            halves=float(halves[i]) if halves is not None and halves[i] is not None else None,
-            halves_lowest=(float(halves_lowest[i]) if halves_lowest is not None and halves_lowest[i] is not None
-                           else None),
-            edited_share=float(m.edited_patches[i]) / m.n_patches,
-            counterfactuals=counterfactuals[i],
-        ))
+        agreement = (getattr(basis, "metadata", None) or {}).get("concept_agreement")
+        if agreement is not None and len(agreement) != k:
+            agreement = None
+        halves = (getattr(basis, "metadata", None) or {}).get("halves_jaccard")  # pc.concept_stability
+        if halves is not None and len(halves) != k:
+            halves = None
+        halves_lowest = (getattr(basis, "metadata", None) or {}).get("halves_lowest")
+        if halves is None or halves_lowest is None or len(halves_lowest) != k:
+            halves_lowest = None
+        views = []
+        for rank, i in enumerate(order, start=1):
+            effects = []
+            for j in range(c):
+                e = ClassEffect(class_names[j], float(m.class_odds_change[i, j]), images=int(m.class_images[j]),
+                                fires=float(m.class_fire_rate[i, j]))
+                if i in row_of:
+                    r = row_of[i]
+                    e.rcav = float(result.scores[r, j])
+                    if not math.isnan(float(result.p_values[r, j])):  # the class it was tested on
+                        e.p = float(result.p_values[r, j])
+                        e.p_adjusted = float(result.p_adjusted[r, j])
+                        e.significant = bool(result.significant[r, j])
+                effects.append(e)
+            edges = m.histogram.edges(i).tolist()
+            w, s = basis.decoding[i].cpu(), basis.encoding[i].cpu()
+            views.append(ConceptView(
+                index=i, rank=rank, influence=float(m.odds_change[i]), odds_drop=float(m.odds_drop[i]),
+                flips=float(m.flips[i]), patch_share=float(m.patches_fired[i]) / m.n_patches,
+                image_share=float(m.images_fired[i]) / m.n_images, margin=float(1.0 / w.norm()),
+                cos_ws=float(w @ s / (w.norm() * s.norm()).clamp_min(1e-12)),
+                hist_counts=m.histogram.counts[i].tolist(), hist_edges=edges,
+                patches=pictures["top"][i], maps=pictures["map"][i], effects=effects,
+                mask_iou=([(name, float(m.mask_iou[i, j])) for j, name in enumerate(m.mask_names)]
+                          if m.mask_iou is not None else None),
+                agreement=float(agreement[i]) if agreement is not None else None,
+                halves=float(halves[i]) if halves is not None and halves[i] is not None else None,
+                halves_lowest=(float(halves_lowest[i]) if halves_lowest is not None and halves_lowest[i] is not None
+                               else None),
+                edited_share=float(m.edited_patches[i]) / m.n_patches,
+                counterfactuals=counterfactuals[i],
+            ))
 
-    n_s, n_total = len(m.influence_sample), m.n_images
-    sample_words = (f"all {n_total} images" if n_s == n_total else
-                    f"a random sample of {n_s} of the {n_total} images (seed {seed})")
-    influence_note = (
-        f"Removal: pyconcepts.intervene(remove=[i]) on {sample_words}; the concept's latent factor is "
-        "lowered to its level where the concept is not detected, along its signal vector, at every patch "
-        "(strength 1). Per class, on the sampled images predicted as it: green, the class's log-odds "
-        "log(p/(1-p)) fall without the concept (the concept supports it there); red: they rise.")
-    rcav_note = ""
-    if result is not None:
-        tests = n_tests
-        floor = min(1.0, tests / (n_perm + 1))
-        which = "every concept" if len(tested) == k else f"the {len(tested)} most influential concepts"
-        per_test = (" (with two classes, one per concept: the two classes' probabilities move in opposite ways)"
-                    if c == 2 else " (one per concept: the class its removal lowers most; the other classes' "
-                                   "shares are shown untested)")
-        rcav_note = (
-            f"RCAV (on {which}): the share of {m.rcav_images.shape[0]} images whose class probability rises when "
-            f"the concept is added (alpha = its mean latent factor where detected); p against {n_perm} random "
-            f"concepts of the same size (signal vectors of random filters' top patches), Bonferroni over {tests} "
-            f"tests" + per_test + f"; * = p (Bonferroni) < {level:g}. The smallest "
-            f"attainable Bonferroni p is {floor:.3g}" + (" (raise rcav_permutations to reach significance)."
-                                                      if floor >= level else "."))
-        # on the tested (concept, class) pairs only: a concept that moves every image alike (0% or
-        # 100%) can get no smaller p than the share of null draws that do so too
-        tested_pairs = ~result.p_values.isnan()                                     # (K', C)
-        extreme = (result.null_scores == 0) | (result.null_scores == 1)            # (draws, K', C)
-        saturated = float(extreme[:, tested_pairs].float().mean()) if bool(tested_pairs.any()) else 0.0
-        if saturated >= 0.05:
-            rcav_note += (
-                f" Here {saturated:.0%} of the null draws on the tested classes are 0% or 100%: random concepts, too, "
-                "move every image's probability the same way, so a concept that does so gets a p no smaller than "
-                "that share" + (" and the test cannot tell it from chance" if saturated >= 0.5 else "") +
-                " (typical when the rest of the network is close to linear, such as pooling and a linear head).")
-    crop_note = (f"One patch per image: the {top} images whose best patch scores highest, that patch outlined "
-                 f"(its cell of the {m.grid[0]} x {m.grid[1]} grid). {rf.describe()[0].upper()}{rf.describe()[1:]}. "
-                 "Captions: image name and detector score.")
-    map_note = ("The images whose best patch scores highest (as the top patches) among those the detector fires "
-                "on in part (on some patches, under 90% of them), so that where it fires and where it does not "
-                "both show: bright where it fires, dark where it does not; the yellow line is w.x = b (scores "
-                "upsampled bilinearly to the image). Captions: image name and the share of its patches where it "
-                "fires.")
-    counterfactual_note = (
-        f"The images of {sample_words} whose predicted class's log-odds removing this concept changes most (at "
-        f"least {MIN_REMOVAL_EFFECT:g}), measured as the influence is: lit where the removal edits the layer (the "
-        "concept's latent factor above its absent level, brighter where it is further above; upsampled "
-        "bilinearly), the yellow line where the edit starts. Captions: image name; its predicted class's "
-        "log-odds before and after the removal, and the new prediction where it changes.")
-    notes = [
-        f"Influence: the mean change of the predicted class's log-odds, |log(p'/(1-p')) - log(p/(1-p))| (the "
-        f"margin of the prediction; unlike a probability it still moves when the model is confident), when the "
-        f"concept is removed at {layer} from {sample_words} (as pc.rank_concepts(target='predicted') "
-        f"measures it). Flips: predictions that change.",
-        "Fires on: the share of the layer's patches where the detector fires (w.x > b on the raw activation); "
-        "edits: the share its removal edits (its latent factor above its level where it is not detected), so "
-        "much of its influence can come from patches where it is not detected.",
-        *(["Agree: how well the concept's cluster overlaps its partners in the other k-means restarts "
-           "of the extraction that came near the best one (matched Jaccard); below 0.5 (marked !) the clustering "
-           "could as well have drawn the concept elsewhere, and another seed may not give it back. It is a weak "
-           "guide to what other images change" + ("." if halves is not None else ": extract --stability "
-                                                  "(pc.concept_stability) measures that.")]
-          if agreement is not None else []),
-        *([f"Halves: the split-half check (pc.concept_stability, extract --stability): the images were split "
-           f"into two random halves and extracted again on each; the mean Jaccard of the concept's detection set "
-           f"with its partners there / the lowest, in the half that gave it back worst. Marked ! where the mean "
-           f"is below {LOW_HALVES_JACCARD:g} or the lowest below {VANISHED_JACCARD:g} (a half merged it into "
-           f"another concept or drew it elsewhere): other images change it. Half with half (above): how well "
-           f"the two halves' concepts agree with each other overall."] if halves is not None else []),
-        "Pushes up / down: the classes whose log-odds fall / rise the most (by at least 0.01) when the concept "
-        "is removed, each measured on the sampled images predicted as it" + ("; classes marked * come first: RCAV finds that adding the concept raises / lowers their "
-                        "probability significantly. " + rcav_note if result is not None else " (RCAV not run)."),
-        f"Top patches: {crop_note}",
-    ]
-    if m.mask_iou is not None:
-        notes.append("Best mask IoU: Network-Dissection IoU of the detector's upsampled map with the source's "
-                     "ground-truth masks, summed over all images; the best-matching mask is named.")
-    from .. import __version__
+        n_s, n_total = len(m.influence_sample), m.n_images
+        sample_words = (f"all {n_total} images" if n_s == n_total else
+                        f"a random sample of {n_s} of the {n_total} images (seed {seed})")
+        influence_note = (
+            f"Removal: pyconcepts.intervene(remove=[i]) on {sample_words}; the concept's latent factor is "
+            "lowered to its level where the concept is not detected, along its signal vector, at every patch "
+            "(strength 1). Per class, on the sampled images predicted as it: green, the class's log-odds "
+            "log(p/(1-p)) fall without the concept (the concept supports it there); red: they rise.")
+        rcav_note = ""
+        if result is not None:
+            tests = n_tests
+            floor = min(1.0, tests / (n_perm + 1))
+            which = "every concept" if len(tested) == k else f"the {len(tested)} most influential concepts"
+            per_test = (" (with two classes, one per concept: the two classes' probabilities move in opposite ways)"
+                        if c == 2 else " (one per concept: the class its removal lowers most; the other classes' "
+                                       "shares are shown untested)")
+            rcav_note = (
+                f"RCAV (on {which}): the share of {m.rcav_images.shape[0]} images whose class probability rises when "
+                f"the concept is added (alpha = its mean latent factor where detected); p against {n_perm} random "
+                f"concepts of the same size (signal vectors of random filters' top patches; a concept's draws stop once "
+                f"it can no longer be significant, {_draws_words(result)}), Bonferroni over {tests} "
+                f"tests" + per_test + f"; * = p (Bonferroni) < {level:g}. The smallest "
+                f"attainable Bonferroni p is {floor:.3g}" + (" (raise rcav_permutations to reach significance)."
+                                                          if floor >= level else "."))
+            # on the tested (concept, class) pairs only: a concept that moves every image alike (0% or
+            # 100%) can get no smaller p than the share of null draws that do so too
+            tested_pairs = ~result.p_values.isnan()                                     # (K', C)
+            nulls = result.null_scores[:, tested_pairs]                                  # (draws, pairs)
+            made = ~nulls.isnan()                                                        # stopped early: NaN
+            extreme = ((nulls == 0) | (nulls == 1)) & made
+            saturated = float(extreme.sum()) / int(made.sum()) if bool(made.any()) else 0.0
+            if saturated >= 0.05:
+                rcav_note += (
+                    f" Here {saturated:.0%} of the null draws on the tested classes are 0% or 100%: random concepts, too, "
+                    "move every image's probability the same way, so a concept that does so gets a p no smaller than "
+                    "that share" + (" and the test cannot tell it from chance" if saturated >= 0.5 else "") +
+                    " (typical when the rest of the network is close to linear, such as pooling and a linear head).")
+        crop_note = (f"One patch per image: the {top} images whose best patch scores highest, that patch outlined "
+                     f"(its cell of the {m.grid[0]} x {m.grid[1]} grid). {rf.describe()[0].upper()}{rf.describe()[1:]}. "
+                     "Captions: image name and detector score.")
+        map_note = ("The images whose best patch scores highest (as the top patches) among those the detector fires "
+                    "on in part (on some patches, under 90% of them), so that where it fires and where it does not "
+                    "both show: bright where it fires, dark where it does not; the yellow line is w.x = b (scores "
+                    "upsampled bilinearly to the image). Captions: image name and the share of its patches where it "
+                    "fires.")
+        counterfactual_note = (
+            f"The images of {sample_words} whose predicted class's log-odds removing this concept changes most (at "
+            f"least {MIN_REMOVAL_EFFECT:g}), measured as the influence is: lit where the removal edits the layer (the "
+            "concept's latent factor above its absent level, brighter where it is further above; upsampled "
+            "bilinearly), the yellow line where the edit starts. Captions: image name; its predicted class's "
+            "log-odds before and after the removal, and the new prediction where it changes.")
+        notes = [
+            f"Influence: the mean change of the predicted class's log-odds, |log(p'/(1-p')) - log(p/(1-p))| (the "
+            f"margin of the prediction; unlike a probability it still moves when the model is confident), when the "
+            f"concept is removed at {layer} from {sample_words} (as pc.rank_concepts(target='predicted') "
+            f"measures it). Flips: predictions that change.",
+            "Fires on: the share of the layer's patches where the detector fires (w.x > b on the raw activation); "
+            "edits: the share its removal edits (its latent factor above its level where it is not detected), so "
+            "much of its influence can come from patches where it is not detected.",
+            *(["Agree: how well the concept's cluster overlaps its partners in the other k-means restarts "
+               "of the extraction that came near the best one (matched Jaccard); below 0.5 (marked !) the clustering "
+               "could as well have drawn the concept elsewhere, and another seed may not give it back. It is a weak "
+               "guide to what other images change" + ("." if halves is not None else ": extract --stability "
+                                                      "(pc.concept_stability) measures that.")]
+              if agreement is not None else []),
+            *([f"Halves: the split-half check (pc.concept_stability, extract --stability): the images were split "
+               f"into two random halves and extracted again on each; the mean Jaccard of the concept's detection set "
+               f"with its partners there / the lowest, in the half that gave it back worst. Marked ! where the mean "
+               f"is below {LOW_HALVES_JACCARD:g} or the lowest below {VANISHED_JACCARD:g} (a half merged it into "
+               f"another concept or drew it elsewhere): other images change it. Half with half (above): how well "
+               f"the two halves' concepts agree with each other overall."] if halves is not None else []),
+            "Pushes up / down: the classes whose log-odds fall / rise the most (by at least 0.01) when the concept "
+            "is removed, each measured on the sampled images predicted as it" + ("; classes marked * come first: RCAV finds that adding the concept raises / lowers their "
+                            "probability significantly. " + rcav_note if result is not None else " (RCAV not run)."),
+            f"Top patches: {crop_note}",
+        ]
+        if m.mask_iou is not None:
+            notes.append("Best mask IoU: Network-Dissection IoU of the detector's upsampled map with the source's "
+                         "ground-truth masks, summed over all images; the best-matching mask is named.")
+        from .. import __version__
 
-    model_name = getattr(basis, "model_id", None) or type(model).__name__
+        model_name = getattr(basis, "model_id", None) or type(model).__name__
     view = ReportView(
         title=opts["title"] or f"Concepts of {model_name} at {layer}",
         facts=[("model", model_name), ("layer", layer), ("grid", f"{m.grid[0]} x {m.grid[1]}"),
@@ -349,7 +355,8 @@ def _write_report_files(
                  if halves is not None and basis.metadata.get("halves_mean_jaccard") is not None else [])],
         notes=notes, concepts=views, has_masks=m.mask_iou is not None, has_rcav=result is not None,
         rcav_note=rcav_note, version=__version__, joint=joint,
-        warnings=[str(w) for w in warnings] + _unread_layer_warning(m, joint, layer, int(opts["skip_tokens"])),
+        warnings=[str(w) for w in warnings] + output_warnings
+                 + _unread_layer_warning(m, joint, layer, int(opts["skip_tokens"])),
         joint_note=(
             f"A network can spread what it relies on over several concepts; removing one of them then changes "
             f"few predictions (the flips above) while removing them together changes many. Per class predicted "
@@ -379,6 +386,37 @@ def _write_report_files(
     if progress:
         progress("report: pages", len(views) + 1, len(views) + 1)
     return writer.written
+
+
+@contextlib.contextmanager
+def _recorded_warnings(category):
+    """Collects the distinct messages of ``category`` warned inside the block into the list it
+    yields. The warnings recorded in the block (any category, under the caller's filters) are
+    shown when it ends, each distinct one once."""
+    messages: List[str] = []
+    with _warnings.catch_warnings(record=True) as caught:
+        _warnings.filterwarnings("always", category=category)  # each call's, to be deduplicated below
+        yield messages
+    shown = set()
+    for w in caught:
+        key = (w.category, str(w.message), w.filename, w.lineno)
+        if key in shown:
+            continue
+        shown.add(key)
+        if issubclass(w.category, category) and str(w.message) not in messages:
+            messages.append(str(w.message))
+        _warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _draws_words(result) -> str:
+    """How many null draws the RCAV test made per tested concept, in words."""
+    n = result.null_scores.shape[0]
+    if result.draws is None:
+        return f"{n} draws each"
+    made = [int(d) for d in result.draws]
+    if all(d == n for d in made):
+        return f"all {n} draws made for each"
+    return "draws made: " + ", ".join(f"concept {i}: {d}" for i, d in zip(result.concepts, made))
 
 
 def _unread_layer_warning(m: Measurements, joint: List[JointRemoval], layer: str, skip_tokens: int) -> List[str]:
