@@ -893,6 +893,27 @@ def _check_folder_classes(args, source, preds: torch.Tensor, n_outputs: int) -> 
                    "is not the model's")
         _warn(message)
         return message
+    # above chance, some classes can still be named in the wrong order (three of seven swapped
+    # leave 70% agreeing): the folder -> output assignment that the predictions fit best
+    names = _output_class_names(args, source, n_outputs)
+    if names is None or n_outputs > 1000:
+        return None
+    confusion = torch.zeros(n_outputs, n_outputs, dtype=torch.long)
+    inside = (folders >= 0) & (folders < n_outputs)
+    confusion.index_put_((folders[inside], preds[inside]), torch.ones_like(preds[inside]), accumulate=True)
+    from .metrics import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(-confusion.double().numpy())
+    best = int(confusion[torch.as_tensor(rows), torch.as_tensor(cols)].sum())
+    moved = [(int(f), int(o)) for f, o in zip(rows, cols) if f != o and confusion[f].sum() > 0]
+    if moved and best - matches >= max(8, 0.1 * n):  # (few images: the order cannot be judged)
+        pairs = "; ".join(f"the {names[f]!r} images are predicted as output {o} (now named {names[o]!r})"
+                          for f, o in moved[:6]) + ("; ..." if len(moved) > 6 else "")
+        message = (f"the model's predictions{named_by} match the class subfolders of --images on {100 * agree:.0f}% "
+                   f"of the images, but on {100 * best / n:.0f}% with some outputs named in another order: {pairs}. "
+                   f"{fix[0].upper()}{fix[1:]} for those classes")
+        _warn(message)
+        return message
     return None
 
 

@@ -268,8 +268,10 @@ class LayerTap:
                             + (" (uint8 pixels: divide by 255)" if batch.dtype == torch.uint8 else ""))
         expected = _input_channels(self.model)
         if expected is not None and batch.shape[1] != expected:
+            hint = ("; read image files with pyconcepts.images.Preprocess(channels=" + str(expected) + ") "
+                    "(FolderImages(..., preprocess=...)), as the CLI does" if expected in (1, 3) else "")
             raise ValueError(
-                f"images have {batch.shape[1]} channels but the model's first layer expects {expected}"
+                f"images have {batch.shape[1]} channels but the model's first layer expects {expected}{hint}"
             )
         if not bool(torch.isfinite(batch).all()):
             bad = [(offset or 0) + i for i in (~torch.isfinite(batch)).flatten(1).any(1).nonzero().flatten().tolist()]

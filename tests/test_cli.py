@@ -689,6 +689,59 @@ def test_class_folders_in_another_order_than_the_outputs_are_flagged(ws, capsys,
     assert rc == 0 and "anti-concept" not in err
 
 
+THREE_COLOUR_MODEL_SRC = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    class ByColour(nn.Module):
+        """Outputs in the order given to make(): the channels (0 red, 1 green, 2 blue) they read."""
+
+        def __init__(self, order):
+            super().__init__()
+            self.order = order
+            self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                                          nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+
+        def forward(self, x):
+            f = self.features(x).mean((2, 3)).sum(1, keepdim=True)
+            means = x.mean((2, 3))
+            return (means[:, self.order] - means.mean(1, keepdim=True)) * 10 + 0 * f
+
+
+    def swapped():   # red, green, blue: the sorted folders blue, green, red name red and blue wrong
+        return ByColour([0, 1, 2])
+
+
+    def sorted_like_folders():
+        return ByColour([2, 1, 0])
+''')
+
+
+def test_class_folders_with_some_classes_in_another_order_are_flagged(ws, capsys, tmp_path):
+    # blue / green / red folders, a model whose outputs are red, green, blue: the predictions
+    # match the folders on the green third only, which is chance, yet a reordering fits them all
+    (tmp_path / "three.py").write_text(THREE_COLOUR_MODEL_SRC)
+    rng = np.random.default_rng(0)
+    for name, channel in (("blue", 2), ("green", 1), ("red", 0)):
+        os.makedirs(tmp_path / "photos" / name)
+        for i in range(8):
+            a = rng.integers(0, 60, (16, 16, 3)).astype(np.uint8)
+            a[..., channel] = 220
+            Image.fromarray(a).save(tmp_path / "photos" / name / f"{i}.png")
+    for factory, flagged in (("swapped", True), ("sorted_like_folders", False)):
+        rc, _, err = _run(capsys, "intervene", ws / "basis.safetensors", "--model", f"{tmp_path / 'three.py'}:{factory}",
+                          "--allow-mismatch", "--images", tmp_path / "photos", "--remove", 0)
+        assert rc == 0
+        if flagged:
+            assert "match the class subfolders of --images on 33% of the images, but on 100%" in err
+            assert "the 'blue' images are predicted as output 2 (now named 'red')" in err
+            assert "the 'red' images are predicted as output 0 (now named 'blue')" in err
+            assert "'green' images" not in err
+        else:
+            assert "subfolders" not in err
+
+
 TOKEN_MODEL_SRC = textwrap.dedent('''
     import torch
     from torch import nn

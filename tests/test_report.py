@@ -125,7 +125,7 @@ def test_index_has_one_row_per_concept_ranked_by_measured_influence(report):
     rows = re.findall(r"<tr>(.*?)</tr>", body, flags=re.S)
     assert len(rows) == 3
     concepts = [int(re.search(r"concept (\d+)</a>", r).group(1)) for r in rows]
-    shown = [float(re.search(r"</span></span>([0-9.]+)</td>", r).group(1)) for r in rows]
+    shown = [float(re.search(r"</(?:span|i)></span>([0-9.]+)</td>", r).group(1)) for r in rows]
     assert sorted(concepts) == [0, 1, 2]
     assert shown == sorted(shown, reverse=True)
     # the influence, measured independently: all 12 images (the sample covers them), mean
@@ -635,14 +635,17 @@ def test_rcav_runs_on_a_random_part_of_the_sample():
 def test_a_significant_rcav_result_that_the_removal_contradicts_is_not_shown_as_a_push():
     from pyconcepts.report.html import ClassEffect, ConceptView
 
-    agree = ClassEffect("a", removal=-0.5, images=3, rcav=0.9, significant=True)       # both: supports a
-    clash = ClassEffect("b", removal=+0.4, images=3, rcav=1.0, significant=True)       # removal raises b
+    agree = ClassEffect("a", removal=-0.5, images=6, rcav=0.9, significant=True)       # both: supports a
+    clash = ClassEffect("b", removal=+0.4, images=6, rcav=1.0, significant=True)       # removal raises b
+    rare = ClassEffect("c", removal=-2.0, images=4)     # the largest change, on too few images to speak
     view = ConceptView(index=0, rank=1, influence=1.0, odds_drop=0.5, flips=0.0, patch_share=0.1,
                        image_share=0.2, margin=1.0, cos_ws=1.0, hist_counts=[], hist_edges=[], patches=[], maps=[],
-                       effects=[agree, clash])
+                       effects=[agree, clash, rare])
     up, down = view.up_down()
     assert [e.name for e in up] == ["a"] and [e.name for e in down] == ["b"]
     assert agree.rcav_supported and not clash.rcav_supported
+    rare.images = 5
+    assert [e.name for e in view.up_down()[0]] == ["a", "c"]
 
 
 def test_concept_page_shows_the_images_its_removal_moves_most(tmp_path):
@@ -893,3 +896,76 @@ def test_a_sigmoid_output_is_warned_of_on_the_index_too(tmp_path):
     write_report(tmp_path / "l", _basis(), TinyNet(n_classes=2).eval(), "act", _source(masks=False), rcav=False,
                  class_names=["no", "yes"], **opts)
     assert "Check before you read on" not in (tmp_path / "l" / "index.html").read_text(encoding="utf-8")
+
+
+def test_rcav_and_the_pushes_leave_out_a_class_predicted_on_too_few_images(tmp_path, monkeypatch):
+    # class 2 is predicted on 1 of 24 images; concept 2's removal lowers it most, on that one
+    # image: RCAV tests the concept on a class with enough images, and the index does not list
+    # class 2 as a push
+    import pyconcepts.report as rep
+    from pyconcepts.report.html import MIN_CLASS_IMAGES
+
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    src = _source(n=24, masks=False)
+    with torch.no_grad():
+        model.fc.weight.mul_(50)
+        z = model(src.images)
+        model.fc.bias.sub_(z.mean(0))
+        model.fc.bias[2] -= z.std(0)[2]
+        counts = torch.bincount(model(src.images).argmax(1), minlength=3)
+    assert counts[2] == 1 and (counts[:2] >= MIN_CLASS_IMAGES).all()
+    seen = {}
+    rcav, measure = rep._rcav, rep.measure
+    monkeypatch.setattr(rep, "_rcav", lambda *a, **k: (seen.setdefault("classes", k["classes"]), rcav(*a, **k))[1])
+    monkeypatch.setattr(rep, "measure", lambda *a, **k: seen.setdefault("m", measure(*a, **k)))
+    write_report(tmp_path, _basis(), model, "act", src, class_names=["a", "b", "rare"], **FAST)
+    assert int(seen["m"].class_odds_change[2].argmin()) == 2       # the rare class would be chosen
+    assert 2 not in seen["classes"] and len(seen["classes"]) == 3
+    index = (tmp_path / "index.html").read_text(encoding="utf-8")
+    assert "&#160;rare" not in index
+    assert ">rare</td><td class=\"num\">1</td>" in (tmp_path / "concepts" / "concept-002.html").read_text(
+        encoding="utf-8")
+
+
+class _ReadsChannelZero(nn.Module):
+    """A 4-channel layer ('act', the image's own pixels); the class logit reads its channel 0
+    only, squashed (so the removal's effect is not the same on every image)."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.Identity()
+
+    def forward(self, x):
+        h = self.act(x)
+        z = 6 * torch.tanh(3 * (h[:, 0].mean((1, 2)) - 0.5))
+        return torch.stack([torch.zeros_like(z), z], 1)
+
+
+def test_the_index_compares_each_influence_with_random_concepts(tmp_path):
+    # concept 0 is the channel the output reads; concept 1 a channel it ignores: 0 is above
+    # every random concept (random filters over 4 channels move channel 0 only in part), 1 is
+    # no larger than some (its influence is 0)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(40, 4, 6, 6, generator=g)
+    images[:, 0] = images[:, 0] * 0.5 + torch.rand(40, 1, 1, generator=g) * 0.5
+    eye = torch.eye(4)[[0, 3]]
+    rows = images.permute(0, 2, 3, 1).reshape(-1, 4)
+    basis = ConceptBasis(eye, torch.quantile(rows @ eye.T, 0.7, dim=0), eye, rows.mean(0), layer="act")
+    src = TensorImages(images, names=[f"{i}.png" for i in range(40)], labels=torch.arange(40) % 2,
+                       class_names=["no", "yes"])
+    write_report(tmp_path, basis, _ReadsChannelZero().eval(), "act", src, class_names=["no", "yes"], rcav=False,
+                 **{k: v for k, v in FAST.items() if not k.startswith("rcav")})
+    index = (tmp_path / "index.html").read_text(encoding="utf-8")
+    assert "random concepts&#x27; influence" in index
+    median, highest = map(float, re.search(r"median ([0-9.]+), highest ([0-9.]+) \(8\)", index).groups())
+    assert 0 < median <= highest
+    body = index.split("<tbody>")[1].split("</tbody>")[0]
+    rows_html = {int(re.search(r"concept (\d+)</a>", r).group(1)): r for r in re.findall(r"<tr>(.*?)</tr>", body, re.S)}
+    influence = {c: float(re.search(r"</i></span>([0-9.]+)</td>", r).group(1)) for c, r in rows_html.items()}
+    assert influence[0] > highest and "bar weak" not in rows_html[0]
+    assert "larger than 8 of the 8 random concepts" in rows_html[0]
+    assert influence[1] <= median and "bar weak" in rows_html[1] and "larger than 0 of the 8" in rows_html[1]
+    write_report(tmp_path / "off", basis, _ReadsChannelZero().eval(), "act", src, class_names=["no", "yes"],
+                 rcav=False, random_concepts=0, **{k: v for k, v in FAST.items() if not k.startswith("rcav")})
+    assert "random concepts" not in (tmp_path / "off" / "index.html").read_text(encoding="utf-8")

@@ -32,9 +32,9 @@ from ..outputs import OutputWarning, as_is, output_or_recorded
 from ..stability import LOW_HALVES_JACCARD, VANISHED_JACCARD
 from ..taps import LayerTap, autograd_on, resolve_layer
 from .folder import StagedFolder, check_report_folder
-from .collect import Measurements, OutputSelected, ReceptiveField, measure, receptive_field
-from .html import (CSS, MIN_REMOVAL_EFFECT, ClassEffect, ConceptView, JointRemoval, Picture, ReportView,
-                   concept_page, index_page)
+from .collect import Measurements, OutputSelected, ReceptiveField, measure, random_reference, receptive_field
+from .html import (CSS, MIN_CLASS_IMAGES, MIN_REMOVAL_EFFECT, ClassEffect, ConceptView, JointRemoval, Picture,
+                   ReportView, concept_page, index_page)
 
 __all__ = ["write_report", "OPTIONS"]
 
@@ -50,6 +50,7 @@ OPTIONS: Dict[str, object] = {
     "rcav_level": 0.05,        # significance level after Bonferroni over tested concepts x classes
     "rcav_batch": None,        # images per forward pass in RCAV (default: batch_size)
     "counterfactuals": 6,      # per concept: the sampled images its removal moves most (0: off)
+    "random_concepts": 8,      # random concepts removed as the concepts are, the influence's reference (0: off)
     "rf_mass": 0.9,            # share of the input gradient a patch crop holds
     "rf_images": 8,            # images the receptive field is measured on
     "title": None,
@@ -178,6 +179,7 @@ def _write_report_files(
     joint_concepts = _check_int("joint_concepts", opts["joint_concepts"], 0)
     joint_classes = _check_int("joint_classes", opts["joint_classes"], 1)
     n_counterfactuals = _check_int("counterfactuals", opts["counterfactuals"], 0)
+    n_random = _check_int("random_concepts", opts["random_concepts"], 0)
     if opts["rcav_permutations"] is not None:
         _check_int("rcav_permutations", opts["rcav_permutations"], 1)
     rcav_batch = _check_int("rcav_batch", opts["rcav_batch"] or batch_size, 1)
@@ -195,6 +197,10 @@ def _write_report_files(
                     seed=seed, progress=progress)
         k, c = basis.n_concepts, m.n_classes
 
+        reference = (random_reference(wrapped, tap, basis, m.influence_images, m.patches_fired.double() / m.n_patches,
+                                      n_random, batch_size=batch_size, seed=seed, progress=progress)
+                     if n_random else None)
+
         with autograd_on(model, "write_report"):  # the input gradient, also under a caller's no_grad
             rf = receptive_field(tap, m.probe[: int(opts["rf_images"])], m.grid, mass=float(opts["rf_mass"]))
 
@@ -207,7 +213,12 @@ def _write_report_files(
             # more than two classes: each concept is tested on one class, the one its measured
             # removal lowers most, so that the cost (null draws x concepts x images) and the
             # Bonferroni factor do not grow with the number of classes
-            rcav_classes = ([int(torch.argmin(m.class_odds_change[i])) for i in tested] if c > 2 else None)
+            # (among the classes predicted on enough sampled images to speak for them, as the index does)
+            eligible = m.class_images >= MIN_CLASS_IMAGES
+            if not bool(eligible.any()):
+                eligible = torch.ones_like(eligible)
+            rcav_classes = ([int(torch.argmin(m.class_odds_change[i].masked_fill(~eligible, float("inf"))))
+                             for i in tested] if c > 2 else None)
             n_tests = len(tested) if rcav_classes is not None else rcav_tests(len(tested), c)
             n_perm = opts["rcav_permutations"] or auto_permutations(n_tests, level)
             result = _rcav(wrapped, basis, m.rcav_images, layer=tap.layer, concepts=tested, n_permutations=n_perm,
@@ -318,7 +329,15 @@ def _write_report_files(
             f"Influence: the mean change of the predicted class's log-odds, |log(p'/(1-p')) - log(p/(1-p))| (the "
             f"margin of the prediction; unlike a probability it still moves when the model is confident), when the "
             f"concept is removed at {layer} from {sample_words} (as pc.rank_concepts(target='predicted') "
-            f"measures it). Flips: predictions that change.",
+            f"measures it). Flips: predictions that change." + (
+                f" Reference: {n_random} random concepts, each a random filter detected on as many patches as a "
+                f"concept of the basis, with the signal vector of those patches, removed the same way (scaled by "
+                f"{reference.strength:.3g} so that their median edit of a patch is as large as the concepts'): "
+                f"their influence has median {reference.median:.3f} (the red tick in each bar) and highest "
+                f"{reference.highest:.3f}. A concept no more influential than the median (grey bar) moves the "
+                f"predictions no more than a typical random edit of the layer of that size; the bar's tooltip "
+                f"says how many random concepts it exceeds. An unconfident or fragile model moves under any "
+                f"edit." if reference is not None else ""),
             "Fires on: the share of the layer's patches where the detector fires (w.x > b on the raw activation); "
             "edits: the share its removal edits (its latent factor above its level where it is not detected), so "
             "much of its influence can come from patches where it is not detected.",
@@ -335,8 +354,11 @@ def _write_report_files(
                f"another concept or drew it elsewhere): other images change it. Half with half (above): how well "
                f"the two halves' concepts agree with each other overall."] if halves is not None else []),
             "Pushes up / down: the classes whose log-odds fall / rise the most (by at least 0.01) when the concept "
-            "is removed, each measured on the sampled images predicted as it" + ("; classes marked * come first: RCAV finds that adding the concept raises / lowers their "
-                            "probability significantly. " + rcav_note if result is not None else " (RCAV not run)."),
+            "is removed, each measured on the sampled images predicted as it (a class predicted on fewer than "
+            f"{MIN_CLASS_IMAGES} of them is left out here: one image would speak for it; the concept pages give "
+            "every class with its image count)" +
+            ("; classes marked * come first: RCAV finds that adding the concept raises / lowers their "
+             "probability significantly. " + rcav_note if result is not None else " (RCAV not run)."),
             f"Top patches: {crop_note}",
         ]
         if m.mask_iou is not None:
@@ -350,10 +372,13 @@ def _write_report_files(
         facts=[("model", model_name), ("layer", layer), ("grid", f"{m.grid[0]} x {m.grid[1]}"),
                ("input", f"{m.input_size[0]} x {m.input_size[1]}"), ("images", str(n_total)),
                ("concepts", str(k)), ("classes", str(c)),
+               *([("random concepts' influence", f"median {reference.median:.3f}, highest {reference.highest:.3f} "
+                                                 f"({n_random})")] if reference is not None else []),
                *([("half with half", f"{float(basis.metadata['halves_mean_jaccard']):.2f} "
                                      f"({int(basis.metadata.get('halves_splits', 1))} random splits)")]
                  if halves is not None and basis.metadata.get("halves_mean_jaccard") is not None else [])],
         notes=notes, concepts=views, has_masks=m.mask_iou is not None, has_rcav=result is not None,
+        random_influence=reference.influence.tolist() if reference is not None else None,
         rcav_note=rcav_note, version=__version__, joint=joint,
         warnings=[str(w) for w in warnings] + output_warnings
                  + _unread_layer_warning(m, joint, layer, int(opts["skip_tokens"])),

@@ -420,3 +420,80 @@ def measure(
         mask_iou=iou, mask_pixels=mask_pixels.float() if mask_pixels is not None else None,
     )
 
+
+
+@dataclass
+class RandomReference:
+    """The influence of random concepts, measured as the concepts' is: what a concept's
+    influence can be compared with. ``influence[r]``: mean |change| of the predicted class's
+    log-odds when random concept r is removed; ``flips[r]`` the predictions it changes;
+    ``fire_rates[r]`` the share of the sampled patches it is detected on; ``strength`` the one
+    factor their removals were scaled by so that their median edit is the concepts' median."""
+
+    influence: torch.Tensor
+    flips: torch.Tensor
+    fire_rates: torch.Tensor
+    strength: float = 1.0
+
+    @property
+    def highest(self) -> float:
+        return float(self.influence.max())
+
+    @property
+    def median(self) -> float:
+        return float(self.influence.double().quantile(0.5))  # the middle two's mean for an even count
+
+
+def random_reference(model: OutputSelected, tap: LayerTap, basis, images: torch.Tensor, fire_rates: torch.Tensor,
+                     n: int, *, batch_size: int, seed: int, max_rows: int = 20000,
+                     progress: Optional[Callable] = None) -> RandomReference:
+    """Remove ``n`` random concepts from ``images`` as the report removes the basis's ones.
+
+    A random concept is built as RCAV's null is: a random filter, detected on its top-scoring
+    patches (as many as a real concept: the ``fire_rates`` of the basis's concepts at evenly
+    spaced quantiles), its signal vector the rows' covariance with its score there over the
+    score's variance, its absent level the mean latent factor where it is not detected. The
+    removals are scaled by one factor so that the median edit size (mean |change of a row| over
+    the patches) of the random concepts is that of the basis's concepts: the same amount of
+    editing, along directions the network was not shown to use."""
+    from ..basis import ConceptBasis
+    from ..signal import absent_levels, masked_signal_vectors
+
+    gen = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        rows = torch.cat([tap.to_rows(tap.activations(images[i:i + batch_size])).float().cpu()
+                          for i in range(0, images.shape[0], batch_size)])
+    if rows.shape[0] > max_rows:
+        rows = rows[torch.randperm(rows.shape[0], generator=gen)[:max_rows]]
+    mean = basis.mean.detach().float().cpu()
+    rates = fire_rates.double().sort().values
+    at = ((torch.arange(n, dtype=torch.float64) + 0.5) / n * len(rates)).long().clamp(max=len(rates) - 1)
+    counts = (rates[at] * rows.shape[0]).round().long().clamp(2, rows.shape[0] - 1)
+    filters = torch.randn(n, rows.shape[1], generator=gen)
+    z = rows @ filters.T                                                   # (N, n)
+    order = z.sort(0, descending=True).values
+    bias = order[counts - 1, torch.arange(n)] - 1e-6 * order.abs().amax(0).clamp_min(1.0)
+    signal, _ = masked_signal_vectors(rows, z, z > bias)
+    absent = absent_levels(rows, filters, bias, signal, mean)
+    random_basis = ConceptBasis(filters, bias, signal, mean, layer=basis.layer, absent_level=absent)
+    for key in ("nonnegative", "skip_tokens"):  # edited as the basis's concepts are (a post-ReLU clamp)
+        if key in (getattr(basis, "metadata", None) or {}):
+            random_basis.metadata[key] = basis.metadata[key]
+    strength = _edit_size(basis, rows).median() / _edit_size(random_basis, rows).median().clamp_min(1e-12)
+    strength = float(strength.clamp(1e-3, 1e3)) if bool(torch.isfinite(strength)) else 1.0
+    ranking = rank_concepts(
+        model, random_basis, images, target="predicted", layer=tap.layer, output=as_is, strength=strength,
+        batch_size=batch_size, skip_tokens=tap.skip_tokens,
+        progress=(lambda done, total: progress("report: random concepts", done, total)) if progress else None)
+    at = torch.argsort(torch.tensor(ranking.concepts))
+    return RandomReference(ranking.abs_effects[at].float(), ranking.flip_rates[at].float(),
+                           (z > bias).float().mean(0), strength)
+
+
+def _edit_size(basis, rows: torch.Tensor) -> torch.Tensor:
+    """(K,) mean norm of the change a removal makes to a row, over ``rows``: the latent factor's
+    excess over the absent level times the signal vector's norm."""
+    w, s = basis.decoding.detach().float().cpu(), basis.encoding.detach().float().cpu()
+    latent = (rows @ w.T - w @ basis.mean.detach().float().cpu()) / (w * s).sum(1)
+    absent = basis.absent_level.detach().float().cpu() if basis.absent_level is not None else torch.zeros(len(w))
+    return (latent - absent).clamp_min(0).mean(0) * s.norm(dim=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
@@ -81,10 +82,12 @@ class ConceptView:
         """Classes the concept pushes up and down: first those RCAV finds significant (where the
         measured removal does not point the other way), then by the log-odds the class loses /
         gains when the concept is removed, leaving out changes below ``MIN_REMOVAL_EFFECT`` (a
-        non-significant RCAV score says nothing)."""
-        sig_up = sorted((e for e in self.effects if e.rcav_supported and e.rcav > 0.5), key=lambda e: -e.rcav)
-        sig_down = sorted((e for e in self.effects if e.rcav_supported and e.rcav < 0.5), key=lambda e: e.rcav)
-        rest = [e for e in self.effects if not e.rcav_supported]
+        non-significant RCAV score says nothing) and classes predicted on fewer than
+        ``MIN_CLASS_IMAGES`` sampled images (one image's change would speak for the class)."""
+        effects = [e for e in self.effects if e.images >= MIN_CLASS_IMAGES]
+        sig_up = sorted((e for e in effects if e.rcav_supported and e.rcav > 0.5), key=lambda e: -e.rcav)
+        sig_down = sorted((e for e in effects if e.rcav_supported and e.rcav < 0.5), key=lambda e: e.rcav)
+        rest = [e for e in effects if not e.rcav_supported]
         up = sig_up + sorted((e for e in rest if e.removal <= -MIN_REMOVAL_EFFECT), key=lambda e: e.removal)
         down = sig_down + sorted((e for e in rest if e.removal >= MIN_REMOVAL_EFFECT), key=lambda e: -e.removal)
         return up[:n], down[:n]
@@ -123,6 +126,23 @@ class ReportView:
     joint: List[JointRemoval] = field(default_factory=list)
     joint_note: str = ""
     warnings: List[str] = field(default_factory=list)  # shown first on the index (plain text)
+    # the influences of random concepts removed the same way (see report.collect.random_reference)
+    random_influence: Optional[List[float]] = None
+
+    @property
+    def random_median(self) -> float:
+        return float(statistics.median(self.random_influence)) if self.random_influence else 0.0
+
+    def below_random(self, c: "ConceptView") -> bool:
+        """The concept's influence is no larger than the median random concept's."""
+        return bool(self.random_influence) and c.influence <= self.random_median
+
+    def random_words(self, c: "ConceptView") -> str:
+        """Where the concept's influence stands among the random concepts', in words."""
+        n = len(self.random_influence or [])
+        above = sum(1 for v in self.random_influence or [] if c.influence > v)
+        return (f"larger than {above} of the {n} random concepts' (median {self.random_median:.3f}, highest "
+                f"{max(self.random_influence):.3f})")
 
 
 CSS = """
@@ -154,6 +174,8 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-sp
 .bar { position: relative; height: 10px; width: 120px; background: #eef1f4; border-radius: 5px; overflow: hidden;
   display: inline-block; vertical-align: middle; margin-right: 8px; }
 .bar > span { position: absolute; left: 0; top: 0; bottom: 0; background: var(--accent); border-radius: 5px; }
+.bar > i.ref { position: absolute; top: 0; bottom: 0; width: 2px; background: var(--down); }
+.bar.weak > span { background: #9aa5b1; }
 .thumbs { display: flex; flex-wrap: wrap; gap: 3px; min-width: 127px; }
 td.push { max-width: 190px; overflow-wrap: anywhere; }
 td.push .cls { white-space: normal; display: block; }
@@ -215,6 +237,8 @@ def _p(p: Optional[float]) -> str:
 
 # a class whose probability moves less than this when the concept is removed is not listed
 MIN_REMOVAL_EFFECT = 1e-2   # log-odds
+# nor one predicted on fewer sampled images than this: its mean change would be one or two images'
+MIN_CLASS_IMAGES = 5
 
 
 def _class_tag(e: ClassEffect, kind: str) -> str:
@@ -235,7 +259,7 @@ def _facts(facts: Sequence[Tuple[str, str]]) -> str:
 
 # ------------------------------------------------------------------------------ index
 def index_page(view: ReportView) -> str:
-    top = max((c.influence for c in view.concepts), default=0.0) or 1.0
+    top = max([c.influence for c in view.concepts] + list(view.random_influence or [])) or 1.0
     agree = any(c.agreement is not None for c in view.concepts)
     halves = any(c.halves is not None or c.halves_lowest is not None for c in view.concepts)
     head = ["#", "concept", "influence", "flips", "fires on"] + (["agree"] if agree else []) + \
@@ -250,8 +274,7 @@ def index_page(view: ReportView) -> str:
         cells = [
             f"<td class=\"rank\">{c.rank}</td>",
             f"<td class=\"name\"><a href=\"{esc(c.page)}\">concept {c.index}</a></td>",
-            f"<td class=\"num\"><span class=\"bar\"><span style=\"width:{100 * c.influence / top:.1f}%\"></span></span>"
-            f"{c.influence:.3f}</td>",
+            _influence_cell(view, c, top),
             f"<td class=\"num\">{esc(_pct(c.flips))}</td>",
             f"<td class=\"num\" title=\"{esc(_pct(c.image_share))} of the images\">{esc(_pct(c.patch_share))}"
             + (f"<br><span class=\"muted small\" title=\"patches its removal edits (its latent factor above its "
@@ -284,6 +307,21 @@ def index_page(view: ReportView) -> str:
         f"<footer>Written by pyconcepts {esc(view.version)}. Static files: no network, no server.</footer>"
     )
     return _page(view.title, body, "")
+
+
+def _influence_cell(view: ReportView, c: ConceptView, top: float) -> str:
+    """The influence with its bar; with random concepts measured, a red tick at their median
+    influence, the bar greyed where the concept's is no larger, and the tooltip saying how many
+    random concepts it exceeds."""
+    bar = f"<span style=\"width:{100 * c.influence / top:.1f}%\"></span>"
+    if not view.random_influence:
+        return f"<td class=\"num\"><span class=\"bar\">{bar}</span>{c.influence:.3f}</td>"
+    tick = f"<i class=\"ref\" style=\"left:{min(100 * view.random_median / top, 99.0):.1f}%\"></i>"
+    weak = view.below_random(c)
+    title = ("removing it changes the predictions " + view.random_words(c) + "; the red tick: their median"
+             + ("; no more than a typical random edit of the layer" if weak else ""))
+    return (f"<td class=\"num{' muted' if weak else ''}\" title=\"{esc(title)}\">"
+            f"<span class=\"bar{' weak' if weak else ''}\">{bar}{tick}</span>{c.influence:.3f}</td>")
 
 
 def _warnings_card(view: ReportView) -> str:
@@ -479,7 +517,8 @@ def concept_page(view: ReportView, c: ConceptView, crop_note: str, map_note: str
     nav = (f"<div class=\"nav\"><a href=\"{root}index.html\">&#8593; all concepts</a>"
            f"<span>{prev_link} &#160; {next_link}</span></div>")
     stats = [
-        (f"{c.influence:.3f}", "influence: mean change of the predicted class's log-odds when removed"),
+        (f"{c.influence:.3f}", "influence: mean change of the predicted class's log-odds when removed"
+         + (f"; {view.random_words(c)}" if view.random_influence else "")),
         (f"{c.odds_drop:+.3f}", "mean drop of the predicted class's log-odds when removed (> 0: it supports "
                                 "the prediction)"),
         (_pct(c.flips), "predictions that change when it is removed"),
