@@ -259,7 +259,8 @@ def _facts(facts: Sequence[Tuple[str, str]]) -> str:
 
 # ------------------------------------------------------------------------------ index
 def index_page(view: ReportView) -> str:
-    top = max([c.influence for c in view.concepts] + list(view.random_influence or [])) or 1.0
+    # the bars' scale: the largest concept (or the random median's tick, when above it)
+    top = max([c.influence for c in view.concepts] + ([view.random_median] if view.random_influence else [])) or 1.0
     agree = any(c.agreement is not None for c in view.concepts)
     halves = any(c.halves is not None or c.halves_lowest is not None for c in view.concepts)
     head = ["#", "concept", "influence", "flips", "fires on"] + (["agree"] if agree else []) + \
