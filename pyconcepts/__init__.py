@@ -30,6 +30,7 @@ _LAZY = {
     "restore_corrections": "interventions",
     "rank_concepts": "interventions",
     "contribution_maps": "attribution",
+    "contribution_totals": "attribution",
     "rcav": "attribution",
     "compare_bases": "stability",
     "concept_stability": "stability",

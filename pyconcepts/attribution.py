@@ -29,7 +29,7 @@ from .signal import masked_signal_vectors
 from .taps import LayerTap, autograd_on, iter_batches
 
 __all__ = [
-    "detection_maps", "contribution_maps", "rcav", "RCAVResult", "maximize_concept",
+    "detection_maps", "contribution_maps", "contribution_totals", "rcav", "RCAVResult", "maximize_concept",
     "ConceptValidation",
 ]
 
@@ -180,6 +180,44 @@ def contribution_maps(
     ``output``: which part of the model's output holds the class scores (an index, a key or a
     callable; default: the one the basis was extracted with; for a model ending in
     probabilities the score is the log-probability)."""
+    output, method = _check_contribution_args(basis, output, reference, method, head)
+    out = [tap.rows_to_maps(contrib, b).detach().cpu()
+           for tap, contrib, b in _contributions_per_batch(model, basis, images, target, layer, head, method, concepts,
+                                                            batch_size, skip_tokens, grid, output, reference, clamp)]
+    if not out:
+        raise ValueError("images is empty")
+    return torch.cat(out)
+
+
+def contribution_totals(
+    model: nn.Module,
+    basis,
+    images,
+    target,
+    *,
+    layer: Optional[str] = None,
+    head: Optional[nn.Linear] = None,
+    method: str = "auto",
+    concepts=None,
+    batch_size: Optional[int] = None,
+    skip_tokens: Optional[int] = None,
+    output: OutputSpec = None,
+    reference: str = "removal",
+    clamp: Optional[bool] = None,
+) -> torch.Tensor:
+    """(B, K') ``contribution_maps`` summed over each image's positions (with the default
+    reference: each removal's effect on the target's score to first order). Needs no grid, so
+    it also serves token layers whose tokens form no square."""
+    output, method = _check_contribution_args(basis, output, reference, method, head)
+    out = [contrib.reshape(b, -1, contrib.shape[1]).sum(1).detach().cpu()
+           for _, contrib, b in _contributions_per_batch(model, basis, images, target, layer, head, method, concepts,
+                                                         batch_size, skip_tokens, None, output, reference, clamp)]
+    if not out:
+        raise ValueError("images is empty")
+    return torch.cat(out)
+
+
+def _check_contribution_args(basis, output, reference, method, head):
     output = output_or_recorded(output, basis)
     if reference not in ("removal", "mean"):
         raise ValueError(f"reference must be 'removal' or 'mean', got {reference!r}")
@@ -189,9 +227,15 @@ def contribution_maps(
         method = "linear" if head is not None else "gradient"
     if method == "linear" and not isinstance(head, nn.Linear):
         raise TypeError("method='linear' needs head=<the nn.Linear after global average pooling>")
+    return output, method
+
+
+def _contributions_per_batch(model, basis, images, target, layer, head, method, concepts, batch_size, skip_tokens,
+                             grid, output, reference, clamp):
+    """Per batch of ``images``: (the tap, the (B * positions, K') contributions, B)."""
     tap = _tap(model, basis, layer, skip_tokens, grid)
     idx = _concept_list(concepts, basis.decoding.shape[0])
-    out, seen = [], 0
+    seen = 0
     for batch in iter_batches(images, batch_size):
         b = batch.shape[0]
         offset, seen = seen, seen + b
@@ -207,7 +251,7 @@ def contribution_maps(
             v = head.weight.detach().to(rows)[cls]                      # (B, D)
             grads = (v / positions).repeat_interleave(positions, dim=0)  # d score / d row
             contrib = _contributions(basis, rows, grads, w, s, mu, idx, reference, clamp)
-            maps = tap.rows_to_maps(contrib, b)
+            yield tap, contrib, b
         else:
             batch = tap._check_images(batch, offset)
             captured = {}
@@ -228,11 +272,7 @@ def contribution_maps(
             w, _, s, mu = _basis_tensors(basis, rows)
             w, s = w[idx], s[idx]
             contrib = _contributions(basis, rows.float(), grads.float(), w, s, mu, idx, reference, clamp)
-            maps = tap.rows_to_maps(contrib, b)
-        out.append(maps.detach().cpu())
-    if not out:
-        raise ValueError("images is empty")
-    return torch.cat(out)
+            yield tap, contrib, b
 
 
 # ---------------------------------------------------------------------------------- RCAV

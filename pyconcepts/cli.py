@@ -808,6 +808,12 @@ class _SourceView:
 
 def _class_namer(args, source, n_outputs: int):
     names = _output_class_names(args, source, n_outputs)
+    if names is None and source.class_names and len(source.class_names) != n_outputs:
+        # e.g. an --output function that returns a score per position of a sequence or map
+        _warn(f"--images has {len(source.class_names)} class subfolders but the model's output"
+              f"{' (after --output)' if args.output else ''} has {n_outputs} classes: the classes are shown by "
+              "index; if the output holds a score per position (a sequence or a map), reduce it to one score per "
+              "image (or per class) with --output file.py:function")
     return (lambda i: names[i]) if names else (lambda i: f"class {i}")
 
 
@@ -1233,7 +1239,7 @@ def _log_odds_of(output):
 
 
 def _explain_batches(args, model, basis, layer, source, output, skip, top, class_name, bar, exact):
-    from .attribution import contribution_maps
+    from .attribution import contribution_totals
     from .outputs import read_scores
 
     j, all_preds = 0, []
@@ -1248,9 +1254,8 @@ def _explain_batches(args, model, basis, layer, source, output, skip, top, class
         if exact:
             totals = _measured_removals(model, basis, batch, layer, skip, output)
         else:  # the same drop to first order: the removal's change of the layer . d log-odds / dx
-            maps = call_with_output(contribution_maps, model, basis, batch, preds, layer=layer,
-                                    skip_tokens=skip, model=model, output=_log_odds_of(output))
-            totals = maps.sum((2, 3))
+            totals = call_with_output(contribution_totals, model, basis, batch, preds, layer=layer,
+                                      skip_tokens=skip, model=model, output=_log_odds_of(output))
         for b in range(batch.shape[0]):
             order = totals[b].argsort(descending=True)[:top]
             parts = ", ".join(f"concept {int(i)} {float(totals[b, i]):+.3f}" for i in order)

@@ -254,7 +254,7 @@ class LayerTap:
             raise ValueError(
                 f"{n} patch tokens are not a square grid: leading class or register tokens are left out "
                 "with skip_tokens=N (command line: --skip-tokens N), a non-square grid is given as grid=(h, w) "
-                "(command line: --options '{\"grid\": [h, w]}')"
+                "(pyconcepts report: --options '{\"grid\": [h, w]}')"
             )
         return side, side
 

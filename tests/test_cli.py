@@ -173,6 +173,12 @@ def test_explain_speaks_file_and_class_names(ws, capsys):
     rc, out, _ = _run(capsys, "explain", ws / "basis.safetensors", *_model_args(ws), "--images", ws / "photos",
                       "--limit", 2, "--top", 1)
     assert rc == 0 and len(out.splitlines()) == 3 and out.splitlines()[1].count("concept ") == 1
+    assert "class subfolders but" not in err
+    # an --output that is no class scores (here an 8-wide embedding, as a per-position score
+    # of a sequence would be) against 2 class subfolders: said, not silently read as 8 classes
+    rc, out, err = _run(capsys, "explain", ws / "basis.safetensors", *_model_args(ws, "make_dict"), "--images",
+                        ws / "photos", "--output", "embedding", "--limit", 2)
+    assert rc == 0 and "--images has 2 class subfolders but the model's output (after --output) has 8 classes" in err
 
 
 def test_explain_exact_gives_the_logit_drop_that_intervene_measures(ws, capsys):
@@ -778,6 +784,22 @@ def test_extract_flags_a_token_layer_with_a_class_token_and_too_many_concepts(ws
     rc, _, err = _run(capsys, *common, "-k", 500, "--skip-tokens", 1, "--out", tmp_path / "c.safetensors")
     assert rc == 2 and "-k 500 exceeds the 192 patches of 12 image(s)" in err
     assert not (tmp_path / "c.safetensors").exists()
+    # explain's first-order estimate sums over the tokens: no grid needed for 17 of them
+    rc, out, err = _run(capsys, "explain", tmp_path / "a.safetensors", "--model", f"{tmp_path / 'tok.py'}:make",
+                        "--images", ws / "photos", "--first-order", "--limit", 4)
+    assert rc == 0 and out.count("; concept ") == 4, err
+    import pyconcepts as pc
+
+    basis = pc.ConceptBasis.load(tmp_path / "a.safetensors")
+    from pyconcepts.cli import load_model
+
+    model = load_model(f"{tmp_path / 'tok.py'}:make", None).eval()
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    totals = pc.contribution_totals(model, basis, images, 1)
+    maps = pc.contribution_maps(model, basis, images, 1, grid=(1, 17))
+    assert torch.allclose(totals, maps.sum((2, 3)), atol=1e-6)
+    with pytest.raises(ValueError, match=r"pyconcepts report: --options"):
+        pc.contribution_maps(model, basis, images, 1)
 
 
 def test_a_basis_of_another_model_asks_for_its_model_before_any_work(ws, capsys, monkeypatch):
