@@ -983,8 +983,10 @@ def _shared_concentration(mean_resultant: float, dim: int) -> float:
 def vmf_log_normaliser(kappa: float, dim: int) -> float:
     """log C_D(kappa), the log normalising constant of the vMF density on the unit sphere in
     D >= 3 dimensions: (D/2 - 1) log kappa - (D/2) log 2 pi - log I_{D/2-1}(kappa), with the
-    Bessel function from Debye's uniform expansion (two correction terms; relative error of
-    log I below 1e-4 at order 1/2 and below 1e-7 from order 10 on)."""
+    Bessel function from Debye's uniform expansion with two correction terms (absolute error,
+    kappa from 0.1 to 5000, against scipy: 0.1 at D = 3 and kappa < 1, 5e-4 at D = 3 and
+    kappa >= 5, 3e-4 at D = 10, 2e-6 at D = 48). It serves the monotonicity check of
+    ``vmf_mixture_polish``, which compares likelihoods of nearby concentrations."""
     nu = dim / 2 - 1
     t = math.sqrt(nu * nu + kappa * kappa)
     p = nu / t
