@@ -74,9 +74,9 @@ DEFAULTS: Dict[str, object] = {
     "decoder_sample": 65536,     # patch rows the logistic filters are fitted on
     "background_rounds": 20,     # refits that take rows of no concept out of the filters'
                                  # positives (whitened fits only; 0: off; see directions.py)
-    "vmf_polish": "auto",        # polish the k-means clustering by EM of a von Mises-Fisher
-                                 # mixture with one shared concentration: True, False or 'auto'
-                                 # (where the restarts do not reproduce some concept; directions.py)
+    "vmf_polish": False,         # polish the k-means clustering by EM of a von Mises-Fisher
+                                 # mixture with one shared concentration (seeds agree more on
+                                 # real layers; lowers the synthetic IoU; see directions.py)
     "alternations": 0,           # pattern-to-filter rounds of the encoding estimate: with the
                                  # logistic filters they only drift (paper synthetic, seeds 0-9:
                                  # min encoding cosine 0.984 with 0 rounds, 0.93 with 4)
