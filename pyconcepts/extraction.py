@@ -74,6 +74,9 @@ DEFAULTS: Dict[str, object] = {
     "decoder_sample": 65536,     # patch rows the logistic filters are fitted on
     "background_rounds": 20,     # refits that take rows of no concept out of the filters'
                                  # positives (whitened fits only; 0: off; see directions.py)
+    "vmf_polish": False,         # polish the k-means clustering by EM of a von Mises-Fisher
+                                 # mixture with one shared concentration (seeds agree more on
+                                 # real layers; lowers the synthetic IoU; see directions.py)
     "alternations": 0,           # pattern-to-filter rounds of the encoding estimate: with the
                                  # logistic filters they only drift (paper synthetic, seeds 0-9:
                                  # min encoding cosine 0.984 with 0 rounds, 0.93 with 4)
@@ -381,6 +384,7 @@ def _extract(model, layer, images, k, seed, refine, ura, skip_tokens, opts, prog
                                decoder=str(opts["decoder"]), decoder_penalty=float(opts["decoder_penalty"]),
                                decoder_sample=int(opts["decoder_sample"]),
                                background_rounds=int(opts["background_rounds"]),
+                               vmf_polish=opts["vmf_polish"],
                                layer=layer, model_id=model_id,
                                progress=(lambda done, total: progress("clustering", done, total))
                                if progress else None)

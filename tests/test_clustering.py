@@ -1,4 +1,6 @@
 """DirectionalClustering: spherical k-means over tensors and chunk streams."""
+import math
+
 import pytest
 import torch
 
@@ -203,3 +205,99 @@ def test_stream_fit_reads_the_data_once_before_its_lloyd_passes(center):
     tensor_fit = pc.DirectionalClustering(4, seed=1, center=center, max_iter=4, tol=0.0,
                                           pruning=False).fit(x)
     torch.testing.assert_close(km.centroids_, tensor_fit.centroids_, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- vMF mixture polish
+def _matched_min_cosine(a, b):
+    from pyconcepts.metrics import linear_sum_assignment
+
+    sim = (a.double() @ b.double().T).numpy()
+    rows, cols = linear_sum_assignment(-sim)
+    return float(sim[rows, cols].min())
+
+
+def test_vmf_polish_step_matches_a_hand_computation():
+    from pyconcepts.clustering import vmf_mixture_polish
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 5, generator=g) + torch.tensor([1.0, 0, 0, 0, 0])
+    c = torch.nn.functional.normalize(torch.randn(3, 5, generator=g), dim=1)
+    # by hand, float64: the M-step of the hard assignment, then one EM step
+    u = torch.nn.functional.normalize(x.double(), dim=1)
+    n, d = u.shape
+
+    def m_step(r):
+        s = r.T @ u
+        rbar = float(s.norm(dim=1).sum()) / n
+        kappa = rbar * (d - rbar ** 2) / (1 - rbar ** 2)  # Banerjee et al.'s approximation
+        return s / s.norm(dim=1, keepdim=True), torch.log(r.sum(0) / n), kappa
+
+    mu, log_prior, kappa = m_step(torch.nn.functional.one_hot((u @ c.double().T).argmax(1), 3).double())
+    r = torch.softmax(log_prior + kappa * (u @ mu.T), 1)
+    mu, log_prior, kappa = m_step(r)
+    out = vmf_mixture_polish(x, c, max_iter=2)
+    assert out.n_iter == 2
+    torch.testing.assert_close(out.directions, mu, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.log_prior, log_prior, rtol=0, atol=1e-5)
+    assert out.concentration == pytest.approx(kappa, rel=1e-5)
+    # the MAP assignment: argmax of log prior + kappa cos
+    expected = (log_prior + kappa * (u @ mu.T)).argmax(1)
+    assert float((out.predict(x) == expected).double().mean()) > 0.995
+
+
+def test_vmf_log_normaliser_is_the_closed_form_in_three_dimensions():
+    from pyconcepts.clustering import vmf_log_normaliser
+
+    # C_3(kappa) = kappa / (4 pi sinh kappa)
+    for kappa in (0.5, 2.0, 10.0, 84.0, 700.0):
+        exact = math.log(kappa) - math.log(4 * math.pi) - (kappa + math.log1p(-math.exp(-2 * kappa)) - math.log(2))
+        assert vmf_log_normaliser(kappa, 3) == pytest.approx(exact, abs=0.1 if kappa < 5 else 5e-4)
+    scipy_special = pytest.importorskip("scipy.special", reason="scipy checks the higher dimensions")
+    for dim in (10, 48, 256):
+        for kappa in (5.0, 84.0, 700.0):
+            nu = dim / 2 - 1
+            exact = (nu * math.log(kappa) - dim / 2 * math.log(2 * math.pi)
+                     - (math.log(scipy_special.ive(nu, kappa)) + kappa))
+            assert vmf_log_normaliser(kappa, dim) == pytest.approx(exact, abs=3e-4 if dim < 48 else 2e-6)
+
+
+def test_vmf_polish_makes_seeds_agree_where_kmeans_does_not():
+    from pyconcepts.clustering import vmf_mixture_polish
+
+    # four overlapping blobs on the 2-sphere: each k-means seed stops in a different local
+    # optimum (the rows at the boundaries), the EM fixed point is the same from all of them
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 3, generator=g)
+    x = centres[torch.randint(4, (2000,), generator=g)] + 0.9 * torch.randn(2000, 3, generator=g)
+    fits = [pc.DirectionalClustering(4, seed=s, center=False, n_init=1).fit(x).centroids_ for s in range(4)]
+    polished = [vmf_mixture_polish(x, c) for c in fits]
+    assert min(_matched_min_cosine(fits[0], f) for f in fits[1:]) < 0.999
+    assert min(_matched_min_cosine(polished[0].directions, p.directions) for p in polished[1:]) > 0.99999
+    again = vmf_mixture_polish(x, fits[1])
+    assert torch.equal(again.directions, polished[1].directions)  # deterministic
+    assert again.n_iter < 300  # converged before the cap
+
+
+def test_vmf_polish_edge_cases_and_bad_input():
+    from pyconcepts.clustering import vmf_mixture_polish
+
+    x = torch.randn(50, 4, generator=torch.Generator().manual_seed(1))
+    one = vmf_mixture_polish(x, torch.eye(4)[:1])  # K = 1: the mean direction
+    torch.testing.assert_close(one.directions[0], torch.nn.functional.normalize(
+        torch.nn.functional.normalize(x.double(), dim=1).sum(0), dim=0), rtol=0, atol=1e-6)
+    # a centroid no row is nearest to: kept, with the prior of half a row
+    far = torch.cat([torch.eye(4)[:2], -torch.ones(1, 4) / 2])
+    near = x.abs() + 0.1
+    out = vmf_mixture_polish(near, far, max_iter=1)
+    torch.testing.assert_close(out.directions[2], far[2].double())
+    assert out.log_prior[2] == pytest.approx(math.log(0.5 / 50.5))
+    assert torch.isfinite(vmf_mixture_polish(near, far).directions).all()
+    with pytest.raises(ValueError, match="share D"):
+        vmf_mixture_polish(x, torch.eye(3))
+    with pytest.raises(ValueError, match="empty"):
+        vmf_mixture_polish(x[:0], torch.eye(4))
+    with pytest.raises(ValueError, match="max_iter"):
+        vmf_mixture_polish(x, torch.eye(4), max_iter=0)
+    bad = x.clone(); bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        one.predict(bad)

@@ -123,3 +123,15 @@ def test_extract_reads_an_image_source_as_it_reads_a_tensor():
                    progress=lambda stage, done, total: seen.append((stage, total)))
     assert torch.equal(a.decoding, b.decoding) and torch.equal(a.bias, b.bias)
     assert ("patches", 1) in seen  # 24 images, batches of 64: one batch, counted without reading them
+
+
+def test_vmf_polish_option_reaches_the_clustering():
+    model = SmallCNN().eval()
+    x = images()
+    assert DEFAULTS["vmf_polish"] is False
+    off = pc.extract(model, "features.3", x, 3, options={"n_init": 2})
+    on = pc.extract(model, "features.3", x, 3, options={"n_init": 2, "vmf_polish": True})
+    assert off.metadata["vmf_polish"] is None and on.metadata["settings"]["vmf_polish"] is True
+    assert on.metadata["vmf_polish"]["iterations"] >= 1
+    with pytest.raises(ValueError, match="vmf_polish"):
+        pc.extract(model, "features.3", x, 3, options={"vmf_polish": "yes"})
