@@ -24,16 +24,10 @@ synthetic model in ``benchmarks/recovery.py``):
    convergence; from then on a row's cluster is its most probable mixture component. The hard
    assignments of k-means leave many local optima that differ in the rows at the cluster
    boundaries, and different seeds stop in different ones; the soft posteriors smooth them
-   away. Measured on the MTCNN RNet (``benchmarks.real_network``, prelu2): at K = 16 seeds
-   Jaccard of the detections 0.864 -> 0.998, halves decoding cosine 0.873 -> 0.901, halves
-   Jaccard 0.661 -> 0.678, top-5 removal drop face 3.09 -> 2.98, non-face 2.35 -> 3.01; at
-   K = 8, where the seeds already agreed (Jaccard 0.992 -> 0.989), halves decoding cosine
-   0.986 -> 0.973, face 2.44 -> 2.29. On the synthetic models (well separated clusters) the
-   soft posteriors pull the means together in high dimensions: D = 256, K = 32 detector IoU
-   0.964 -> 0.954, decoding cosine to the ideal filters 0.44 -> 0.38; hence off by default.
-   Switching it on only where the restarts disagree on some concept made things worse: at
-   K = 8 one seed's fit was polished and the other's not (seeds Jaccard 0.992 -> 0.921).
-   One concentration per cluster (each cluster's own kappa) lowered the RNet's stability.
+   away, so seeds agree more on real layers. On well separated clusters in high dimensions the
+   soft posteriors pull the means together (lower synthetic detector IoU), hence off by
+   default (figures in BENCHMARKS.md). The restart agreement is still measured on the k-means
+   restarts, so with the polish it errs on the cautious side.
 2. **Decoding directions.** A centroid estimates an encoding direction, not a filter. Default
    (``decoder='logistic'``): per cluster, a logistic regression of membership against the rest
    in the whitened coordinates with a small L2 penalty (``logistic_filters``) on a bounded
