@@ -377,6 +377,8 @@ def rcav(
     if not batches:
         raise ValueError("images is empty")
     gen = torch.Generator().manual_seed(seed)
+    if progress:  # the passes before the first concept's push are part of the test's time
+        progress("rcav", 0, None)
     # the class scores are checked (and logits told from probabilities) before any other work
     with torch.no_grad():
         kind = scores_kind(read_scores(tap.forward_with(batches[0][:2], lambda out: out), output, "logits"))

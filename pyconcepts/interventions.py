@@ -651,7 +651,8 @@ def rank_concepts(
     removal together with those already picked lowers the score most. ``method='gradient'``
     estimates each removal's drop to first order from one backward pass per batch.
     ``concepts`` restricts the candidates (default: all). ``progress(done, total)`` is called
-    after each removal measured. The layer's activations of every image are held in memory.
+    once before the first pass over the images (done 0, with removals) and after each removal
+    measured. The layer's activations of every image are held in memory.
     Returns a ``ConceptRanking``."""
     basis = _check_basis(basis)
     output = output_or_recorded(output, basis)
@@ -676,6 +677,8 @@ def rank_concepts(
                 absent_level=getattr(basis, "absent_level", None), clamp=recorded_clamp(basis, None))
     batches, kind, score = [], "auto", None
     seen = 0
+    if progress is not None and method == "removal":  # the unedited pass below is part of the work
+        progress(0, sum(len(candidates) - r for r in range(greedy)) if greedy else len(candidates))
     for batch in iter_batches(images, batch_size):
         batch = tap._check_images(batch, seen)
         seen += batch.shape[0]

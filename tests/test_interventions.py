@@ -281,7 +281,7 @@ def test_rank_concepts_predicted_measures_log_odds_every_class_and_flips():
     assert g.class_effects is None and g.flip_rates is None
     seen = []
     pc.rank_concepts(model, basis, images, target=0, greedy=2, progress=lambda d, t: seen.append((d, t)))
-    assert seen == [(d, 7) for d in range(1, 8)]  # 4 + 3 removals measured
+    assert seen == [(d, 7) for d in range(0, 8)]  # the unedited pass starts it; 4 + 3 removals measured
     with pytest.raises(ValueError, match="'predicted'"):
         pc.rank_concepts(model, basis, images, target="argmax")
 

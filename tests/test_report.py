@@ -969,3 +969,16 @@ def test_the_index_compares_each_influence_with_random_concepts(tmp_path):
     write_report(tmp_path / "off", basis, _ReadsChannelZero().eval(), "act", src, class_names=["no", "yes"],
                  rcav=False, random_concepts=0, **{k: v for k, v in FAST.items() if not k.startswith("rcav")})
     assert "random concepts" not in (tmp_path / "off" / "index.html").read_text(encoding="utf-8")
+
+
+def test_every_long_stage_is_announced_before_its_work(tmp_path):
+    # a stage's time (the CLI's "stage: n/n (12.3 s)") runs from its first call: each one that
+    # starts with a pass over images says so at done 0, before that pass
+    calls = []
+    write_report(tmp_path, _basis(), TinyNet().eval(), "act", _source(), progress=lambda *a: calls.append(a), **FAST)
+    first = {}
+    for stage, done, _ in calls:
+        first.setdefault(stage, done)
+    for stage in ("report: removals", "report: random concepts", "rcav", "report: joint removals"):
+        assert first.get(stage) == 0, (stage, first)
+    assert first.get("report: counterfactuals", 0) == 0  # (absent when no removal moves an image enough)

@@ -555,6 +555,8 @@ def _joint_removals(model: nn.Module, tap: LayerTap, basis, m: Measurements, cla
     classes = [int(c) for c in torch.argsort(predictions, descending=True, stable=True)
                if predictions[c] > 0][:max_classes]
     joint = []
+    if progress:  # each class's removals take a while: the stage starts here
+        progress("report: joint removals", 0, len(classes))
     for j, c in enumerate(classes):
         change = m.class_odds_change[:, c]
         supporters = [int(i) for i in torch.argsort(change, stable=True)[:size] if change[i] <= -MIN_REMOVAL_EFFECT]
@@ -605,6 +607,8 @@ def _write_counterfactuals(writer: _Writer, tap: LayerTap, basis, source, m: Mea
     level = torch.zeros(k) if level is None else level.detach().cpu().float()
     # where the default removal edits: the latent factor above its absent level
     edit_maps: Dict[int, torch.Tensor] = {}
+    if progress:
+        progress("report: counterfactuals", 0, k)
     for start in range(0, len(positions), batch_size):
         part = positions[start:start + batch_size]
         with torch.no_grad():

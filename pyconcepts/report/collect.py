@@ -460,6 +460,8 @@ def random_reference(model: OutputSelected, tap: LayerTap, basis, images: torch.
     from ..signal import absent_levels, masked_signal_vectors
 
     gen = torch.Generator().manual_seed(seed + 7)
+    if progress:
+        progress("report: random concepts", 0, n)
     with torch.no_grad():
         rows = torch.cat([tap.to_rows(tap.activations(images[i:i + batch_size])).float().cpu()
                           for i in range(0, images.shape[0], batch_size)])
