@@ -355,10 +355,11 @@ def rcav(
 
     ``stop_early`` (default): a concept's null draws stop once each of its tested classes (with
     two classes, one of the two) has ``h`` nulls at least as extreme as it, the fewest with
-    which the full test could no longer call it significant (curtailed sampling). The decisions are those of the full test; a
-    stopped pair's p-value is max(h / L, (1 + h) / (1 + n_permutations)), L the draws it took to
-    reach h: the larger of Besag and Clifford's sequential Monte Carlo p-value and the full
-    test's smallest attainable one, so it is valid and never significant. A concept that moves
+    which the full test could no longer call it significant (curtailed sampling). The
+    decisions are those of the full test; a stopped pair's p-value is max(h / L, (1 + h) /
+    (1 + n_permutations)), L the draws it took to reach h: the larger of Besag and Clifford's
+    sequential Monte Carlo p-value and the full test's smallest attainable one, so it is valid
+    and never significant. A concept that moves
     the classes like chance then costs a few forward passes instead of ``n_permutations``.
     (No stopping where even h = 0 would not be significant: too few draws for any p < level.)
     """

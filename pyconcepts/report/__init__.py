@@ -330,7 +330,7 @@ def _write_report_files(
             f"margin of the prediction; unlike a probability it still moves when the model is confident), when the "
             f"concept is removed at {layer} from {sample_words} (as pc.rank_concepts(target='predicted') "
             f"measures it). Flips: predictions that change." + (
-                f" Reference: {n_random} random concepts, each a random filter detected on as many patches as a "
+                f" Reference: {len(reference.influence)} random concepts, each a random filter detected on as many patches as a "
                 f"concept of the basis, with the signal vector of those patches, removed the same way (scaled by "
                 f"{reference.strength:.3g} so that their median edit of a patch is as large as the concepts'): "
                 f"their influence has median {reference.median:.3f} (the red tick in each bar) and highest "
@@ -373,7 +373,7 @@ def _write_report_files(
                ("input", f"{m.input_size[0]} x {m.input_size[1]}"), ("images", str(n_total)),
                ("concepts", str(k)), ("classes", str(c)),
                *([("random concepts' influence", f"median {reference.median:.3f}, highest {reference.highest:.3f} "
-                                                 f"({n_random})")] if reference is not None else []),
+                                                 f"({len(reference.influence)})")] if reference is not None else []),
                *([("half with half", f"{float(basis.metadata['halves_mean_jaccard']):.2f} "
                                      f"({int(basis.metadata.get('halves_splits', 1))} random splits)")]
                  if halves is not None and basis.metadata.get("halves_mean_jaccard") is not None else [])],

@@ -421,7 +421,6 @@ def measure(
     )
 
 
-
 @dataclass
 class RandomReference:
     """The influence of random concepts, measured as the concepts' is: what a concept's
@@ -446,7 +445,7 @@ class RandomReference:
 
 def random_reference(model: OutputSelected, tap: LayerTap, basis, images: torch.Tensor, fire_rates: torch.Tensor,
                      n: int, *, batch_size: int, seed: int, max_rows: int = 20000,
-                     progress: Optional[Callable] = None) -> RandomReference:
+                     progress: Optional[Callable] = None) -> Optional[RandomReference]:
     """Remove ``n`` random concepts from ``images`` as the report removes the basis's ones.
 
     A random concept is built as RCAV's null is: a random filter, detected on its top-scoring
@@ -455,7 +454,8 @@ def random_reference(model: OutputSelected, tap: LayerTap, basis, images: torch.
     score's variance, its absent level the mean latent factor where it is not detected. The
     removals are scaled by one factor so that the median edit size (mean |change of a row| over
     the patches) of the random concepts is that of the basis's concepts: the same amount of
-    editing, along directions the network was not shown to use."""
+    editing, along directions the network was not shown to use. None where the layer has too
+    few patches (under 4) or no random concept has a signal vector."""
     from ..basis import ConceptBasis
     from ..signal import absent_levels, masked_signal_vectors
 
@@ -467,6 +467,8 @@ def random_reference(model: OutputSelected, tap: LayerTap, basis, images: torch.
                           for i in range(0, images.shape[0], batch_size)])
     if rows.shape[0] > max_rows:
         rows = rows[torch.randperm(rows.shape[0], generator=gen)[:max_rows]]
+    if rows.shape[0] < 4:
+        return None
     mean = basis.mean.detach().float().cpu()
     rates = fire_rates.double().sort().values
     at = ((torch.arange(n, dtype=torch.float64) + 0.5) / n * len(rates)).long().clamp(max=len(rates) - 1)
@@ -475,7 +477,10 @@ def random_reference(model: OutputSelected, tap: LayerTap, basis, images: torch.
     z = rows @ filters.T                                                   # (N, n)
     order = z.sort(0, descending=True).values
     bias = order[counts - 1, torch.arange(n)] - 1e-6 * order.abs().amax(0).clamp_min(1.0)
-    signal, _ = masked_signal_vectors(rows, z, z > bias)
+    signal, ok = masked_signal_vectors(rows, z, z > bias)
+    if not bool(ok.any()):  # no variance of the score among a random concept's patches
+        return None
+    filters, bias, signal, z = filters[ok], bias[ok], signal[ok], z[:, ok]
     absent = absent_levels(rows, filters, bias, signal, mean)
     random_basis = ConceptBasis(filters, bias, signal, mean, layer=basis.layer, absent_level=absent)
     for key in ("nonnegative", "skip_tokens"):  # edited as the basis's concepts are (a post-ReLU clamp)
