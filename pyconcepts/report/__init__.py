@@ -330,8 +330,8 @@ def _write_report_files(
             f"margin of the prediction; unlike a probability it still moves when the model is confident), when the "
             f"concept is removed at {layer} from {sample_words} (as pc.rank_concepts(target='predicted') "
             f"measures it). Flips: predictions that change." + (
-                f" Reference: {len(reference.influence)} random concepts, each a random filter detected on as many patches as a "
-                f"concept of the basis, with the signal vector of those patches, removed the same way (scaled by "
+                f" Reference: {len(reference.influence)} random concepts, each a random filter detected on as many "
+                f"patches as a concept of the basis, with the signal vector of those patches, removed the same way (scaled by "
                 f"{reference.strength:.3g} so that their median edit of a patch is as large as the concepts'): "
                 f"their influence has median {reference.median:.3f} (the red tick in each bar) and highest "
                 f"{reference.highest:.3f}. A concept no more influential than the median (grey bar) moves the "
