@@ -460,13 +460,16 @@ def rcav(
         decides = torch.zeros_like(decides)
         decides[torch.arange(len(idx)), torch.tensor(classes)] = True
     # h: the fewest extreme nulls with which the full test's p, (1 + h) / (1 + n), is adjusted to
-    # at least the level; h = 0 (nothing can be significant) leaves the test unstopped
-    hopeless = math.ceil(level * (1 + n_permutations) / n_tests - 1 - 1e-9)
+    # at least the level, in the very arithmetic of the decision below (float64), so that the
+    # two agree at the boundary; h = 0 (nothing can be significant) leaves the test unstopped
+    hopeless = 0
+    while hopeless <= n_permutations and _adjusted(_full_p(hopeless, n_permutations), n_tests) < level:
+        hopeless += 1
     stop = stop_early and hopeless >= 1
     untestable = n_detected < 2
     active = ~untestable if stop else torch.ones(len(idx), dtype=torch.bool)
-    extreme = torch.zeros_like(scores_t)
-    reached_at = torch.zeros_like(scores_t)                      # draws taken to reach h extremes
+    extreme = torch.zeros_like(scores_t, dtype=torch.float64)
+    reached_at = torch.zeros_like(scores_t, dtype=torch.float64)  # draws taken to reach h extremes
     draws = torch.zeros(len(idx), dtype=torch.long)
     null_t = torch.full((n_permutations, len(idx), n_classes), float("nan"))
     if stop:
@@ -495,10 +498,9 @@ def rcav(
                 active &= ~done_now
                 if progress:
                     progress("rcav", done, total)
-    p = (1.0 + extreme) / (1.0 + n_permutations)
+    p = _full_p(extreme, n_permutations)
     stopped = (draws < n_permutations)[:, None] & (reached_at > 0)
-    curtailed = torch.maximum(hopeless / reached_at.clamp_min(1),
-                              torch.full_like(p, (1.0 + hopeless) / (1.0 + n_permutations)))
+    curtailed = torch.maximum(hopeless / reached_at.clamp_min(1), torch.full_like(p, _full_p(hopeless, n_permutations)))
     if n_classes == 2:  # a stopped concept's one test: both classes show the p of the class that ended it
         one = torch.where(stopped, curtailed, torch.zeros_like(p)).max(1, keepdim=True).values.expand_as(p)
         stopped = stopped.any(1, keepdim=True).expand_as(p)
@@ -517,8 +519,21 @@ def rcav(
             keep[:] = True  # the two classes' tests are one
         p = torch.where(keep, p, torch.full_like(p, float("nan")))
         tested = torch.where(keep, tested, torch.full_like(tested, float("nan")))
-    p_adj = (tested * n_tests).clamp(max=1.0)
+    p_adj = _adjusted(tested, n_tests)
     return RCAVResult(idx, scores_t, p, p_adj, p_adj < level, alpha_t, null_t, level, draws)
+
+
+def _full_p(extreme, n_permutations: int):
+    """The permutation p-value (1 + extreme) / (1 + n), in float64 (float32 put (1 + 7) x 5 / 200
+    just below 0.2, and a test at level 0.2 passed that should not)."""
+    if isinstance(extreme, torch.Tensor):
+        return (1.0 + extreme.double()) / (1.0 + n_permutations)
+    return (1.0 + extreme) / (1.0 + n_permutations)
+
+
+def _adjusted(p, n_tests: int):
+    """Bonferroni: p x tests, at most 1."""
+    return (p * n_tests).clamp(max=1.0) if isinstance(p, torch.Tensor) else min(1.0, p * n_tests)
 
 
 # ----------------------------------------------------------------- activation maximisation

@@ -917,7 +917,7 @@ def _check_folder_classes(args, source, preds: torch.Tensor, n_outputs: int) -> 
                           for f, o in moved[:6]) + ("; ..." if len(moved) > 6 else "")
         message = (f"the model's predictions{named_by} match the class subfolders of --images on {100 * agree:.0f}% "
                    f"of the images, but on {100 * best / n:.0f}% with some outputs named in another order: {pairs}. "
-                   f"{fix[0].upper()}{fix[1:]} for those classes")
+                   f"{fix[0].upper()}{fix[1:]} for those classes, or the model confuses them")
         _warn(message)
         return message
     return None

@@ -958,7 +958,8 @@ def test_the_index_compares_each_influence_with_random_concepts(tmp_path):
                  **{k: v for k, v in FAST.items() if not k.startswith("rcav")})
     index = (tmp_path / "index.html").read_text(encoding="utf-8")
     assert "random concepts&#x27; influence" in index
-    median, highest = map(float, re.search(r"median ([0-9.]+), highest ([0-9.]+) \(8\)", index).groups())
+    median = float(re.search(r"median ([0-9.]+) \(8 draws\)", index).group(1))
+    highest = float(re.search(r"range [0-9.]+-([0-9.]+)\)", index).group(1))
     assert 0 < median <= highest
     body = index.split("<tbody>")[1].split("</tbody>")[0]
     rows_html = {int(re.search(r"concept (\d+)</a>", r).group(1)): r for r in re.findall(r"<tr>(.*?)</tr>", body, re.S)}
@@ -969,6 +970,9 @@ def test_the_index_compares_each_influence_with_random_concepts(tmp_path):
     write_report(tmp_path / "off", basis, _ReadsChannelZero().eval(), "act", src, class_names=["no", "yes"],
                  rcav=False, random_concepts=0, **{k: v for k, v in FAST.items() if not k.startswith("rcav")})
     assert "random concepts" not in (tmp_path / "off" / "index.html").read_text(encoding="utf-8")
+    with pytest.raises(ValueError, match="random_concepts must be 0 .* or at least 3"):
+        write_report(tmp_path / "one", basis, _ReadsChannelZero().eval(), "act", src, rcav=False, random_concepts=1,
+                     **{k: v for k, v in FAST.items() if not k.startswith("rcav")})
 
 
 def test_every_long_stage_is_announced_before_its_work(tmp_path):

@@ -180,6 +180,9 @@ def _write_report_files(
     joint_classes = _check_int("joint_classes", opts["joint_classes"], 1)
     n_counterfactuals = _check_int("counterfactuals", opts["counterfactuals"], 0)
     n_random = _check_int("random_concepts", opts["random_concepts"], 0)
+    if n_random in (1, 2):
+        raise ValueError(f"random_concepts must be 0 (off) or at least 3 (a median of one or two draws is no "
+                         f"reference), got {n_random}")
     if opts["rcav_permutations"] is not None:
         _check_int("rcav_permutations", opts["rcav_permutations"], 1)
     rcav_batch = _check_int("rcav_batch", opts["rcav_batch"] or batch_size, 1)
@@ -331,13 +334,15 @@ def _write_report_files(
             f"concept is removed at {layer} from {sample_words} (as pc.rank_concepts(target='predicted') "
             f"measures it). Flips: predictions that change." + (
                 f" Reference: {len(reference.influence)} random concepts, each a random filter detected on as many "
-                f"patches as a concept of the basis, with the signal vector of those patches, removed the same way (scaled by "
-                f"{reference.strength:.3g} so that their median edit of a patch is as large as the concepts'): "
-                f"their influence has median {reference.median:.3f} (the red tick in each bar) and highest "
-                f"{reference.highest:.3f}. A concept no more influential than the median (grey bar) moves the "
-                f"predictions no more than a typical random edit of the layer of that size; the bar's tooltip "
-                f"says how many random concepts it exceeds. An unconfident or fragile model moves under any "
-                f"edit." if reference is not None else ""),
+                f"patches as a concept of the basis, with the signal vector of those patches, removed the same way "
+                f"(scaled by {reference.strength:.3g} so that their median edit of a patch is as large as the "
+                f"concepts'): their influence has median {reference.median:.3f} (the red tick in each bar; range "
+                f"{float(reference.influence.min()):.3f}-{reference.highest:.3f}). A concept no more influential than "
+                f"the median (grey bar) moves the predictions no more than a typical random edit of the layer of "
+                f"that size; the bar's tooltip says how many random concepts it exceeds. It is a rough reference: a "
+                f"few draws, and each random concept edits more or less than the median (influence grows with the "
+                f"edit), so another seed moves it, and the largest random influence most. An unconfident or fragile "
+                f"model moves under any edit." if reference is not None else ""),
             "Fires on: the share of the layer's patches where the detector fires (w.x > b on the raw activation); "
             "edits: the share its removal edits (its latent factor above its level where it is not detected), so "
             "much of its influence can come from patches where it is not detected.",
@@ -372,8 +377,8 @@ def _write_report_files(
         facts=[("model", model_name), ("layer", layer), ("grid", f"{m.grid[0]} x {m.grid[1]}"),
                ("input", f"{m.input_size[0]} x {m.input_size[1]}"), ("images", str(n_total)),
                ("concepts", str(k)), ("classes", str(c)),
-               *([("random concepts' influence", f"median {reference.median:.3f}, highest {reference.highest:.3f} "
-                                                 f"({len(reference.influence)})")] if reference is not None else []),
+               *([("random concepts' influence", f"median {reference.median:.3f} ({len(reference.influence)} draws)")]
+                 if reference is not None else []),
                *([("half with half", f"{float(basis.metadata['halves_mean_jaccard']):.2f} "
                                      f"({int(basis.metadata.get('halves_splits', 1))} random splits)")]
                  if halves is not None and basis.metadata.get("halves_mean_jaccard") is not None else [])],

@@ -141,8 +141,8 @@ class ReportView:
         """Where the concept's influence stands among the random concepts', in words."""
         n = len(self.random_influence or [])
         above = sum(1 for v in self.random_influence or [] if c.influence > v)
-        return (f"larger than {above} of the {n} random concepts' (median {self.random_median:.3f}, highest "
-                f"{max(self.random_influence):.3f})")
+        return (f"larger than {above} of the {n} random concepts' (median {self.random_median:.3f}, range "
+                f"{min(self.random_influence):.3f}-{max(self.random_influence):.3f})")
 
 
 CSS = """
