@@ -902,17 +902,27 @@ def _check_folder_classes(args, source, preds: torch.Tensor, n_outputs: int) -> 
     # above chance, some classes can still be named in the wrong order (three of seven swapped
     # leave 70% agreeing): the folder -> output assignment that the predictions fit best
     names = _output_class_names(args, source, n_outputs)
-    if names is None or n_outputs > 1000:
+    if names is None:
         return None
     confusion = torch.zeros(n_outputs, n_outputs, dtype=torch.long)
     inside = (folders >= 0) & (folders < n_outputs)
     confusion.index_put_((folders[inside], preds[inside]), torch.ones_like(preds[inside]), accumulate=True)
+    needed = max(8, 0.1 * n)  # (few images: the order cannot be judged)
+    # no assignment can beat every folder going to its most predicted output: when even that
+    # gains too little, the assignment is not needed (the usual case, a right order)
+    if int(confusion.max(dim=1).values.sum()) - matches < needed:
+        return None
+    # only folders with images and predicted outputs take part (the rest pair up at zero), so
+    # a model with many classes sampled on few images solves a small problem
+    folder_ids = torch.nonzero(confusion.sum(dim=1) > 0).flatten()
+    output_ids = torch.nonzero(confusion.sum(dim=0) > 0).flatten()
     from .metrics import linear_sum_assignment
 
-    rows, cols = linear_sum_assignment(-confusion.double().numpy())
-    best = int(confusion[torch.as_tensor(rows), torch.as_tensor(cols)].sum())
-    moved = [(int(f), int(o)) for f, o in zip(rows, cols) if f != o and confusion[f].sum() > 0]
-    if moved and best - matches >= max(8, 0.1 * n):  # (few images: the order cannot be judged)
+    sub_rows, sub_cols = linear_sum_assignment(-confusion[folder_ids][:, output_ids].double().numpy())
+    rows, cols = folder_ids[torch.as_tensor(sub_rows)], output_ids[torch.as_tensor(sub_cols)]
+    best = int(confusion[rows, cols].sum())
+    moved = [(int(f), int(o)) for f, o in zip(rows, cols) if f != o]
+    if moved and best - matches >= needed:
         pairs = "; ".join(f"the {names[f]!r} images are predicted as output {o} (now named {names[o]!r})"
                           for f, o in moved[:6]) + ("; ..." if len(moved) > 6 else "")
         message = (f"the model's predictions{named_by} match the class subfolders of --images on {100 * agree:.0f}% "

@@ -932,3 +932,27 @@ def test_the_preprocessing_of_extraction_is_recorded_and_reused(ws, capsys, tmp_
     rc, _, err = _run(capsys, "explain", tmp_path / "t.safetensors", *_model_args(ws), "--images", ws / "photos",
                       "--limit", 2)
     assert "is not run by default" in err, err
+
+
+def test_class_order_check_on_many_classes_pairs_only_the_sampled_ones(capsys):
+    # 1,500 outputs named by 1,500 folders, 300 images from 30 of them: folders 0-9 are
+    # predicted as the next folder's output (a rotation), the rest right
+    from types import SimpleNamespace
+
+    from pyconcepts.cli import _check_folder_classes
+
+    n_classes = 1500
+    names = [f"class{i:04d}" for i in range(n_classes)]
+    folders = torch.arange(30).repeat_interleave(10)
+    preds = torch.where(folders < 10, (folders + 1) % 10, folders)
+    args = SimpleNamespace(model="m.py:make", classes=None)
+    source = SimpleNamespace(labels=folders, class_names=names)
+    message = _check_folder_classes(args, source, preds, n_classes)
+    assert message is not None and "on 67% of the images, but on 100%" in message
+    assert "the 'class0000' images are predicted as output 1 (now named 'class0001')" in message
+    assert "class0015" not in message
+    # the right order: nothing to say (and no assignment is solved)
+    assert _check_folder_classes(args, source, folders.clone(), n_classes) is None
+    # a confusion one way only (folder 3's images read as 4, 4's read right): no reordering fits better
+    one_way = torch.where(folders == 3, torch.tensor(4), folders)
+    assert _check_folder_classes(args, source, one_way, n_classes) is None
