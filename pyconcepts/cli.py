@@ -646,9 +646,18 @@ def _warn(message: str) -> None:
     print(f"pyconcepts: warning: {message}", file=sys.stderr)
 
 
+_shown_warnings: set = set()
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """pyconcepts' own warnings as one line; others (the user's model, its libraries) with
-    their origin, as Python prints them."""
+    their origin, as Python prints them. Each text once per command: a warning raised per
+    batch (how the outputs are read) would otherwise repeat whenever a stage resets the
+    warning filters."""
+    key = (category, str(message))
+    if key in _shown_warnings:
+        return
+    _shown_warnings.add(key)
     package = os.path.dirname(os.path.abspath(__file__))
     if os.path.abspath(str(filename)).startswith(package + os.sep):
         _warn(str(message))
@@ -1545,6 +1554,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         with warnings.catch_warnings():
             # the library's warnings (UserWarning) as the command's own one-line warnings
             warnings.showwarning = _show_warning
+            _shown_warnings.clear()
             code = int(args.run(args) or 0)
         sys.stdout.flush()
         return code

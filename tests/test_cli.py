@@ -956,3 +956,25 @@ def test_class_order_check_on_many_classes_pairs_only_the_sampled_ones(capsys):
     # a confusion one way only (folder 3's images read as 4, 4's read right): no reordering fits better
     one_way = torch.where(folders == 3, torch.tensor(4), folders)
     assert _check_folder_classes(args, source, one_way, n_classes) is None
+
+
+def test_a_warning_raised_per_batch_is_printed_once(ws, capsys, tmp_path):
+    # a one-score sigmoid output is warned of on every batch and again in every stage of the
+    # report: the terminal shows it once
+    (tmp_path / "colour.py").write_text(COLOUR_MODEL_SRC + textwrap.dedent('''
+
+        class Sigmoid(ByColour):
+            def forward(self, x):
+                return super().forward(x)[:, :1].sigmoid()
+
+
+        def sigmoid():
+            return Sigmoid()
+    '''))
+    _photos(str(tmp_path / "photos"), per_class=6)
+    model = ["--model", f"{tmp_path / 'colour.py'}:sigmoid", "--allow-mismatch", "--batch-size", 2]
+    rc, _, err = _run(capsys, "report", ws / "basis.safetensors", *model, "--images", tmp_path / "photos",
+                      "--out", tmp_path / "rep", "--quiet", "--options", '{"rcav": false}')
+    assert rc == 0 and err.count("every one lies in [0, 1]") == 1
+    rc, _, err = _run(capsys, "explain", ws / "basis.safetensors", *model, "--images", tmp_path / "photos")
+    assert rc == 0 and err.count("every one lies in [0, 1]") == 1
