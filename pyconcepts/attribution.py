@@ -133,6 +133,9 @@ def _targets(target, n: int, device, n_classes: int) -> torch.Tensor:
     (negative indices count from the end, as in ``rank_concepts``)."""
     if isinstance(target, (bool, str)):
         raise TypeError(f"target must be a class index or one per image, got {target!r}")
+    if callable(target):
+        raise TypeError("a callable target needs method='gradient' (the linear method reads one class's "
+                        "weights from head)")
     if isinstance(target, int):
         t = torch.full((n,), target, dtype=torch.long, device=device)
     else:
@@ -166,7 +169,8 @@ def contribution_maps(
     clamp: Optional[bool] = None,
 ) -> torch.Tensor:
     """(B, K', h, w) contribution of each concept at each position to class ``target``'s
-    score (a logit). ``reference='removal'`` (default): how much removing the concept there, as
+    score (a logit; ``target`` is a class index, one per image, or with the gradient method a
+    callable ``f(logits (B, C)) -> (B,)`` such as a margin). ``reference='removal'`` (default): how much removing the concept there, as
     ``intervene(remove=...)`` does, lowers the score: the change that the removal makes to the
     activation (the concept's excess over its absent level along its signal vector,
     ``max(a_hat - l, 0) s``, through the ReLU that ``intervene`` applies on a non-negative
@@ -263,8 +267,14 @@ def _contributions_per_batch(model, basis, images, target, layer, head, method, 
 
             with autograd_on(model, "contribution_maps(method='gradient')"):
                 logits = read_scores(tap.forward_with(batch, replace), output, "auto")
-                cls = _targets(target, b, logits.device, logits.shape[1])
-                logits.gather(1, cls[:, None]).sum().backward()
+                if callable(target):
+                    score = target(logits)
+                    if not isinstance(score, torch.Tensor) or score.shape != (b,):
+                        raise ValueError(f"target must give one score per image ({b}), got "
+                                         f"{tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__}")
+                else:
+                    score = logits.gather(1, _targets(target, b, logits.device, logits.shape[1])[:, None])
+                score.sum().backward()
             leaf = captured["leaf"]
             rows = tap.to_rows(leaf.detach())
             grads = tap.to_rows(leaf.grad)

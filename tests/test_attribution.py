@@ -253,6 +253,21 @@ def test_contribution_maps_check_the_target_class():
             attr.contribution_maps(model, basis, images, target)
 
 
+def test_a_callable_target_is_differentiated_with_the_gradient_method():
+    # the margin of class 1 over class 0 is linear in the logits: its contributions are
+    # class 1's minus class 0's
+    model = SmallCNN().eval()
+    images = torch.rand(3, 3, 8, 8)
+    basis = basis_for(model, "features.3", images)
+    margin = attr.contribution_totals(model, basis, images, lambda z: z[:, 1] - z[:, 0])
+    one, zero = (attr.contribution_totals(model, basis, images, c) for c in (1, 0))
+    assert torch.allclose(margin, one - zero, atol=1e-5) and margin.abs().max() > 1e-4
+    with pytest.raises(TypeError, match="method='gradient'"):
+        attr.contribution_maps(model, basis, images, lambda z: z[:, 1], head=model.fc)
+    with pytest.raises(ValueError, match="one score per image"):
+        attr.contribution_totals(model, basis, images, lambda z: z)
+
+
 def test_rcav_null_of_random_concepts_gives_a_planted_influence_the_smallest_p():
     # s[0] lies along class 0's weight: adding it raises class 0 on every image. Random
     # concepts of the same size do so on about half, so with 19 draws p is 1/20 (the former
