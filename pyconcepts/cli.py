@@ -1010,15 +1010,24 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_extract(args) -> int:
-    from .demo.model import DEMO_MODEL_ID
-    from .extraction import DEFAULTS, extract
-    from .images import BatchStream
+    from .extraction import DEFAULTS
 
-    _check_out_file(args.out)
+    ks = sorted(set(args.concepts))
+    sweep = len(ks) > 1
+    if sweep and "{k}" not in args.out:
+        raise UserError(f"several -k values ({', '.join(map(str, ks))}) write one basis each: --out must contain "
+                        "{k}, e.g. --out basis-k{k}.safetensors")
+    outs = {k: args.out.replace("{k}", str(k)) for k in ks}
+    for path in outs.values():
+        _check_out_file(path)
     options = _parse_options(args.options, DEFAULTS)
     rank, world = _distributed()
     if args.stability and world > 1:
         raise UserError("--stability runs in one process: run it without torchrun")
+    if sweep and world > 1:
+        raise UserError("several -k values are compared by the split-half check, which runs in one process: "
+                        "run it without torchrun")
+    splits = args.stability or (3 if sweep else None)
     model, layer = _model_setup(args)
     source = _open_source(args, model, default_count=600)
     total = len(source)
@@ -1033,19 +1042,49 @@ def _cmd_extract(args) -> int:
     probe = _Probe(model, layer, source, output, args.skip_tokens or 0, needs_scores=refine and ura,
                    why_scores="--refine reads the class scores for URA; --no-ura refines without them")
     # a token layer that is no square grid: pc.extract warns (the warning shows as ours)
-    if args.stability and total < 2:
-        raise UserError(f"--stability splits the images into halves: --images has {total} image(s)")
-    if args.concepts > total * probe.positions:  # all ranks' images together
-        raise UserError(f"-k {args.concepts} exceeds the {total * probe.positions} patches of "
-                        f"{total} image(s) at {layer!r}")
-    if args.concepts > probe.width:
-        _warn(f"-k {args.concepts} exceeds the {probe.width} channels of {layer!r}: the concepts' directions "
+    if splits and total < 2:
+        raise UserError(f"{'--stability' if args.stability else 'several -k values'} split the images into "
+                        f"halves: --images has {total} image(s)")
+    for k in ks:
+        if k > total * probe.positions:  # all ranks' images together
+            raise UserError(f"-k {k} exceeds the {total * probe.positions} patches of {total} image(s) at {layer!r}")
+    if ks[-1] > probe.width:
+        _warn(f"-k {ks[-1]} exceeds the {probe.width} channels of {layer!r}: the concepts' directions "
               "cannot all be independent, and many will overlap")
     batch_size = args.batch_size or int(options.get("batch_size", DEFAULTS["batch_size"]))
+    rows = []
+    for k in ks:
+        if sweep and not args.quiet:
+            print(f"K = {k}:", file=sys.stderr)
+        started = time.perf_counter()
+        basis = _extract_basis(args, k, model, layer, source, probe, options, output, refine, ura, batch_size,
+                               rank, world, total)
+        check = _split_half_check(args, model, basis, source, batch_size, splits) if splits else None
+        if rank == 0:
+            basis.save(outs[k])
+            print(f"wrote {basis} from {total} images ({probe.width} channels at {layer}) to {outs[k]}")
+        rows.append((k, check, time.perf_counter() - started))
+    if sweep:
+        _print_sweep(rows, outs)
+    if world > 1:  # leave together: a rank tearing gloo down while another still talks aborts
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def _extract_basis(args, k, model, layer, source, probe, options, output, refine, ura, batch_size, rank, world,
+                   total):
+    """``pc.extract`` of K concepts as the command line sets it up, with the metadata it records."""
+    from .demo.model import DEMO_MODEL_ID
+    from .extraction import extract
+    from .images import BatchStream
+
     bar = ProgressBar(enabled=not args.quiet and rank == 0)
     try:
         basis = call_with_output(
-            extract, model, layer, BatchStream(source, batch_size), args.concepts, seed=args.seed,
+            extract, model, layer, BatchStream(source, batch_size), k, seed=args.seed,
             refine=refine, ura=ura, options=options or None,
             progress=bar,
             model_id=args.model or DEMO_MODEL_ID, skip_tokens=args.skip_tokens or 0,
@@ -1062,31 +1101,46 @@ def _cmd_extract(args) -> int:
                            "weights": os.path.abspath(args.weights) if args.weights else None,
                            "output": output if not callable(output) else None,
                            "input_shape": list(probe.input_shape), "preprocess": _preprocess_record(args)})
-    if args.stability:
-        from .stability import LOW_HALVES_JACCARD, VANISHED_JACCARD, concept_stability
+    return basis
 
-        bar = ProgressBar(enabled=not args.quiet)
-        try:
-            check = concept_stability(model, basis, BatchStream(source, batch_size), splits=args.stability,
-                                      seed=args.seed, progress=bar)
-        finally:
-            bar.close()
-        check.record(basis)
-        low = check.unstable()
-        splits = f"{args.stability} random split" + ("s" if args.stability > 1 else "")
-        print(f"split-half check ({splits}): the halves' concepts overlap each other at Jaccard "
-              f"{check.half_with_half:.2f} on average; {len(low)} of {basis.n_concepts} concepts come back below "
-              f"{LOW_HALVES_JACCARD:g} on average, or below {VANISHED_JACCARD:g} in some half"
-              + (f": {', '.join(map(str, low))}" if low else ""))
-    if rank == 0:
-        basis.save(args.out)
-        print(f"wrote {basis} from {total} images ({probe.width} channels at {layer}) to {args.out}")
-    if world > 1:  # leave together: a rank tearing gloo down while another still talks aborts
-        import torch.distributed as dist
 
-        dist.barrier()
-        dist.destroy_process_group()
-    return 0
+def _split_half_check(args, model, basis, source, batch_size, splits):
+    """``pc.concept_stability`` of the basis on the command's images, recorded in the basis
+    and summarised in one line."""
+    from .images import BatchStream
+    from .stability import LOW_HALVES_JACCARD, VANISHED_JACCARD, concept_stability
+
+    bar = ProgressBar(enabled=not args.quiet)
+    try:
+        check = concept_stability(model, basis, BatchStream(source, batch_size), splits=splits,
+                                  seed=args.seed, progress=bar)
+    finally:
+        bar.close()
+    check.record(basis)
+    low = check.unstable()
+    told = f"{splits} random split" + ("s" if splits > 1 else "")
+    print(f"split-half check ({told}): the halves' concepts overlap each other at Jaccard "
+          f"{check.half_with_half:.2f} on average; {len(low)} of {basis.n_concepts} concepts come back below "
+          f"{LOW_HALVES_JACCARD:g} on average, or below {VANISHED_JACCARD:g} in some half"
+          + (f": {', '.join(map(str, low))}" if low else ""))
+    return check
+
+
+def _print_sweep(rows, outs) -> None:
+    """The table of a -k sweep, and the largest K whose halves agree at STABLE_HALF_WITH_HALF."""
+    from .stability import STABLE_HALF_WITH_HALF
+
+    print("\nconcepts that other images give back, per K (split-half check):")
+    print(f"  {'K':>4}  {'halves agree':>12}  {'unstable':>9}  {'seconds':>7}  basis")
+    for k, check, seconds in rows:
+        low = len(check.unstable())
+        print(f"  {k:>4}  {check.half_with_half:>12.2f}  {f'{low} of {k}':>9}  {seconds:>7.1f}  {outs[k]}")
+    good = [k for k, check, _ in rows if check.half_with_half >= STABLE_HALF_WITH_HALF]
+    if good:
+        print(f"the largest K whose halves agree at Jaccard >= {STABLE_HALF_WITH_HALF:g}: {good[-1]} ({outs[good[-1]]})")
+    else:
+        print(f"no K here has halves that agree at Jaccard >= {STABLE_HALF_WITH_HALF:g}: try fewer concepts or "
+              "more images")
 
 
 def _print_summary(basis) -> None:
@@ -1473,8 +1527,11 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(p)
     image_options(p, 600)
     p.add_argument("--layer", help="the layer's name in model.named_modules() (required with --model)")
-    p.add_argument("-k", "--concepts", type=_positive_int, default=12, help="number of concepts (default 12)")
-    p.add_argument("--out", required=True, help="the basis file to write (.safetensors); its folder must exist")
+    p.add_argument("-k", "--concepts", type=_positive_int, nargs="+", default=[12], metavar="K",
+                   help="number of concepts (default 12); several values (-k 8 12 16) extract one basis each, "
+                        "run the split-half check on each and print which K other images give back")
+    p.add_argument("--out", required=True, help="the basis file to write (.safetensors; with several -k values "
+                                                 "a name containing {k}); its folder must exist")
     p.add_argument("--options", help="JSON object overriding pyconcepts.extraction.DEFAULTS")
     p.add_argument("--skip-tokens", type=int, default=0,
                    help="leading tokens (class, registers) of a token layer that are not patches")

@@ -32,7 +32,7 @@ from .metrics import linear_sum_assignment
 from .stats import DEFAULT_CHUNK_SIZE, iter_chunks
 
 __all__ = ["compare_bases", "concept_stability", "BasisComparison", "ConceptStability", "LOW_HALVES_JACCARD",
-           "VANISHED_JACCARD"]
+           "VANISHED_JACCARD", "STABLE_HALF_WITH_HALF"]
 
 # a concept whose partners in the halves overlap it less than this on average (Jaccard of the
 # detection sets), or less than VANISHED_JACCARD in any one half, is marked as one that other
@@ -40,6 +40,10 @@ __all__ = ["compare_bases", "concept_stability", "BasisComparison", "ConceptStab
 # into another)
 LOW_HALVES_JACCARD = 0.5
 VANISHED_JACCARD = 0.2
+# two halves' bases whose concepts overlap at this mean matched Jaccard or more give most
+# concepts back (the level benchmarks.real_network aims at); extract -k with several values
+# points to the largest K that reaches it
+STABLE_HALF_WITH_HALF = 0.7
 
 
 @dataclass

@@ -161,6 +161,35 @@ def test_extract_with_stability_records_the_split_half_check(ws, capsys, tmp_pat
     assert rc == 2 and "--images has 1 image(s)" in err and not (tmp_path / "one.safetensors").exists()
 
 
+def test_extract_with_several_k_compares_them_by_the_split_half_check(ws, capsys, tmp_path):
+    from pyconcepts.stability import STABLE_HALF_WITH_HALF
+
+    common = ["extract", *_model_args(ws), "--images", ws / "photos", "--layer", "features.3", "--options", FAST,
+              "--quiet", "--stability", "1"]
+    rc, _, err = _run(capsys, *common, "-k", "2", "3", "--out", tmp_path / "basis.safetensors")
+    assert rc == 2 and "--out must contain {k}" in err and not list(tmp_path.iterdir())
+    rc, printed, err = _run(capsys, *common, "-k", "3", "2", "3", "--out", tmp_path / "b-k{k}.safetensors")
+    assert rc == 0, err
+    agree = {}
+    for k in (2, 3):
+        basis = ConceptBasis.load(tmp_path / f"b-k{k}.safetensors")
+        assert basis.n_concepts == k and basis.metadata["halves_splits"] == 1
+        agree[k] = basis.metadata["halves_mean_jaccard"]
+    table = printed.split("per K (split-half check):")[1].splitlines()
+    assert [line.split()[0] for line in table[2:4]] == ["2", "3"]           # ascending, each K once
+    for line, k in zip(table[2:4], (2, 3)):
+        assert float(line.split()[1]) == pytest.approx(agree[k], abs=0.006)
+        assert line.rstrip().endswith(f"b-k{k}.safetensors")
+    good = [k for k in (2, 3) if agree[k] >= STABLE_HALF_WITH_HALF]
+    if good:
+        assert f"the largest K whose halves agree at Jaccard >= 0.7: {good[-1]} " in printed
+    else:
+        assert "no K here has halves that agree" in printed
+    # one K: {k} in the name is filled in
+    rc, _, err = _run(capsys, *common, "-k", "2", "--out", tmp_path / "one-k{k}.safetensors")
+    assert rc == 0 and (tmp_path / "one-k2.safetensors").exists() and "per K" not in err
+
+
 def test_explain_speaks_file_and_class_names(ws, capsys):
     rc, out, err = _run(capsys, "explain", ws / "basis.safetensors", *_model_args(ws), "--images", ws / "photos")
     assert rc == 0, err
