@@ -1130,11 +1130,15 @@ def _print_sweep(rows, outs) -> None:
     """The table of a -k sweep, and the largest K whose halves agree at STABLE_HALF_WITH_HALF."""
     from .stability import STABLE_HALF_WITH_HALF
 
-    print("\nconcepts that other images give back, per K (split-half check):")
-    print(f"  {'K':>4}  {'halves agree':>12}  {'unstable':>9}  {'seconds':>7}  basis")
+    print("\nconcepts that other images give back, per K (split-half check; halves agree: the mean over the "
+          "splits, and their range):")
+    print(f"  {'K':>4}  {'halves agree':>18}  {'unstable':>9}  {'seconds':>7}  basis")
     for k, check, seconds in rows:
         low = len(check.unstable())
-        print(f"  {k:>4}  {check.half_with_half:>12.2f}  {f'{low} of {k}':>9}  {seconds:>7.1f}  {outs[k]}")
+        per_split = [c.mean_jaccard for c in check.between_halves]
+        spread = f" ({min(per_split):.2f}-{max(per_split):.2f})" if len(per_split) > 1 else ""
+        print(f"  {k:>4}  {f'{check.half_with_half:.2f}{spread}':>18}  {f'{low} of {k}':>9}  {seconds:>7.1f}  "
+              f"{outs[k]}")
     good = [k for k, check, _ in rows if check.half_with_half >= STABLE_HALF_WITH_HALF]
     if good:
         print(f"the largest K whose halves agree at Jaccard >= {STABLE_HALF_WITH_HALF:g}: {good[-1]} ({outs[good[-1]]})")
