@@ -175,7 +175,7 @@ def test_extract_with_several_k_compares_them_by_the_split_half_check(ws, capsys
         basis = ConceptBasis.load(tmp_path / f"b-k{k}.safetensors")
         assert basis.n_concepts == k and basis.metadata["halves_splits"] == 1
         agree[k] = basis.metadata["halves_mean_jaccard"]
-    table = printed.split("per K (split-half check):")[1].splitlines()
+    table = printed.split("per K (split-half check")[1].splitlines()
     assert [line.split()[0] for line in table[2:4]] == ["2", "3"]           # ascending, each K once
     for line, k in zip(table[2:4], (2, 3)):
         assert float(line.split()[1]) == pytest.approx(agree[k], abs=0.006)
