@@ -227,6 +227,14 @@ class ConceptBasis:
         tensors = {name: getattr(self, name).detach().cpu().contiguous().clone() for name in _TENSOR_NAMES}
         if self.absent_level is not None:
             tensors["absent_level"] = self.absent_level.detach().cpu().contiguous().clone()
+        # the attributes can be changed after construction: check them as load will, so a file
+        # that load refuses is never written
+        try:
+            type(self)(tensors["decoding"], tensors["bias"], tensors["encoding"], tensors["mean"],
+                       layer=self.layer, model_id=self.model_id, metadata=self.metadata,
+                       absent_level=tensors.get("absent_level"))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"cannot save the ConceptBasis to {path!r}: {exc}") from None
         header = {
             "format": FORMAT_NAME,
             "format_version": str(FORMAT_VERSION),
@@ -248,6 +256,7 @@ class ConceptBasis:
         try:
             save_file(tensors, tmp, metadata=header)
             os.chmod(tmp, 0o666 & ~_umask())  # safetensors itself creates files 0600
+            _flush_to_disk(tmp)  # the rename must not reach the disk before the contents
             os.replace(tmp, path)
         except BaseException as exc:
             if os.path.exists(tmp):
@@ -317,6 +326,26 @@ class ConceptBasis:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path!r} holds an inconsistent ConceptBasis: {exc}") from None
         return basis.to(device) if torch.device(device).type != "cpu" else basis
+
+
+def is_basis_file(path: Union[str, os.PathLike]) -> bool:
+    """Whether ``path`` is a safetensors file with the ConceptBasis format marker (its header
+    only is read; the tensors are not checked)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as handle:
+            return (handle.metadata() or {}).get("format") == FORMAT_NAME
+    except Exception:  # not safetensors, unreadable or truncated
+        return False
+
+
+def _flush_to_disk(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def concept_index(i, k: int, name: str) -> int:

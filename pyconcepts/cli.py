@@ -677,6 +677,14 @@ def _check_out_file(path: str, flag: str = "--out", example: str = "basis.safete
         raise UserError(f"{flag} {path!r}: the folder {folder!r} does not exist")
     if not os.access(folder, os.W_OK):
         raise UserError(f"{flag} {path!r}: the folder {folder!r} is not writable")
+    if flag == "--out" and os.path.exists(path):
+        from .basis import is_basis_file
+
+        # a basis is replaced (a re-run); anything else may be the user's own file (the weights,
+        # the model's source, the images)
+        if not is_basis_file(path):
+            raise UserError(f"--out {path!r} exists and is not a pyconcepts basis: extract replaces only basis "
+                            "files; give another name, or delete it first")
     if flag == "--out" and not path.endswith(".safetensors"):
         _warn(f"--out {path!r} will be a safetensors file (pc.ConceptBasis.load reads it), whatever its name says")
 

@@ -57,6 +57,22 @@ def test_save_load_round_trip(tmp_path):
     assert not torch.equal(ConceptBasis.load(str(path)).decoding, b.decoding)
 
 
+def test_save_refuses_a_basis_that_load_would_refuse(tmp_path):
+    # the attributes can be changed after construction: save checks them as load does, and
+    # writes nothing (an older file at the path stays)
+    path = tmp_path / "basis.safetensors"
+    _basis(seed=1).save(path)
+    before = path.read_bytes()
+    for spoil, message in ((lambda b: b.bias.__setitem__(2, float("nan")), "NaN or Inf"),
+                           (lambda b: setattr(b, "decoding", b.decoding[:, :4]), r"shape \(3, 4\)"),
+                           (lambda b: b.decoding.__setitem__(1, 0.0), "must be > 0")):
+        b = _basis()
+        spoil(b)
+        with pytest.raises(ValueError, match=message):
+            b.save(path)
+        assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["basis.safetensors"]
+
+
 def test_load_rejects_corrupt_and_foreign_files(tmp_path):
     from safetensors.torch import save_file
 

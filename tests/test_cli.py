@@ -144,6 +144,27 @@ def test_extract_warns_of_an_out_name_and_a_k_that_mislead(ws, capsys, tmp_path)
     assert ConceptBasis.load(tmp_path / "basis.pt").n_concepts == 10
 
 
+def test_extract_replaces_a_basis_but_no_other_file(ws, capsys, tmp_path):
+    import shutil
+
+    shutil.copy(ws / "w.safetensors", tmp_path / "w.safetensors")
+    (tmp_path / "notes.txt").write_text("mine")
+    common = ["extract", "--model", f"{ws / 'model.py'}:make", "--weights", tmp_path / "w.safetensors",
+              "--images", ws / "photos", "--layer", "features.3", "-k", "2", "--options", FAST, "--quiet"]
+    weights = (tmp_path / "w.safetensors").read_bytes()
+    for mine in ("w.safetensors", "notes.txt"):   # its own weights, any file that is no basis
+        before = (tmp_path / mine).read_bytes()
+        rc, _, err = _run(capsys, *common, "--out", tmp_path / mine)
+        assert rc == 2 and "exists and is not a pyconcepts basis" in err
+        assert (tmp_path / mine).read_bytes() == before
+    # a basis is replaced: a re-run with other settings
+    rc, _, err = _run(capsys, *common, "--out", tmp_path / "b.safetensors")
+    assert rc == 0, err
+    rc, _, err = _run(capsys, *common[:-5], "-k", "3", "--options", FAST, "--quiet", "--out", tmp_path / "b.safetensors")
+    assert rc == 0 and ConceptBasis.load(tmp_path / "b.safetensors").n_concepts == 3
+    assert (tmp_path / "w.safetensors").read_bytes() == weights
+
+
 def test_extract_with_stability_records_the_split_half_check(ws, capsys, tmp_path):
     out = tmp_path / "checked.safetensors"
     rc, printed, _ = _run(capsys, "extract", *_model_args(ws), "--images", ws / "photos", "--layer", "features.3",

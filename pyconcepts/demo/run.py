@@ -456,6 +456,8 @@ def write_json(res: Dict[str, object], path: str) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(res, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())  # the rename must not reach the disk before the contents
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
