@@ -226,10 +226,18 @@ def _normalise_amplify(basis, amplify) -> Dict[int, float]:
             for i, c in dict(amplify or {}).items()}
 
 
-def _check_not_both(removed: Sequence[int], amplified: Mapping[int, float]) -> None:
-    both = sorted(set(removed) & set(amplified))
-    if both:
-        raise ValueError(f"concept {both[0]} is both removed and amplified: give it to one of remove=, amplify=")
+def _check_one_edit_each(removed: Sequence[int], amplified: Mapping[int, float], set_: Mapping[int, float],
+                         scaled: Mapping[int, float], remove_name: str = "remove") -> None:
+    """One edit per concept: two on the same concept would be applied one after the other
+    (set and scale first, then removals and amplifications), so the result would be
+    neither."""
+    edits = ((remove_name, removed), ("amplify", amplified), ("set", set_), ("scale", scaled))
+    for a in range(len(edits)):
+        for b in range(a + 1, len(edits)):
+            both = sorted(set(edits[a][1]) & set(edits[b][1]))
+            if both:
+                raise ValueError(f"concept {both[0]} is given to both {edits[a][0]}= and {edits[b][0]}=: "
+                                 "give each concept one edit")
 
 
 def _normalise_edits(basis, set, scale, remove, remove_name: str = "remove"):
@@ -294,7 +302,7 @@ def intervene(
     amplify_ = _normalise_amplify(basis, amplify)
     if not (set_ or scale_ or remove_ or amplify_):
         raise ValueError("nothing to change: give remove=, set=, scale= or amplify=")
-    _check_not_both(remove_, amplify_)
+    _check_one_edit_each(remove_, amplify_, set_, scale_)
     tap = LayerTap(model, _layer_name(basis, layer), skip_tokens=skip_tokens_to_apply(basis, skip_tokens))
     handle = tap.module.register_forward_hook(
         _EditHook(tap, basis, set_, scale_, remove_, strength, direction, recorded_clamp(basis, clamp),
@@ -517,7 +525,7 @@ def counterfactual(
     amplify_ = _normalise_amplify(basis, amplify)
     if not (set_ or scale_ or remove_ or amplify_):
         raise ValueError("nothing to change: give concepts to remove, or set=, scale= or amplify= edits")
-    _check_not_both(remove_, amplify_)
+    _check_one_edit_each(remove_, amplify_, set_, scale_, "concepts")
     _check_direction_membership(direction, membership)
     tap = LayerTap(model, _layer_name(basis, layer), skip_tokens=skip_tokens_to_apply(basis, skip_tokens))
     # the hook intervene installs, built once: the layer and skip_tokens were checked (and

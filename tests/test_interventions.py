@@ -517,8 +517,16 @@ def test_bad_images_concepts_and_empty_edits_are_named():
     with pytest.raises(ValueError, match="nothing to change"):
         with pc.intervene(model, basis):
             pass
-    with pytest.raises(ValueError, match="concept 1 is both removed and amplified"):
+    with pytest.raises(ValueError, match="concept 1 is given to both concepts= and amplify="):
         pc.counterfactual(model, basis, images, [1], amplify={1: 2.0})
+    # two edits of one concept would be made one after the other, giving neither
+    for edits, names in ((dict(remove=[1], set={1: 1.0}), "remove= and set="),
+                         (dict(amplify={0: 2.0}, set={0: 1.0}), "amplify= and set="),
+                         (dict(set={1: 0.0}, scale={1: 2.0}), "set= and scale="),
+                         (dict(remove=[-1], scale={basis.n_concepts - 1: 2.0}), "remove= and scale=")):
+        with pytest.raises(ValueError, match=f"concept . is given to both {names}"):
+            with pc.intervene(model, basis, **edits):
+                pass
     with pytest.raises(TypeError, match="amplify must map concept indices to factors"):
         with pc.intervene(model, basis, amplify=[1]):
             pass
