@@ -325,6 +325,10 @@ class ConceptBasis:
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path!r} holds an inconsistent ConceptBasis: {exc}") from None
+        if basis.absent_level is None and str(metadata.get("method") or "").startswith("pyconcepts.extract"):
+            warnings.warn(f"{path!r} was extracted by pyconcepts but records no absent levels (an older version "
+                          "wrote it, or it was edited): removals lower its concepts to the layer's mean instead of "
+                          "their level where they are not detected; extract it again for the levels", stacklevel=2)
         return basis.to(device) if torch.device(device).type != "cpu" else basis
 
 

@@ -843,7 +843,7 @@ def _output_class_names(args, source, n_outputs: int) -> Optional[List[str]]:
             text = args.classes
         else:
             try:
-                with open(args.classes, encoding="utf-8") as handle:
+                with open(args.classes, encoding="utf-8-sig") as handle:  # (a byte-order mark is no name)
                     text = handle.read()
             except OSError as exc:
                 raise UserError(f"--classes: cannot read {args.classes!r}: {exc.strerror}") from exc
@@ -854,6 +854,9 @@ def _output_class_names(args, source, n_outputs: int) -> Optional[List[str]]:
             raise UserError(f"--classes: {args.classes!r} is not a JSON list: {exc.msg}") from exc
         if len(names) != n_outputs:
             raise UserError(f"--classes names {len(names)} classes but the model has {n_outputs} outputs")
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise UserError(f"--classes names {twice[0]!r} more than once: each output needs its own name")
     elif args.model is None:
         from .datasets.shapes import CLASSES
 

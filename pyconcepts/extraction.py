@@ -333,6 +333,9 @@ def extract(
     """
     if isinstance(n_concepts, bool) or not isinstance(n_concepts, int) or n_concepts < 1:
         raise ValueError(f"n_concepts must be a positive int, got {n_concepts!r}")
+    if n_concepts == 1:
+        warnings.warn("n_concepts=1: the one concept's cluster holds every patch, so its detector fires nearly "
+                      "everywhere and detects nothing in particular; extract 2 or more", stacklevel=2)
     opts = dict(DEFAULTS)
     unknown = set(options or {}) - set(opts)
     if unknown:

@@ -154,3 +154,18 @@ def test_constructor_validates_shapes():
         ConceptBasis(w, torch.zeros(3), s, torch.zeros(4))
     with pytest.raises(ValueError, match="last dimension"):
         ConceptBasis(w, torch.zeros(3), w, torch.zeros(4)).detect(torch.zeros(2, 5))
+
+
+def test_an_extracted_basis_without_absent_levels_is_warned_of_on_load(tmp_path):
+    import warnings
+
+    meta = {"method": "pyconcepts.extract: spherical k-means"}
+    _basis(metadata=meta).save(tmp_path / "old.safetensors")
+    with pytest.warns(UserWarning, match="records no absent levels"):
+        ConceptBasis.load(tmp_path / "old.safetensors")
+    _basis(metadata=meta, absent_level=torch.zeros(3)).save(tmp_path / "new.safetensors")
+    _basis().save(tmp_path / "own.safetensors")  # built by hand: the mean is its level
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ConceptBasis.load(tmp_path / "new.safetensors")
+        ConceptBasis.load(tmp_path / "own.safetensors")

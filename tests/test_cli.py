@@ -491,6 +491,24 @@ def test_report_calls_write_report_with_the_model_output_classes(ws, capsys, mon
     assert "index.html" in out
 
 
+def test_classes_file_with_a_byte_order_mark_or_a_name_twice(ws, capsys, tmp_path):
+    # a file saved by an editor that writes a byte-order mark: the first name is still "cat"
+    # (the folder check matches it: the names given in the folders' order are right)
+    from types import SimpleNamespace
+
+    from pyconcepts.cli import _output_class_names
+
+    (tmp_path / "bom.txt").write_bytes("\ufeffcat\ndog\n".encode("utf-8"))
+    args = SimpleNamespace(classes=str(tmp_path / "bom.txt"), model="model.py:make")
+    assert _output_class_names(args, SimpleNamespace(class_names=["cat", "dog"]), 2) == ["cat", "dog"]
+    common = ["explain", ws / "basis.safetensors", *_model_args(ws), "--images", ws / "photos", "--limit", 2]
+    rc, out, err = _run(capsys, *common, "--classes", tmp_path / "bom.txt")
+    assert rc == 0 and "\ufeff" not in out + err
+    (tmp_path / "twice.txt").write_text("cat\ncat\n")
+    rc, _, err = _run(capsys, *common, "--classes", tmp_path / "twice.txt")
+    assert rc == 2 and "--classes names 'cat' more than once" in err
+
+
 def test_report_out_is_checked_before_any_work(ws, capsys, tmp_path):
     theirs = tmp_path / "theirs"
     theirs.mkdir()

@@ -65,6 +65,8 @@ def test_bad_input_is_named():
         pc.extract(model, "features.3", torch.rand(4, 1, 8, 8), 2)
     with pytest.raises(ValueError, match="n_concepts"):
         pc.extract(model, "features.3", images(), 0)
+    with pytest.warns(UserWarning, match="n_concepts=1: the one concept's cluster holds every patch"):
+        pc.extract(model, "features.3", images(), 1, options={"n_init": 1})
     with pytest.raises(ValueError, match="unknown option"):
         pc.extract(model, "features.3", images(), 2, options={"nonsense": 1})
     for name, value, said in (("refine_steps", -5, ">= 0"), ("n_init", 0, ">= 1"), ("batch_size", 2.5, ">= 1"),

@@ -274,6 +274,8 @@ def test_output_selector_and_bad_input(tmp_path):
         write_report(tmp_path / "d", _basis(), plain, "act", src, top=0)
     with pytest.raises(TypeError, match="unknown option"):
         write_report(tmp_path / "d", _basis(), plain, "act", src, colour="red")
+    with pytest.raises(TypeError, match="rcav must be true or false, got 'false'"):  # JSON's "false", quoted
+        write_report(tmp_path / "d", _basis(), plain, "act", src, rcav="false")
     with pytest.raises(ValueError, match="does not exist"):
         write_report(tmp_path / "d", _basis(), plain, "nope", src)
     with pytest.raises(ValueError, match="channels"):

@@ -170,6 +170,8 @@ def _write_report_files(
         raise ValueError("layer is needed: the basis does not record the layer it was extracted at")
     resolve_layer(model, layer)  # a clear error naming the model's layers
     _check_source(source)
+    if not isinstance(rcav, bool):  # a JSON string "false" would read as true
+        raise TypeError(f"rcav must be true or false, got {rcav!r}")
     batch_size = _check_int("batch_size", batch_size, 1)
     top = _check_int("top", top, 1)
     maps = _check_int("maps", maps, 0)
