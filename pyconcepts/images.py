@@ -496,9 +496,8 @@ def _scan_folder(root: str, preprocess: Preprocess):
             keep.append(d)
         dirnames[:] = keep
         for f in sorted(filenames):
-            # regular files only (a named pipe would block the read)
-            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS) \
-                    and os.path.isfile(os.path.join(dirpath, f)):
+            # (entries that are no regular file are skipped, and counted, by _scan_files)
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
                 paths.append(os.path.relpath(os.path.join(dirpath, f), root))
     if repeated:
         warnings.warn(f"{len(repeated)} folder link(s) in {root!r} lead to a folder already read and were not "
@@ -516,8 +515,13 @@ def _scan_files(root: str, paths: List[str], preprocess: Preprocess):
 
     entries, skipped = [], []
     for rel in paths:
+        full = os.path.join(root, rel)
+        if not os.path.isfile(full):  # regular files only: a named pipe or a device would block the read
+            skipped.append((rel, "a link to nothing" if os.path.islink(full) and not os.path.exists(full)
+                            else "not a regular file"))
+            continue
         try:
-            with Image.open(os.path.join(root, rel)) as picture:
+            with Image.open(full) as picture:
                 size = picture.size
         except Image.DecompressionBombError:
             skipped.append((rel, f"more pixels than Pillow's limit of {Image.MAX_IMAGE_PIXELS} "

@@ -118,9 +118,13 @@ def test_folder_links_are_read_once_and_pipes_and_bombs_are_skipped(tmp_path):
     os.symlink("..", root / "a" / "up")                  # a loop
     os.symlink(root / "a", root / "b" / "also_a")        # a second way to folder a
     os.mkfifo(root / "a" / "pipe.png")                   # would block a read
+    os.symlink(root / "gone.png", root / "b" / "dangling.png")
     with pytest.warns(UserWarning, match="2 folder link"):
         src = FolderImages(root)
     assert src.names == [os.path.join("a", "0.png"), os.path.join("b", "1.png")]
+    # skipped and counted, not dropped in silence
+    assert sorted(src.skipped) == [(os.path.join("a", "pipe.png"), "not a regular file"),
+                                   (os.path.join("b", "dangling.png"), "a link to nothing")]
     # a picture over Pillow's pixel limit is skipped and named, not a run-ending error
     big = tmp_path / "big"
     _write(str(big / "small.png"), _pixels(2))
