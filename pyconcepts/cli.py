@@ -1260,7 +1260,7 @@ def _check_concepts(indices: Sequence[int], k: int, option: str) -> List[int]:
     for i in indices:
         if not 0 <= i < k:
             raise UserError(f"{option} {i}: the basis has {k} concepts, numbered 0 to {k - 1}")
-    return list(indices)
+    return list(dict.fromkeys(indices))  # each once, in the order given
 
 
 def _cmd_explain(args) -> int:

@@ -269,7 +269,7 @@ def test_intervene_reports_probability_and_logit_changes(ws, capsys):
     # amplify: the edit pc.counterfactual makes, jointly with a removal
     basis = ConceptBasis.load(ws / "basis.safetensors")
     rc, amp, err = _run(capsys, "intervene", ws / "basis.safetensors", *_model_args(ws), "--images", ws / "photos",
-                        "--remove", 1, "--amplify", "0=3", "2=0.5")
+                        "--remove", 1, 1, "--amplify", "0=3", "2=0.5")   # (a concept named twice: once)
     assert rc == 0, err
     assert amp.splitlines()[0].startswith(
         "removed concept(s) 1 (strength 1) and amplified concept 0 x3, concept 2 x0.5")
