@@ -358,8 +358,11 @@ def concept_stability(
             name = f"split {split + 1}, half {'AB'[h]}" if splits > 1 else f"half {'AB'[h]}"
             step = None if progress is None else (lambda stage, done, total, name=name:
                                                   progress(f"{name}: {stage}", done, total))
-            halves.append(extract(model, basis.layer, _HalfImages(images, part), basis.n_concepts,
-                                  progress=step, **kwargs))
+            with warnings.catch_warnings():
+                # too few rows per concept in a half was said above, of the halves
+                warnings.filterwarnings("ignore", message=r".* patch rows \(.* per concept\): fewer than")
+                halves.append(extract(model, basis.layer, _HalfImages(images, part), basis.n_concepts,
+                                      progress=step, **kwargs))
     batch_size = int(settings.get("batch_size", 64))
     total = _count_batches(images, batch_size)
 

@@ -210,7 +210,9 @@ def test_split_half_check_rejects_bad_input():
     # the layer is checked before any extraction: a basis of another width
     with pytest.raises(ValueError, match="does not fit layer 'body'.*width D = 5"):
         concept_stability(model, _basis(k=2, d=5, layer="body"), images)
-    with pytest.warns(UserWarning, match="so few that the halves will redraw most concepts"):
+    with pytest.warns(UserWarning, match="so few that the halves will redraw most concepts") as said:
         concept_stability(model, basis, images, splits=1)
+    # said once, of the halves (each half's extraction would say it again of its own rows)
+    assert not [w for w in said if "per concept): fewer than" in str(w.message)]
     with pytest.raises(TypeError, match="basis must be a ConceptBasis"):
         concept_stability(model, "basis.safetensors", images)
