@@ -260,18 +260,21 @@ class Preprocess:
         """True when every output has the same height and width whatever the input size."""
         return self.crop is not None or isinstance(self.resize, tuple)
 
-    def output_size(self, width: int, height: int) -> Tuple[int, int]:
-        """(height, width) of the model input made from a ``width`` x ``height`` picture
-        (without a custom transform)."""
+    def resized_size(self, width: int, height: int) -> Tuple[int, int]:
+        """(height, width) of a ``width`` x ``height`` picture after the resize, before the
+        crop."""
         h, w = height, width
         if isinstance(self.resize, int):
             scale = self.resize / min(h, w)
             h, w = max(1, round(h * scale)), max(1, round(w * scale))
         elif self.resize is not None:
             h, w = self.resize
-        if self.crop is not None:
-            h, w = self.crop
         return h, w
+
+    def output_size(self, width: int, height: int) -> Tuple[int, int]:
+        """(height, width) of the model input made from a ``width`` x ``height`` picture
+        (without a custom transform): the crop, or else the resized size."""
+        return self.crop if self.crop is not None else self.resized_size(width, height)
 
     def geometry(self, picture):
         """The PIL picture resized and cropped (still a picture: for display, and the first
@@ -281,7 +284,7 @@ class Preprocess:
         picture = picture.convert("L" if self.channels == 1 else "RGB")
         w, h = picture.size
         if self.resize is not None:
-            th, tw = self.output_size(w, h) if isinstance(self.resize, int) else self.resize
+            th, tw = self.resized_size(w, h)
             if (tw, th) != (w, h):
                 picture = picture.resize((tw, th), Image.Resampling.BILINEAR)
         if self.crop is not None:
@@ -322,7 +325,7 @@ class Preprocess:
 
         x = images
         if self.resize is not None:
-            h, w = self.output_size(x.shape[-1], x.shape[-2]) if isinstance(self.resize, int) else self.resize
+            h, w = self.resized_size(x.shape[-1], x.shape[-2])
             if (h, w) != tuple(x.shape[-2:]):
                 x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
         if self.crop is not None:
@@ -414,9 +417,9 @@ class FolderImages:
         try:
             with Image.open(path) as picture:
                 if self.preprocess.resize is not None and picture.format == "JPEG":
-                    # decode at a reduced scale when that is still larger than the target
+                    # decode at a reduced scale when that is still larger than the resized picture
                     w, h = picture.size
-                    oh, ow = self.preprocess.output_size(w, h)
+                    oh, ow = self.preprocess.resized_size(w, h)
                     picture.draft("RGB", (ow, oh))
                 picture = ImageOps.exif_transpose(picture)
                 picture.load()
@@ -552,13 +555,14 @@ def _check_sizes(root: str, entries, preprocess: Preprocess) -> None:
     first = preprocess.output_size(w0, h0)
     for name, _, (w, h) in entries:
         out = preprocess.output_size(w, h)
-        if out[0] * out[1] > MAX_INPUT_PIXELS:
+        before = preprocess.resized_size(w, h)
+        made = before if preprocess.resize is not None else out  # a resize is held whole before the crop
+        if made[0] * made[1] > MAX_INPUT_PIXELS:
             raise ValueError(
-                f"{name!r} in {root!r} ({h}x{w}, height x width) would be resized to {out[0]}x{out[1]}, more "
+                f"{name!r} in {root!r} ({h}x{w}, height x width) would be resized to {made[0]}x{made[1]}, more "
                 f"than the {MAX_INPUT_PIXELS:,} pixels a model input may have; give a smaller resize (command "
                 "line: --resize)")
         if preprocess.crop is not None:
-            before = Preprocess(resize=preprocess.resize).output_size(w, h)
             if before[0] < preprocess.crop[0] or before[1] < preprocess.crop[1]:
                 raise ValueError(
                     f"{name!r} in {root!r} is {before[0]}x{before[1]} (height x width, after resizing), smaller "

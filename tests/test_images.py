@@ -307,3 +307,23 @@ def test_errors_name_the_python_argument_and_the_command_line_flag(tmp_path):
         with pytest.raises(ValueError) as err:
             load_tensor_images(tmp_path / name)
         assert "pass allow_pickle=True (command line: --allow-pickle)" in str(err.value)
+
+
+def test_resize_then_crop_keeps_the_aspect_and_crops_the_centre(tmp_path):
+    # a 30 x 40 (h x w) picture, resize 16 (shorter side), crop 12: resized to 16 x 21, then
+    # its centre 12 x 12 (the torchvision recipe), not squashed to 12 x 12
+    pixels = _pixels(5, h=30, w=40)
+    picture = Image.fromarray(pixels)
+    resized = picture.resize((21, 16), Image.Resampling.BILINEAR)
+    left, top = (21 - 12) // 2, (16 - 12) // 2
+    want = torch.from_numpy(np.asarray(resized.crop((left, top, left + 12, top + 12))).copy()).permute(2, 0, 1) / 255
+    pre = Preprocess(resize=16, crop=12)
+    assert pre.resized_size(40, 30) == (16, 21) and pre.output_size(40, 30) == (12, 12)
+    assert torch.equal(pre(picture), want.float())
+    _write(str(tmp_path / "p" / "a.png"), pixels)
+    assert torch.equal(FolderImages(tmp_path / "p", preprocess=pre).batches(1).__next__()[0], want.float())
+    # the tensor path: the same geometry (antialiased interpolation: close, not equal)
+    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
+    assert (pre.tensor(x)[0] - want).abs().mean() < 0.02
+    squashed = torch.from_numpy(np.asarray(picture.resize((12, 12), Image.Resampling.BILINEAR)).copy())
+    assert (pre(picture) - squashed.permute(2, 0, 1) / 255).abs().mean() > 0.05
