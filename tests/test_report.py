@@ -709,7 +709,11 @@ def test_with_more_than_two_classes_rcav_tests_each_concept_on_one_class(report)
     for page in sorted((out / "concepts").glob("concept-*.html")):
         text = page.read_text(encoding="utf-8")
         table = text.split("<table class=\"effects\">")[1].split("</table>")[0]
-        p_cells = [c for c in re.findall(r"<td class=\"num\" title=\"p = [^\"]*\">([^<]*)</td>", table) if c != "-"]
+        p_cells = [c for c in re.findall(r"<td class=\"num\" title=\"p = [^\"]*\">([^<]*)(?:<span[^>]*>[^<]*</span>)?"
+                                         r"</td>", table) if c != "-"]
+        # a test that stopped early says so, with the draws it made (of rcav_permutations = 5)
+        for title, made in re.findall(r"title=\"(p = [^\"]*)\">[^<]*<span class=\"muted\">\(stopped at (\d+)\)", table):
+            assert int(made) < 5 and f"stopped after {made} of 5 null draws" in title
         shares = re.findall(r"<td class=\"num[^\"]*\">([0-9.]+%\*?)</td><td class=\"num\" title=\"p =", table)
         if p_cells:
             tested_pages += 1
@@ -998,3 +1002,19 @@ def test_every_long_stage_is_announced_before_its_work(tmp_path):
     for stage in ("report: removals", "report: random concepts", "rcav", "report: joint removals",
                   "report: counterfactuals"):
         assert first.get(stage) == 0, (stage, first)
+
+def test_an_rcav_test_that_stopped_early_says_so_beside_its_p(tmp_path):
+    # random concepts on a random net cannot be significant: each test stops after a few of its
+    # null draws, and the p shown is that stopped test's, which the page must say
+    torch.manual_seed(0)
+    write_report(tmp_path, _basis(), TinyNet().eval(), "act", _source(), **{**FAST, "rcav_permutations": None})
+    stopped = 0
+    for page in sorted((tmp_path / "concepts").glob("concept-*.html")):
+        text = page.read_text(encoding="utf-8")
+        for title, shown, made in re.findall(r"<td class=\"num\" title=\"(p = [^\"]*)\">([0-9.]+) "
+                                             r"<span class=\"muted\">\(stopped at (\d+)\)</span></td>", text):
+            stopped += 1
+            n = int(re.search(r"of (\d+) null draws", title).group(1))
+            assert int(made) < n and f"stopped after {made} of {n} null draws" in title
+            assert 0 < float(shown) <= 1
+    assert stopped == 3  # the basis's 3 concepts, each tested once

@@ -259,6 +259,8 @@ def _write_report_files(
                         e.p = float(result.p_values[r, j])
                         e.p_adjusted = float(result.p_adjusted[r, j])
                         e.significant = bool(result.significant[r, j])
+                        e.all_draws = int(result.null_scores.shape[0])
+                        e.draws = int(result.draws[r]) if result.draws is not None else e.all_draws
                 effects.append(e)
             edges = m.histogram.edges(i).tolist()
             w, s = basis.decoding[i].cpu(), basis.encoding[i].cpu()

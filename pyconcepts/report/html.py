@@ -38,6 +38,8 @@ class ClassEffect:
     p: Optional[float] = None
     p_adjusted: Optional[float] = None
     significant: bool = False
+    draws: Optional[int] = None      # null draws RCAV made before it stopped (None: all of them)
+    all_draws: Optional[int] = None  # the draws a full test makes
 
     @property
     def rcav_supported(self) -> bool:
@@ -577,9 +579,16 @@ def concept_page(view: ReportView, c: ConceptView, crop_note: str, map_note: str
             else:
                 kind = "up" if e.rcav > 0.5 else "down"
                 cls = f"num {kind} sig" if e.significant else "num"
-                title = esc(f"p = {_p(e.p)} before correction")
+                title = f"p = {_p(e.p)} before correction"
+                stopped = ""
+                if e.draws is not None and e.all_draws is not None and e.draws < e.all_draws:
+                    # a sequential test's p: valid, but not the number the full test would give
+                    title += (f"; the test stopped after {e.draws} of {e.all_draws} null draws, once the concept could "
+                              "no longer be significant: this is the stopped test's p (valid, coarser than the full "
+                              "test's; pc.rcav(stop_early=False) makes every draw)")
+                    stopped = f" <span class=\"muted\">(stopped at {e.draws})</span>"
                 row += (f"<td class=\"{cls}\">{esc(_pct(e.rcav))}{'*' if e.significant else ''}</td>"
-                        f"<td class=\"num\" title=\"{title}\">{_p(e.p_adjusted)}</td>")
+                        f"<td class=\"num\" title=\"{esc(title)}\">{_p(e.p_adjusted)}{stopped}</td>")
         rows.append(f"<tr>{row}</tr>")
     class_table = f"<table class=\"effects\"><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
     if unseen:
