@@ -1056,6 +1056,10 @@ def _cmd_extract(args) -> int:
     if splits and total < 2:
         raise UserError(f"{'--stability' if args.stability else 'several -k values'} split the images into "
                         f"halves: --images has {total} image(s)")
+    if args.groups and not splits:
+        raise UserError("--groups keeps related images in one half of the split-half check: give --stability "
+                        "(or several -k values) with it")
+    groups = _image_groups(args.groups, source) if args.groups else None
     for k in ks:
         if k > total * probe.positions:  # all ranks' images together
             raise UserError(f"-k {k} exceeds the {total * probe.positions} patches of {total} image(s) at {layer!r}")
@@ -1070,7 +1074,7 @@ def _cmd_extract(args) -> int:
         started = time.perf_counter()
         basis = _extract_basis(args, k, model, layer, source, probe, options, output, refine, ura, batch_size,
                                rank, world, total)
-        check = _split_half_check(args, model, basis, source, batch_size, splits) if splits else None
+        check = _split_half_check(args, model, basis, source, batch_size, splits, groups) if splits else None
         if rank == 0:
             basis.save(outs[k])
             print(f"wrote {basis} from {total} images ({probe.width} channels at {layer}) to {outs[k]}")
@@ -1115,7 +1119,7 @@ def _extract_basis(args, k, model, layer, source, probe, options, output, refine
     return basis
 
 
-def _split_half_check(args, model, basis, source, batch_size, splits):
+def _split_half_check(args, model, basis, source, batch_size, splits, groups=None):
     """``pc.concept_stability`` of the basis on the command's images, recorded in the basis
     and summarised in one line."""
     from .images import BatchStream
@@ -1124,7 +1128,7 @@ def _split_half_check(args, model, basis, source, batch_size, splits):
     bar = ProgressBar(enabled=not args.quiet)
     try:
         check = concept_stability(model, basis, BatchStream(source, batch_size), splits=splits,
-                                  seed=args.seed, progress=bar)
+                                  seed=args.seed, progress=bar, groups=groups)
     finally:
         bar.close()
     check.record(basis)
@@ -1135,6 +1139,32 @@ def _split_half_check(args, model, basis, source, batch_size, splits):
           f"{LOW_HALVES_JACCARD:g} on average, or below {VANISHED_JACCARD:g} in some half"
           + (f": {', '.join(map(str, low))}" if low else ""))
     return check
+
+
+def _image_groups(pattern: str, source) -> List[str]:
+    """--groups: each image's group, the first group of ``pattern`` (else its whole match)
+    searched in the image's file name (relative to --images); an image it does not match is a
+    group of its own."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise UserError(f"--groups {pattern!r} is not a regular expression: {exc}") from None
+    names = getattr(source, "names", None)
+    if names is None or getattr(source, "root", None) is None:
+        raise UserError("--groups reads the images' file names: give --images a folder")
+    groups, matched = [], 0
+    for name in names:
+        found = regex.search(name.replace(os.sep, "/"))
+        if found is None:
+            groups.append("\0" + name)  # (no file name starts with a NUL: its own group)
+            continue
+        matched += 1
+        groups.append(found.group(1) if regex.groups and found.group(1) is not None else found.group(0))
+    if matched == 0:
+        raise UserError(f"--groups {pattern!r} matches none of the {len(names)} file names (first: {names[0]!r})")
+    print(f"--groups: {len(set(groups))} groups of the {len(names)} images ({len(names) - matched} in a group of "
+          "their own)")
+    return groups
 
 
 def _print_sweep(rows, outs) -> None:
@@ -1563,6 +1593,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also split the images into two random halves SPLITS times (default 3), extract on each "
                         "half and record, per concept, how well the halves give it back (pc.concept_stability; "
                         "2 x SPLITS more extractions, each on half of the images)")
+    p.add_argument("--groups", metavar="REGEX",
+                   help="with --stability or several -k: images whose file names (relative to --images, with /) "
+                        "give the same match of REGEX (its first group, if it has one) stay in one half, e.g. "
+                        "'^([^/]+/[^_]+)_' for crops named photo_1.png, photo_2.png")
     p.set_defaults(run=_cmd_extract)
 
     p = sub.add_parser("report", help="an HTML report of a basis (without --out: a text summary)",

@@ -211,6 +211,22 @@ def test_extract_with_several_k_compares_them_by_the_split_half_check(ws, capsys
     assert rc == 0 and (tmp_path / "one-k2.safetensors").exists() and "per K" not in err
 
 
+def test_extract_groups_images_by_file_name_for_the_split_half_check(ws, capsys, tmp_path):
+    common = ["extract", *_model_args(ws), "--images", ws / "photos", "--layer", "features.3", "-k", "2",
+              "--options", FAST, "--quiet", "--out", tmp_path / "b.safetensors"]
+    # the class folder as the group: two groups, so every split puts one class in each half
+    rc, printed, err = _run(capsys, *common, "--stability", "2", "--groups", "^([^/]+)/")
+    assert rc == 0, err
+    assert "--groups: 2 groups of the 12 images (0 in a group of their own)" in printed
+    assert "groups makes 2 groups" in err
+    assert ConceptBasis.load(tmp_path / "b.safetensors").metadata["halves_images"] == [6, 6]
+    for extra, said in ((["--stability", "--groups", "^zebra"], "matches none of the 12 file names"),
+                        (["--stability", "--groups", "(unclosed"], "is not a regular expression"),
+                        (["--groups", "^([^/]+)/"], "give --stability")):
+        rc, _, err = _run(capsys, *common[:-1], tmp_path / "c.safetensors", *extra)
+        assert rc == 2 and said in err and not (tmp_path / "c.safetensors").exists()
+
+
 def test_explain_speaks_file_and_class_names(ws, capsys):
     rc, out, err = _run(capsys, "explain", ws / "basis.safetensors", *_model_args(ws), "--images", ws / "photos")
     assert rc == 0, err
