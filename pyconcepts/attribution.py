@@ -170,8 +170,9 @@ def contribution_maps(
 ) -> torch.Tensor:
     """(B, K', h, w) contribution of each concept at each position to class ``target``'s
     score (a logit; ``target`` is a class index, one per image, or with the gradient method a
-    callable ``f(logits (B, C)) -> (B,)`` such as a margin). ``reference='removal'`` (default): how much removing the concept there, as
-    ``intervene(remove=...)`` does, lowers the score: the change that the removal makes to the
+    callable ``f(logits (B, C)) -> (B,)`` such as a margin). ``reference='removal'``
+    (default): how much removing the concept there, as ``intervene(remove=...)`` does, lowers
+    the score: the change that the removal makes to the
     activation (the concept's excess over its absent level along its signal vector,
     ``max(a_hat - l, 0) s``, through the ReLU that ``intervene`` applies on a non-negative
     layer; ``clamp`` as in ``intervene``) dotted with the score's gradient. Summed over
