@@ -927,6 +927,11 @@ def _check_folder_classes(args, source, preds: torch.Tensor, n_outputs: int) -> 
     confusion = torch.zeros(n_outputs, n_outputs, dtype=torch.long)
     inside = (folders >= 0) & (folders < n_outputs)
     confusion.index_put_((folders[inside], preds[inside]), torch.ones_like(preds[inside]), accumulate=True)
+    # a folder is taken for another output only on at least 3 of its images: with many classes
+    # and an image or two each, pairing every misread image with its folder would look like a
+    # reordering of a model that is merely wrong sometimes
+    off_diagonal = ~torch.eye(n_outputs, dtype=torch.bool)
+    confusion[off_diagonal & (confusion < _MIN_REORDER_IMAGES)] = 0
     needed = max(8, 0.1 * n)  # (few images: the order cannot be judged)
     # no assignment can beat every folder going to its most predicted output: when even that
     # gains too little, the assignment is not needed (the usual case, a right order)
@@ -951,6 +956,9 @@ def _check_folder_classes(args, source, preds: torch.Tensor, n_outputs: int) -> 
         _warn(message)
         return message
     return None
+
+
+_MIN_REORDER_IMAGES = 3
 
 
 def _binomial_cdf(k: int, n: int, p: float) -> float:
