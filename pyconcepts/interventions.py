@@ -28,23 +28,25 @@ a_hat_i(x) = (w_i . x - w_i . mean) / g_i (``ConceptBasis.latent``):
   above its absent level, c = 0 removes it; with the same ``membership``). Unlike ``scale``,
   which multiplies the latent factor about the mean, it never moves a patch below that level.
 
-Several concepts in one edit:
-1. set and scale: each such concept's target t_i is computed from the unedited row, and
-   ``x' = x - sum_j c_j s_j`` with c solving ``sum_j (w_i . s_j / g_i) c_j = a_hat_i(x) - t_i``,
-   so that each lands exactly on its own target (one at a time, an edit along s_j would move
-   every concept whose filter is not orthogonal to s_j). A pseudo-inverse with a relative
-   cutoff of 1e-6: concepts with nearly the same filters and signal vectors get a
-   least-squares compromise, and targets far apart for such concepts take large edits.
-2. remove and amplify, on that result: one concept after the other in index order (the order
-   they are given in does not matter), each reading the row as the edits before it left it.
-   Where a removed concept's signal vector raises another removed concept's filter, a concept
-   removed earlier can come back in part; the last one is at its level. The joint rules tried
-   did worse on a real layer: on MTCNN RNet (K = 16) the filters respond to other concepts' signal
-   vectors at up to -1.5 per unit (condition number of the coupling 300), and removing every
-   concept exactly to its level, or just below it, has no bounded solution (projected
-   Gauss-Seidel diverges); summing the single removals instead, each read on the unedited
-   patch, left 31,119 of the 36,308 detections of all 16 concepts in place (one after the
-   other: 4,867).
+Several concepts in one edit (one edit per concept):
+1. remove and amplify: one concept after the other in index order (the order they are given
+   in does not matter), each reading the row as the edits before it left it. Where a removed
+   concept's signal vector raises another removed concept's filter, a concept removed earlier
+   can come back in part; the last one is at its level. The joint rules tried did worse on a
+   real layer: on MTCNN RNet (K = 16) the filters respond to other concepts' signal vectors at
+   up to -1.5 per unit (condition number of the coupling 300), and removing every concept
+   exactly to its level, or just below it, has no bounded solution (projected Gauss-Seidel
+   diverges); summing the single removals instead, each read on the unedited patch, took out
+   all but 3 of the 36,308 detections of all 16 concepts but created 31,116 new ones (one after
+   the other: 571 remain, 4,296 created).
+2. set and scale, on that result: each such concept's target t_i is computed from the
+   unedited row, and ``x' = x - sum_j c_j s_j`` with c solving
+   ``sum_j (w_i . s_j / g_i) c_j = a_hat_i(x) - t_i``, so that each lands exactly on its own
+   target (one at a time, an edit along s_j would move every concept whose filter is not
+   orthogonal to s_j), also where a removal moved it. A pseudo-inverse with a relative cutoff
+   of 1e-6: concepts with nearly the same filters and signal vectors get a least-squares
+   compromise, and targets far apart for such concepts take large edits. These edits can in
+   turn move removed concepts off their level.
 The final ReLU, where it applies, can move the latent factors off their targets.
 
 ``direction="decoding"`` replaces s_i by w_i / ||w_i||^2 (the paper's control: editing along
@@ -121,9 +123,9 @@ def edit_rows(
 ) -> torch.Tensor:
     """Apply the section-5 edits to patch rows (N, D); indices are rows of the basis tensors.
     ``absent_level`` (K,): the latent level a removal lowers each concept to (None: 0, the
-    mean). With several concepts (see the module docstring) the set and scale edits land
-    exactly on their targets, then the removals and amplifications are made one after the
-    other in index order. Differentiable in ``rows`` and in the basis tensors (not through a
+    mean). With several concepts (see the module docstring) the removals and amplifications
+    are made one after the other in index order, then the set and scale edits land exactly on
+    their targets. Differentiable in ``rows`` and in the basis tensors (not through a
     hard membership)."""
     _check_direction_membership(direction, membership)
     set, scale, amplify = dict(set or {}), dict(scale or {}), dict(amplify or {})
@@ -144,13 +146,24 @@ def edit_rows(
              else absent_level.to(device=rows.device, dtype=rows.dtype)[edited])
     nonneg = bool((rows.detach() >= 0).all()) if clamp is None else bool(clamp)
     x = rows
-    # set, scale: every such concept lands exactly on its target, all solved at once
+    # remove, amplify: one concept after the other, in index order (so the order they are
+    # given in does not matter), each reading the row as the edits before it left it
+    for j, i in enumerate(edited):
+        if i not in removed and i not in amplify:
+            continue
+        latent = (x @ w[j] - offset[j]) / gain[j]
+        excess = _gated_excess(latent, j, level, gain, offset, b, membership)
+        factor = (float(amplify[i]) - 1.0 if i in amplify else 0.0) - (strength if i in removed else 0.0)
+        x = x + (factor * excess)[:, None] * s[j]
+    # set, scale, last: every such concept lands exactly on its target (a scale's from the
+    # unedited row), all solved at once, whatever the removals did to it
     exact = [j for j, i in enumerate(edited) if i in set or i in scale]
     if exact:
-        latent = (rows @ w[exact].T - offset[exact]) / gain[exact]
+        unedited = (rows @ w[exact].T - offset[exact]) / gain[exact]
+        latent = unedited if x is rows else (x @ w[exact].T - offset[exact]) / gain[exact]
         drops = []
         for col, j in enumerate(exact):
-            i, t = edited[j], latent[:, col]
+            i, t = edited[j], unedited[:, col]
             if i in set:
                 t = torch.full_like(t, float(set[i]))
             if i in scale:
@@ -163,15 +176,6 @@ def edit_rows(
             coupling = (w[pick] @ s[pick].T) / gain[pick][:, None]         # unit diagonal
             drop = drop @ torch.linalg.pinv(coupling.double(), rtol=1e-6).T.to(drop.dtype)
         x = x - drop @ s[exact]
-    # remove, amplify: one concept after the other, in index order (so the order they are
-    # given in does not matter), each reading the row as the edits before it left it
-    for j, i in enumerate(edited):
-        if i not in removed and i not in amplify:
-            continue
-        latent = (x @ w[j] - offset[j]) / gain[j]
-        excess = _gated_excess(latent, j, level, gain, offset, b, membership)
-        factor = (float(amplify[i]) - 1.0 if i in amplify else 0.0) - (strength if i in removed else 0.0)
-        x = x + (factor * excess)[:, None] * s[j]
     if nonneg:
         x = torch.relu(x)
     return x

@@ -453,6 +453,13 @@ def test_several_set_and_scale_edits_each_hit_their_target_and_amplify_scales_th
     assert torch.allclose(amplified[:, 3], before[:, 3] + 2.0 * excess, atol=1e-6)
     # amplify by 0 is a removal
     assert torch.allclose(_edit(b64, rows, amplify={1: 0.0}), _edit(b64, rows, remove=[1]), atol=1e-8)
+    # with removals and amplifications of other (coupled) concepts in the same edit, set and
+    # scale still land on their targets: they are solved last, on what the removals left
+    mixed = b64.latent(_edit(b64, rows, remove=[1], amplify={2: 2.0}, set={0: 2.0}, scale={3: 0.5}))
+    removals_only = b64.latent(_edit(b64, rows, remove=[1], amplify={2: 2.0}))
+    assert (removals_only[:, 0] - before[:, 0]).abs().max() > 0.1   # the removals do move concept 0
+    assert torch.allclose(mixed[:, 0], torch.full_like(mixed[:, 0], 2.0), atol=1e-6)
+    assert torch.allclose(mixed[:, 3], 0.5 * before[:, 3], atol=1e-6)
 
 
 def test_amplify_raises_what_remove_lowers_and_bad_edit_values_are_refused():
