@@ -1071,6 +1071,9 @@ def _cmd_extract(args) -> int:
     for k in ks:
         if k > total * probe.positions:  # all ranks' images together
             raise UserError(f"-k {k} exceeds the {total * probe.positions} patches of {total} image(s) at {layer!r}")
+        if splits and k > (total // 2) * probe.positions:
+            raise UserError(f"-k {k} exceeds the {(total // 2) * probe.positions} patches of a half of the split-half "
+                            f"check ({total // 2} image(s) at {layer!r}): use more images or fewer concepts")
     if ks[-1] > probe.width:
         _warn(f"-k {ks[-1]} exceeds the {probe.width} channels of {layer!r}: the concepts' directions "
               "cannot all be independent, and many will overlap")

@@ -346,9 +346,14 @@ def concept_stability(
                   ura=bool(meta.get("ura", True)), skip_tokens=skip, options=settings or None,
                   model_id=basis.model_id, output=meta.get("output"))
     generator = torch.Generator().manual_seed(seed)
+    members = [_random_half(n, group_of, generator) for _ in range(splits)]
+    # every half must hold more patches than concepts, checked before any extraction
+    fewest = min(min(int(m.sum()), n - int(m.sum())) for m in members)
+    if fewest * positions < basis.n_concepts:
+        raise ValueError(f"a half of the split-half check holds {fewest} image(s), {fewest * positions} patches: "
+                         f"fewer than the basis's {basis.n_concepts} concepts; use more images or fewer concepts")
     halves, sizes = [], None
-    for split in range(splits):
-        member = _random_half(n, group_of, generator)
+    for split, member in enumerate(members):
         smaller = min(int(member.sum()), n - int(member.sum()))
         if group_of is not None and smaller < n / 4:
             warnings.warn(f"split {split + 1} of whole groups holds {int(member.sum())} / {n - int(member.sum())} "

@@ -206,6 +206,10 @@ def test_extract_with_several_k_compares_them_by_the_split_half_check(ws, capsys
         assert f"the largest K whose halves agree at Jaccard >= 0.7: {good[-1]} " in printed
     else:
         assert "no K here has halves that agree" in printed
+    # a K that a half's patches cannot hold (6 images a half, 64 patches each) is refused before any work
+    rc, _, err = _run(capsys, *common, "-k", "2", "400", "--out", tmp_path / "c-k{k}.safetensors")
+    assert rc == 2 and "-k 400 exceeds the 384 patches of a half" in err
+    assert not list(tmp_path.glob("c-k*"))
     # one K: {k} in the name is filled in
     rc, _, err = _run(capsys, *common, "-k", "2", "--out", tmp_path / "one-k{k}.safetensors")
     assert rc == 0 and (tmp_path / "one-k2.safetensors").exists() and "per K" not in err

@@ -203,6 +203,11 @@ def test_split_half_check_rejects_bad_input():
         concept_stability(model, _basis(k=2, layer=None), images)
     with pytest.raises(ValueError, match="splits must be a positive int"):
         concept_stability(model, basis, images, splits=0)
+    # 2 images a half, 18 patches: 19 concepts cannot be drawn there, said before any extraction
+    stages = []
+    with pytest.raises(ValueError, match="a half of the split-half check holds 2 image.*18 patches.*19 concepts"):
+        concept_stability(model, _basis(k=19, layer="body"), images, progress=lambda *a: stages.append(a))
+    assert stages == []
     from torch.utils.data import DataLoader, TensorDataset
 
     with pytest.raises(ValueError, match="shuffles"):
