@@ -273,6 +273,9 @@ def _contributions_per_batch(model, basis, images, target, layer, head, method, 
                     if not isinstance(score, torch.Tensor) or score.shape != (b,):
                         raise ValueError(f"target must give one score per image ({b}), got "
                                          f"{tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__}")
+                    if not score.requires_grad:
+                        raise ValueError("target's score does not depend on the logits through autograd (detached, "
+                                         "or computed outside torch?): the gradient method differentiates it")
                 else:
                     score = logits.gather(1, _targets(target, b, logits.device, logits.shape[1])[:, None])
                 score.sum().backward()

@@ -333,13 +333,18 @@ class ConceptBasis:
 
 
 def is_basis_file(path: Union[str, os.PathLike]) -> bool:
-    """Whether ``path`` is a safetensors file with the ConceptBasis format marker (its header
-    only is read; the tensors are not checked)."""
+    """Whether ``path`` is a regular safetensors file with the ConceptBasis format marker and
+    tensors (its header only is read; the values are not checked). A pipe or a device is not
+    opened."""
     from safetensors import safe_open
 
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        return False
     try:
-        with safe_open(os.fspath(path), framework="pt", device="cpu") as handle:
-            return (handle.metadata() or {}).get("format") == FORMAT_NAME
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            return ((handle.metadata() or {}).get("format") == FORMAT_NAME
+                    and set(_TENSOR_NAMES) <= set(handle.keys()))
     except Exception:  # not safetensors, unreadable or truncated
         return False
 

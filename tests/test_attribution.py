@@ -266,6 +266,8 @@ def test_a_callable_target_is_differentiated_with_the_gradient_method():
         attr.contribution_maps(model, basis, images, lambda z: z[:, 1], head=model.fc)
     with pytest.raises(ValueError, match="one score per image"):
         attr.contribution_totals(model, basis, images, lambda z: z)
+    with pytest.raises(ValueError, match="does not depend on the logits through autograd"):
+        attr.contribution_totals(model, basis, images, lambda z: z[:, 1].detach())
 
 
 def test_rcav_null_of_random_concepts_gives_a_planted_influence_the_smallest_p():

@@ -152,7 +152,14 @@ def test_extract_replaces_a_basis_but_no_other_file(ws, capsys, tmp_path):
     common = ["extract", "--model", f"{ws / 'model.py'}:make", "--weights", tmp_path / "w.safetensors",
               "--images", ws / "photos", "--layer", "features.3", "-k", "2", "--options", FAST, "--quiet"]
     weights = (tmp_path / "w.safetensors").read_bytes()
-    for mine in ("w.safetensors", "notes.txt"):   # its own weights, any file that is no basis
+    # safetensors with the basis's format marker but not its tensors: still the user's file
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "marked.safetensors"), metadata={"format": "pyconcepts.ConceptBasis"})
+    os.mkfifo(tmp_path / "pipe.safetensors")      # opening it would wait for a writer forever
+    rc, _, err = _run(capsys, *common, "--out", tmp_path / "pipe.safetensors")
+    assert rc == 2 and "exists and is not a pyconcepts basis" in err
+    for mine in ("w.safetensors", "notes.txt", "marked.safetensors"):   # its own weights, any file that is no basis
         before = (tmp_path / mine).read_bytes()
         rc, _, err = _run(capsys, *common, "--out", tmp_path / mine)
         assert rc == 2 and "exists and is not a pyconcepts basis" in err
