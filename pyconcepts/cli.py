@@ -959,6 +959,7 @@ def _check_folder_classes(args, source, preds: torch.Tensor, n_outputs: int) -> 
 
 
 _MIN_REORDER_IMAGES = 3
+_ORDER_CHECK_IMAGES = 1024  # the report's images the class-order check reads
 
 
 def _binomial_cdf(k: int, n: int, p: float) -> float:
@@ -1271,11 +1272,13 @@ def _cmd_report(args) -> int:
     _check_basis_fits(basis, model, probe, layer, args.allow_mismatch)
     names = _output_class_names(args, source, probe.n_outputs)
     if names and names == source.class_names and hasattr(source, "select"):
-        # the folders name the outputs: a quick look at whether the model agrees with them
+        # the folders name the outputs: whether the model agrees with them, on up to 1,024 of the
+        # images (one forward pass, small beside the report's; a wrong order of some of many
+        # classes shows only with several images a class)
         from .images import spread_indices
         from .outputs import read_scores
 
-        sample = source.select(spread_indices(len(source), 64))
+        sample = source.select(spread_indices(len(source), _ORDER_CHECK_IMAGES))
         with torch.no_grad():
             preds = torch.cat([read_scores(select_output(model(b), output), None, "auto").argmax(-1)
                                for b in sample.batches(args.batch_size or 64)])

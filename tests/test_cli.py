@@ -1080,3 +1080,48 @@ def test_a_warning_raised_per_batch_is_printed_once(ws, capsys, tmp_path):
     assert rc == 0 and err.count("every one lies in [0, 1]") == 1
     rc, _, err = _run(capsys, "explain", ws / "basis.safetensors", *model, "--images", tmp_path / "photos")
     assert rc == 0 and err.count("every one lies in [0, 1]") == 1
+
+
+GREY_MODEL_SRC = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    class ByGrey(nn.Module):
+        """30 classes read from the pictures' grey level; outputs 0-9 named one place on."""
+
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                                          nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+            order = torch.arange(30)
+            order[:10] = (order[:10] + 1) % 10
+            self.register_buffer("order", order)
+
+        def forward(self, x):
+            f = self.features(x).mean((2, 3)).sum(1, keepdim=True)
+            grey = x.mean((1, 2, 3))[:, None]
+            centres = (torch.arange(30, dtype=x.dtype) + 0.5) / 30
+            return -((grey - centres[self.order]) ** 2) * 1e4 + 0 * f
+
+
+    def make():
+        return ByGrey()
+''')
+
+
+def test_report_checks_the_class_order_on_enough_images_for_many_classes(ws, capsys, tmp_path):
+    # 30 classes, 4 pictures each, outputs of 10 classes named one place on: with 64 pictures (two
+    # a class) a reordering cannot be told from chance; on all 120 the report flags it
+    (tmp_path / "grey.py").write_text(GREY_MODEL_SRC)
+    for c in range(30):
+        os.makedirs(tmp_path / "photos" / f"c{c:02d}")
+        for i in range(4):
+            Image.fromarray(np.full((8, 8, 3), round(255 * (c + 0.5) / 30), np.uint8)).save(
+                tmp_path / "photos" / f"c{c:02d}" / f"{i}.png")
+    rc, _, err = _run(capsys, "report", ws / "basis.safetensors", "--model", f"{tmp_path / 'grey.py'}:make",
+                      "--allow-mismatch", "--images", tmp_path / "photos", "--limit", 120, "--out", tmp_path / "rep",
+                      "--quiet", "--options", '{"rcav": false, "random_concepts": 0, "counterfactuals": 0}')
+    assert rc == 0, err
+    assert "on 67% of the images, but on 100% with some outputs named in another order" in err
+    assert "the 'c01' images are predicted as output 0 (now named 'c00')" in err
