@@ -948,10 +948,9 @@ class _ReadsChannelZero(nn.Module):
         return torch.stack([torch.zeros_like(z), z], 1)
 
 
-def test_the_index_compares_each_influence_with_random_concepts(tmp_path):
-    # concept 0 is the channel the output reads; concept 1 a channel it ignores: 0 is above
-    # every random concept (random filters over 4 channels move channel 0 only in part), 1 is
-    # no larger than some (its influence is 0)
+def _channel_zero_and_three():
+    """A basis of two channel concepts, 0 (the one _ReadsChannelZero reads, varied per image) and
+    3 (ignored), and 40 images of 4 channels."""
     g = torch.Generator().manual_seed(0)
     images = torch.rand(40, 4, 6, 6, generator=g)
     images[:, 0] = images[:, 0] * 0.5 + torch.rand(40, 1, 1, generator=g) * 0.5
@@ -960,6 +959,14 @@ def test_the_index_compares_each_influence_with_random_concepts(tmp_path):
     basis = ConceptBasis(eye, torch.quantile(rows @ eye.T, 0.7, dim=0), eye, rows.mean(0), layer="act")
     src = TensorImages(images, names=[f"{i}.png" for i in range(40)], labels=torch.arange(40) % 2,
                        class_names=["no", "yes"])
+    return basis, src
+
+
+def test_the_index_compares_each_influence_with_random_concepts(tmp_path):
+    # concept 0 is the channel the output reads; concept 1 a channel it ignores: 0 is above
+    # every random concept (random filters over 4 channels move channel 0 only in part), 1 is
+    # no larger than some (its influence is 0)
+    basis, src = _channel_zero_and_three()
     write_report(tmp_path, basis, _ReadsChannelZero().eval(), "act", src, class_names=["no", "yes"], rcav=False,
                  **{k: v for k, v in FAST.items() if not k.startswith("rcav")})
     index = (tmp_path / "index.html").read_text(encoding="utf-8")
@@ -985,14 +992,7 @@ def test_every_long_stage_is_announced_before_its_work(tmp_path):
     # a stage's time (the CLI's "stage: n/n (12.3 s)") runs from its first call: each one that
     # starts with a pass over images says so at done 0, before that pass (the model reads the
     # channel concept 0 is, so its removal moves images enough for counterfactuals)
-    g = torch.Generator().manual_seed(0)
-    images = torch.rand(40, 4, 6, 6, generator=g)
-    images[:, 0] = images[:, 0] * 0.5 + torch.rand(40, 1, 1, generator=g) * 0.5
-    eye = torch.eye(4)[[0, 3]]
-    rows = images.permute(0, 2, 3, 1).reshape(-1, 4)
-    basis = ConceptBasis(eye, torch.quantile(rows @ eye.T, 0.7, dim=0), eye, rows.mean(0), layer="act")
-    src = TensorImages(images, names=[f"{i}.png" for i in range(40)], labels=torch.arange(40) % 2,
-                       class_names=["no", "yes"])
+    basis, src = _channel_zero_and_three()
     calls = []
     write_report(tmp_path, basis, _ReadsChannelZero().eval(), "act", src, class_names=["no", "yes"],
                  progress=lambda *a: calls.append(a), **FAST)
