@@ -276,6 +276,10 @@ def test_output_selector_and_bad_input(tmp_path):
         write_report(tmp_path / "d", _basis(), plain, "act", src, colour="red")
     with pytest.raises(TypeError, match="rcav must be true or false, got 'false'"):  # JSON's "false", quoted
         write_report(tmp_path / "d", _basis(), plain, "act", src, rcav="false")
+    # a plain tensor of images, as pc.extract takes them: named "image i"
+    index = write_report(tmp_path / "t", _basis(), plain, "act", src.images, rcav=False,
+                         **{k: v for k, v in fast.items() if not k.startswith("rcav")})
+    assert re.search(r"image \d+<", (index.parent / "concepts" / "concept-000.html").read_text(encoding="utf-8"))
     with pytest.raises(ValueError, match="does not exist"):
         write_report(tmp_path / "d", _basis(), plain, "nope", src)
     with pytest.raises(ValueError, match="channels"):

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..attribution import rcav as _rcav
 from ..attribution import auto_permutations, rcav_tests
+from ..images import TensorImages
 from ..outputs import OutputWarning, as_is, output_or_recorded
 from ..stability import LOW_HALVES_JACCARD, VANISHED_JACCARD
 from ..taps import LayerTap, autograd_on, resolve_layer
@@ -111,6 +112,9 @@ def write_report(
 ) -> pathlib.Path:
     """Write the report of ``basis`` (concepts of ``model`` at ``layer``, default the basis's
     layer) over the images of ``source`` into ``out_dir``; returns the path of index.html.
+    ``source``: an image source of ``pyconcepts.images`` (``FolderImages``, ``TensorImages``:
+    file names, class folders and pictures for display) or a tensor (B, C, H, W) of images as
+    the model takes them.
 
     ``output`` selects the class scores when the model returns a tuple/dict (an index, a key
     or a callable; see ``pyconcepts.outputs``); probabilities are read as log-probabilities. ``top``: patches per concept; ``maps``: detection maps per concept; ``rcav``:
@@ -121,6 +125,8 @@ def write_report(
     """
     if out_dir is None:
         raise TypeError("out_dir must be a path")
+    if isinstance(source, torch.Tensor):  # model-ready images, as pc.extract takes them
+        source = TensorImages(source)
     root = check_report_folder(out_dir, getattr(source, "root", None))
     # written into a staging folder in out_dir, moved into place when done (report/folder.py)
     staged = StagedFolder(root)
