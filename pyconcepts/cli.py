@@ -924,21 +924,25 @@ def _check_folder_classes(args, source, preds: torch.Tensor, n_outputs: int) -> 
     names = _output_class_names(args, source, n_outputs)
     if names is None:
         return None
-    confusion = torch.zeros(n_outputs, n_outputs, dtype=torch.long)
+    # the confusion over the classes that occur (as a folder or a prediction) only: its size
+    # follows the images, not the outputs (21,841 outputs would make a 3.8 GB square)
     inside = (folders >= 0) & (folders < n_outputs)
-    confusion.index_put_((folders[inside], preds[inside]), torch.ones_like(preds[inside]), accumulate=True)
+    ids = torch.unique(torch.cat([folders[inside], preds[inside]]))
+    m = ids.numel()
+    confusion = torch.zeros(m, m, dtype=torch.long)
+    confusion.index_put_((torch.searchsorted(ids, folders[inside]), torch.searchsorted(ids, preds[inside])),
+                         torch.ones_like(preds[inside]), accumulate=True)
     # a folder is taken for another output only on at least 3 of its images: with many classes
     # and an image or two each, pairing every misread image with its folder would look like a
     # reordering of a model that is merely wrong sometimes
-    off_diagonal = ~torch.eye(n_outputs, dtype=torch.bool)
+    off_diagonal = ~torch.eye(m, dtype=torch.bool)
     confusion[off_diagonal & (confusion < _MIN_REORDER_IMAGES)] = 0
     needed = max(8, 0.1 * n)  # (few images: the order cannot be judged)
     # no assignment can beat every folder going to its most predicted output: when even that
     # gains too little, the assignment is not needed (the usual case, a right order)
     if int(confusion.max(dim=1).values.sum()) - matches < needed:
         return None
-    # only folders with images and predicted outputs take part (the rest pair up at zero), so
-    # a model with many classes sampled on few images solves a small problem
+    # only folders with images and predicted outputs take part (the rest pair up at zero)
     folder_ids = torch.nonzero(confusion.sum(dim=1) > 0).flatten()
     output_ids = torch.nonzero(confusion.sum(dim=0) > 0).flatten()
     from .metrics import linear_sum_assignment
@@ -946,6 +950,7 @@ def _check_folder_classes(args, source, preds: torch.Tensor, n_outputs: int) -> 
     sub_rows, sub_cols = linear_sum_assignment(-confusion[folder_ids][:, output_ids].double().numpy())
     rows, cols = folder_ids[torch.as_tensor(sub_rows)], output_ids[torch.as_tensor(sub_cols)]
     best = int(confusion[rows, cols].sum())
+    rows, cols = ids[rows], ids[cols]  # back to output indices
     moved = [(int(f), int(o)) for f, o in zip(rows, cols) if f != o]
     if moved and best - matches >= needed:
         pairs = "; ".join(f"the {names[f]!r} images are predicted as output {o} (now named {names[o]!r})"

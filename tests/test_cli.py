@@ -1058,6 +1058,12 @@ def test_class_order_check_on_many_classes_pairs_only_the_sampled_ones(capsys):
     wrong = torch.where(torch.rand(256, generator=g) < 0.6, sparse, torch.randint(0, 1000, (256,), generator=g))
     sparse_source = SimpleNamespace(labels=sparse, class_names=names[:1000])
     assert _check_folder_classes(args, sparse_source, wrong, 1000) is None
+    # 21,841 outputs (a dense confusion would take 3.8 GB): the rotation is found on the classes
+    # that occur, and named by output index
+    many = [f"w{i}" for i in range(21841)]
+    message = _check_folder_classes(args, SimpleNamespace(labels=folders + 20000, class_names=many),
+                                    torch.where(folders < 10, (folders + 1) % 10, folders) + 20000, 21841)
+    assert message is not None and "the 'w20000' images are predicted as output 20001 (now named 'w20001')" in message
 
 
 def test_a_warning_raised_per_batch_is_printed_once(ws, capsys, tmp_path):
